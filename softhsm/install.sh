@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what hsmca's quickstart and tests need on Debian/Ubuntu: SoftHSM2 (the token),
+# OpenSC (pkcs11-tool), OpenSSL (CSRs and independent verification), and Python's
+# `cryptography` (the independent checkpoint verifier). Idempotent; needs root for apt-get.
+set -euo pipefail
+
+need=()
+command -v softhsm2-util >/dev/null || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need+=(opensc)
+command -v openssl >/dev/null || need+=(openssl)
+command -v python3 >/dev/null || need+=(python3 python3-pip)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! python3 -c 'import cryptography' 2>/dev/null; then
+  echo "installing Python cryptography" >&2
+  python3 -m pip install -q cryptography || python3 -m pip install -q --break-system-packages cryptography
+fi
+softhsm2-util --version >/dev/null

@@ -1,0 +1,343 @@
+//! Command-line definitions (clap derive) and dispatch. Checks only what the user typed; the
+//! library does the work, and `report` does all the printing.
+
+pub(crate) mod report;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use hsmca::clock::SystemClock;
+use hsmca::home::{self, Home, InitRequest, SignRequest};
+use hsmca::keys::KeyType;
+use hsmca::profile::Duration;
+use hsmca::token::{self, Token, TokenRef};
+use hsmca::{Error, log, pin};
+
+/// hsmca: an offline root CA whose keys never leave a PKCS#11 token.
+///
+/// Signs Kubernetes certificate requests under strict per-profile policy and records every
+/// issuance in an append-only, tamper-evident log.
+#[derive(Debug, Parser)]
+#[command(name = "hsmca", version, about, long_about, after_help = EXIT_CODES)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 some CSRs refused or failed (the rest signed); 2 usage, profile or \
+CA-home error; 3 token or PIN problem; 4 issuance log error or failed verification; 5 certificate failed \
+post-signing verification (withheld) or internal error.\n\nThe PIN comes from HSMCA_PIN, --pin-file FILE or a \
+prompt without echo, never from the command line.";
+
+/// Options for reaching the token.
+#[derive(Debug, clap::Args)]
+struct TokenOpts {
+    /// PKCS#11 module (default: HSMCA_PKCS11_MODULE, the CA home's, or SoftHSM2's standard paths).
+    #[arg(long, value_name = "PATH")]
+    module: Option<PathBuf>,
+    /// File holding the token PIN (else HSMCA_PIN, else a prompt).
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Root key ceremony: generate the root and log keys in the token, self-sign the root and
+    /// create the CA home.
+    Init {
+        /// The new CA home (must not exist).
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Token label or RFC 7512 URI (`pkcs11:token=LABEL`).
+        #[arg(long, value_name = "LABEL|URI")]
+        token: String,
+        /// Root key algorithm.
+        #[arg(long, value_parser = ["ecdsa-p384", "ecdsa-p256", "rsa-3072", "rsa-4096"])]
+        key_type: String,
+        /// Root subject, e.g. "CN=Example Root CA,O=Example".
+        #[arg(long)]
+        subject: String,
+        /// Root lifetime (e.g. 20y, 3650d).
+        #[arg(long, default_value = "20y", value_parser = parse_duration)]
+        validity: Duration,
+        /// Label of the root key in the token (the log key gets LABEL-log).
+        #[arg(long, default_value = "hsmca-root")]
+        key_label: String,
+        /// Checkpoint key algorithm (default: ed25519 if the token has CKM_EDDSA, else ecdsa-p256).
+        #[arg(long, value_parser = ["ed25519", "ecdsa-p256"])]
+        log_key_type: Option<String>,
+        /// Log origin for checkpoints (default: hsmca/<root key fingerprint>).
+        #[arg(long)]
+        log_origin: Option<String>,
+        /// Install the profiles from this directory instead of the shipped ones.
+        #[arg(long, value_name = "DIR")]
+        profiles: Option<PathBuf>,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign CSRs under a profile: verify, decide, log, sign in the token, verify, write.
+    Sign {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Profile name (a file in HOME/profiles).
+        #[arg(long)]
+        profile: String,
+        /// CSR files, PEM or DER.
+        #[arg(required = true, value_name = "CSR")]
+        csrs: Vec<PathBuf>,
+        /// Output file (one CSR) or directory (several). Default: NAME.crt beside each CSR.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Append the root certificate after each certificate.
+        #[arg(long)]
+        chain: bool,
+        /// Validity, at most the profile's maximum (default: the profile's default).
+        #[arg(long, value_parser = parse_duration)]
+        validity: Option<Duration>,
+        /// Token label or URI (default: the CA home's).
+        #[arg(long, value_name = "LABEL|URI")]
+        token: Option<String>,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output (one JSON object per CSR).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what `sign` would issue, or every violation, without the token or a PIN.
+    Check {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Profile name.
+        #[arg(long)]
+        profile: String,
+        /// CSR files, PEM or DER.
+        #[arg(required = true, value_name = "CSR")]
+        csrs: Vec<PathBuf>,
+        /// Validity to check against the profile.
+        #[arg(long, value_parser = parse_duration)]
+        validity: Option<Duration>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with the issuance log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (hsmca.1 and one per subcommand) to a directory.
+    Man {
+        /// Output directory.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// Recompute the whole log and check entries, chain, checkpoints and CA rules.
+    Verify {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Verifier key to trust instead of the one recorded in the log (from the ceremony
+        /// minutes).
+        #[arg(long)]
+        vkey: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a torn last line aside, close open intents, log the recovery and sign a checkpoint.
+    Recover {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    Duration::parse(s).ok_or_else(|| format!("{s:?} is not a duration like 90d, 12h or 20y"))
+}
+
+fn token_ref(s: &str) -> Result<TokenRef, Error> {
+    TokenRef::parse(s).map_err(|e| Error::Usage(format!("--token: {e}")))
+}
+
+/// Runs one command; returns the exit code for a finished run.
+pub(crate) fn run(args: Args) -> Result<u8, Error> {
+    let clock = SystemClock;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        Command::Init {
+            home,
+            token,
+            key_type,
+            subject,
+            validity,
+            key_label,
+            log_key_type,
+            log_origin,
+            profiles,
+            token_opts,
+            json,
+        } => {
+            let tref = token_ref(&token)?;
+            let key_type = KeyType::from_name(&key_type)
+                .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
+            let log_key_type = log_key_type.as_deref().and_then(KeyType::from_name);
+            let module = token::resolve_module(token_opts.module.as_deref(), None)?;
+            let req = InitRequest {
+                home,
+                record_module: token_opts.module.is_some(),
+                module,
+                key_label: tref.object.clone().unwrap_or(key_label),
+                token: tref,
+                key_type,
+                subject,
+                validity,
+                log_key_type,
+                origin: log_origin,
+                profiles_from: profiles,
+            };
+            hsmca::issue::parse_subject(&req.subject)?;
+            let pin = pin::read(token_opts.pin_file.as_deref(), &req.token.token)?;
+            let report = home::init(&req, &pin, &clock)?;
+            report::init(&mut out, &report, json)?;
+            Ok(0)
+        }
+        Command::Sign {
+            home,
+            profile,
+            csrs,
+            out: out_path,
+            chain,
+            validity,
+            token,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let req = SignRequest {
+                profile,
+                csrs,
+                out: out_path,
+                chain,
+                validity,
+            };
+            // Fail on a bad profile before asking for the PIN.
+            home.profile(&req.profile)?;
+            let tref = match token {
+                Some(t) => token_ref(&t)?,
+                None => TokenRef {
+                    token: home.config.token.clone(),
+                    object: None,
+                    id: None,
+                },
+            };
+            let module =
+                token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
+            let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
+            let token = Token::open(&module, &tref, &pin)?;
+            drop(pin);
+            let outcomes = home::sign(&home, &req, &token, &clock)?;
+            report::outcomes(&mut out, &outcomes, json)?;
+            Ok(if outcomes.iter().all(home::Outcome::ok) {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Check {
+            home,
+            profile,
+            csrs,
+            validity,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let req = SignRequest {
+                profile,
+                csrs,
+                out: None,
+                chain: false,
+                validity,
+            };
+            let outcomes = home::check(&home, &req, &clock)?;
+            report::outcomes(&mut out, &outcomes, json)?;
+            Ok(if outcomes.iter().all(home::Outcome::ok) {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Log {
+            command: LogCommand::Verify { home, vkey, json },
+        } => {
+            let root_der = std::fs::read(home.join("root.pem"))
+                .ok()
+                .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
+                .map(|c| c.der);
+            let report = log::verify(
+                &log::Paths::of_home(&home),
+                vkey.as_deref(),
+                root_der.as_deref(),
+            )?;
+            report::log_verify(&mut out, &report, json)?;
+            Ok(if report.problems.is_empty() { 0 } else { 4 })
+        }
+        Command::Log {
+            command:
+                LogCommand::Recover {
+                    home,
+                    token_opts,
+                    json,
+                },
+        } => {
+            let home = Home::open(&home)?;
+            let module =
+                token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
+            let tref = TokenRef {
+                token: home.config.token.clone(),
+                object: None,
+                id: None,
+            };
+            let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
+            let token = Token::open(&module, &tref, &pin)?;
+            let key = token.key(&home.config.log_key.label)?;
+            let note_key =
+                log::translog::NoteKey::new(&home.config.origin, &key).map_err(Error::Usage)?;
+            let (_, recovered) =
+                log::recover(&home.dir, hsmca::clock::Clock::now(&clock), &note_key)?;
+            report::recovered(&mut out, &recovered, json)?;
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Args::command(), "hsmca", &mut out);
+            Ok(0)
+        }
+        Command::Man { out: dir } => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Args::command(), &dir)?;
+            writeln!(out, "man pages written to {}", dir.display())?;
+            Ok(0)
+        }
+    }
+}

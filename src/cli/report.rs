@@ -1,0 +1,178 @@
+//! Everything hsmca prints on stdout: human lines or `--json`. Writes to any `impl Write` so
+//! tests can capture it.
+
+use std::io::{self, Write};
+
+use hsmca::home::{InitReport, Outcome};
+use hsmca::log::{Recovered, Report};
+
+fn json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// `init`.
+pub(crate) fn init(out: &mut impl Write, r: &InitReport, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    writeln!(out, "created CA home {}", r.home.display())?;
+    writeln!(
+        out,
+        "  root        {} ({}, serial {}, until {})",
+        r.subject, r.key_type, r.serial, r.not_after
+    )?;
+    writeln!(out, "  root sha256 {}", r.cert_sha256)?;
+    writeln!(out, "  log key     {} ; verifier key:", r.log_key_type)?;
+    writeln!(out, "  {}", r.log_vkey)?;
+    writeln!(out, "  profiles    {}", r.profiles.join(", "))?;
+    writeln!(
+        out,
+        "Record the root SHA-256 and the verifier key in the ceremony minutes."
+    )
+}
+
+/// `sign` and `check`: one block per CSR, then a count.
+pub(crate) fn outcomes(
+    out: &mut impl Write,
+    outcomes: &[Outcome],
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        for o in outcomes {
+            json(out, o)?;
+        }
+        return Ok(());
+    }
+    for o in outcomes {
+        match o {
+            Outcome::Issued {
+                csr,
+                cert,
+                file,
+                log_entry,
+                already_issued,
+            } => {
+                let how = if *already_issued {
+                    "already issued; written again"
+                } else {
+                    "issued"
+                };
+                writeln!(
+                    out,
+                    "{}: {how} serial {} -> {} (log entry {log_entry})",
+                    csr.display(),
+                    cert.serial,
+                    file.display()
+                )?;
+                writeln!(
+                    out,
+                    "    subject {} ; until {}",
+                    cert.subject, cert.not_after
+                )?;
+            }
+            Outcome::WouldIssue { csr, cert } => {
+                writeln!(
+                    out,
+                    "{}: would issue under profile {:?}",
+                    csr.display(),
+                    cert.profile
+                )?;
+                writeln!(out, "    subject   {}", cert.subject)?;
+                writeln!(out, "    issuer    {}", cert.issuer)?;
+                writeln!(out, "    key       {}", cert.key_type)?;
+                writeln!(
+                    out,
+                    "    SANs      {}",
+                    if cert.sans.is_empty() {
+                        "(none)".into()
+                    } else {
+                        cert.sans.join(", ")
+                    }
+                )?;
+                writeln!(
+                    out,
+                    "    usage     {} ; {}",
+                    cert.key_usage.join(", "),
+                    cert.extended_key_usage.join(", ")
+                )?;
+                writeln!(
+                    out,
+                    "    validity  {} .. {}",
+                    cert.not_before, cert.not_after
+                )?;
+            }
+            Outcome::Refused { csr, refusals } => {
+                writeln!(out, "{}: refused", csr.display())?;
+                for r in refusals {
+                    writeln!(out, "    {r}")?;
+                }
+            }
+            Outcome::Failed { csr, error } => writeln!(out, "{}: failed: {error}", csr.display())?,
+        }
+    }
+    let ok = outcomes.iter().filter(|o| o.ok()).count();
+    writeln!(out, "{ok} of {} CSRs ok", outcomes.len())
+}
+
+/// `log verify`.
+pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    writeln!(out, "entries     {}", r.entries)?;
+    writeln!(out, "root        {}", r.root)?;
+    writeln!(
+        out,
+        "checkpoint  {}",
+        r.checkpoint_size
+            .map_or("none".into(), |s| format!("size {s}"))
+    )?;
+    let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    writeln!(out, "counts      {}", counts.join(", "))?;
+    writeln!(out, "vkey        {}", r.vkey)?;
+    if r.unsigned_tail > 0 {
+        writeln!(
+            out,
+            "warning: {} entries after the latest checkpoint (the next command signs them)",
+            r.unsigned_tail
+        )?;
+    }
+    if r.problems.is_empty() {
+        writeln!(out, "log OK")
+    } else {
+        for p in &r.problems {
+            writeln!(out, "problem: {p}")?;
+        }
+        writeln!(
+            out,
+            "log FAILED verification ({} problems)",
+            r.problems.len()
+        )
+    }
+}
+
+/// `log recover`.
+pub(crate) fn recovered(out: &mut impl Write, r: &Recovered, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    match &r.quarantine {
+        Some(q) => writeln!(
+            out,
+            "removed {} torn bytes from the end of the log; kept in {q}",
+            r.bytes_removed
+        )?,
+        None => writeln!(out, "no torn tail")?,
+    }
+    writeln!(
+        out,
+        "abandoned intents: {}",
+        if r.abandoned.is_empty() {
+            "none".into()
+        } else {
+            format!("{:?}", r.abandoned)
+        }
+    )?;
+    writeln!(out, "recovery logged and checkpoint signed")
+}

@@ -1,0 +1,98 @@
+//! The top-level error, its exit code and its hint: the only place exit codes are decided.
+//!
+//! Exit codes: 0 all done; 1 some CSRs refused or failed (the rest signed and logged); 2 usage,
+//! profile or CA-home error (nothing signed); 3 token or PIN problem; 4 issuance log
+//! unwritable or failing verification; 5 a signed certificate failed verification, or a bug.
+
+use crate::files::FileError;
+use crate::home::HomeError;
+use crate::issue::IssueError;
+use crate::log::LogError;
+use crate::pin::PinError;
+use crate::profile::ProfileError;
+use crate::token::TokenError;
+
+/// Everything that can stop an hsmca command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// CA home.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    /// Profile.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// PIN.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// Token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Issuance log.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// Building or signing a certificate.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// Writing an output file.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) => 2,
+            Self::Pin(_) | Self::Token(_) => 3,
+            Self::Log(_) => 4,
+            Self::Issue(IssueError::Sign(_)) => 3,
+            Self::Issue(IssueError::Subject(..)) => 2,
+            Self::Issue(_) | Self::Internal(_) => 5,
+        }
+    }
+
+    /// What to do next, when there is something useful to say.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Token(e) => e.hint(),
+            Self::Log(e) => e.hint(),
+            Self::Pin(_) => Some(
+                "the PIN comes from HSMCA_PIN, --pin-file FILE, or the prompt; never from the command line",
+            ),
+            Self::Home(HomeError::Missing(_)) => {
+                Some("create a CA home with `hsmca init`, or check --home")
+            }
+            Self::Profile(ProfileError::NotFound { .. }) => {
+                Some("list profiles with `ls HOME/profiles`, or pick one of those named above")
+            }
+            Self::Issue(IssueError::Verify(_)) => Some(
+                "the certificate was withheld and the intent abandoned in the log; report this as a bug",
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self::Internal(e.to_string())
+    }
+}

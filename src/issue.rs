@@ -1,0 +1,265 @@
+//! From a [`Decision`] to a signed, verified certificate: the one place policy meets the signer.
+//!
+//! Two steps so the log can record intent before the token signs: [`prepare`] builds the exact
+//! `TBSCertificate` bytes without the token (rcgen with a capturing key), and [`sign`] has the
+//! token sign the same parameters and then checks the result ([`crate::verify`]): same TBS
+//! bytes, valid signature under the CA key, and the fields the decision named.
+
+use rcgen::string::{Ia5String, PrintableString};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use crate::csr::AttrType;
+use crate::keys::{self, PublicKey};
+use crate::policy::Decision;
+use crate::profile::{ExtKeyUsage, KeyUsage};
+use crate::signer::{CaSigner, RcgenKey, SignError};
+use crate::verify::{self, VerifyError};
+
+/// Why a certificate could not be built or signed.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// rcgen refused the parameters (a bug or an impossible decision).
+    #[error("cannot build the certificate: {0}")]
+    Build(String),
+    /// The token failed to sign.
+    #[error("the token failed to sign")]
+    Sign(#[source] SignError),
+    /// The signed certificate is not what was decided, or its signature is bad: withheld.
+    #[error("the signed certificate failed verification and is withheld")]
+    Verify(#[source] VerifyError),
+    /// A subject string given to `init` is not `KEY=VALUE,...`.
+    #[error("subject {0:?}: {1}")]
+    Subject(String, String),
+}
+
+/// A certificate ready to be signed: the decision and the exact TBS bytes the token will sign.
+#[derive(Debug)]
+pub struct Prepared {
+    /// What was decided.
+    pub decision: Decision,
+    /// DER `TBSCertificate`.
+    pub tbs: Vec<u8>,
+    /// SHA-256 of `tbs`, lowercase hex (logged in the intent).
+    pub tbs_sha256: String,
+    params: CertificateParams,
+}
+
+/// The issuer: its certificate and public key.
+#[derive(Debug, Clone)]
+pub struct IssuerCert {
+    /// DER certificate.
+    pub der: Vec<u8>,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Its notAfter.
+    pub not_after: OffsetDateTime,
+}
+
+impl IssuerCert {
+    /// Reads an issuer certificate (PEM or DER) and takes its key and lifetime.
+    pub fn from_pem_or_der(bytes: &[u8]) -> Result<Self, VerifyError> {
+        let der = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            x509_cert::der::pem::decode_vec(bytes.trim_ascii())
+                .map_err(|e| VerifyError::Parse(e.to_string()))?
+                .1
+        } else {
+            bytes.to_vec()
+        };
+        let (public_key, not_after) = verify::key_and_expiry(&der)?;
+        Ok(Self {
+            der,
+            public_key,
+            not_after,
+        })
+    }
+}
+
+/// Builds the TBS bytes for `decision` under `issuer`, without the token.
+pub fn prepare(decision: Decision, issuer: &IssuerCert) -> Result<Prepared, IssueError> {
+    let params = leaf_params(&decision)?;
+    let subject_key = rcgen::SubjectPublicKeyInfo::from_der(&decision.public_key.spki_der)
+        .map_err(|e| IssueError::Build(e.to_string()))?;
+    let capture = RcgenKey::capture(&issuer.public_key);
+    let rc_issuer =
+        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer.der.as_slice()), &capture)
+            .map_err(|e| IssueError::Build(format!("issuer certificate: {e}")))?;
+    params
+        .signed_by(&subject_key, &rc_issuer)
+        .map_err(|e| IssueError::Build(e.to_string()))?;
+    let tbs = capture
+        .take_message()
+        .ok_or_else(|| IssueError::Build("rcgen did not produce a TBSCertificate".into()))?;
+    Ok(Prepared {
+        tbs_sha256: keys::sha256_hex(&tbs),
+        decision,
+        tbs,
+        params,
+    })
+}
+
+/// Signs a prepared certificate with the CA key and verifies the result. Returns the DER.
+pub fn sign(
+    prepared: &Prepared,
+    issuer: &IssuerCert,
+    signer: &dyn CaSigner,
+) -> Result<Vec<u8>, IssueError> {
+    let subject_key = rcgen::SubjectPublicKeyInfo::from_der(&prepared.decision.public_key.spki_der)
+        .map_err(|e| IssueError::Build(e.to_string()))?;
+    let key = RcgenKey::signing(signer);
+    let rc_issuer =
+        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer.der.as_slice()), &key)
+            .map_err(|e| IssueError::Build(format!("issuer certificate: {e}")))?;
+    let cert = prepared
+        .params
+        .signed_by(&subject_key, &rc_issuer)
+        .map_err(|e| match key.take_error() {
+            Some(sign_error) => IssueError::Sign(sign_error),
+            None => IssueError::Build(e.to_string()),
+        })?;
+    let der = cert.der().to_vec();
+    verify::issued(
+        &der,
+        &prepared.tbs,
+        &issuer.public_key,
+        &issuer.der,
+        &prepared.decision,
+    )
+    .map_err(IssueError::Verify)?;
+    Ok(der)
+}
+
+/// What a root certificate is made of.
+#[derive(Debug, Clone)]
+pub struct RootSpec {
+    /// `CN=...,O=...` as given to `init`.
+    pub subject: String,
+    /// Positive serial bytes.
+    pub serial: Vec<u8>,
+    /// notBefore.
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+}
+
+/// Self-signs the root certificate (basicConstraints CA critical with pathLen 1, keyUsage
+/// keyCertSign + cRLSign critical, SKI) with the token key, and verifies it.
+pub fn self_signed_root(spec: &RootSpec, signer: &dyn CaSigner) -> Result<Vec<u8>, IssueError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = parse_subject(&spec.subject)?;
+    params.serial_number = Some(SerialNumber::from_slice(&spec.serial));
+    params.not_before = spec.not_before;
+    params.not_after = spec.not_after;
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = RcgenKey::signing(signer);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| match key.take_error() {
+            Some(sign_error) => IssueError::Sign(sign_error),
+            None => IssueError::Build(e.to_string()),
+        })?;
+    let der = cert.der().to_vec();
+    verify::self_signed(&der, signer.public_key()).map_err(IssueError::Verify)?;
+    Ok(der)
+}
+
+/// Parses `CN=x,O=y` into a DN, in the order given. Only CN, O, OU, C, ST, L.
+pub fn parse_subject(s: &str) -> Result<DistinguishedName, IssueError> {
+    let bad = |why: &str| IssueError::Subject(s.to_owned(), why.to_owned());
+    let mut dn = DistinguishedName::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| bad("expected KEY=VALUE pairs separated by commas"))?;
+        let attr = AttrType::from_name(k.trim())
+            .ok_or_else(|| bad(&format!("unknown attribute {k:?} (CN, O, OU, C, ST, L)")))?;
+        let v = v.trim();
+        if v.is_empty() || v.chars().any(char::is_control) {
+            return Err(bad(&format!("{k} is empty or has control characters")));
+        }
+        let (t, value) = dn_entry(&attr, v).map_err(|e| bad(&e))?;
+        dn.push(t, value);
+    }
+    if dn.get(&DnType::CommonName).is_none() {
+        return Err(bad("a CN is required"));
+    }
+    Ok(dn)
+}
+
+fn dn_entry(attr: &AttrType, value: &str) -> Result<(DnType, DnValue), String> {
+    let printable = |v: &str| {
+        PrintableString::try_from(v)
+            .map(DnValue::PrintableString)
+            .map_err(|_| format!("{v:?} is not a PrintableString"))
+    };
+    Ok(match attr {
+        AttrType::C => {
+            if value.len() != 2 {
+                return Err(format!(
+                    "C must be a two-letter country code, got {value:?}"
+                ));
+            }
+            (DnType::CountryName, printable(value)?)
+        }
+        AttrType::St => (
+            DnType::StateOrProvinceName,
+            DnValue::Utf8String(value.into()),
+        ),
+        AttrType::L => (DnType::LocalityName, DnValue::Utf8String(value.into())),
+        AttrType::O => (DnType::OrganizationName, DnValue::Utf8String(value.into())),
+        AttrType::Ou => (
+            DnType::OrganizationalUnitName,
+            DnValue::Utf8String(value.into()),
+        ),
+        AttrType::Cn => (DnType::CommonName, DnValue::Utf8String(value.into())),
+        AttrType::SerialNumber => (DnType::CustomDnType(vec![2, 5, 4, 5]), printable(value)?),
+        AttrType::Other(oid) => return Err(format!("attribute {oid} cannot be issued")),
+    })
+}
+
+/// Every field comes from the decision; nothing is copied from the CSR.
+fn leaf_params(d: &Decision) -> Result<CertificateParams, IssueError> {
+    let mut p = CertificateParams::default();
+    p.serial_number = Some(SerialNumber::from_slice(&d.serial));
+    p.not_before = d.not_before;
+    p.not_after = d.not_after;
+    let mut dn = DistinguishedName::new();
+    for (attr, value) in &d.subject {
+        let (t, v) = dn_entry(attr, value).map_err(IssueError::Build)?;
+        dn.push(t, v);
+    }
+    p.distinguished_name = dn;
+    for name in &d.dns_names {
+        let ia5 =
+            Ia5String::try_from(name.as_str()).map_err(|e| IssueError::Build(e.to_string()))?;
+        p.subject_alt_names.push(SanType::DnsName(ia5));
+    }
+    p.subject_alt_names
+        .extend(d.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = d
+        .key_usage
+        .iter()
+        .map(|u| match u {
+            KeyUsage::DigitalSignature => KeyUsagePurpose::DigitalSignature,
+            KeyUsage::KeyEncipherment => KeyUsagePurpose::KeyEncipherment,
+            KeyUsage::KeyAgreement => KeyUsagePurpose::KeyAgreement,
+            KeyUsage::ContentCommitment => KeyUsagePurpose::ContentCommitment,
+        })
+        .collect();
+    p.extended_key_usages = d
+        .extended_key_usage
+        .iter()
+        .map(|e| match e {
+            ExtKeyUsage::ServerAuth => ExtendedKeyUsagePurpose::ServerAuth,
+            ExtKeyUsage::ClientAuth => ExtendedKeyUsagePurpose::ClientAuth,
+        })
+        .collect();
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}

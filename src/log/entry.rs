@@ -1,0 +1,119 @@
+//! The log's entries: one JSON object per line, each a leaf of the Merkle tree.
+//!
+//! A leaf is the exact bytes of the line without its newline; verifiers hash stored bytes and
+//! never re-serialise. Every entry carries `prev`, the tree root over all earlier entries, so a
+//! changed entry is pinned to its number by the next entry's `prev`.
+
+use serde::{Deserialize, Serialize};
+
+/// Format version of entries.
+pub const VERSION: u32 = 1;
+
+/// One log line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    /// Format version.
+    pub v: u32,
+    /// Position in the log (0-based); equals the line number.
+    pub seq: u64,
+    /// When it was written (RFC 3339 UTC, from this machine's clock).
+    pub time: String,
+    /// Base64 RFC 6962 root of entries `0..seq`.
+    pub prev: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+/// What an entry records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Body {
+    /// Entry 0: the root CA was created.
+    Root {
+        /// Root subject.
+        subject: String,
+        /// Root serial, hex.
+        serial: String,
+        /// Root key type.
+        key_type: String,
+        /// Label of the root key in the token.
+        key_label: String,
+        /// SHA-256 of the root's SPKI.
+        spki_sha256: String,
+        /// SHA-256 of the root certificate.
+        cert_sha256: String,
+        /// The root certificate, base64 DER.
+        cert: String,
+        /// Log origin (checkpoint first line and note key name).
+        origin: String,
+        /// The checkpoint verifier key.
+        log_vkey: String,
+        /// hsmca version.
+        tool: String,
+    },
+    /// About to sign: the exact TBS the token will sign.
+    IssueIntent {
+        /// Serial, hex.
+        serial: String,
+        /// Profile.
+        profile: String,
+        /// Subject.
+        subject: String,
+        /// SANs as `DNS:x` / `IP:y`.
+        sans: Vec<String>,
+        /// notBefore.
+        not_before: String,
+        /// notAfter.
+        not_after: String,
+        /// SHA-256 of the CSR.
+        csr_sha256: String,
+        /// SHA-256 of the DER TBSCertificate.
+        tbs_sha256: String,
+    },
+    /// Signed, verified, and about to be released.
+    Cert {
+        /// The intent this fulfils.
+        intent_seq: u64,
+        /// Serial, hex.
+        serial: String,
+        /// Profile.
+        profile: String,
+        /// SHA-256 of the CSR.
+        csr_sha256: String,
+        /// SHA-256 of the certificate.
+        cert_sha256: String,
+        /// The certificate, base64 DER.
+        cert: String,
+    },
+    /// An intent that has no result: the process ended between intent and result. Nothing was
+    /// released for it.
+    Abandon {
+        /// The intent.
+        intent_seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A torn tail was removed by `hsmca log recover`.
+    Recovery {
+        /// How many bytes were cut.
+        bytes_removed: u64,
+        /// Their SHA-256.
+        removed_sha256: String,
+        /// Where they were kept.
+        quarantine: String,
+    },
+}
+
+impl Body {
+    /// The `type` field value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Root { .. } => "root",
+            Self::IssueIntent { .. } => "issue-intent",
+            Self::Cert { .. } => "cert",
+            Self::Abandon { .. } => "abandon",
+            Self::Recovery { .. } => "recovery",
+        }
+    }
+}

@@ -1,0 +1,892 @@
+//! The issuance log: append-only, tamper-evident, crash-safe.
+//!
+//! Files under `HOME/log/`: `entries.jsonl` (one entry per line, each a Merkle leaf),
+//! `checkpoint` (latest signed checkpoint), `checkpoints/<size>` (every checkpoint ever signed,
+//! write-once) and `log.vkey` (the verifier key). `HOME/LOCK` is held exclusively by the one
+//! writer. Appends are one `write` plus `fsync`; a failed write is cut back before returning,
+//! a failed fsync poisons the writer (Linux may have dropped the pages; retrying would lie).
+//!
+//! Normal commands never repair anything: a torn last line stops them with a pointer to
+//! `hsmca log recover`, which quarantines the bytes and logs that it did.
+
+pub mod entry;
+pub mod translog;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use time::OffsetDateTime;
+
+use crate::clock::rfc3339;
+use crate::files;
+use crate::keys::{self, PublicKey};
+pub use entry::{Body, Entry};
+use translog::{NoteKey, Tree};
+
+/// Longest accepted line (tlog-tiles entry bundles hold at most 65 535 bytes per entry).
+pub const MAX_LINE: usize = 65_535;
+
+/// Paths of a log directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `HOME/log`.
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    /// The log of a CA home.
+    pub fn of_home(home: &Path) -> Self {
+        Self {
+            dir: home.join("log"),
+        }
+    }
+    /// `entries.jsonl`.
+    pub fn entries(&self) -> PathBuf {
+        self.dir.join("entries.jsonl")
+    }
+    /// Latest checkpoint.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+    /// Directory of all checkpoints.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+    /// Verifier key file.
+    pub fn vkey(&self) -> PathBuf {
+        self.dir.join("log.vkey")
+    }
+    /// Where torn tails are kept.
+    pub fn quarantine(&self) -> PathBuf {
+        self.dir.join("quarantine")
+    }
+}
+
+/// A log failure. Anything here stops the command before more is signed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// File-system failure.
+    #[error("{}: I/O error on the issuance log", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// fsync failed: the log may not be durable; nothing more is released.
+    #[error("{}: fsync failed; the last entries may not be on disk and nothing was released", .path.display())]
+    Sync {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the lock.
+    #[error("{}: another hsmca process is writing to this CA home", .0.display())]
+    Locked(PathBuf),
+    /// The last line is incomplete.
+    #[error(
+        "entry {entry}: incomplete last line ({bytes} bytes after the last newline): a write was interrupted or the file was truncated"
+    )]
+    TornTail {
+        /// The entry number the torn line would have had.
+        entry: u64,
+        /// Bytes after the last newline.
+        bytes: u64,
+    },
+    /// The log fails verification.
+    #[error("the issuance log fails verification: {0}")]
+    Corrupt(Problem),
+    /// A checkpoint could not be made or read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The writer hit an fsync failure earlier.
+    #[error("the log writer stopped after an earlier fsync failure")]
+    Poisoned,
+    /// An entry would be longer than [`MAX_LINE`].
+    #[error("a log entry of {0} bytes exceeds the {MAX_LINE}-byte limit")]
+    TooLong(usize),
+}
+
+impl LogError {
+    /// What to do next.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Locked(_) => {
+                "wait for the other hsmca command to finish; the lock is released when it exits"
+            }
+            Self::TornTail { .. } => {
+                "run `hsmca log recover --home DIR`: it sets the torn bytes aside and logs the recovery"
+            }
+            Self::Corrupt(_) => {
+                "run `hsmca log verify --home DIR` for the full report and restore the log from a ceremony backup"
+            }
+            Self::Sync { .. } | Self::Poisoned => {
+                "check the disk (space, errors); rerun the command: it finishes the work without issuing twice"
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// One verification finding, pinned to an entry where possible.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// The entry it concerns.
+    pub entry: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.entry {
+            Some(n) => write!(f, "entry {n}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The root entry's facts the rest of the log is checked against.
+#[derive(Debug, Clone)]
+pub struct RootInfo {
+    /// Log origin.
+    pub origin: String,
+    /// Verifier key.
+    pub vkey: String,
+    /// Root certificate DER.
+    pub cert_der: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Intent {
+    serial: String,
+    tbs_sha256: String,
+    csr_sha256: String,
+    profile: String,
+}
+
+/// A certificate already in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// Entry number of the `cert` entry.
+    pub seq: u64,
+    /// Serial, hex.
+    pub serial: String,
+    /// DER.
+    pub cert_der: Vec<u8>,
+}
+
+/// Everything learnt by reading the log once.
+#[derive(Debug, Default)]
+struct Scan {
+    tree: Tree,
+    valid_len: u64,
+    root: Option<RootInfo>,
+    serials: HashSet<String>,
+    intents: HashMap<u64, Intent>,
+    resolved: HashSet<u64>,
+    issued: HashMap<(String, String), (u64, u64, usize)>,
+    counts: HashMap<&'static str, u64>,
+    problems: Vec<Problem>,
+    torn: Option<(u64, u64)>,
+}
+
+impl Scan {
+    fn problem(&mut self, entry: Option<u64>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            entry,
+            message: message.into(),
+        });
+    }
+
+    /// Reads `entries.jsonl`. With `deep`, also checks every certificate's hash and signature.
+    fn read(path: &Path, deep: bool) -> Result<Self, LogError> {
+        let file = File::open(path).map_err(io_at(path))?;
+        let mut reader = BufReader::with_capacity(1 << 16, file);
+        let mut scan = Self::default();
+        let mut line = Vec::new();
+        let mut offset = 0u64;
+        let (mut order_reported, mut chain_reported) = (false, false);
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(io_at(path))?;
+            if n == 0 {
+                break;
+            }
+            let seq = scan.tree.size();
+            if line.last() != Some(&b'\n') {
+                scan.torn = Some((seq, n as u64));
+                break;
+            }
+            let leaf = &line[..line.len() - 1];
+            let prev = translog::b64(&scan.tree.root());
+            match serde_json::from_slice::<Entry>(leaf) {
+                Err(e) => scan.problem(Some(seq), format!("not a valid log entry ({e})")),
+                Ok(entry) => {
+                    if entry.seq != seq && !order_reported {
+                        order_reported = true;
+                        scan.problem(
+                            Some(seq),
+                            format!(
+                                "has seq {}: an entry is missing, inserted or out of order here",
+                                entry.seq
+                            ),
+                        );
+                    } else if entry.prev != prev && !chain_reported && !order_reported {
+                        chain_reported = true;
+                        let altered = seq.saturating_sub(1);
+                        scan.problem(Some(altered), format!("was altered: entry {seq}'s chain hash no longer matches the entries before it"));
+                    }
+                    scan.note(seq, offset, leaf.len(), entry, deep);
+                }
+            }
+            scan.tree.push(leaf);
+            offset += n as u64;
+            scan.valid_len = offset;
+        }
+        Ok(scan)
+    }
+
+    fn note(&mut self, seq: u64, offset: u64, len: usize, entry: Entry, deep: bool) {
+        *self.counts.entry(entry.body.kind()).or_default() += 1;
+        match entry.body {
+            Body::Root {
+                origin,
+                log_vkey,
+                cert,
+                cert_sha256,
+                ..
+            } => {
+                if seq != 0 || self.root.is_some() {
+                    self.problem(Some(seq), "a second root entry");
+                    return;
+                }
+                let der = B64.decode(cert).unwrap_or_default();
+                if keys::sha256_hex(&der) != cert_sha256 {
+                    self.problem(
+                        Some(seq),
+                        "root certificate does not match its recorded SHA-256",
+                    );
+                }
+                self.root = Some(RootInfo {
+                    origin,
+                    vkey: log_vkey,
+                    cert_der: der,
+                });
+            }
+            Body::IssueIntent {
+                serial,
+                tbs_sha256,
+                csr_sha256,
+                profile,
+                ..
+            } => {
+                if !self.serials.insert(serial.clone()) {
+                    self.problem(Some(seq), format!("serial {serial} is used twice"));
+                }
+                self.intents.insert(
+                    seq,
+                    Intent {
+                        serial,
+                        tbs_sha256,
+                        csr_sha256,
+                        profile,
+                    },
+                );
+            }
+            Body::Cert {
+                intent_seq,
+                serial,
+                cert,
+                cert_sha256,
+                csr_sha256,
+                profile,
+            } => {
+                let Some(intent) = self.intents.get(&intent_seq).cloned() else {
+                    self.problem(
+                        Some(seq),
+                        format!("certificate for intent {intent_seq}, which is not an intent"),
+                    );
+                    return;
+                };
+                if !self.resolved.insert(intent_seq) {
+                    self.problem(Some(seq), format!("intent {intent_seq} is resolved twice"));
+                }
+                if intent.serial != serial
+                    || intent.csr_sha256 != csr_sha256
+                    || intent.profile != profile
+                {
+                    self.problem(
+                        Some(seq),
+                        format!(
+                            "does not match its intent {intent_seq} (serial, CSR or profile differ)"
+                        ),
+                    );
+                }
+                if deep {
+                    self.check_cert(seq, &cert, &cert_sha256, &intent);
+                }
+                self.issued
+                    .insert((csr_sha256, profile), (seq, offset, len));
+            }
+            Body::Abandon { intent_seq, .. } => {
+                if !self.intents.contains_key(&intent_seq) || !self.resolved.insert(intent_seq) {
+                    self.problem(
+                        Some(seq),
+                        format!("abandons {intent_seq}, which is not an open intent"),
+                    );
+                }
+            }
+            Body::Recovery { .. } => {}
+        }
+    }
+
+    fn check_cert(&mut self, seq: u64, cert_b64: &str, cert_sha256: &str, intent: &Intent) {
+        let der = B64.decode(cert_b64).unwrap_or_default();
+        if keys::sha256_hex(&der) != cert_sha256 {
+            self.problem(Some(seq), "certificate does not match its recorded SHA-256");
+            return;
+        }
+        let tbs = crate::asn1::first_inner_element(&der).unwrap_or_default();
+        if keys::sha256_hex(tbs) != intent.tbs_sha256 {
+            self.problem(
+                Some(seq),
+                "certificate's TBS differs from the one its intent recorded",
+            );
+        }
+        let root_key = self
+            .root
+            .as_ref()
+            .and_then(|r| crate::verify::key_and_expiry(&r.cert_der).ok())
+            .map(|(k, _)| k);
+        match root_key {
+            Some(k) if crate::verify::signature(&der, &k).is_ok() => {}
+            _ => self.problem(
+                Some(seq),
+                "certificate signature does not verify under the root key",
+            ),
+        }
+    }
+
+    fn issued(
+        &self,
+        path: &Path,
+        csr_sha256: &str,
+        profile: &str,
+    ) -> Result<Option<Issued>, LogError> {
+        let Some(&(seq, offset, len)) = self
+            .issued
+            .get(&(csr_sha256.to_owned(), profile.to_owned()))
+        else {
+            return Ok(None);
+        };
+        let mut f = File::open(path).map_err(io_at(path))?;
+        f.seek(SeekFrom::Start(offset)).map_err(io_at(path))?;
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).map_err(io_at(path))?;
+        let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
+            LogError::Corrupt(Problem {
+                entry: Some(seq),
+                message: e.to_string(),
+            })
+        })?;
+        match entry.body {
+            Body::Cert { serial, cert, .. } => Ok(Some(Issued {
+                seq,
+                serial,
+                cert_der: B64.decode(cert).unwrap_or_default(),
+            })),
+            _ => Err(LogError::Corrupt(Problem {
+                entry: Some(seq),
+                message: "expected a cert entry".into(),
+            })),
+        }
+    }
+}
+
+/// Checks the stored checkpoints against the recomputed tree; returns the latest one's size.
+fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Option<u64>, LogError> {
+    let size = scan.tree.size();
+    let mut sizes: Vec<(u64, PathBuf)> = fs::read_dir(paths.checkpoints())
+        .map_err(io_at(&paths.checkpoints()))?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect();
+    sizes.sort();
+    let mut last_good = 0u64;
+    let mut reported = false;
+    for (n, path) in &sizes {
+        let bytes = fs::read(path).map_err(io_at(path))?;
+        let origin = scan
+            .root
+            .as_ref()
+            .map(|r| r.origin.clone())
+            .unwrap_or_default();
+        match translog::open_checkpoint(&bytes, vkey) {
+            Err(e) => scan.problem(None, format!("checkpoint {}: {e}", path.display())),
+            Ok(cp) if cp.size != *n || cp.origin != origin => {
+                scan.problem(
+                    None,
+                    format!(
+                        "checkpoint {} is for size {} of {:?}",
+                        path.display(),
+                        cp.size,
+                        cp.origin
+                    ),
+                );
+            }
+            Ok(cp) if cp.size > size => {
+                if !reported {
+                    reported = true;
+                    scan.problem(Some(size), format!("the log has {size} entries but a checkpoint covers {}: entries {size}..{} were removed", cp.size, cp.size - 1));
+                }
+            }
+            Ok(cp) if scan.tree.root_at(cp.size) != Some(cp.root) => {
+                if !reported {
+                    reported = true;
+                    let (from, to) = (last_good, cp.size - 1);
+                    let which = if from == to {
+                        format!("entry {from} was altered")
+                    } else {
+                        format!("one of entries {from}..{to} was altered")
+                    };
+                    scan.problem(
+                        Some(from),
+                        format!(
+                            "{which}: the checkpoint at size {} no longer matches",
+                            cp.size
+                        ),
+                    );
+                }
+            }
+            Ok(cp) => last_good = cp.size,
+        }
+    }
+    let latest = paths.checkpoint();
+    let bytes = fs::read(&latest).map_err(io_at(&latest))?;
+    match translog::open_checkpoint(&bytes, vkey) {
+        Err(e) => {
+            scan.problem(None, format!("latest checkpoint: {e}"));
+            Ok(None)
+        }
+        Ok(cp) => {
+            if sizes.last().map(|(n, _)| *n) != Some(cp.size) {
+                scan.problem(
+                    None,
+                    format!(
+                        "latest checkpoint (size {}) is not the newest in checkpoints/",
+                        cp.size
+                    ),
+                );
+            }
+            if cp.size > size && !reported {
+                scan.problem(Some(size), format!("the log has {size} entries but the checkpoint covers {}: entries were removed", cp.size));
+            } else if scan.tree.root_at(cp.size).is_some_and(|r| r != cp.root) && !reported {
+                scan.problem(
+                    None,
+                    format!(
+                        "the latest checkpoint (size {}) no longer matches the entries",
+                        cp.size
+                    ),
+                );
+            }
+            Ok(Some(cp.size))
+        }
+    }
+}
+
+/// Result of [`verify`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Entries read.
+    pub entries: u64,
+    /// Base64 root of the whole log.
+    pub root: String,
+    /// Size covered by the latest valid checkpoint.
+    pub checkpoint_size: Option<u64>,
+    /// Entries after the latest checkpoint (a crash between append and checkpoint).
+    pub unsigned_tail: u64,
+    /// Count per entry type.
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// The verifier key used.
+    pub vkey: String,
+    /// Everything wrong; empty means the log verifies.
+    pub problems: Vec<Problem>,
+}
+
+/// Recomputes the whole log and checks it: structure, chain, every checkpoint, and the CA rules
+/// (serials unique, every certificate matching its intent and verifying under the root).
+/// `vkey` overrides the key recorded in the log (use the one from the ceremony minutes).
+pub fn verify(
+    paths: &Paths,
+    vkey: Option<&str>,
+    root_pem_der: Option<&[u8]>,
+) -> Result<Report, LogError> {
+    let mut scan = Scan::read(&paths.entries(), true)?;
+    if let Some((entry, bytes)) = scan.torn {
+        scan.problem(Some(entry), format!("incomplete last line ({bytes} bytes after the last newline): interrupted write or truncation; run `hsmca log recover`"));
+    }
+    let recorded = scan.root.as_ref().map(|r| r.vkey.clone());
+    let Some(recorded) = recorded else {
+        scan.problem(Some(0), "the first entry is not the root entry");
+        return Ok(report(scan, None, String::new()));
+    };
+    if let Ok(file_vkey) = fs::read_to_string(paths.vkey()) {
+        if file_vkey.trim() != recorded {
+            scan.problem(
+                None,
+                "log.vkey differs from the verifier key recorded in entry 0",
+            );
+        }
+    }
+    if let (Some(pem_der), Some(root)) = (root_pem_der, scan.root.as_ref()) {
+        if pem_der != root.cert_der.as_slice() {
+            scan.problem(
+                Some(0),
+                "root.pem is not the root certificate recorded in entry 0",
+            );
+        }
+    }
+    let vkey = vkey.map_or(recorded, str::to_owned);
+    let cp = check_checkpoints(paths, &mut scan, &vkey)?;
+    Ok(report(scan, cp, vkey))
+}
+
+fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
+    let entries = scan.tree.size();
+    Report {
+        entries,
+        root: translog::b64(&scan.tree.root()),
+        checkpoint_size,
+        unsigned_tail: entries.saturating_sub(checkpoint_size.unwrap_or(0)),
+        counts: scan
+            .counts
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect(),
+        vkey,
+        problems: scan.problems,
+    }
+}
+
+/// The single writer of a log. Holds `HOME/LOCK` until dropped.
+pub struct Log {
+    paths: Paths,
+    _lock: File,
+    file: File,
+    scan: Scan,
+    root: RootInfo,
+    checkpoint_size: u64,
+    poisoned: bool,
+}
+
+fn take_lock(home: &Path) -> Result<File, LogError> {
+    let path = home.join("LOCK");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_at(&path))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => Err(LogError::Locked(home.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(io_at(&path)(e)),
+    }
+}
+
+impl Log {
+    /// Creates a new log in `home` whose entry 0 records the root, and signs its first
+    /// checkpoint. `home` must not have a log yet.
+    pub fn create(
+        home: &Path,
+        root: Body,
+        now: OffsetDateTime,
+        key: &NoteKey<'_>,
+    ) -> Result<Self, LogError> {
+        let Body::Root {
+            origin,
+            log_vkey,
+            cert,
+            ..
+        } = &root
+        else {
+            return Err(LogError::Checkpoint(
+                "the first entry must be the root".into(),
+            ));
+        };
+        let info = RootInfo {
+            origin: origin.clone(),
+            vkey: log_vkey.clone(),
+            cert_der: B64.decode(cert).unwrap_or_default(),
+        };
+        let paths = Paths::of_home(home);
+        fs::create_dir_all(paths.checkpoints()).map_err(io_at(&paths.dir))?;
+        let lock = take_lock(home)?;
+        let path = paths.entries();
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        files::write_new(&paths.vkey(), format!("{log_vkey}\n").as_bytes())
+            .map_err(|e| LogError::Checkpoint(e.to_string()))?;
+        let mut log = Self {
+            paths,
+            _lock: lock,
+            file,
+            scan: Scan::default(),
+            root: info,
+            checkpoint_size: 0,
+            poisoned: false,
+        };
+        log.append(vec![root], now)?;
+        log.checkpoint(key)?;
+        Ok(log)
+    }
+
+    /// Opens the log of `home` for appending: takes the lock, reads and checks every entry
+    /// and the latest checkpoint. Refuses a torn tail or any integrity problem.
+    pub fn open(home: &Path) -> Result<Self, LogError> {
+        let lock = take_lock(home)?;
+        let paths = Paths::of_home(home);
+        let mut scan = Scan::read(&paths.entries(), false)?;
+        if let Some((entry, bytes)) = scan.torn {
+            return Err(LogError::TornTail { entry, bytes });
+        }
+        let root = scan.root.clone().ok_or_else(|| {
+            LogError::Corrupt(Problem {
+                entry: Some(0),
+                message: "not the root entry".into(),
+            })
+        })?;
+        let checkpoint_size = check_checkpoints(&paths, &mut scan, &root.vkey)?.unwrap_or(0);
+        if let Some(p) = scan.problems.first() {
+            return Err(LogError::Corrupt(p.clone()));
+        }
+        let path = paths.entries();
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        Ok(Self {
+            paths,
+            _lock: lock,
+            file,
+            scan,
+            root,
+            checkpoint_size,
+            poisoned: false,
+        })
+    }
+
+    /// The root entry's facts.
+    pub fn root(&self) -> &RootInfo {
+        &self.root
+    }
+
+    /// Number of entries.
+    pub fn size(&self) -> u64 {
+        self.scan.tree.size()
+    }
+
+    /// Whether a serial (hex) was ever used.
+    pub fn serial_used(&self, serial: &str) -> bool {
+        self.scan.serials.contains(serial)
+    }
+
+    /// Intents with no result: the previous run stopped between intent and result.
+    pub fn open_intents(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .scan
+            .intents
+            .keys()
+            .filter(|s| !self.scan.resolved.contains(s))
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The certificate already issued for this CSR under this profile, if any.
+    pub fn issued(&self, csr_sha256: &str, profile: &str) -> Result<Option<Issued>, LogError> {
+        self.scan.issued(&self.paths.entries(), csr_sha256, profile)
+    }
+
+    /// Appends entries with one write and one fsync; returns their numbers. On a failed write
+    /// the file is cut back to its previous length, so no partial line stays behind.
+    pub fn append(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let mut tree = self.scan.tree.clone();
+        let mut buf = Vec::new();
+        let mut written = Vec::with_capacity(bodies.len());
+        let time = rfc3339(now);
+        for body in bodies {
+            let seq = tree.size();
+            let entry = Entry {
+                v: entry::VERSION,
+                seq,
+                time: time.clone(),
+                prev: translog::b64(&tree.root()),
+                body,
+            };
+            let line =
+                serde_json::to_vec(&entry).map_err(|e| LogError::Checkpoint(e.to_string()))?;
+            if line.len() > MAX_LINE {
+                return Err(LogError::TooLong(line.len()));
+            }
+            tree.push(&line);
+            written.push((self.scan.valid_len + buf.len() as u64, line.len(), entry));
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+        }
+        let path = self.paths.entries();
+        if let Err(e) = self.file.write_all(&buf) {
+            // Cut back a partial write (e.g. ENOSPC) so the file ends on a whole line.
+            let cut = self
+                .file
+                .set_len(self.scan.valid_len)
+                .and_then(|()| self.file.sync_all());
+            if cut.is_err() {
+                self.poisoned = true;
+            }
+            return Err(io_at(&path)(e));
+        }
+        if let Err(source) = self.file.sync_data() {
+            self.poisoned = true;
+            return Err(LogError::Sync { path, source });
+        }
+        let seqs = written.iter().map(|(_, _, e)| e.seq).collect();
+        for (offset, len, entry) in written {
+            self.scan.note(entry.seq, offset, len, entry, false);
+        }
+        self.scan.valid_len += buf.len() as u64;
+        self.scan.tree = tree;
+        Ok(seqs)
+    }
+
+    /// Signs a checkpoint for the current size with the log key and writes it durably
+    /// (`checkpoints/<size>` write-once, then `checkpoint` replaced atomically).
+    pub fn checkpoint(&mut self, key: &NoteKey<'_>) -> Result<(), LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let size = self.size();
+        if size == self.checkpoint_size && size > 0 && self.paths.checkpoint().exists() {
+            return Ok(());
+        }
+        let note = translog::sign_checkpoint(&self.root.origin, size, self.scan.tree.root(), key)
+            .map_err(LogError::Checkpoint)?;
+        translog::open_checkpoint(&note, &self.root.vkey).map_err(|e| {
+            LogError::Checkpoint(format!("the token's checkpoint does not verify: {e}"))
+        })?;
+        let numbered = self.paths.checkpoints().join(format!("{size:012}"));
+        match files::write_new(&numbered, &note) {
+            Ok(_) | Err(files::FileError::Exists(_)) => {}
+            Err(e) => return Err(LogError::Checkpoint(e.to_string())),
+        }
+        files::replace(&self.paths.checkpoint(), &note)
+            .map_err(|e| LogError::Checkpoint(e.to_string()))?;
+        self.checkpoint_size = size;
+        Ok(())
+    }
+}
+
+/// What `recover` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Recovered {
+    /// Bytes cut from the end.
+    pub bytes_removed: u64,
+    /// Where they were kept.
+    pub quarantine: Option<String>,
+    /// Intents closed as abandoned.
+    pub abandoned: Vec<u64>,
+}
+
+/// `hsmca log recover`: sets a torn tail aside in `quarantine/`, cuts the file back to its last
+/// whole line, and records both the recovery and every open intent as abandoned, then
+/// checkpoints. Complete lines are never touched: a damaged complete line is tampering.
+pub fn recover(
+    home: &Path,
+    now: OffsetDateTime,
+    key: &NoteKey<'_>,
+) -> Result<(Log, Recovered), LogError> {
+    let lock = take_lock(home)?;
+    let paths = Paths::of_home(home);
+    let path = paths.entries();
+    let scan = Scan::read(&path, false)?;
+    let mut removed = None;
+    if scan.torn.is_some() {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let mut tail = Vec::new();
+        f.seek(SeekFrom::Start(scan.valid_len))
+            .map_err(io_at(&path))?;
+        f.read_to_end(&mut tail).map_err(io_at(&path))?;
+        let sha = keys::sha256_hex(&tail);
+        let name = format!("{}-{}.bin", rfc3339(now).replace(':', ""), &sha[..16]);
+        let q = paths.quarantine().join(&name);
+        files::write_new(&q, &tail).map_err(|e| LogError::Checkpoint(e.to_string()))?;
+        f.set_len(scan.valid_len).map_err(io_at(&path))?;
+        f.sync_all().map_err(|source| LogError::Sync {
+            path: path.clone(),
+            source,
+        })?;
+        removed = Some((tail.len() as u64, sha, format!("quarantine/{name}")));
+    }
+    drop(lock);
+    let mut log = Log::open(home)?;
+    let mut bodies = Vec::new();
+    let mut result = Recovered {
+        bytes_removed: 0,
+        quarantine: None,
+        abandoned: Vec::new(),
+    };
+    if let Some((bytes_removed, removed_sha256, quarantine)) = removed {
+        result.bytes_removed = bytes_removed;
+        result.quarantine = Some(quarantine.clone());
+        bodies.push(Body::Recovery {
+            bytes_removed,
+            removed_sha256,
+            quarantine,
+        });
+    }
+    for intent_seq in log.open_intents() {
+        result.abandoned.push(intent_seq);
+        bodies.push(Body::Abandon {
+            intent_seq,
+            reason: "recovery: no result was logged; nothing was released".into(),
+        });
+    }
+    if !bodies.is_empty() {
+        log.append(bodies, now)?;
+    }
+    log.checkpoint(key)?;
+    Ok((log, result))
+}
+
+/// The public key of the root recorded in a log, for checks without the token.
+pub fn root_public_key(info: &RootInfo) -> Option<PublicKey> {
+    crate::verify::key_and_expiry(&info.cert_der)
+        .ok()
+        .map(|(k, _)| k)
+}

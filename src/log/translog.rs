@@ -1,0 +1,280 @@
+//! The transparency-log formats, behind one module: RFC 6962 Merkle tree (via `tlog_tiles`),
+//! C2SP tlog-checkpoint bodies (via `tlog_tiles`) and C2SP signed notes (via `signed_note`).
+//! Both crates are pinned and expected to change API; nothing else in hsmca imports them.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use signed_note::{Note, Verifier, VerifierList};
+use tlog_tiles::tlog::{self, Hash, HashReader};
+
+use crate::keys::{KeyType, PublicKey};
+use crate::signer::CaSigner;
+
+/// Signature type byte for Ed25519 notes (C2SP signed-note).
+const TYPE_ED25519: u8 = 0x01;
+/// Signature type byte for ECDSA notes (DER signature over SHA-256, key id from the SPKI).
+const TYPE_ECDSA: u8 = 0x02;
+
+/// An RFC 6962 tree over the log's lines, kept as Go sumdb's "stored hashes" (about two hashes
+/// per entry), so the root at any earlier size is cheap to recompute.
+#[derive(Debug, Default, Clone)]
+pub struct Tree {
+    stored: Vec<Hash>,
+    size: u64,
+}
+
+struct Stored<'a>(&'a [Hash]);
+
+impl HashReader for Stored<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog::Error> {
+        indexes
+            .iter()
+            .map(|i| {
+                usize::try_from(*i)
+                    .ok()
+                    .and_then(|i| self.0.get(i))
+                    .copied()
+                    .ok_or(tlog::Error::IndexesNotInTree)
+            })
+            .collect()
+    }
+}
+
+impl Tree {
+    /// Number of leaves.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf (the exact line bytes, without the newline).
+    pub fn push(&mut self, leaf: &[u8]) {
+        // stored_hashes only reads hashes this tree already holds.
+        if let Ok(new) = tlog::stored_hashes(self.size, leaf, &Stored(&self.stored)) {
+            self.stored.extend(new);
+            self.size += 1;
+        }
+    }
+
+    /// Root at `size` (≤ current size); the empty-tree hash for 0.
+    pub fn root_at(&self, size: u64) -> Option<[u8; 32]> {
+        if size > self.size {
+            return None;
+        }
+        tlog::tree_hash(size, &Stored(&self.stored))
+            .ok()
+            .map(|h| h.0)
+    }
+
+    /// Root of the whole tree.
+    pub fn root(&self) -> [u8; 32] {
+        self.root_at(self.size).unwrap_or(tlog::EMPTY_HASH.0)
+    }
+}
+
+/// Base64 of a root hash.
+pub fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+/// The log's checkpoint key: a key in the token, with the note name (the log origin).
+pub struct NoteKey<'a> {
+    name: String,
+    key_id: u32,
+    signer: &'a dyn CaSigner,
+}
+
+impl<'a> NoteKey<'a> {
+    /// Wraps a token key for signing notes named `origin`.
+    pub fn new(origin: &str, signer: &'a dyn CaSigner) -> Result<Self, String> {
+        let (key_id, _) = key_material(origin, signer.public_key())?;
+        Ok(Self {
+            name: origin.to_owned(),
+            key_id,
+            signer,
+        })
+    }
+}
+
+impl signed_note::Signer for NoteKey<'_> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
+        self.signer.sign(msg).map_err(signature::Error::from_source)
+    }
+}
+
+/// Key id and encoded key (type byte + key) per C2SP signed-note.
+fn key_material(name: &str, key: &PublicKey) -> Result<(u32, Vec<u8>), String> {
+    match key.key_type {
+        KeyType::Ed25519 => {
+            let mut enc = vec![TYPE_ED25519];
+            enc.extend_from_slice(&key.raw);
+            Ok((signed_note::key_id(name, &enc), enc))
+        }
+        KeyType::EcdsaP256 => {
+            let digest = ring::digest::digest(&ring::digest::SHA256, &key.spki_der);
+            let id = u32::from_be_bytes([
+                digest.as_ref()[0],
+                digest.as_ref()[1],
+                digest.as_ref()[2],
+                digest.as_ref()[3],
+            ]);
+            let mut enc = vec![TYPE_ECDSA];
+            enc.extend_from_slice(&key.spki_der);
+            Ok((id, enc))
+        }
+        other => Err(format!(
+            "a {other} key cannot sign log checkpoints (ed25519 or ecdsa-p256 can)"
+        )),
+    }
+}
+
+/// The verifier key string `name+hexid+base64(type||key)` that Go's `sumdb/note` (Ed25519)
+/// and transparency-dev/formats (ECDSA) accept.
+pub fn vkey(origin: &str, key: &PublicKey) -> Result<String, String> {
+    if !signed_note::is_key_name_valid(origin) {
+        return Err(format!(
+            "log origin {origin:?} must be non-empty without spaces or '+'"
+        ));
+    }
+    let (id, enc) = key_material(origin, key)?;
+    Ok(format!("{origin}+{id:08x}+{}", B64.encode(enc)))
+}
+
+/// Signs a checkpoint for `size` / `root` and returns the signed note bytes.
+pub fn sign_checkpoint(
+    origin: &str,
+    size: u64,
+    root: [u8; 32],
+    key: &NoteKey<'_>,
+) -> Result<Vec<u8>, String> {
+    let body =
+        tlog_tiles::Checkpoint::new(origin, size, Hash(root), "").map_err(|e| e.to_string())?;
+    let mut note = Note::new(&body.to_bytes(), &[]).map_err(|e| e.to_string())?;
+    note.add_sigs(&[key]).map_err(|e| e.to_string())?;
+    Ok(note.to_bytes())
+}
+
+/// A checkpoint whose signature verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedCheckpoint {
+    /// Origin line.
+    pub origin: String,
+    /// Tree size.
+    pub size: u64,
+    /// Root hash.
+    pub root: [u8; 32],
+}
+
+/// Parses a signed checkpoint and checks its signature against `vkey`.
+pub fn open_checkpoint(note_bytes: &[u8], vkey: &str) -> Result<VerifiedCheckpoint, String> {
+    let note = Note::from_bytes(note_bytes).map_err(|e| format!("not a signed note: {e}"))?;
+    let verifier = verifier(vkey)?;
+    note.verify(&VerifierList::new(vec![verifier]))
+        .map_err(|e| format!("signature check failed: {e}"))?;
+    let cp = tlog_tiles::Checkpoint::from_bytes(note.text())
+        .map_err(|e| format!("not a tlog checkpoint: {e}"))?;
+    Ok(VerifiedCheckpoint {
+        origin: cp.origin().to_owned(),
+        size: cp.size(),
+        root: cp.hash().0,
+    })
+}
+
+fn verifier(vkey: &str) -> Result<Box<dyn Verifier>, String> {
+    let parts: Vec<&str> = vkey.splitn(3, '+').collect();
+    let [name, id, key] = parts.as_slice() else {
+        return Err("malformed verifier key".into());
+    };
+    let enc = B64
+        .decode(key)
+        .map_err(|_| "malformed verifier key (base64)".to_string())?;
+    match enc.first() {
+        Some(&TYPE_ED25519) => Ok(Box::new(
+            signed_note::StandardVerifier::new(vkey).map_err(|e| e.to_string())?,
+        )),
+        Some(&TYPE_ECDSA) => {
+            let key_id = u32::from_str_radix(id, 16)
+                .map_err(|_| "malformed verifier key (id)".to_string())?;
+            let public = PublicKey::from_spki_der(&enc[1..]).map_err(|e| e.to_string())?;
+            let (expected, _) = key_material(name, &public)?;
+            if expected != key_id {
+                return Err("verifier key id does not match its key".into());
+            }
+            Ok(Box::new(EcdsaVerifier {
+                name: (*name).to_owned(),
+                key_id,
+                public,
+            }))
+        }
+        _ => Err("unsupported verifier key type".into()),
+    }
+}
+
+struct EcdsaVerifier {
+    name: String,
+    key_id: u32,
+    public: PublicKey,
+}
+
+impl Verifier for EcdsaVerifier {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        self.public.verify(msg, sig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc6962_vectors_from_the_reference_notes() {
+        let mut t = Tree::default();
+        for i in 0..7 {
+            t.push(format!("{{\"seq\":{i}}}").as_bytes());
+        }
+        assert_eq!(
+            b64(&t.root_at(5).unwrap()),
+            "FH3Ed0eaO2miSx/2Abb8YoT98V/VCr/rDPcOqONyLB0="
+        );
+        assert_eq!(
+            b64(&t.root()),
+            "EvKAi8pMShoFMXCjvEsCuz6D/gv4VOQsdbNQL7mqlaI="
+        );
+        assert_eq!(
+            b64(&t.root_at(0).unwrap()),
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
+        assert!(t.root_at(8).is_none());
+    }
+
+    #[test]
+    fn c2sp_example_checkpoint_verifies() {
+        // From shared/reference/issuance-log.md §2.2 (seed 32 × 0x07).
+        let note = "ca.example.org/root-2026/log\n7\nEvKAi8pMShoFMXCjvEsCuz6D/gv4VOQsdbNQL7mqlaI=\n\n\u{2014} ca.example.org/root-2026/log i7RqnXyERC5piKaFmsYqSKF0PJzq+cMcCO/CnoJGF1LNwT72OGhEQGGo4idM4vaZyaeY7fM2dWtUQaJHm+WXiFpO9gE=\n";
+        let vkey =
+            "ca.example.org/root-2026/log+8bb46a9d+AepKbGPinFIKvvVQexMuxfmVR3auvr57kkIe6mkURtIs";
+        let cp = open_checkpoint(note.as_bytes(), vkey).unwrap();
+        assert_eq!(cp.size, 7);
+        assert_eq!(
+            b64(&cp.root),
+            "EvKAi8pMShoFMXCjvEsCuz6D/gv4VOQsdbNQL7mqlaI="
+        );
+        let tampered = note.replace("\n7\n", "\n6\n");
+        assert!(open_checkpoint(tampered.as_bytes(), vkey).is_err());
+    }
+}

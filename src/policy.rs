@@ -1,0 +1,651 @@
+//! The policy engine: does this CSR get a certificate under this profile, and exactly which?
+//!
+//! Pure: no file system, clock, token or randomness. `now`, the serial and the issuer's limits
+//! arrive in [`Context`], so every rule is a table test. Every rule that refuses reports a
+//! stable rule id (the profile key it enforces), what it expected and the offending value, and
+//! all refusals are collected, not only the first.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use time::OffsetDateTime;
+
+use crate::csr::{AttrType, RequestedExtension, San, VerifiedCsr};
+use crate::keys::PublicKey;
+use crate::profile::{Cidr, Duration, ExtKeyUsage, KeyUsage, Profile};
+
+/// How far `notBefore` is set in the past, for clocks that run a little behind ours.
+pub const BACKDATE: time::Duration = time::Duration::minutes(5);
+
+/// Why a CSR is refused: a rule id, what the rule expects, and what the CSR had.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Refusal {
+    /// Stable rule id, e.g. `subject.O` or `san.ip`.
+    pub rule: String,
+    /// What the profile allows.
+    pub expected: String,
+    /// The offending value from the CSR (or request).
+    pub value: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rule {} expects {}, got {:?}",
+            self.rule, self.expected, self.value
+        )
+    }
+}
+
+/// Everything the decision needs that does not come from the profile or the CSR.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The time of issuance.
+    pub now: OffsetDateTime,
+    /// The serial to use (random, from the token; unique in the log).
+    pub serial: Vec<u8>,
+    /// A validity the operator asked for (`--validity`), else the profile default.
+    pub requested_validity: Option<Duration>,
+    /// The issuer's own notAfter; nothing may outlive it.
+    pub issuer_not_after: OffsetDateTime,
+}
+
+/// The certificate that will be issued, field by field. Only [`decide`] makes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The profile that allowed it.
+    pub profile: String,
+    /// Subject attributes in issuance order (C, ST, L, O, OU, CN, serialNumber).
+    pub subject: Vec<(AttrType, String)>,
+    /// dNSName SANs.
+    pub dns_names: Vec<String>,
+    /// iPAddress SANs.
+    pub ip_addresses: Vec<IpAddr>,
+    /// keyUsage bits.
+    pub key_usage: Vec<KeyUsage>,
+    /// extKeyUsage purposes.
+    pub extended_key_usage: Vec<ExtKeyUsage>,
+    /// notBefore (now minus [`BACKDATE`]).
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+    /// Serial number bytes (positive, big-endian).
+    pub serial: Vec<u8>,
+    /// The subject's public key, from the CSR's SPKI.
+    pub public_key: PublicKey,
+    /// SHA-256 of the CSR.
+    pub csr_sha256: String,
+    _sealed: (),
+}
+
+impl Decision {
+    /// The subject as a one-line string (`O=system:nodes, CN=system:node:n1`).
+    pub fn subject_string(&self) -> String {
+        self.subject
+            .iter()
+            .map(|(a, v)| format!("{a}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// SANs as `DNS:x` / `IP:y` strings.
+    pub fn san_strings(&self) -> Vec<String> {
+        self.dns_names
+            .iter()
+            .map(|d| format!("DNS:{d}"))
+            .chain(self.ip_addresses.iter().map(|i| format!("IP:{i}")))
+            .collect()
+    }
+}
+
+const SUBJECT_ORDER: [AttrType; 7] = [
+    AttrType::C,
+    AttrType::St,
+    AttrType::L,
+    AttrType::O,
+    AttrType::Ou,
+    AttrType::Cn,
+    AttrType::SerialNumber,
+];
+
+/// Judges one CSR against one profile.
+pub fn decide(
+    profile: &Profile,
+    csr: &VerifiedCsr,
+    ctx: &Context,
+) -> Result<Decision, Vec<Refusal>> {
+    let mut refusals = Vec::new();
+    let mut refuse = |rule: &str, expected: String, value: String| {
+        refusals.push(Refusal {
+            rule: rule.to_owned(),
+            expected,
+            value,
+        });
+    };
+
+    let key_type = csr.public_key.key_type;
+    if !profile.key_types.contains(&key_type) {
+        refuse(
+            "key_types",
+            one_of(profile.key_types.iter().map(|k| k.name())),
+            key_type.name().into(),
+        );
+    }
+    for oid in &csr.other_attributes {
+        refuse(
+            "csr.attributes",
+            "no CSR attributes besides extensionRequest".into(),
+            oid.clone(),
+        );
+    }
+
+    // Usages the certificate will carry: the profile's, minus keyEncipherment for non-RSA keys.
+    let key_usage: Vec<KeyUsage> = profile
+        .key_usage
+        .iter()
+        .copied()
+        .filter(|u| *u != KeyUsage::KeyEncipherment || key_type.is_rsa())
+        .collect();
+    for ext in &csr.extensions {
+        match ext {
+            RequestedExtension::SubjectAltName { critical: true } => {
+                refuse(
+                    "extensions.critical",
+                    "a non-critical subjectAltName".into(),
+                    "critical subjectAltName".into(),
+                );
+            }
+            RequestedExtension::SubjectAltName { .. }
+            | RequestedExtension::SubjectKeyIdentifier { critical: false } => {}
+            RequestedExtension::BasicConstraints { ca: true, .. } => {
+                refuse(
+                    "extensions.basic_constraints",
+                    "CA:FALSE".into(),
+                    "CA:TRUE".into(),
+                );
+            }
+            RequestedExtension::BasicConstraints { ca: false, .. } => {}
+            RequestedExtension::KeyUsage { usages, .. } => {
+                let allowed: BTreeSet<&str> = key_usage.iter().map(|u| u.name()).collect();
+                for u in usages.iter().filter(|u| !allowed.contains(*u)) {
+                    refuse(
+                        "extensions.key_usage",
+                        one_of(allowed.iter().copied()),
+                        (*u).into(),
+                    );
+                }
+            }
+            RequestedExtension::ExtendedKeyUsage { purposes, .. } => {
+                let allowed: BTreeSet<&str> =
+                    profile.extended_key_usage.iter().map(|e| e.oid()).collect();
+                for p in purposes.iter().filter(|p| !allowed.contains(p.as_str())) {
+                    refuse(
+                        "extensions.extended_key_usage",
+                        one_of(allowed.iter().copied()),
+                        p.clone(),
+                    );
+                }
+            }
+            RequestedExtension::SubjectKeyIdentifier { critical: true } => {
+                refuse(
+                    "extensions.critical",
+                    "a non-critical subjectKeyIdentifier".into(),
+                    "critical subjectKeyIdentifier".into(),
+                );
+            }
+            RequestedExtension::Unknown { oid, critical } => {
+                let what = if *critical {
+                    format!("{oid} (critical)")
+                } else {
+                    oid.clone()
+                };
+                refuse(
+                    "extensions.unknown",
+                    "only subjectAltName, keyUsage, extKeyUsage, basicConstraints CA:FALSE".into(),
+                    what,
+                );
+            }
+        }
+    }
+
+    // Subject.
+    let mut subject = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (attr, value) in &csr.subject {
+        let name = attr.name();
+        let Some(rule) = profile.subject.get(name) else {
+            refuse(
+                "subject.attribute",
+                one_of(profile.subject.keys().map(String::as_str)),
+                format!("{name}={value}"),
+            );
+            continue;
+        };
+        if !seen.insert(attr.clone()) {
+            refuse(
+                &format!("subject.{name}.repeated"),
+                format!("at most one {name}"),
+                value.clone(),
+            );
+            continue;
+        }
+        if value.is_empty() || value.chars().any(char::is_control) {
+            refuse(
+                &format!("subject.{name}.value"),
+                "a non-empty value without control characters".into(),
+                value.clone(),
+            );
+            continue;
+        }
+        let exact = rule.values.iter().any(|v| v == value);
+        let shaped = rule.patterns.iter().any(|p| pattern_matches(p, value));
+        if !exact && !shaped {
+            let expected = one_of(
+                rule.values
+                    .iter()
+                    .chain(rule.patterns.iter())
+                    .map(String::as_str),
+            );
+            refuse(&format!("subject.{name}"), expected, value.clone());
+        }
+        subject.push((attr.clone(), value.clone()));
+    }
+    for (name, rule) in &profile.subject {
+        if rule.required && !csr.subject.iter().any(|(a, _)| a.name() == name) {
+            let expected = one_of(
+                rule.values
+                    .iter()
+                    .chain(rule.patterns.iter())
+                    .map(String::as_str),
+            );
+            refuse(&format!("subject.{name}.required"), expected, String::new());
+        }
+    }
+    subject.sort_by_key(|(a, _)| SUBJECT_ORDER.iter().position(|o| o == a));
+
+    // Subject alternative names.
+    let mut dns_names = Vec::new();
+    let mut ip_addresses = Vec::new();
+    let mut unique = BTreeSet::new();
+    for san in &csr.sans {
+        if !unique.insert(san.clone()) {
+            refuse("san.duplicate", "each name once".into(), san.to_string());
+            continue;
+        }
+        match san {
+            San::Dns(name) => {
+                if name.contains('*') {
+                    refuse("san.dns.wildcard", "no wildcard names".into(), name.clone());
+                } else if !is_dns_name(name) {
+                    refuse(
+                        "san.dns.syntax",
+                        "a lowercase LDH hostname (RFC 1123)".into(),
+                        name.clone(),
+                    );
+                } else if !profile
+                    .san
+                    .dns
+                    .iter()
+                    .any(|allowed| dns_allowed(allowed, name))
+                {
+                    refuse(
+                        "san.dns",
+                        one_of(profile.san.dns.iter().map(String::as_str)),
+                        name.clone(),
+                    );
+                } else {
+                    dns_names.push(name.clone());
+                }
+            }
+            San::Ip(ip) => {
+                if profile
+                    .san
+                    .ip
+                    .iter()
+                    .filter_map(|r| Cidr::parse(r))
+                    .any(|r| r.contains(*ip))
+                {
+                    ip_addresses.push(*ip);
+                } else {
+                    refuse(
+                        "san.ip",
+                        one_of(profile.san.ip.iter().map(String::as_str)),
+                        ip.to_string(),
+                    );
+                }
+            }
+            San::Email(e) => refuse("san.email", "no email addresses".into(), e.clone()),
+            San::Uri(u) => refuse("san.uri", "no URIs".into(), u.clone()),
+            San::Other(o) => refuse(
+                "san.other",
+                "only DNS names and IP addresses".into(),
+                o.clone(),
+            ),
+        }
+    }
+    for need in &profile.san.required_dns {
+        if !csr.sans.contains(&San::Dns(need.clone())) {
+            refuse(
+                "san.required_dns",
+                format!("DNS:{need} present"),
+                String::new(),
+            );
+        }
+    }
+    for need in &profile.san.required_ip {
+        if !csr.sans.contains(&San::Ip(*need)) {
+            refuse(
+                "san.required_ip",
+                format!("IP:{need} present"),
+                String::new(),
+            );
+        }
+    }
+    if csr.sans.len() > profile.san.max {
+        refuse(
+            "san.max",
+            format!("at most {} names", profile.san.max),
+            csr.sans.len().to_string(),
+        );
+    }
+    if csr.sans.len() < profile.san.min {
+        refuse(
+            "san.min",
+            format!("at least {} names", profile.san.min),
+            csr.sans.len().to_string(),
+        );
+    }
+
+    // Validity.
+    let validity = ctx.requested_validity.unwrap_or(profile.validity.default);
+    if validity > profile.validity.max {
+        refuse(
+            "validity.max",
+            format!("at most {}", profile.validity.max),
+            validity.to_string(),
+        );
+    }
+    let not_before = ctx.now - BACKDATE;
+    let not_after = ctx.now + validity.to_time();
+    if not_after > ctx.issuer_not_after {
+        refuse(
+            "validity.issuer",
+            format!(
+                "notAfter no later than the issuer's {}",
+                crate::clock::rfc3339(ctx.issuer_not_after)
+            ),
+            crate::clock::rfc3339(not_after),
+        );
+    }
+
+    if !refusals.is_empty() {
+        return Err(refusals);
+    }
+    Ok(Decision {
+        profile: profile.name.clone(),
+        subject,
+        dns_names,
+        ip_addresses,
+        key_usage,
+        extended_key_usage: profile.extended_key_usage.clone(),
+        not_before,
+        not_after,
+        serial: ctx.serial.clone(),
+        public_key: csr.public_key.clone(),
+        csr_sha256: csr.sha256.clone(),
+        _sealed: (),
+    })
+}
+
+fn one_of<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<String> = items.map(|s| format!("{s:?}")).collect();
+    match v.len() {
+        0 => "nothing (the profile allows none)".into(),
+        1 => v.concat(),
+        _ => format!("one of {}", v.join(", ")),
+    }
+}
+
+/// Whether `name` is a lowercase LDH hostname: labels of 1-63 letters, digits and inner hyphens,
+/// at most 253 characters, no empty label, no trailing dot, ASCII only.
+pub fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// `allowed` is an exact name or `*.suffix`, which matches one or more labels under `suffix`.
+fn dns_allowed(allowed: &str, name: &str) -> bool {
+    match allowed.strip_prefix("*.") {
+        Some(suffix) => name
+            .strip_suffix(suffix)
+            .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        None => allowed == name,
+    }
+}
+
+/// `pattern` holds one `{name}`; the text around it must match exactly and `{name}` must be a
+/// DNS name.
+fn pattern_matches(pattern: &str, value: &str) -> bool {
+    let Some((prefix, suffix)) = pattern.split_once("{name}") else {
+        return false;
+    };
+    value
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(suffix))
+        .is_some_and(is_dns_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csr;
+
+    fn profile() -> Profile {
+        serde_json::from_str(
+            r#"{"name":"kubelet","key_types":["ecdsa-p256","rsa-2048"],
+            "subject":{"CN":{"required":true,"patterns":["system:node:{name}"]},
+                       "O":{"required":true,"values":["system:nodes"]}},
+            "san":{"dns":["*.cluster.local","localhost"],"ip":["10.0.0.0/8"],"max":3},
+            "key_usage":["digital_signature","key_encipherment"],"extended_key_usage":["client_auth"],
+            "validity":{"default":"30d","max":"365d"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn ctx() -> Context {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        Context {
+            now,
+            serial: vec![1, 2, 3],
+            requested_validity: None,
+            issuer_not_after: now + time::Duration::days(3650),
+        }
+    }
+
+    fn csr(
+        subject: &[(rcgen::DnType, &str)],
+        sans: &[&str],
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> VerifiedCsr {
+        let mut p = rcgen::CertificateParams::default();
+        for (t, v) in subject {
+            p.distinguished_name.push(t.clone(), *v);
+        }
+        p.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.parse::<IpAddr>() {
+                Ok(ip) => rcgen::SanType::IpAddress(ip),
+                Err(_) if s.contains('@') => rcgen::SanType::Rfc822Name((*s).try_into().unwrap()),
+                Err(_) => rcgen::SanType::DnsName((*s).try_into().unwrap()),
+            })
+            .collect();
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        csr::parse(p.serialize_request(&key).unwrap().der()).unwrap()
+    }
+
+    fn node(sans: &[&str]) -> VerifiedCsr {
+        use rcgen::DnType::*;
+        csr(
+            &[
+                (CommonName, "system:node:n1"),
+                (OrganizationName, "system:nodes"),
+            ],
+            sans,
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        )
+    }
+
+    fn rules(r: Result<Decision, Vec<Refusal>>) -> Vec<(String, String)> {
+        r.err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.rule, r.value))
+            .collect()
+    }
+
+    #[test]
+    fn good_csr_gets_exactly_the_profile() {
+        let d = decide(
+            &profile(),
+            &node(&["a.svc.cluster.local", "10.1.2.3"]),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(d.subject_string(), "O=system:nodes, CN=system:node:n1");
+        assert_eq!(
+            d.san_strings(),
+            vec!["DNS:a.svc.cluster.local", "IP:10.1.2.3"]
+        );
+        assert_eq!(
+            d.key_usage,
+            vec![KeyUsage::DigitalSignature],
+            "no keyEncipherment on an EC key"
+        );
+        assert_eq!(
+            d.not_after - d.not_before,
+            time::Duration::days(30) + BACKDATE
+        );
+    }
+
+    #[test]
+    fn table_of_refusals() {
+        use rcgen::DnType::*;
+        let p = profile();
+        let cases: Vec<(VerifiedCsr, Vec<(&str, &str)>)> = vec![
+            (
+                csr(
+                    &[
+                        (CommonName, "system:node:n1"),
+                        (OrganizationName, "system:masters"),
+                    ],
+                    &[],
+                    &rcgen::PKCS_ECDSA_P256_SHA256,
+                ),
+                vec![("subject.O", "system:masters")],
+            ),
+            (
+                csr(
+                    &[
+                        (CommonName, "system:node:"),
+                        (OrganizationName, "system:nodes"),
+                    ],
+                    &[],
+                    &rcgen::PKCS_ECDSA_P256_SHA256,
+                ),
+                vec![("subject.CN", "system:node:")],
+            ),
+            (
+                csr(
+                    &[(CommonName, "system:node:n1")],
+                    &[],
+                    &rcgen::PKCS_ECDSA_P256_SHA256,
+                ),
+                vec![("subject.O.required", "")],
+            ),
+            (
+                csr(
+                    &[
+                        (CommonName, "system:node:n1"),
+                        (OrganizationName, "system:nodes"),
+                        (OrganizationalUnitName, "x"),
+                    ],
+                    &[],
+                    &rcgen::PKCS_ECDSA_P256_SHA256,
+                ),
+                vec![("subject.attribute", "OU=x")],
+            ),
+            (
+                csr(
+                    &[
+                        (CommonName, "system:node:n1"),
+                        (OrganizationName, "system:nodes"),
+                    ],
+                    &[],
+                    &rcgen::PKCS_ED25519,
+                ),
+                vec![("key_types", "ed25519")],
+            ),
+            (
+                node(&["evil.example.com"]),
+                vec![("san.dns", "evil.example.com")],
+            ),
+            (node(&["cluster.local"]), vec![("san.dns", "cluster.local")]),
+            (
+                node(&["*.svc.cluster.local"]),
+                vec![("san.dns.wildcard", "*.svc.cluster.local")],
+            ),
+            (
+                node(&["a..cluster.local"]),
+                vec![("san.dns.syntax", "a..cluster.local")],
+            ),
+            (
+                node(&["Upper.cluster.local"]),
+                vec![("san.dns.syntax", "Upper.cluster.local")],
+            ),
+            (node(&["192.168.1.1"]), vec![("san.ip", "192.168.1.1")]),
+            (
+                node(&["root@example.com"]),
+                vec![("san.email", "root@example.com")],
+            ),
+            (
+                node(&["localhost", "10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+                vec![("san.max", "4")],
+            ),
+        ];
+        for (i, (c, want)) in cases.into_iter().enumerate() {
+            let got = rules(decide(&p, &c, &ctx()));
+            let want: Vec<(String, String)> = want
+                .into_iter()
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .collect();
+            assert_eq!(got, want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn validity_is_capped_by_profile_and_issuer() {
+        let mut c = ctx();
+        c.requested_validity = Duration::parse("400d");
+        assert_eq!(
+            rules(decide(&profile(), &node(&[]), &c)),
+            vec![("validity.max".into(), "400d".into())]
+        );
+        c.requested_validity = None;
+        c.issuer_not_after = c.now + time::Duration::days(10);
+        assert_eq!(
+            rules(decide(&profile(), &node(&[]), &c))[0].0,
+            "validity.issuer"
+        );
+    }
+}

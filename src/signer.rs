@@ -1,0 +1,96 @@
+//! The CA key behind a small trait, and the adapter that lets rcgen sign with it.
+//!
+//! rcgen builds the `TBSCertificate` and calls `sign` once; the adapter hands those bytes to a
+//! [`CaSigner`]. Because rcgen can only report a payload-less `RemoteKeyError`, the adapter
+//! keeps the real error for the caller. A capture mode records the TBS bytes without touching
+//! the token, so the exact bytes can be logged as an intent before anything is signed.
+
+use std::cell::RefCell;
+
+use crate::keys::PublicKey;
+
+/// A signing failure, with the PKCS#11 function and return value where there is one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SignError(pub String);
+
+/// The CA private key, wherever it lives.
+pub trait CaSigner {
+    /// The CA's public key; compared with the CA certificate when the key is opened.
+    fn public_key(&self) -> &PublicKey;
+
+    /// Signs DER `TBSCertificate` (or `TBSCertList`) bytes. Returns the signature exactly as it
+    /// goes in the certificate: DER `Ecdsa-Sig-Value` for ECDSA, never the token's raw r‖s.
+    fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError>;
+}
+
+/// What the adapter does when rcgen asks for a signature.
+enum Mode<'a> {
+    /// Record the message and return a placeholder signature.
+    Capture,
+    /// Sign with the CA key.
+    Sign(&'a dyn CaSigner),
+}
+
+/// Implements `rcgen::SigningKey` over a [`CaSigner`] (or in capture mode).
+pub(crate) struct RcgenKey<'a> {
+    public: &'a PublicKey,
+    mode: Mode<'a>,
+    seen: RefCell<Option<Vec<u8>>>,
+    error: RefCell<Option<SignError>>,
+}
+
+impl<'a> RcgenKey<'a> {
+    /// An adapter that only records what would be signed.
+    pub(crate) fn capture(public: &'a PublicKey) -> Self {
+        Self {
+            public,
+            mode: Mode::Capture,
+            seen: RefCell::new(None),
+            error: RefCell::new(None),
+        }
+    }
+
+    /// An adapter that signs with `signer`.
+    pub(crate) fn signing(signer: &'a dyn CaSigner) -> Self {
+        Self {
+            public: signer.public_key(),
+            mode: Mode::Sign(signer),
+            seen: RefCell::new(None),
+            error: RefCell::new(None),
+        }
+    }
+
+    /// The message rcgen asked to sign, if it asked.
+    pub(crate) fn take_message(&self) -> Option<Vec<u8>> {
+        self.seen.borrow_mut().take()
+    }
+
+    /// The signer's error behind an rcgen `RemoteKeyError`, if any.
+    pub(crate) fn take_error(&self) -> Option<SignError> {
+        self.error.borrow_mut().take()
+    }
+}
+
+impl rcgen::PublicKeyData for RcgenKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public.raw
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.public.key_type.rcgen_algorithm()
+    }
+}
+
+impl rcgen::SigningKey for RcgenKey<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        *self.seen.borrow_mut() = Some(msg.to_vec());
+        match &self.mode {
+            Mode::Capture => Ok(vec![0; 64]),
+            Mode::Sign(signer) => signer.sign(msg).map_err(|e| {
+                *self.error.borrow_mut() = Some(e);
+                rcgen::Error::RemoteKeyError
+            }),
+        }
+    }
+}

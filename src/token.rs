@@ -1,0 +1,761 @@
+//! The PKCS#11 token: the only module that talks to cryptoki.
+//!
+//! Finds the module and the token (by label, never by slot index: SoftHSM2 moves tokens to
+//! random slot ids), logs in once, generates non-extractable sign-only key pairs, reads public
+//! keys back, and signs. Errors keep the PKCS#11 function and return value and say what the
+//! operator can do next; none of them ever contains the PIN.
+
+use std::path::{Path, PathBuf};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as Pkcs11Error, RvError};
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType as P11KeyType, ObjectClass, ObjectHandle,
+};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use crate::asn1;
+use crate::keys::{self, KeyType, PublicKey};
+use crate::pin::Pin;
+use crate::signer::{CaSigner, SignError};
+
+/// Environment variable naming the PKCS#11 module.
+pub const MODULE_ENV: &str = "HSMCA_PKCS11_MODULE";
+
+/// Where SoftHSM2 is usually installed; tried in order when no module is named.
+pub const DEFAULT_MODULES: [&str; 5] = [
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+];
+
+/// A token problem, each with a clear next step (see [`TokenError::hint`]).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// No module given and none at the standard paths.
+    #[error("no PKCS#11 module found (tried {})", .tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    ModuleNotFound {
+        /// Paths tried.
+        tried: Vec<PathBuf>,
+    },
+    /// The module exists but could not be loaded or initialised.
+    #[error("{}: cannot load PKCS#11 module", .path.display())]
+    ModuleLoad {
+        /// The module path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Pkcs11Error,
+    },
+    /// No token with that label.
+    #[error("no token labelled {label:?}; tokens seen: {}", if .seen.is_empty() { "none".to_string() } else { .seen.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ") })]
+    TokenNotFound {
+        /// The label asked for.
+        label: String,
+        /// Labels of the tokens that are present.
+        seen: Vec<String>,
+    },
+    /// C_Login said CKR_PIN_INCORRECT.
+    #[error("wrong PIN for token {label:?}{}", if *.final_try { " (the token says the next wrong PIN locks it)" } else { "" })]
+    WrongPin {
+        /// Token label.
+        label: String,
+        /// CKF_USER_PIN_FINAL_TRY was set after the failure.
+        final_try: bool,
+    },
+    /// The user PIN is locked.
+    #[error("the user PIN of token {label:?} is locked")]
+    PinLocked {
+        /// Token label.
+        label: String,
+    },
+    /// The key is not in the token.
+    #[error("no private key labelled {key:?} in token {token:?}")]
+    KeyMissing {
+        /// Token label.
+        token: String,
+        /// Key label.
+        key: String,
+    },
+    /// `init` would reuse a label.
+    #[error(
+        "token {token:?} already holds an object labelled {key:?}; refusing to create a second key with that label"
+    )]
+    KeyExists {
+        /// Token label.
+        token: String,
+        /// Key label.
+        key: String,
+    },
+    /// The token's key is not the one in the CA certificate.
+    #[error(
+        "key {key:?} in token {token:?} (SPKI SHA-256 {key_fingerprint}) does not match the CA certificate (SPKI SHA-256 {cert_fingerprint}); refusing to sign"
+    )]
+    KeyMismatch {
+        /// Token label.
+        token: String,
+        /// Key label.
+        key: String,
+        /// Fingerprint of the key in the token.
+        key_fingerprint: String,
+        /// Fingerprint of the key in the certificate.
+        cert_fingerprint: String,
+    },
+    /// The token lacks a mechanism hsmca needs.
+    #[error("token {token:?} does not support {mechanism}")]
+    MechanismMissing {
+        /// Token label.
+        token: String,
+        /// The mechanism.
+        mechanism: String,
+    },
+    /// A generated key did not come out as asked (e.g. extractable): never use it.
+    #[error("token {token:?} generated key {key:?} without the protection asked for: {problem}")]
+    KeyNotProtected {
+        /// Token label.
+        token: String,
+        /// Key label.
+        key: String,
+        /// What was wrong.
+        problem: String,
+    },
+    /// The key's public half is in a form hsmca cannot read.
+    #[error("cannot read the public key of {key:?}: {problem}")]
+    PublicKey {
+        /// Key label.
+        key: String,
+        /// What was wrong.
+        problem: String,
+    },
+    /// Any other PKCS#11 failure, with what hsmca was doing.
+    #[error("PKCS#11 error while {action}")]
+    Pkcs11 {
+        /// What hsmca was doing.
+        action: String,
+        /// The cryptoki error (function and CKR_ value).
+        #[source]
+        source: Pkcs11Error,
+    },
+}
+
+impl TokenError {
+    /// What the operator can do next.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::ModuleNotFound { .. } => {
+                "install SoftHSM2 (softhsm/install.sh) or name the module with --module or HSMCA_PKCS11_MODULE"
+            }
+            Self::ModuleLoad { .. } => {
+                "check that the file is a PKCS#11 module for this architecture and that its configuration (e.g. SOFTHSM2_CONF) is readable"
+            }
+            Self::TokenNotFound { .. } => {
+                "check --token (a label or pkcs11:token=... URI) and, for SoftHSM2, SOFTHSM2_CONF"
+            }
+            Self::WrongPin { .. } => {
+                "check HSMCA_PIN or --pin-file; do not retry blindly, tokens lock after a few wrong PINs"
+            }
+            Self::PinLocked { .. } => "the Security Officer must unlock or reset the user PIN",
+            Self::KeyMissing { .. } => {
+                "check the token and the key label in the CA home's hsmca.json; a private key is only visible after a successful login"
+            }
+            Self::KeyExists { .. } => {
+                "choose another --key-label, or remove the old key deliberately with the token's own tools"
+            }
+            Self::KeyMismatch { .. } => {
+                "this CA home belongs to another token or key; check --home and --token"
+            }
+            _ => return None,
+        })
+    }
+}
+
+fn p11(action: impl Into<String>) -> impl FnOnce(Pkcs11Error) -> TokenError {
+    let action = action.into();
+    move |source| TokenError::Pkcs11 { action, source }
+}
+
+/// Which token: a label, or an RFC 7512 `pkcs11:` URI with `token=` (and optionally `object=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRef {
+    /// The token label.
+    pub token: String,
+    /// An object (key) label from the URI.
+    pub object: Option<String>,
+    /// An object id from the URI.
+    pub id: Option<Vec<u8>>,
+}
+
+impl TokenRef {
+    /// Parses a bare label or a `pkcs11:` URI. URIs carrying `pin-value` are refused: a PIN
+    /// never travels on the command line.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("pkcs11:") else {
+            return if s.is_empty() {
+                Err("empty token label".into())
+            } else {
+                Ok(Self {
+                    token: s.into(),
+                    object: None,
+                    id: None,
+                })
+            };
+        };
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if query.split('&').any(|q| q.starts_with("pin-value=")) {
+            return Err(
+                "the URI carries pin-value; pass the PIN by HSMCA_PIN, --pin-file or the prompt"
+                    .into(),
+            );
+        }
+        let (mut token, mut object, mut id) = (None, None, None);
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| format!("URI attribute {attr:?} has no '='"))?;
+            let v = percent_decode(v).ok_or_else(|| format!("bad percent-encoding in {attr:?}"))?;
+            match k {
+                "token" => {
+                    token = Some(
+                        String::from_utf8(v).map_err(|_| "token label is not UTF-8".to_string())?,
+                    )
+                }
+                "object" => {
+                    object = Some(
+                        String::from_utf8(v)
+                            .map_err(|_| "object label is not UTF-8".to_string())?,
+                    )
+                }
+                "id" => id = Some(v),
+                _ => {}
+            }
+        }
+        let token = token.ok_or("the pkcs11: URI has no token= attribute")?;
+        Ok(Self { token, object, id })
+    }
+}
+
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Picks the module: explicit path, then `HSMCA_PKCS11_MODULE`, then the configured one, then
+/// the standard SoftHSM2 paths.
+pub fn resolve_module(
+    explicit: Option<&Path>,
+    configured: Option<&Path>,
+) -> Result<PathBuf, TokenError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(MODULE_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = configured {
+        return Ok(p.to_path_buf());
+    }
+    let tried: Vec<PathBuf> = DEFAULT_MODULES.iter().map(PathBuf::from).collect();
+    tried
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .ok_or(TokenError::ModuleNotFound { tried })
+}
+
+/// Protection attributes of a private key, as the token reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KeyProtection {
+    /// CKA_SENSITIVE
+    pub sensitive: bool,
+    /// CKA_EXTRACTABLE
+    pub extractable: bool,
+    /// CKA_ALWAYS_SENSITIVE
+    pub always_sensitive: bool,
+    /// CKA_NEVER_EXTRACTABLE
+    pub never_extractable: bool,
+    /// CKA_PRIVATE_EXPONENT (RSA) or CKA_VALUE (EC) is refused as sensitive.
+    pub value_hidden: bool,
+}
+
+/// An open, logged-in token.
+pub struct Token {
+    label: String,
+    _ctx: Pkcs11,
+    slot: Slot,
+    session: Session,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    /// Loads the module, finds the token by label, opens a read-write session and logs in.
+    pub fn open(module: &Path, token: &TokenRef, pin: &Pin) -> Result<Self, TokenError> {
+        let load = |source| TokenError::ModuleLoad {
+            path: module.to_path_buf(),
+            source,
+        };
+        let ctx = Pkcs11::new(module).map_err(load)?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(load(e)),
+        }
+        let mut seen = Vec::new();
+        let mut found = None;
+        for slot in ctx.get_slots_with_token().map_err(p11("listing slots"))? {
+            let Ok(info) = ctx.get_token_info(slot) else {
+                continue;
+            };
+            if !info.token_initialized() {
+                continue;
+            }
+            if info.label() == token.token {
+                found = Some((slot, info));
+                break;
+            }
+            seen.push(info.label().to_owned());
+        }
+        let Some((slot, info)) = found else {
+            return Err(TokenError::TokenNotFound {
+                label: token.token.clone(),
+                seen,
+            });
+        };
+        let label = token.token.clone();
+        if info.user_pin_locked() {
+            return Err(TokenError::PinLocked { label });
+        }
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(p11("opening a session (C_OpenSession)"))?;
+        let auth = AuthPin::from(pin.expose());
+        match session.login(UserType::User, Some(&auth)) {
+            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(Pkcs11Error::Pkcs11(RvError::PinIncorrect, _)) => {
+                let final_try = ctx
+                    .get_token_info(slot)
+                    .map(|i| i.user_pin_final_try())
+                    .unwrap_or(false);
+                return Err(TokenError::WrongPin { label, final_try });
+            }
+            Err(Pkcs11Error::Pkcs11(RvError::PinLocked, _)) => {
+                return Err(TokenError::PinLocked { label });
+            }
+            Err(e) => return Err(p11("logging in (C_Login)")(e)),
+        }
+        Ok(Self {
+            label,
+            _ctx: ctx,
+            slot,
+            session,
+        })
+    }
+
+    /// The token's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Random bytes from the token's RNG (C_GenerateRandom).
+    pub fn random(&self, len: usize) -> Result<Vec<u8>, TokenError> {
+        let mut buf = vec![0u8; len];
+        self.session
+            .generate_random_slice(&mut buf)
+            .map_err(p11("drawing random bytes (C_GenerateRandom)"))?;
+        Ok(buf)
+    }
+
+    /// Whether the token offers a mechanism (C_GetMechanismList).
+    pub fn supports(&self, mechanism: MechanismType) -> bool {
+        self._ctx
+            .get_mechanism_list(self.slot)
+            .is_ok_and(|l| l.contains(&mechanism))
+    }
+
+    fn find(&self, class: ObjectClass, label: &str) -> Result<Vec<ObjectHandle>, TokenError> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(p11(format!("looking up key {label:?} (C_FindObjects)")))
+    }
+
+    /// Generates a sign-only key pair that never leaves the token: CKA_TOKEN, CKA_PRIVATE,
+    /// CKA_SENSITIVE true; CKA_EXTRACTABLE, CKA_DECRYPT, CKA_DERIVE, CKA_UNWRAP false. Refuses a
+    /// label already in use, then checks the protection attributes and signs a self-test
+    /// message before returning the public key.
+    pub fn generate_key_pair(
+        &self,
+        key_type: KeyType,
+        label: &str,
+        id: &[u8],
+    ) -> Result<PublicKey, TokenError> {
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            if !self.find(class, label)?.is_empty() {
+                return Err(TokenError::KeyExists {
+                    token: self.label.clone(),
+                    key: label.into(),
+                });
+            }
+        }
+        let (mechanism, shape) = match key_type {
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => (
+                Mechanism::RsaPkcsKeyPairGen,
+                vec![
+                    Attribute::ModulusBits(key_type.rsa_bits().unwrap_or(3072).into()),
+                    Attribute::PublicExponent(vec![1, 0, 1]),
+                ],
+            ),
+            KeyType::EcdsaP256 => (
+                Mechanism::EccKeyPairGen,
+                vec![Attribute::EcParams(oid_der(keys::OID_P256))],
+            ),
+            KeyType::EcdsaP384 => (
+                Mechanism::EccKeyPairGen,
+                vec![Attribute::EcParams(oid_der(keys::OID_P384))],
+            ),
+            KeyType::Ed25519 => (
+                Mechanism::EccEdwardsKeyPairGen,
+                vec![Attribute::EcParams(oid_der(keys::OID_ED25519))],
+            ),
+        };
+        if !self.supports(mechanism.mechanism_type()) {
+            return Err(TokenError::MechanismMissing {
+                token: self.label.clone(),
+                mechanism: mechanism.mechanism_type().to_string(),
+            });
+        }
+        let common = [
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
+        ];
+        let mut public = common.to_vec();
+        public.extend(shape);
+        public.extend([
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Private(false),
+        ]);
+        let mut private = common.to_vec();
+        private.extend([
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Derive(false),
+            Attribute::Unwrap(false),
+        ]);
+        self.session
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(p11(format!("generating key {label:?} (C_GenerateKeyPair)")))?;
+        let protection = self.key_protection(label)?;
+        if protection.extractable || !protection.sensitive || !protection.value_hidden {
+            return Err(TokenError::KeyNotProtected {
+                token: self.label.clone(),
+                key: label.into(),
+                problem: format!("{protection:?}"),
+            });
+        }
+        let key = self.key(label)?;
+        let probe = b"hsmca key self-test";
+        let sig = key.sign(probe).map_err(|e| TokenError::PublicKey {
+            key: label.into(),
+            problem: e.0,
+        })?;
+        if !key.public_key().verify(probe, &sig) {
+            return Err(TokenError::PublicKey {
+                key: label.into(),
+                problem: "self-test signature does not verify with the exported public key".into(),
+            });
+        }
+        Ok(key.public.clone())
+    }
+
+    /// Reads the protection attributes of the private key `label`.
+    pub fn key_protection(&self, label: &str) -> Result<KeyProtection, TokenError> {
+        let handle = self.private_handle(label)?;
+        let attrs = self
+            .session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                    AttributeType::KeyType,
+                ],
+            )
+            .map_err(p11(format!(
+                "reading attributes of {label:?} (C_GetAttributeValue)"
+            )))?;
+        let mut p = KeyProtection {
+            sensitive: false,
+            extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+            value_hidden: false,
+        };
+        let mut secret = AttributeType::Value;
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(v) => p.sensitive = v,
+                Attribute::Extractable(v) => p.extractable = v,
+                Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
+                Attribute::NeverExtractable(v) => p.never_extractable = v,
+                Attribute::KeyType(t) if t == P11KeyType::RSA => {
+                    secret = AttributeType::PrivateExponent
+                }
+                _ => {}
+            }
+        }
+        let info = self
+            .session
+            .get_attribute_info(handle, &[secret])
+            .map_err(p11(format!(
+                "reading attribute info of {label:?} (C_GetAttributeValue)"
+            )))?;
+        p.value_hidden = matches!(info.first(), Some(AttributeInfo::Sensitive));
+        Ok(p)
+    }
+
+    fn private_handle(&self, label: &str) -> Result<ObjectHandle, TokenError> {
+        match self.find(ObjectClass::PRIVATE_KEY, label)?.as_slice() {
+            [h] => Ok(*h),
+            [] => Err(TokenError::KeyMissing {
+                token: self.label.clone(),
+                key: label.into(),
+            }),
+            _ => Err(TokenError::KeyExists {
+                token: self.label.clone(),
+                key: label.into(),
+            }),
+        }
+    }
+
+    /// Opens the key pair `label` for signing.
+    pub fn key(&self, label: &str) -> Result<TokenKey<'_>, TokenError> {
+        let handle = self.private_handle(label)?;
+        let public = match self.find(ObjectClass::PUBLIC_KEY, label)?.as_slice() {
+            [h] => self.read_public(*h, label)?,
+            _ => {
+                return Err(TokenError::PublicKey {
+                    key: label.into(),
+                    problem: "no single public key object with that label".into(),
+                });
+            }
+        };
+        Ok(TokenKey {
+            token: self,
+            handle,
+            public,
+            label: label.into(),
+        })
+    }
+
+    /// Opens `label` and checks that it is the key in `expected` (the CA certificate's key).
+    pub fn key_matching(
+        &self,
+        label: &str,
+        expected: &PublicKey,
+    ) -> Result<TokenKey<'_>, TokenError> {
+        let key = self.key(label)?;
+        if key.public.spki_der != expected.spki_der {
+            return Err(TokenError::KeyMismatch {
+                token: self.label.clone(),
+                key: label.into(),
+                key_fingerprint: key.public.fingerprint(),
+                cert_fingerprint: expected.fingerprint(),
+            });
+        }
+        Ok(key)
+    }
+
+    fn read_public(&self, handle: ObjectHandle, label: &str) -> Result<PublicKey, TokenError> {
+        let bad = |problem: &str| TokenError::PublicKey {
+            key: label.into(),
+            problem: problem.into(),
+        };
+        let attrs = self
+            .session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                    AttributeType::EcParams,
+                    AttributeType::EcPoint,
+                ],
+            )
+            .map_err(p11(format!(
+                "reading public key {label:?} (C_GetAttributeValue)"
+            )))?;
+        let (mut kt, mut n, mut e, mut params, mut point) = (None, None, None, None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) => kt = Some(t),
+                Attribute::Modulus(v) => n = Some(v),
+                Attribute::PublicExponent(v) => e = Some(v),
+                Attribute::EcParams(v) => params = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        let spki = match kt {
+            Some(t) if t == P11KeyType::RSA => {
+                let (n, e) = n
+                    .zip(e)
+                    .ok_or_else(|| bad("RSA key without modulus or exponent"))?;
+                let mut body = asn1::der_uint(&n);
+                body.extend(asn1::der_uint(&e));
+                keys::spki_der(keys::OID_RSA, None, &asn1::der_tlv(0x30, &body))
+            }
+            Some(t) if t == P11KeyType::EC => {
+                let params = params.ok_or_else(|| bad("EC key without CKA_EC_PARAMS"))?;
+                let curve = x509_cert::der::Decode::from_der(&params)
+                    .map_err(|_| bad("CKA_EC_PARAMS is not a named curve"))?;
+                let point = point.ok_or_else(|| bad("EC key without CKA_EC_POINT"))?;
+                keys::spki_der(keys::OID_EC, Some(curve), asn1::unwrap_octet_string(&point))
+            }
+            Some(t) if t == P11KeyType::EC_EDWARDS => {
+                let point = point.ok_or_else(|| bad("Edwards key without CKA_EC_POINT"))?;
+                keys::spki_der(keys::OID_ED25519, None, asn1::unwrap_octet_string(&point))
+            }
+            _ => return Err(bad("unsupported key type")),
+        }
+        .ok_or_else(|| bad("cannot encode SubjectPublicKeyInfo"))?;
+        PublicKey::from_spki_der(&spki).map_err(|e| bad(&e.to_string()))
+    }
+}
+
+fn oid_der(oid: x509_cert::spki::ObjectIdentifier) -> Vec<u8> {
+    asn1::der_tlv(0x06, oid.as_bytes())
+}
+
+/// A key pair in the token, ready to sign.
+pub struct TokenKey<'t> {
+    token: &'t Token,
+    handle: ObjectHandle,
+    public: PublicKey,
+    label: String,
+}
+
+impl TokenKey<'_> {
+    /// The key's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl CaSigner for TokenKey<'_> {
+    fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// RSA uses CKM_SHA256_RSA_PKCS (the token hashes). ECDSA hashes here (SHA-256 for P-256,
+    /// SHA-384 for P-384; SoftHSM2 has no combined mechanism) and signs the digest with
+    /// CKM_ECDSA, then re-encodes r‖s as DER. Ed25519 uses pure CKM_EDDSA.
+    fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError> {
+        let session = &self.token.session;
+        let fail = |e: Pkcs11Error| {
+            SignError(format!(
+                "token {:?}, key {:?}: C_Sign failed: {e}",
+                self.token.label, self.label
+            ))
+        };
+        match self.public.key_type {
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => session
+                .sign(&Mechanism::Sha256RsaPkcs, self.handle, tbs)
+                .map_err(fail),
+            KeyType::EcdsaP256 | KeyType::EcdsaP384 => {
+                let alg = if self.public.key_type == KeyType::EcdsaP256 {
+                    &ring::digest::SHA256
+                } else {
+                    &ring::digest::SHA384
+                };
+                let digest = ring::digest::digest(alg, tbs);
+                let raw = session
+                    .sign(&Mechanism::Ecdsa, self.handle, digest.as_ref())
+                    .map_err(fail)?;
+                asn1::ecdsa_raw_to_der(&raw).ok_or_else(|| {
+                    SignError(format!(
+                        "token returned a {}-byte ECDSA signature",
+                        raw.len()
+                    ))
+                })
+            }
+            KeyType::Ed25519 => session
+                .sign(
+                    &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                    self.handle,
+                    tbs,
+                )
+                .map_err(fail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_uri_and_label() {
+        assert_eq!(TokenRef::parse("dev").unwrap().token, "dev");
+        let r = TokenRef::parse("pkcs11:token=my%20ca;object=root;id=%01%02").unwrap();
+        assert_eq!(
+            r,
+            TokenRef {
+                token: "my ca".into(),
+                object: Some("root".into()),
+                id: Some(vec![1, 2])
+            }
+        );
+        assert!(
+            TokenRef::parse("pkcs11:token=x?pin-value=1234")
+                .unwrap_err()
+                .contains("pin-value")
+        );
+        assert!(TokenRef::parse("pkcs11:object=root").is_err());
+    }
+
+    #[test]
+    fn messages_never_carry_more_than_labels() {
+        let e = TokenError::WrongPin {
+            label: "dev".into(),
+            final_try: true,
+        };
+        assert_eq!(
+            e.to_string(),
+            "wrong PIN for token \"dev\" (the token says the next wrong PIN locks it)"
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! After signing, before anything is logged as issued or written: is this certificate what we
+//! decided, and does its signature verify under the CA key? Pure.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use x509_cert::Certificate;
+use x509_cert::der::{Decode, Encode};
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::pkix::name::GeneralName;
+
+use crate::asn1;
+use crate::keys::{KeyError, PublicKey};
+use crate::policy::Decision;
+
+/// What is wrong with a certificate hsmca just signed (or reads back from its log).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Not a DER certificate.
+    #[error("not a DER X.509 certificate: {0}")]
+    Parse(String),
+    /// The certificate's key cannot be used.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// Signature does not verify under the CA public key.
+    #[error("signature does not verify under the CA public key")]
+    Signature,
+    /// The signed TBS differs from the bytes prepared and logged as intent.
+    #[error("the signed TBSCertificate differs from the one prepared and logged")]
+    TbsChanged,
+    /// A field differs from the decision.
+    #[error("field {field} is {found}, but {expected} was decided")]
+    Field {
+        /// Which field.
+        field: &'static str,
+        /// What was decided.
+        expected: String,
+        /// What is in the certificate.
+        found: String,
+    },
+}
+
+fn parse(der: &[u8]) -> Result<Certificate, VerifyError> {
+    Certificate::from_der(der).map_err(|e| VerifyError::Parse(e.to_string()))
+}
+
+/// The signed bytes and signature of a certificate, checked under `issuer`.
+pub fn signature(der: &[u8], issuer: &PublicKey) -> Result<(), VerifyError> {
+    let cert = parse(der)?;
+    let tbs = asn1::first_inner_element(der)
+        .ok_or_else(|| VerifyError::Parse("bad outer SEQUENCE".into()))?;
+    let sig = cert.signature().as_bytes().ok_or(VerifyError::Signature)?;
+    if issuer.verify(tbs, sig) {
+        Ok(())
+    } else {
+        Err(VerifyError::Signature)
+    }
+}
+
+/// The certificate's public key and notAfter.
+pub fn key_and_expiry(der: &[u8]) -> Result<(PublicKey, time::OffsetDateTime), VerifyError> {
+    let cert = parse(der)?;
+    let key = PublicKey::from_spki(cert.tbs_certificate().subject_public_key_info())?;
+    let secs = cert
+        .tbs_certificate()
+        .validity()
+        .not_after
+        .to_unix_duration()
+        .as_secs();
+    let not_after =
+        time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(i64::MAX))
+            .map_err(|e| VerifyError::Parse(e.to_string()))?;
+    Ok((key, not_after))
+}
+
+/// Checks a freshly self-signed root: its key is `key` and it verifies under itself.
+pub fn self_signed(der: &[u8], key: &PublicKey) -> Result<(), VerifyError> {
+    let (cert_key, _) = key_and_expiry(der)?;
+    if cert_key.spki_der != key.spki_der {
+        return Err(VerifyError::Field {
+            field: "subjectPublicKeyInfo",
+            expected: key.fingerprint(),
+            found: cert_key.fingerprint(),
+        });
+    }
+    signature(der, key)
+}
+
+/// Checks an issued certificate against the prepared TBS, the CA key and the decision.
+pub fn issued(
+    der: &[u8],
+    prepared_tbs: &[u8],
+    issuer: &PublicKey,
+    issuer_der: &[u8],
+    d: &Decision,
+) -> Result<(), VerifyError> {
+    let tbs = asn1::first_inner_element(der)
+        .ok_or_else(|| VerifyError::Parse("bad outer SEQUENCE".into()))?;
+    if tbs != prepared_tbs {
+        return Err(VerifyError::TbsChanged);
+    }
+    signature(der, issuer)?;
+    let cert = parse(der)?;
+    let tbs = cert.tbs_certificate();
+    let field = |field, expected: String, found: String| {
+        if expected == found {
+            Ok(())
+        } else {
+            Err(VerifyError::Field {
+                field,
+                expected,
+                found,
+            })
+        }
+    };
+    field(
+        "serialNumber",
+        crate::keys::hex(&d.serial),
+        crate::keys::hex(tbs.serial_number().as_bytes()),
+    )?;
+    let spki = tbs
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|e| VerifyError::Parse(e.to_string()))?;
+    field(
+        "subjectPublicKeyInfo",
+        d.public_key.fingerprint(),
+        crate::keys::sha256_hex(&spki),
+    )?;
+    let issuer_cert = parse(issuer_der)?;
+    field(
+        "issuer",
+        issuer_cert.tbs_certificate().subject().to_string(),
+        tbs.issuer().to_string(),
+    )?;
+    let secs = |t: &x509_cert::time::Time| t.to_unix_duration().as_secs().to_string();
+    field(
+        "notAfter",
+        d.not_after.unix_timestamp().to_string(),
+        secs(&tbs.validity().not_after),
+    )?;
+    field(
+        "notBefore",
+        d.not_before.unix_timestamp().to_string(),
+        secs(&tbs.validity().not_before),
+    )?;
+    let subject: Vec<String> = tbs
+        .subject()
+        .iter()
+        .map(|atv| {
+            std::str::from_utf8(atv.value.value())
+                .unwrap_or("<non-UTF-8>")
+                .to_owned()
+        })
+        .collect();
+    let decided: Vec<String> = d.subject.iter().map(|(_, v)| v.clone()).collect();
+    field("subject", decided.join(", "), subject.join(", "))?;
+    let mut sans = BTreeSet::new();
+    if let Ok(Some(san)) = tbs.get_extension::<SubjectAltName>() {
+        for name in san.1.0 {
+            sans.insert(match name {
+                GeneralName::DnsName(n) => format!("DNS:{n}"),
+                GeneralName::IpAddress(o) => match o.as_bytes().len() {
+                    4 => format!(
+                        "IP:{}",
+                        IpAddr::from(<[u8; 4]>::try_from(o.as_bytes()).unwrap_or_default())
+                    ),
+                    16 => format!(
+                        "IP:{}",
+                        IpAddr::from(<[u8; 16]>::try_from(o.as_bytes()).unwrap_or_default())
+                    ),
+                    _ => "IP:?".into(),
+                },
+                other => format!("{other:?}"),
+            });
+        }
+    }
+    let decided: BTreeSet<String> = d.san_strings().into_iter().collect();
+    field(
+        "subjectAltName",
+        format!("{decided:?}"),
+        format!("{sans:?}"),
+    )?;
+    Ok(())
+}
