@@ -190,7 +190,7 @@ mod tests {
         assert!(element(&[0x30, 0x81, 0x05, 0, 0, 0, 0, 0], 0).is_none());
         assert!(element(&[0x30, 0x05, 0, 0], 0).is_none());
         assert_eq!(
-            first_inner_element(&[0x30, 0x04, 0x02, 0x01, 0x05, 0x00]),
+            first_inner_element(&[0x30, 0x03, 0x02, 0x01, 0x05, 0x00]),
             None
         );
         assert_eq!(

@@ -650,6 +650,7 @@ pub fn sign(
             tbs_sha256: prepared.tbs_sha256.clone(),
         };
         let intent_seq = log.append(vec![intent], now)?[0];
+        danger_crash_point("after-intent");
         match issue::sign(&prepared, &root, &ca_key) {
             Ok(der) => {
                 let cert = Body::Cert {
@@ -661,6 +662,7 @@ pub fn sign(
                     cert: B64.encode(&der),
                 };
                 let seq = log.append(vec![cert], clock.now())?[0];
+                danger_crash_point("after-cert");
                 release.push((outcomes.len(), der));
                 outcomes.push(Outcome::Issued {
                     csr: path.clone(),
@@ -690,6 +692,7 @@ pub fn sign(
         }
     }
     log.checkpoint(&note_key)?;
+    danger_crash_point("after-checkpoint");
 
     // Every certificate below is durable in the log and covered by a signed checkpoint.
     let root_pem = pem("CERTIFICATE", &root.der);
@@ -750,5 +753,14 @@ fn reissued_summary(der: &[u8], profile: &str, issuer: &str) -> CertSummary {
         not_after: time(tbs.map(|t| &t.validity().not_after)),
         key_type,
         issuer: issuer.to_owned(),
+    }
+}
+
+/// Test hook for crash tests: `HSMCA_DANGER_CRASH_AT=after-intent|after-cert|after-checkpoint`
+/// aborts the process at that point, as a kill -9 or power cut would. Never set it in
+/// production; it exists so the suite can prove that a rerun finishes without issuing twice.
+fn danger_crash_point(name: &str) {
+    if std::env::var("HSMCA_DANGER_CRASH_AT").is_ok_and(|v| v == name) {
+        std::process::abort();
     }
 }

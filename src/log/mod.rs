@@ -203,6 +203,8 @@ struct Scan {
     counts: HashMap<&'static str, u64>,
     problems: Vec<Problem>,
     torn: Option<(u64, u64)>,
+    /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
+    chain_verified: u64,
 }
 
 impl Scan {
@@ -246,6 +248,8 @@ impl Scan {
                                 entry.seq
                             ),
                         );
+                    } else if entry.prev == prev && !chain_reported && !order_reported {
+                        scan.chain_verified = seq;
                     } else if entry.prev != prev && !chain_reported && !order_reported {
                         chain_reported = true;
                         let altered = seq.saturating_sub(1);
@@ -458,7 +462,10 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
             Ok(cp) if scan.tree.root_at(cp.size) != Some(cp.root) => {
                 if !reported {
                     reported = true;
-                    let (from, to) = (last_good, cp.size - 1);
+                    let (from, to) = (
+                        last_good.max(scan.chain_verified.min(cp.size - 1)),
+                        cp.size - 1,
+                    );
                     let which = if from == to {
                         format!("entry {from} was altered")
                     } else {

@@ -1,0 +1,729 @@
+//! End-to-end tests of the offline root CA core against a real SoftHSM2 token and OpenSSL.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Env, openssl, openssl_verifies, require};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn init_with_each_root_key_type_makes_a_valid_root() {
+    let env = Env::new("roots");
+    for kt in ["ecdsa-p384", "ecdsa-p256", "rsa-3072", "rsa-4096"] {
+        let home = env.init(kt, "roots", kt);
+        let root = home.join("root.pem");
+        assert!(
+            openssl_verifies(&root, &root),
+            "{kt} root does not verify under itself"
+        );
+        let text = openssl(&["x509", "-in", s(&root), "-noout", "-text"]);
+        assert!(
+            text.contains("X509v3 Basic Constraints: critical") && text.contains("CA:TRUE"),
+            "{kt}: {text}"
+        );
+        assert!(
+            text.contains("X509v3 Key Usage: critical")
+                && text.contains("Certificate Sign, CRL Sign"),
+            "{kt}: {text}"
+        );
+        assert!(text.contains("Subject Key Identifier"), "{kt}: {text}");
+        let config = std::fs::read_to_string(home.join("hsmca.json")).unwrap();
+        assert!(!config.contains(common::PIN), "the config must hold no PIN");
+        env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    }
+}
+
+#[test]
+fn signs_csrs_of_every_key_type_and_openssl_verifies_them() {
+    let env = Env::new("sign");
+    for root_type in ["ecdsa-p384", "rsa-3072"] {
+        let home = env.init(root_type, "sign", root_type);
+        let dir = format!("csr-{root_type}");
+        let csrs = [
+            env.csr(
+                &format!("{dir}/rsa.csr"),
+                &["-newkey", "rsa:2048"],
+                "/CN=rsa",
+                Some("DNS:a.test.internal,IP:127.0.0.1"),
+                &[],
+            ),
+            env.csr(
+                &format!("{dir}/p256.csr"),
+                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                "/CN=p256",
+                None,
+                &[],
+            ),
+            // openssl's default digest for P-384 is SHA-256: the rcgen#448 case.
+            env.csr(
+                &format!("{dir}/p384.csr"),
+                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+                "/CN=p384",
+                None,
+                &[],
+            ),
+            env.csr(
+                &format!("{dir}/ed25519.csr"),
+                &["-newkey", "ed25519"],
+                "/CN=ed25519",
+                None,
+                &[],
+            ),
+            env.csr(
+                &format!("{dir}/pss.csr"),
+                &["-newkey", "rsa:2048"],
+                "/CN=pss",
+                None,
+                &[
+                    "-sigopt",
+                    "rsa_padding_mode:pss",
+                    "-sigopt",
+                    "rsa_pss_saltlen:digest",
+                    "-sha256",
+                ],
+            ),
+        ];
+        let mut args = vec!["sign", "--home", s(&home), "--profile", "test-any-key"];
+        args.extend(csrs.iter().map(|p| s(p)));
+        let run = env.hsmca(&args);
+        run.ok();
+        for csr in &csrs {
+            let cert = csr.with_extension("crt");
+            assert!(
+                openssl_verifies(&home.join("root.pem"), &cert),
+                "{}: {}",
+                cert.display(),
+                run.all()
+            );
+            let text = openssl(&["x509", "-in", s(&cert), "-noout", "-text"]);
+            assert!(text.contains("CA:FALSE"), "{text}");
+            assert!(text.contains("TLS Web Client Authentication"), "{text}");
+            assert!(
+                !text.contains("Key Encipherment")
+                    || csr.ends_with("rsa.csr")
+                    || csr.ends_with("pss.csr"),
+                "keyEncipherment on a non-RSA key: {text}"
+            );
+            // The certificate's key is the CSR's key.
+            let cert_key = openssl(&["x509", "-in", s(&cert), "-noout", "-pubkey"]);
+            let csr_key = openssl(&["req", "-in", s(csr), "-noout", "-pubkey"]);
+            assert_eq!(cert_key, csr_key);
+        }
+        // Serials are 16 random bytes, distinct.
+        let serials: std::collections::BTreeSet<String> = csrs
+            .iter()
+            .map(|c| {
+                openssl(&[
+                    "x509",
+                    "-in",
+                    s(&c.with_extension("crt")),
+                    "-noout",
+                    "-serial",
+                ])
+                .trim()
+                .to_string()
+            })
+            .collect();
+        assert_eq!(serials.len(), csrs.len());
+        assert!(
+            serials.iter().all(|s| s.len() == "serial=".len() + 32),
+            "{serials:?}"
+        );
+        env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    }
+}
+
+#[test]
+fn keys_in_the_token_are_sensitive_and_not_extractable() {
+    require("pkcs11-tool");
+    let env = Env::new("keys");
+    env.init("ca", "keys", "ecdsa-p256");
+    let module = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libsofthsm2.so not found");
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.conf)
+        .args([
+            "--module",
+            module,
+            "--token-label",
+            "keys",
+            "--login",
+            "--pin",
+            common::PIN,
+            "--list-objects",
+            "--type",
+            "privkey",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let blocks: Vec<&str> = text.split("Private Key Object").skip(1).collect();
+    assert_eq!(blocks.len(), 2, "root and log keys expected: {text}");
+    for block in blocks {
+        assert!(
+            block.contains("sensitive") && block.contains("never extractable"),
+            "{block}"
+        );
+        assert!(
+            block.contains("Usage:      sign")
+                && !block.contains("decrypt")
+                && !block.contains("derive"),
+            "{block}"
+        );
+    }
+    assert!(
+        text.contains("label:      root-ca\n") && text.contains("label:      root-ca-log\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn token_and_pin_errors_are_clear_and_never_show_the_pin() {
+    let env = Env::new("errs");
+    let home = env.init("ca", "errs", "ecdsa-p256");
+    let csr = env.csr(
+        "c/a.csr",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/CN=a",
+        None,
+        &[],
+    );
+    let wrong = "99999999";
+    let run = env.hsmca_env(
+        &[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ],
+        &[("HSMCA_PIN", wrong)],
+    );
+    run.code_is(3);
+    assert!(
+        run.stderr().contains("wrong PIN for token \"errs\""),
+        "{}",
+        run.all()
+    );
+    assert!(!run.all().contains(wrong), "the PIN leaked: {}", run.all());
+    assert!(!csr.with_extension("crt").exists());
+
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        "--token",
+        "nope",
+        s(&csr),
+    ]);
+    run.code_is(3);
+    assert!(
+        run.stderr()
+            .contains("no token labelled \"nope\"; tokens seen: \"errs\""),
+        "{}",
+        run.all()
+    );
+
+    let run = env.hsmca_env(
+        &[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ],
+        &[("HSMCA_PKCS11_MODULE", "/nonexistent/lib.so")],
+    );
+    run.code_is(3);
+    assert!(
+        run.stderr().contains("cannot load PKCS#11 module"),
+        "{}",
+        run.all()
+    );
+
+    // init refuses an existing home, and an existing key label in the token.
+    let run = env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "errs",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=x",
+        "--key-label",
+        "root-ca",
+    ]);
+    run.code_is(2);
+    assert!(run.stderr().contains("already exists"), "{}", run.all());
+    let other = env.path("other");
+    let run = env.hsmca(&[
+        "init",
+        "--home",
+        s(&other),
+        "--token",
+        "errs",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=x",
+        "--key-label",
+        "root-ca",
+    ]);
+    run.code_is(3);
+    assert!(
+        run.stderr()
+            .contains("already holds an object labelled \"root-ca\""),
+        "{}",
+        run.all()
+    );
+    assert!(!other.exists());
+
+    // An unknown profile fails before the PIN is needed.
+    let run = env.hsmca_env(
+        &["sign", "--home", s(&home), "--profile", "nope", s(&csr)],
+        &[("HSMCA_PIN", "")],
+    );
+    run.code_is(2);
+    assert!(
+        run.stderr().contains("no profile named \"nope\""),
+        "{}",
+        run.all()
+    );
+}
+
+#[test]
+fn a_second_writer_gets_a_clear_error() {
+    let env = Env::new("lock");
+    let home = env.init("ca", "lock", "ecdsa-p256");
+    let csr = env.csr(
+        "c/a.csr",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/CN=a",
+        None,
+        &[],
+    );
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(home.join("LOCK"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ]);
+    run.code_is(4);
+    assert!(
+        run.stderr().contains("another hsmca process is writing"),
+        "{}",
+        run.all()
+    );
+    drop(lock);
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ])
+    .ok();
+}
+
+#[test]
+fn refused_csrs_name_the_rule_and_do_not_stop_the_rest() {
+    let env = Env::new("policy");
+    let home = env.init("ca", "policy", "ecdsa-p256");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    let good = env.csr(
+        "c/good.csr",
+        &ec,
+        "/O=system:nodes/CN=system:node:node1",
+        None,
+        &[],
+    );
+    let masters = env.csr(
+        "c/masters.csr",
+        &ec,
+        "/O=system:masters/CN=system:node:node1",
+        None,
+        &[],
+    );
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&good),
+        s(&masters),
+        "--json",
+    ]);
+    run.code_is(1);
+    let lines: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["outcome"], "would-issue");
+    assert_eq!(lines[1]["outcome"], "refused");
+    assert_eq!(lines[1]["refusals"][0]["rule"], "subject.O");
+    assert_eq!(lines[1]["refusals"][0]["value"], "system:masters");
+
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&masters),
+        s(&good),
+    ]);
+    run.code_is(1);
+    assert!(
+        run.stdout()
+            .contains("rule subject.O expects \"system:nodes\", got \"system:masters\""),
+        "{}",
+        run.all()
+    );
+    assert!(good.with_extension("crt").exists() && !masters.with_extension("crt").exists());
+    let text = openssl(&[
+        "x509",
+        "-in",
+        s(&good.with_extension("crt")),
+        "-noout",
+        "-subject",
+    ]);
+    assert!(
+        text.contains("O = system:nodes, CN = system:node:node1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn checkpoints_verify_with_an_independent_implementation() {
+    require("python3");
+    for log_key in ["ed25519", "ecdsa-p256"] {
+        let env = Env::new("indep");
+        let home = env.path("ca");
+        env.hsmca(&[
+            "init",
+            "--home",
+            s(&home),
+            "--token",
+            "indep",
+            "--key-type",
+            "ecdsa-p256",
+            "--subject",
+            "CN=Root",
+            "--log-key-type",
+            log_key,
+        ])
+        .ok();
+        let csr = env.csr("c/a.csr", &["-newkey", "ed25519"], "/CN=a", None, &[]);
+        env.hsmca(&[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ])
+        .ok();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/verify_log.py");
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(&home)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.starts_with("OK 3 "),
+            "{log_key}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The same script rejects a forged checkpoint.
+        let cp = home.join("log/checkpoint");
+        let note = std::fs::read_to_string(&cp).unwrap();
+        std::fs::write(&cp, note.replacen("\n3\n", "\n2\n", 1)).unwrap();
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(&home)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{log_key}: forged checkpoint accepted"
+        );
+    }
+}
+
+/// A CA home with 7 entries: root, then 3 × (intent, cert).
+fn home_with_history(env: &Env, token: &str) -> std::path::PathBuf {
+    let home = env.init("ca", token, "ecdsa-p256");
+    for n in ["a", "b", "c"] {
+        let csr = env.csr(
+            &format!("c/{n}.csr"),
+            &["-newkey", "ed25519"],
+            &format!("/CN={n}"),
+            None,
+            &[],
+        );
+        env.hsmca(&[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ])
+        .ok();
+    }
+    home
+}
+
+fn copy_home(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn every_kind_of_log_tampering_is_caught_with_its_entry_number() {
+    let env = Env::new("tamper");
+    let home = home_with_history(&env, "tamper");
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    let lines: Vec<String> = std::fs::read_to_string(home.join("log/entries.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 7);
+    let join = |ls: &[String]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let edited = {
+        let mut ls = lines.clone();
+        ls[3] = ls[3].replacen("CN=b", "CN=B", 1);
+        join(&ls)
+    };
+    let edited_last = {
+        let mut ls = lines.clone();
+        ls[6] = ls[6].replacen("\"seq\":6", "\"seq\":6 ", 1);
+        join(&ls)
+    };
+    let dropped = join(&[&lines[..2], &lines[3..]].concat());
+    let swapped = {
+        let mut ls = lines.clone();
+        ls.swap(3, 4);
+        join(&ls)
+    };
+    let full = join(&lines);
+    let torn = full[..full.len() - 20].to_string();
+    let cut = join(&lines[..6]);
+    let cases = [
+        ("edit a byte", edited, "entry 3"),
+        ("edit the last entry", edited_last, "entry 6"),
+        ("drop a line", dropped, "entry 2"),
+        ("swap two lines", swapped, "entry 3"),
+        ("truncate mid-line", torn, "entry 6: incomplete last line"),
+        ("truncate whole lines", cut, "entries 6..6 were removed"),
+    ];
+    for (i, (what, content, expect)) in cases.into_iter().enumerate() {
+        let copy = env.path(&format!("copy{i}"));
+        copy_home(&home, &copy);
+        std::fs::write(copy.join("log/entries.jsonl"), content).unwrap();
+        let run = env.hsmca(&["log", "verify", "--home", s(&copy)]);
+        assert_eq!(run.code(), 4, "{what}: not caught:\n{}", run.all());
+        assert!(
+            run.stdout().contains(expect),
+            "{what}: expected {expect:?} in:\n{}",
+            run.all()
+        );
+        // A writer refuses to append to a damaged log.
+        let csr = env.path("c/a.csr");
+        let run = env.hsmca(&[
+            "sign",
+            "--home",
+            s(&copy),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ]);
+        assert_eq!(run.code(), 4, "{what}: sign went ahead:\n{}", run.all());
+    }
+}
+
+#[test]
+fn a_torn_tail_is_recovered_explicitly_and_logged() {
+    let env = Env::new("torn");
+    let home = home_with_history(&env, "torn");
+    let path = home.join("log/entries.jsonl");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"{\"v\":1,\"seq\":7,\"ti");
+    std::fs::write(&path, &bytes).unwrap();
+    let csr = env.csr("c/d.csr", &["-newkey", "ed25519"], "/CN=d", None, &[]);
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ]);
+    run.code_is(4);
+    assert!(run.stderr().contains("hsmca log recover"), "{}", run.all());
+    let run = env.hsmca(&["log", "recover", "--home", s(&home)]);
+    run.ok();
+    assert!(
+        run.stdout().contains("removed 18 torn bytes"),
+        "{}",
+        run.all()
+    );
+    let quarantined: Vec<_> = std::fs::read_dir(home.join("log/quarantine"))
+        .unwrap()
+        .collect();
+    assert_eq!(quarantined.len(), 1);
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        log.lines()
+            .last()
+            .unwrap()
+            .contains("\"type\":\"recovery\""),
+        "{log}"
+    );
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ])
+    .ok();
+}
+
+#[test]
+fn a_crash_at_any_point_leaves_a_valid_log_and_a_rerun_never_issues_twice() {
+    let env = Env::new("crash");
+    let home = env.init("ca", "crash", "ecdsa-p256");
+    for (i, point) in ["after-intent", "after-cert", "after-checkpoint"]
+        .into_iter()
+        .enumerate()
+    {
+        let csr = env.csr(
+            &format!("c/{i}.csr"),
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            &format!("/CN=n{i}"),
+            None,
+            &[],
+        );
+        let args = [
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ];
+        let run = env.hsmca_env(&args, &[("HSMCA_DANGER_CRASH_AT", point)]);
+        assert!(!run.0.status.success(), "{point}: did not crash");
+        assert!(
+            !csr.with_extension("crt").exists(),
+            "{point}: a certificate was released before the crash"
+        );
+        env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+        let run = env.hsmca(&args);
+        run.ok();
+        let cert = csr.with_extension("crt");
+        assert!(openssl_verifies(&home.join("root.pem"), &cert), "{point}");
+        let reused = run.stdout().contains("already issued");
+        assert_eq!(reused, point != "after-intent", "{point}: {}", run.stdout());
+        // The CSR has exactly one certificate in the log, and it is the file on disk.
+        let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+        let csr_der = openssl(&[
+            "req",
+            "-in",
+            s(&csr),
+            "-outform",
+            "DER",
+            "-out",
+            s(&env.path("tmp.der")),
+        ]);
+        let _ = csr_der;
+        let sha = sha256_hex(&std::fs::read(env.path("tmp.der")).unwrap());
+        let certs = log
+            .lines()
+            .filter(|l| l.contains("\"type\":\"cert\"") && l.contains(&sha))
+            .count();
+        assert_eq!(certs, 1, "{point}: issued {certs} times");
+        if point == "after-intent" {
+            assert!(
+                log.contains("\"type\":\"abandon\""),
+                "{point}: the dangling intent was not closed"
+            );
+        }
+    }
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    out.stdin.as_ref().unwrap().write_all(bytes).unwrap();
+    let o = out.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn help_completions_and_man_pages_come_from_the_cli_definition() {
+    let env = Env::new("help");
+    let run = env.hsmca(&["--help"]);
+    run.ok();
+    assert!(
+        run.stdout().contains("Exit codes: 0 done") && run.stdout().contains("sign"),
+        "{}",
+        run.stdout()
+    );
+    let run = env.hsmca(&["completions", "bash"]);
+    run.ok();
+    assert!(
+        run.stdout().contains("complete -F _hsmca") && run.stdout().contains("recover"),
+        "{}",
+        run.stdout()
+    );
+    let dir = env.path("man");
+    env.hsmca(&["man", "--out", s(&dir)]).ok();
+    assert!(dir.join("hsmca.1").exists() && dir.join("hsmca-sign.1").exists());
+}
