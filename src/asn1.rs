@@ -99,7 +99,7 @@ pub fn rsa_modulus_bits(rsa_public_key: &[u8]) -> Option<usize> {
 
 /// Encodes `r ‖ s` (the PKCS#11 ECDSA output) as DER `Ecdsa-Sig-Value ::= SEQUENCE { r, s }`.
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return None;
     }
     let (r, s) = raw.split_at(raw.len() / 2);

@@ -54,6 +54,7 @@ pub struct Context {
 
 /// The certificate that will be issued, field by field. Only [`decide`] makes one.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::manual_non_exhaustive, reason = "sealed against construction inside the crate too, not only outside")]
 pub struct Decision {
     /// The profile that allowed it.
     pub profile: String,
@@ -77,6 +78,7 @@ pub struct Decision {
     pub public_key: PublicKey,
     /// SHA-256 of the CSR.
     pub csr_sha256: String,
+    /// Private: only `decide` makes a `Decision`.
     _sealed: (),
 }
 

@@ -177,11 +177,11 @@ impl Duration {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0;
-        if s % (365 * 86_400) == 0 {
+        if s.is_multiple_of(365 * 86_400) {
             write!(f, "{}y", s / (365 * 86_400))
-        } else if s % 86_400 == 0 {
+        } else if s.is_multiple_of(86_400) {
             write!(f, "{}d", s / 86_400)
-        } else if s % 3600 == 0 {
+        } else if s.is_multiple_of(3600) {
             write!(f, "{}h", s / 3600)
         } else {
             write!(f, "{s}s")

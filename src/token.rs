@@ -223,13 +223,13 @@ impl TokenRef {
                 "token" => {
                     token = Some(
                         String::from_utf8(v).map_err(|_| "token label is not UTF-8".to_string())?,
-                    )
+                    );
                 }
                 "object" => {
                     object = Some(
                         String::from_utf8(v)
                             .map_err(|_| "object label is not UTF-8".to_string())?,
-                    )
+                    );
                 }
                 "id" => id = Some(v),
                 _ => {}
@@ -531,7 +531,7 @@ impl Token {
                 Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
                 Attribute::NeverExtractable(v) => p.never_extractable = v,
                 Attribute::KeyType(t) if t == P11KeyType::RSA => {
-                    secret = AttributeType::PrivateExponent
+                    secret = AttributeType::PrivateExponent;
                 }
                 _ => {}
             }

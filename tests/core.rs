@@ -1,4 +1,5 @@
 //! End-to-end tests of the offline root CA core against a real SoftHSM2 token and OpenSSL.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
 
 mod common;
 

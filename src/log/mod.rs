@@ -552,22 +552,20 @@ pub fn verify(
         scan.problem(Some(0), "the first entry is not the root entry");
         return Ok(report(scan, None, String::new()));
     };
-    if let Ok(file_vkey) = fs::read_to_string(paths.vkey()) {
-        if file_vkey.trim() != recorded {
+    if let Ok(file_vkey) = fs::read_to_string(paths.vkey())
+        && file_vkey.trim() != recorded {
             scan.problem(
                 None,
                 "log.vkey differs from the verifier key recorded in entry 0",
             );
         }
-    }
-    if let (Some(pem_der), Some(root)) = (root_pem_der, scan.root.as_ref()) {
-        if pem_der != root.cert_der.as_slice() {
+    if let (Some(pem_der), Some(root)) = (root_pem_der, scan.root.as_ref())
+        && pem_der != root.cert_der.as_slice() {
             scan.problem(
                 Some(0),
                 "root.pem is not the root certificate recorded in entry 0",
             );
         }
-    }
     let vkey = vkey.map_or(recorded, str::to_owned);
     let cp = check_checkpoints(paths, &mut scan, &vkey)?;
     Ok(report(scan, cp, vkey))
