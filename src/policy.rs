@@ -54,7 +54,10 @@ pub struct Context {
 
 /// The certificate that will be issued, field by field. Only [`decide`] makes one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(clippy::manual_non_exhaustive, reason = "sealed against construction inside the crate too, not only outside")]
+#[allow(
+    clippy::manual_non_exhaustive,
+    reason = "sealed against construction inside the crate too, not only outside"
+)]
 pub struct Decision {
     /// The profile that allowed it.
     pub profile: String,

@@ -553,19 +553,21 @@ pub fn verify(
         return Ok(report(scan, None, String::new()));
     };
     if let Ok(file_vkey) = fs::read_to_string(paths.vkey())
-        && file_vkey.trim() != recorded {
-            scan.problem(
-                None,
-                "log.vkey differs from the verifier key recorded in entry 0",
-            );
-        }
+        && file_vkey.trim() != recorded
+    {
+        scan.problem(
+            None,
+            "log.vkey differs from the verifier key recorded in entry 0",
+        );
+    }
     if let (Some(pem_der), Some(root)) = (root_pem_der, scan.root.as_ref())
-        && pem_der != root.cert_der.as_slice() {
-            scan.problem(
-                Some(0),
-                "root.pem is not the root certificate recorded in entry 0",
-            );
-        }
+        && pem_der != root.cert_der.as_slice()
+    {
+        scan.problem(
+            Some(0),
+            "root.pem is not the root certificate recorded in entry 0",
+        );
+    }
     let vkey = vkey.map_or(recorded, str::to_owned);
     let cp = check_checkpoints(paths, &mut scan, &vkey)?;
     Ok(report(scan, cp, vkey))
