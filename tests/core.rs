@@ -728,3 +728,24 @@ fn help_completions_and_man_pages_come_from_the_cli_definition() {
     env.hsmca(&["man", "--out", s(&dir)]).ok();
     assert!(dir.join("hsmca.1").exists() && dir.join("hsmca-sign.1").exists());
 }
+
+#[test]
+fn a_missing_or_mismatched_token_key_is_refused_before_signing() {
+    let env = Env::new("keymix");
+    let a = env.init("a", "keymix", "ecdsa-p256");
+    env.init("b", "keymix", "ecdsa-p256");
+    let csr = env.csr("c/x.csr", &["-newkey", "ed25519"], "/CN=x", None, &[]);
+    let config = std::fs::read_to_string(a.join("hsmca.json")).unwrap();
+    // Point home a at home b's root key: the token key no longer matches a's root.pem.
+    std::fs::write(a.join("hsmca.json"), config.replace("\"root-a\"", "\"root-b\"")).unwrap();
+    let run = env.hsmca(&["sign", "--home", s(&a), "--profile", "test-any-key", s(&csr)]);
+    run.code_is(3);
+    assert!(run.stderr().contains("does not match the CA certificate"), "{}", run.all());
+    std::fs::write(a.join("hsmca.json"), config.replace("\"root-a\"", "\"gone\"")).unwrap();
+    let run = env.hsmca(&["sign", "--home", s(&a), "--profile", "test-any-key", s(&csr)]);
+    run.code_is(3);
+    assert!(run.stderr().contains("no private key labelled \"gone\""), "{}", run.all());
+    assert!(!csr.with_extension("crt").exists());
+    let log = std::fs::read_to_string(a.join("log/entries.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 1, "nothing may be logged when the key is wrong");
+}
