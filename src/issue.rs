@@ -82,15 +82,8 @@ impl IssuerCert {
 /// Builds the TBS bytes for `decision` under `issuer`, without the token.
 pub fn prepare(decision: Decision, issuer: &IssuerCert) -> Result<Prepared, IssueError> {
     let params = leaf_params(&decision)?;
-    let subject_key = rcgen::SubjectPublicKeyInfo::from_der(&decision.public_key.spki_der)
-        .map_err(|e| IssueError::Build(e.to_string()))?;
     let capture = RcgenKey::capture(&issuer.public_key);
-    let rc_issuer =
-        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer.der.as_slice()), &capture)
-            .map_err(|e| IssueError::Build(format!("issuer certificate: {e}")))?;
-    params
-        .signed_by(&subject_key, &rc_issuer)
-        .map_err(|e| IssueError::Build(e.to_string()))?;
+    sign_leaf(&params, &decision, issuer, &capture)?;
     let tbs = capture
         .take_message()
         .ok_or_else(|| IssueError::Build("rcgen did not produce a TBSCertificate".into()))?;
@@ -108,20 +101,8 @@ pub fn sign(
     issuer: &IssuerCert,
     signer: &dyn CaSigner,
 ) -> Result<Vec<u8>, IssueError> {
-    let subject_key = rcgen::SubjectPublicKeyInfo::from_der(&prepared.decision.public_key.spki_der)
-        .map_err(|e| IssueError::Build(e.to_string()))?;
     let key = RcgenKey::signing(signer);
-    let rc_issuer =
-        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer.der.as_slice()), &key)
-            .map_err(|e| IssueError::Build(format!("issuer certificate: {e}")))?;
-    let cert = prepared
-        .params
-        .signed_by(&subject_key, &rc_issuer)
-        .map_err(|e| match key.take_error() {
-            Some(sign_error) => IssueError::Sign(sign_error),
-            None => IssueError::Build(e.to_string()),
-        })?;
-    let der = cert.der().to_vec();
+    let der = sign_leaf(&prepared.params, &prepared.decision, issuer, &key)?;
     verify::issued(
         &der,
         &prepared.tbs,
@@ -131,6 +112,32 @@ pub fn sign(
     )
     .map_err(IssueError::Verify)?;
     Ok(der)
+}
+
+/// Runs rcgen over `params` with `key` as the issuer's key (capturing or signing).
+fn sign_leaf(
+    params: &CertificateParams,
+    decision: &Decision,
+    issuer: &IssuerCert,
+    key: &RcgenKey<'_>,
+) -> Result<Vec<u8>, IssueError> {
+    let subject_key = rcgen::SubjectPublicKeyInfo::from_der(&decision.public_key.spki_der)
+        .map_err(|e| IssueError::Build(e.to_string()))?;
+    let rc_issuer =
+        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer.der.as_slice()), key)
+            .map_err(|e| IssueError::Build(format!("issuer certificate: {e}")))?;
+    let cert = params
+        .signed_by(&subject_key, &rc_issuer)
+        .map_err(|e| rcgen_error(key, e))?;
+    Ok(cert.der().to_vec())
+}
+
+/// rcgen reports every signer failure as a bare `RemoteKeyError`; recover the real cause.
+fn rcgen_error(key: &RcgenKey<'_>, e: rcgen::Error) -> IssueError {
+    match key.take_error() {
+        Some(sign_error) => IssueError::Sign(sign_error),
+        None => IssueError::Build(e.to_string()),
+    }
 }
 
 /// What a root certificate is made of.
@@ -157,12 +164,7 @@ pub fn self_signed_root(spec: &RootSpec, signer: &dyn CaSigner) -> Result<Vec<u8
     params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = RcgenKey::signing(signer);
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| match key.take_error() {
-            Some(sign_error) => IssueError::Sign(sign_error),
-            None => IssueError::Build(e.to_string()),
-        })?;
+    let cert = params.self_signed(&key).map_err(|e| rcgen_error(&key, e))?;
     let der = cert.der().to_vec();
     verify::self_signed(&der, signer.public_key()).map_err(IssueError::Verify)?;
     Ok(der)

@@ -325,14 +325,7 @@ fn a_second_writer_gets_a_clear_error() {
         .open(home.join("LOCK"))
         .unwrap();
     lock.try_lock().unwrap();
-    let run = env.hsmca(&[
-        "sign",
-        "--home",
-        s(&home),
-        "--profile",
-        "test-any-key",
-        s(&csr),
-    ]);
+    let run = env.sign(&home, "test-any-key", &[&csr]);
     run.code_is(4);
     assert!(
         run.stderr().contains("another hsmca process is writing"),
@@ -340,15 +333,7 @@ fn a_second_writer_gets_a_clear_error() {
         run.all()
     );
     drop(lock);
-    env.hsmca(&[
-        "sign",
-        "--home",
-        s(&home),
-        "--profile",
-        "test-any-key",
-        s(&csr),
-    ])
-    .ok();
+    env.sign(&home, "test-any-key", &[&csr]).ok();
 }
 
 #[test]
@@ -391,15 +376,7 @@ fn refused_csrs_name_the_rule_and_do_not_stop_the_rest() {
     assert_eq!(lines[1]["refusals"][0]["rule"], "subject.O");
     assert_eq!(lines[1]["refusals"][0]["value"], "system:masters");
 
-    let run = env.hsmca(&[
-        "sign",
-        "--home",
-        s(&home),
-        "--profile",
-        "kubelet-client",
-        s(&masters),
-        s(&good),
-    ]);
+    let run = env.sign(&home, "kubelet-client", &[&masters, &good]);
     run.code_is(1);
     assert!(
         run.stdout()
@@ -442,15 +419,7 @@ fn checkpoints_verify_with_an_independent_implementation() {
         ])
         .ok();
         let csr = env.csr("c/a.csr", &["-newkey", "ed25519"], "/CN=a", None, &[]);
-        env.hsmca(&[
-            "sign",
-            "--home",
-            s(&home),
-            "--profile",
-            "test-any-key",
-            s(&csr),
-        ])
-        .ok();
+        env.sign(&home, "test-any-key", &[&csr]).ok();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/verify_log.py");
         let out = Command::new("python3")
             .arg(&script)
@@ -490,15 +459,7 @@ fn home_with_history(env: &Env, token: &str) -> std::path::PathBuf {
             None,
             &[],
         );
-        env.hsmca(&[
-            "sign",
-            "--home",
-            s(&home),
-            "--profile",
-            "test-any-key",
-            s(&csr),
-        ])
-        .ok();
+        env.sign(&home, "test-any-key", &[&csr]).ok();
     }
     home
 }
@@ -565,14 +526,7 @@ fn every_kind_of_log_tampering_is_caught_with_its_entry_number() {
         );
         // A writer refuses to append to a damaged log.
         let csr = env.path("c/a.csr");
-        let run = env.hsmca(&[
-            "sign",
-            "--home",
-            s(&copy),
-            "--profile",
-            "test-any-key",
-            s(&csr),
-        ]);
+        let run = env.sign(&copy, "test-any-key", &[&csr]);
         assert_eq!(run.code(), 4, "{what}: sign went ahead:\n{}", run.all());
     }
 }
@@ -586,14 +540,7 @@ fn a_torn_tail_is_recovered_explicitly_and_logged() {
     bytes.extend_from_slice(b"{\"v\":1,\"seq\":7,\"ti");
     std::fs::write(&path, &bytes).unwrap();
     let csr = env.csr("c/d.csr", &["-newkey", "ed25519"], "/CN=d", None, &[]);
-    let run = env.hsmca(&[
-        "sign",
-        "--home",
-        s(&home),
-        "--profile",
-        "test-any-key",
-        s(&csr),
-    ]);
+    let run = env.sign(&home, "test-any-key", &[&csr]);
     run.code_is(4);
     assert!(run.stderr().contains("hsmca log recover"), "{}", run.all());
     let run = env.hsmca(&["log", "recover", "--home", s(&home)]);
@@ -616,15 +563,7 @@ fn a_torn_tail_is_recovered_explicitly_and_logged() {
         "{log}"
     );
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
-    env.hsmca(&[
-        "sign",
-        "--home",
-        s(&home),
-        "--profile",
-        "test-any-key",
-        s(&csr),
-    ])
-    .ok();
+    env.sign(&home, "test-any-key", &[&csr]).ok();
 }
 
 #[test]
@@ -737,15 +676,35 @@ fn a_missing_or_mismatched_token_key_is_refused_before_signing() {
     let csr = env.csr("c/x.csr", &["-newkey", "ed25519"], "/CN=x", None, &[]);
     let config = std::fs::read_to_string(a.join("hsmca.json")).unwrap();
     // Point home a at home b's root key: the token key no longer matches a's root.pem.
-    std::fs::write(a.join("hsmca.json"), config.replace("\"root-a\"", "\"root-b\"")).unwrap();
-    let run = env.hsmca(&["sign", "--home", s(&a), "--profile", "test-any-key", s(&csr)]);
+    std::fs::write(
+        a.join("hsmca.json"),
+        config.replace("\"root-a\"", "\"root-b\""),
+    )
+    .unwrap();
+    let run = env.sign(&a, "test-any-key", &[&csr]);
     run.code_is(3);
-    assert!(run.stderr().contains("does not match the CA certificate"), "{}", run.all());
-    std::fs::write(a.join("hsmca.json"), config.replace("\"root-a\"", "\"gone\"")).unwrap();
-    let run = env.hsmca(&["sign", "--home", s(&a), "--profile", "test-any-key", s(&csr)]);
+    assert!(
+        run.stderr().contains("does not match the CA certificate"),
+        "{}",
+        run.all()
+    );
+    std::fs::write(
+        a.join("hsmca.json"),
+        config.replace("\"root-a\"", "\"gone\""),
+    )
+    .unwrap();
+    let run = env.sign(&a, "test-any-key", &[&csr]);
     run.code_is(3);
-    assert!(run.stderr().contains("no private key labelled \"gone\""), "{}", run.all());
+    assert!(
+        run.stderr().contains("no private key labelled \"gone\""),
+        "{}",
+        run.all()
+    );
     assert!(!csr.with_extension("crt").exists());
     let log = std::fs::read_to_string(a.join("log/entries.jsonl")).unwrap();
-    assert_eq!(log.lines().count(), 1, "nothing may be logged when the key is wrong");
+    assert_eq!(
+        log.lines().count(),
+        1,
+        "nothing may be logged when the key is wrong"
+    );
 }

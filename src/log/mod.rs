@@ -650,6 +650,7 @@ impl Log {
             .create_new(true)
             .open(&path)
             .map_err(io_at(&path))?;
+        files::sync_dir(&paths.dir).map_err(|e| LogError::Checkpoint(e.to_string()))?;
         files::write_new(&paths.vkey(), format!("{log_vkey}\n").as_bytes())
             .map_err(|e| LogError::Checkpoint(e.to_string()))?;
         let mut log = Self {

@@ -89,6 +89,19 @@ impl Env {
         Run(cmd.output().unwrap())
     }
 
+    /// `hsmca sign --home HOME --profile PROFILE CSR...`.
+    pub fn sign(&self, home: &Path, profile: &str, csrs: &[&Path]) -> Run {
+        let mut args = vec![
+            "sign",
+            "--home",
+            home.to_str().unwrap(),
+            "--profile",
+            profile,
+        ];
+        args.extend(csrs.iter().map(|p| p.to_str().unwrap()));
+        self.hsmca(&args)
+    }
+
     /// A CA home at `rel` with a root of `key_type`.
     pub fn init(&self, rel: &str, token: &str, key_type: &str) -> PathBuf {
         let home = self.path(rel);
