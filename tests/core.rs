@@ -53,13 +53,7 @@ fn signs_csrs_of_every_key_type_and_openssl_verifies_them() {
                 Some("DNS:a.test.internal,IP:127.0.0.1"),
                 &[],
             ),
-            env.csr(
-                &format!("{dir}/p256.csr"),
-                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
-                "/CN=p256",
-                None,
-                &[],
-            ),
+            env.p256_csr(&format!("{dir}/p256.csr"), "/CN=p256"),
             // openssl's default digest for P-384 is SHA-256: the rcgen#448 case.
             env.csr(
                 &format!("{dir}/p384.csr"),
@@ -193,31 +187,18 @@ fn keys_in_the_token_are_sensitive_and_not_extractable() {
 fn token_and_pin_errors_are_clear_and_never_show_the_pin() {
     let env = Env::new("errs");
     let home = env.init("ca", "errs", "ecdsa-p256");
-    let csr = env.csr(
-        "c/a.csr",
-        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        "/CN=a",
-        None,
-        &[],
-    );
+    let csr = env.p256_csr("c/a.csr", "/CN=a");
+    let sign_args = [
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ];
     let wrong = "99999999";
-    let run = env.hsmca_env(
-        &[
-            "sign",
-            "--home",
-            s(&home),
-            "--profile",
-            "test-any-key",
-            s(&csr),
-        ],
-        &[("HSMCA_PIN", wrong)],
-    );
-    run.code_is(3);
-    assert!(
-        run.stderr().contains("wrong PIN for token \"errs\""),
-        "{}",
-        run.all()
-    );
+    let run = env.hsmca_env(&sign_args, &[("HSMCA_PIN", wrong)]);
+    run.fails_with(3, "wrong PIN for token \"errs\"");
     assert!(!run.all().contains(wrong), "the PIN leaked: {}", run.all());
     assert!(!csr.with_extension("crt").exists());
 
@@ -231,69 +212,32 @@ fn token_and_pin_errors_are_clear_and_never_show_the_pin() {
         "nope",
         s(&csr),
     ]);
-    run.code_is(3);
-    assert!(
-        run.stderr()
-            .contains("no token labelled \"nope\"; tokens seen: \"errs\""),
-        "{}",
-        run.all()
-    );
+    run.fails_with(3, "no token labelled \"nope\"; tokens seen: \"errs\"");
 
     let run = env.hsmca_env(
-        &[
-            "sign",
-            "--home",
-            s(&home),
-            "--profile",
-            "test-any-key",
-            s(&csr),
-        ],
+        &sign_args,
         &[("HSMCA_PKCS11_MODULE", "/nonexistent/lib.so")],
     );
-    run.code_is(3);
-    assert!(
-        run.stderr().contains("cannot load PKCS#11 module"),
-        "{}",
-        run.all()
-    );
+    run.fails_with(3, "cannot load PKCS#11 module");
 
     // init refuses an existing home, and an existing key label in the token.
-    let run = env.hsmca(&[
-        "init",
-        "--home",
-        s(&home),
-        "--token",
-        "errs",
-        "--key-type",
-        "ecdsa-p256",
-        "--subject",
-        "CN=x",
-        "--key-label",
-        "root-ca",
-    ]);
-    run.code_is(2);
-    assert!(run.stderr().contains("already exists"), "{}", run.all());
+    let init_again = |home: &Path| {
+        let args = [
+            "init",
+            "--home",
+            s(home),
+            "--token",
+            "errs",
+            "--key-type",
+            "ecdsa-p256",
+        ];
+        env.hsmca(&[&args[..], &["--subject", "CN=x", "--key-label", "root-ca"]].concat())
+    };
+    let run = init_again(&home);
+    run.fails_with(2, "already exists");
     let other = env.path("other");
-    let run = env.hsmca(&[
-        "init",
-        "--home",
-        s(&other),
-        "--token",
-        "errs",
-        "--key-type",
-        "ecdsa-p256",
-        "--subject",
-        "CN=x",
-        "--key-label",
-        "root-ca",
-    ]);
-    run.code_is(3);
-    assert!(
-        run.stderr()
-            .contains("already holds an object labelled \"root-ca\""),
-        "{}",
-        run.all()
-    );
+    let run = init_again(&other);
+    run.fails_with(3, "already holds an object labelled \"root-ca\"");
     assert!(!other.exists());
 
     // An unknown profile fails before the PIN is needed.
@@ -301,37 +245,21 @@ fn token_and_pin_errors_are_clear_and_never_show_the_pin() {
         &["sign", "--home", s(&home), "--profile", "nope", s(&csr)],
         &[("HSMCA_PIN", "")],
     );
-    run.code_is(2);
-    assert!(
-        run.stderr().contains("no profile named \"nope\""),
-        "{}",
-        run.all()
-    );
+    run.fails_with(2, "no profile named \"nope\"");
 }
 
 #[test]
 fn a_second_writer_gets_a_clear_error() {
     let env = Env::new("lock");
     let home = env.init("ca", "lock", "ecdsa-p256");
-    let csr = env.csr(
-        "c/a.csr",
-        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        "/CN=a",
-        None,
-        &[],
-    );
+    let csr = env.p256_csr("c/a.csr", "/CN=a");
     let lock = std::fs::OpenOptions::new()
         .write(true)
         .open(home.join("LOCK"))
         .unwrap();
     lock.try_lock().unwrap();
     let run = env.sign(&home, "test-any-key", &[&csr]);
-    run.code_is(4);
-    assert!(
-        run.stderr().contains("another hsmca process is writing"),
-        "{}",
-        run.all()
-    );
+    run.fails_with(4, "another hsmca process is writing");
     drop(lock);
     env.sign(&home, "test-any-key", &[&csr]).ok();
 }
@@ -541,8 +469,7 @@ fn a_torn_tail_is_recovered_explicitly_and_logged() {
     std::fs::write(&path, &bytes).unwrap();
     let csr = env.csr("c/d.csr", &["-newkey", "ed25519"], "/CN=d", None, &[]);
     let run = env.sign(&home, "test-any-key", &[&csr]);
-    run.code_is(4);
-    assert!(run.stderr().contains("hsmca log recover"), "{}", run.all());
+    run.fails_with(4, "hsmca log recover");
     let run = env.hsmca(&["log", "recover", "--home", s(&home)]);
     run.ok();
     assert!(
@@ -574,13 +501,7 @@ fn a_crash_at_any_point_leaves_a_valid_log_and_a_rerun_never_issues_twice() {
         .into_iter()
         .enumerate()
     {
-        let csr = env.csr(
-            &format!("c/{i}.csr"),
-            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
-            &format!("/CN=n{i}"),
-            None,
-            &[],
-        );
+        let csr = env.p256_csr(&format!("c/{i}.csr"), &format!("/CN=n{i}"));
         let args = [
             "sign",
             "--home",
@@ -675,31 +596,17 @@ fn a_missing_or_mismatched_token_key_is_refused_before_signing() {
     env.init("b", "keymix", "ecdsa-p256");
     let csr = env.csr("c/x.csr", &["-newkey", "ed25519"], "/CN=x", None, &[]);
     let config = std::fs::read_to_string(a.join("hsmca.json")).unwrap();
-    // Point home a at home b's root key: the token key no longer matches a's root.pem.
-    std::fs::write(
-        a.join("hsmca.json"),
-        config.replace("\"root-a\"", "\"root-b\""),
-    )
-    .unwrap();
-    let run = env.sign(&a, "test-any-key", &[&csr]);
-    run.code_is(3);
-    assert!(
-        run.stderr().contains("does not match the CA certificate"),
-        "{}",
-        run.all()
-    );
-    std::fs::write(
-        a.join("hsmca.json"),
-        config.replace("\"root-a\"", "\"gone\""),
-    )
-    .unwrap();
-    let run = env.sign(&a, "test-any-key", &[&csr]);
-    run.code_is(3);
-    assert!(
-        run.stderr().contains("no private key labelled \"gone\""),
-        "{}",
-        run.all()
-    );
+    // b's root key no longer matches a's root.pem; "gone" is not in the token at all.
+    for (label, expect) in [
+        ("root-b", "does not match the CA certificate"),
+        ("gone", "no private key labelled \"gone\""),
+    ] {
+        let edited = config.replace("\"root-a\"", &format!("{label:?}"));
+        std::fs::write(a.join("hsmca.json"), edited).unwrap();
+        let run = env.sign(&a, "test-any-key", &[&csr]);
+        run.code_is(3);
+        assert!(run.stderr().contains(expect), "{label}: {}", run.all());
+    }
     assert!(!csr.with_extension("crt").exists());
     let log = std::fs::read_to_string(a.join("log/entries.jsonl")).unwrap();
     assert_eq!(

@@ -123,6 +123,17 @@ impl Env {
         home
     }
 
+    /// A P-256 CSR without SANs, the common case in tests.
+    pub fn p256_csr(&self, rel: &str, subj: &str) -> PathBuf {
+        self.csr(
+            rel,
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            subj,
+            None,
+            &[],
+        )
+    }
+
     /// Makes a CSR with `openssl req` into `rel` and returns its path.
     pub fn csr(
         &self,
@@ -194,6 +205,17 @@ impl Run {
         assert_eq!(self.code(), 0, "hsmca failed:\n{}", self.all());
         self
     }
+    /// Exited with `code` and said `needle` on stderr.
+    #[track_caller]
+    pub fn fails_with(&self, code: i32, needle: &str) {
+        self.code_is(code);
+        assert!(
+            self.stderr().contains(needle),
+            "expected {needle:?} in:\n{}",
+            self.all()
+        );
+    }
+
     #[track_caller]
     pub fn code_is(&self, code: i32) -> &Self {
         assert_eq!(self.code(), code, "expected exit {code}:\n{}", self.all());
