@@ -78,6 +78,26 @@ pub enum CsrError {
     BadSignature,
 }
 
+impl CsrError {
+    /// Stable rule id, as reported with policy refusals.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "csr.size",
+            Self::WrongPemLabel(_) => "csr.pem_label",
+            Self::Malformed(_) => "csr.malformed",
+            Self::Version => "csr.version",
+            Self::SubjectEncoding { .. } => "csr.subject_encoding",
+            Self::Key(KeyError::Malformed) => "key.malformed",
+            Self::Key(KeyError::UnsupportedAlgorithm(_)) => "key.algorithm",
+            Self::Key(KeyError::UnsupportedCurve(_)) => "key.curve",
+            Self::Key(KeyError::UnsupportedRsaSize(_)) => "key.rsa_size",
+            Self::WeakHash(_) => "csr.signature.hash",
+            Self::UnsupportedSignature { .. } => "csr.signature.algorithm",
+            Self::BadSignature => "csr.signature",
+        }
+    }
+}
+
 /// A subject attribute type, by its usual short name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AttrType {

@@ -26,24 +26,58 @@ use crate::log::translog::{self, NoteKey};
 use crate::log::{Body, Log};
 use crate::pin::Pin;
 use crate::policy::{self, Context, Decision, Refusal};
-use crate::profile::{Duration, Profile};
+use crate::profile::{Duration, Profile, Site};
 use crate::signer::CaSigner;
-use crate::token::{Token, TokenRef};
+use crate::token::{Token, TokenKey, TokenRef};
 
 /// The shipped profiles, compiled in so `init` needs nothing beside the binary.
-pub const SHIPPED_PROFILES: [(&str, &str); 7] = [
+pub const SHIPPED_PROFILES: [(&str, &str); 20] = [
+    ("admin", include_str!("../profiles/admin.json")),
+    ("apiserver", include_str!("../profiles/apiserver.json")),
+    (
+        "apiserver-etcd-client",
+        include_str!("../profiles/apiserver-etcd-client.json"),
+    ),
+    (
+        "apiserver-kubelet-client",
+        include_str!("../profiles/apiserver-kubelet-client.json"),
+    ),
+    (
+        "controller-manager",
+        include_str!("../profiles/controller-manager.json"),
+    ),
+    ("etcd-ca", include_str!("../profiles/etcd-ca.json")),
     ("etcd-client", include_str!("../profiles/etcd-client.json")),
+    (
+        "etcd-healthcheck-client",
+        include_str!("../profiles/etcd-healthcheck-client.json"),
+    ),
+    ("etcd-peer", include_str!("../profiles/etcd-peer.json")),
     ("etcd-server", include_str!("../profiles/etcd-server.json")),
     ("flanneld", include_str!("../profiles/flanneld.json")),
     (
-        "kube-apiserver",
-        include_str!("../profiles/kube-apiserver.json"),
+        "front-proxy-ca",
+        include_str!("../profiles/front-proxy-ca.json"),
+    ),
+    (
+        "front-proxy-client",
+        include_str!("../profiles/front-proxy-client.json"),
     ),
     ("kube-proxy", include_str!("../profiles/kube-proxy.json")),
     (
         "kubelet-client",
         include_str!("../profiles/kubelet-client.json"),
     ),
+    (
+        "kubelet-serving",
+        include_str!("../profiles/kubelet-serving.json"),
+    ),
+    (
+        "kubernetes-ca",
+        include_str!("../profiles/kubernetes-ca.json"),
+    ),
+    ("scheduler", include_str!("../profiles/scheduler.json")),
+    ("super-admin", include_str!("../profiles/super-admin.json")),
     (
         "test-any-key",
         include_str!("../profiles/test-any-key.json"),
@@ -78,6 +112,23 @@ pub struct Config {
     pub log_key: KeyRef,
     /// Log origin (checkpoint name).
     pub origin: String,
+    /// Offline intermediates made by `hsmca ca create`, keys in the same token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cas: Vec<CaEntry>,
+}
+
+/// An intermediate CA of this home.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaEntry {
+    /// Name used by profiles' `issuer`.
+    pub name: String,
+    /// The CA's key in the token.
+    pub key: KeyRef,
+    /// Its certificate, relative to the home.
+    pub cert: String,
+    /// Who signed it (`root`).
+    pub issuer: String,
 }
 
 /// Why a CA home cannot be used.
@@ -159,9 +210,67 @@ impl Home {
         })
     }
 
+    /// The site parameters (`site.json`; the built-in defaults if the home has none).
+    pub fn site(&self) -> Result<Site, Error> {
+        let path = self.dir.join("site.json");
+        if path.exists() {
+            Ok(Site::load(&path)?)
+        } else {
+            Ok(Site::default())
+        }
+    }
+
+    /// The issuing CA named by a profile: its certificate and the label of its token key.
+    pub fn issuer(&self, name: &str) -> Result<(IssuerCert, String), Error> {
+        if name == "root" {
+            return Ok((self.root()?, self.config.root_key.label.clone()));
+        }
+        let ca = self.config.cas.iter().find(|c| c.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.config.cas.iter().map(|c| c.name.as_str()).collect();
+            Error::Usage(format!(
+                "the profile's issuer {name:?} does not exist in this CA home (known: root{}{}); create it with `hsmca ca create {name}`",
+                if known.is_empty() { "" } else { ", " },
+                known.join(", ")
+            ))
+        })?;
+        let path = self.dir.join(&ca.cert);
+        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+        let cert = IssuerCert::from_pem_or_der(&bytes).map_err(|e| {
+            Error::Home(HomeError::Config {
+                path,
+                message: e.to_string(),
+            })
+        })?;
+        Ok((cert, ca.key.label.clone()))
+    }
+
+    /// PEM of the issuing CA and every CA above it up to the root, for `--chain`.
+    pub fn chain_pem(&self, name: &str) -> Result<String, Error> {
+        let mut out = String::new();
+        let mut current = name.to_owned();
+        for _ in 0..8 {
+            let (cert, _) = self.issuer(&current)?;
+            out.push_str(&pem("CERTIFICATE", &cert.der));
+            if current == "root" {
+                return Ok(out);
+            }
+            current = self
+                .config
+                .cas
+                .iter()
+                .find(|c| c.name == current)
+                .map_or_else(|| "root".into(), |c| c.issuer.clone());
+        }
+        Err(Error::Internal("CA chain longer than 8".into()))
+    }
+
     /// Loads a profile by name.
     pub fn profile(&self, name: &str) -> Result<Profile, Error> {
-        Ok(Profile::load_named(&self.profiles_dir(), name)?)
+        Ok(Profile::load_named(
+            &self.profiles_dir(),
+            name,
+            &self.site()?,
+        )?)
     }
 }
 
@@ -190,6 +299,8 @@ pub struct InitRequest {
     pub origin: Option<String>,
     /// Profiles to install instead of the shipped ones.
     pub profiles_from: Option<PathBuf>,
+    /// Site parameters the profiles refer to.
+    pub site: Site,
 }
 
 /// What `init` made.
@@ -241,7 +352,7 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     };
     std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
     // Profiles are read before the token is touched: a bad one must not cost a key.
-    let profiles = collect_profiles(req.profiles_from.as_deref())?;
+    let profiles = collect_profiles(req.profiles_from.as_deref(), &req.site)?;
     let token = Token::open(&req.module, &req.token, pin)?;
     let log_type = match req.log_key_type {
         Some(t) => t,
@@ -293,6 +404,7 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
             key_type: log_type,
         },
         origin: origin.clone(),
+        cas: Vec::new(),
     };
     let write = |rel: &str, bytes: &[u8]| -> Result<(), Error> {
         files::write_new(&tmp.join(rel), bytes)?;
@@ -302,6 +414,9 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
         serde_json::to_vec_pretty(&config).map_err(|e| Error::Internal(e.to_string()))?;
     write("hsmca.json", &config_json)?;
     write("root.pem", pem("CERTIFICATE", &root_der).as_bytes())?;
+    let site_json =
+        serde_json::to_vec_pretty(&req.site).map_err(|e| Error::Internal(e.to_string()))?;
+    write("site.json", &site_json)?;
     for (n, text) in &profiles {
         write(&format!("profiles/{n}.json"), text.as_bytes())?;
     }
@@ -333,7 +448,7 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     })
 }
 
-fn collect_profiles(from: Option<&Path>) -> Result<Vec<(String, String)>, Error> {
+fn collect_profiles(from: Option<&Path>, site: &Site) -> Result<Vec<(String, String)>, Error> {
     let list: Vec<(String, String)> = match from {
         None => SHIPPED_PROFILES
             .iter()
@@ -350,21 +465,10 @@ fn collect_profiles(from: Option<&Path>) -> Result<Vec<(String, String)>, Error>
             .collect::<Result<_, _>>()?,
     };
     // Check every profile loads before anything is created.
-    let check = tempfile_dir()?;
     for (n, t) in &list {
-        let p = check.join(format!("{n}.json"));
-        std::fs::write(&p, t).map_err(io_at(&p))?;
-        Profile::load(&p)?;
+        Profile::parse(t, Path::new(&format!("{n}.json")), n, site)?;
     }
-    let _ = std::fs::remove_dir_all(&check);
     Ok(list)
-}
-
-fn tempfile_dir() -> Result<PathBuf, Error> {
-    let d = std::env::temp_dir().join(format!("hsmca-profiles-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(io_at(&d))?;
-    Ok(d)
 }
 
 /// PEM-encodes DER.
@@ -454,6 +558,8 @@ pub enum Outcome {
     Failed {
         /// The CSR file.
         csr: PathBuf,
+        /// Stable rule id (`csr.signature`, `key.rsa_size`, ...).
+        rule: String,
         /// What went wrong.
         error: String,
     },
@@ -492,10 +598,10 @@ fn issuer_name(root: &IssuerCert) -> String {
         .unwrap_or_default()
 }
 
-fn load_csr(path: &Path) -> Result<VerifiedCsr, String> {
+fn load_csr(path: &Path) -> Result<VerifiedCsr, (String, String)> {
     csr::load(path).map_err(|e| match e {
-        csr::CsrLoadError::Read(io) => format!("cannot read: {io}"),
-        csr::CsrLoadError::Csr(c) => c.to_string(),
+        csr::CsrLoadError::Read(io) => ("csr.read".to_owned(), format!("cannot read: {io}")),
+        csr::CsrLoadError::Csr(c) => (c.rule().to_owned(), c.to_string()),
     })
 }
 
@@ -514,8 +620,9 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
         .csrs
         .iter()
         .map(|path| match load_csr(path) {
-            Err(error) => Outcome::Failed {
+            Err((rule, error)) => Outcome::Failed {
                 csr: path.clone(),
+                rule,
                 error,
             },
             Ok(c) => match policy::decide(&profile, &c, &ctx) {
@@ -554,47 +661,27 @@ pub fn sign(
     clock: &dyn Clock,
 ) -> Result<Vec<Outcome>, Error> {
     let profile = home.profile(&req.profile)?;
-    let root = home.root()?;
-    let issuer = issuer_name(&root);
-    let mut log = Log::open(&home.dir)?;
-    if log.root().cert_der != root.der {
-        return Err(Error::Home(HomeError::Config {
-            path: home.dir.join("root.pem"),
-            message: "is not the root recorded in the log".into(),
-        }));
+    if profile.ca.is_some() {
+        return Err(Error::Usage(format!(
+            "profile {:?} makes CA certificates; use `hsmca ca create` so the CA key is generated in the token",
+            profile.name
+        )));
     }
-    let ca_key = token.key_matching(&home.config.root_key.label, &root.public_key)?;
+    let (issuer_cert, issuer_label) = home.issuer(&profile.issuer)?;
+    let issuer = issuer_name(&issuer_cert);
     let log_key = token.key(&home.config.log_key.label)?;
-    let vkey = translog::vkey(&home.config.origin, log_key.public_key()).map_err(Error::Usage)?;
-    if vkey != log.root().vkey {
-        return Err(Error::Home(HomeError::Config {
-            path: home.dir.join("hsmca.json"),
-            message: "the token's log key is not the one recorded in the log".into(),
-        }));
-    }
-    let note_key = NoteKey::new(&home.config.origin, &log_key).map_err(Error::Usage)?;
-
-    let open = log.open_intents();
-    if !open.is_empty() {
-        let bodies = open
-            .into_iter()
-            .map(|intent_seq| Body::Abandon {
-                intent_seq,
-                reason: "a previous run stopped before logging the result; nothing was released"
-                    .into(),
-            })
-            .collect();
-        log.append(bodies, clock.now())?;
-    }
+    let (mut log, note_key) = open_log(home, &log_key, clock)?;
+    let ca_key = token.key_matching(&issuer_label, &issuer_cert.public_key)?;
 
     let mut outcomes = Vec::new();
     let mut release: Vec<(usize, Vec<u8>)> = Vec::new();
     for path in &req.csrs {
         let csr = match load_csr(path) {
             Ok(c) => c,
-            Err(error) => {
+            Err((rule, error)) => {
                 outcomes.push(Outcome::Failed {
                     csr: path.clone(),
+                    rule,
                     error,
                 });
                 continue;
@@ -615,16 +702,11 @@ pub fn sign(
             });
             continue;
         }
-        let mut serial_bytes = serial(token)?;
-        while log.serial_used(&keys::hex(&serial_bytes)) {
-            serial_bytes = serial(token)?;
-        }
-        let now = clock.now();
         let ctx = Context {
-            now,
-            serial: serial_bytes,
+            now: clock.now(),
+            serial: fresh_serial(token, &log)?,
             requested_validity: req.validity,
-            issuer_not_after: root.not_after,
+            issuer_not_after: issuer_cert.not_after,
         };
         let decision = match policy::decide(&profile, &csr, &ctx) {
             Ok(d) => d,
@@ -636,56 +718,33 @@ pub fn sign(
                 continue;
             }
         };
-        let prepared = issue::prepare(decision, &root)?;
-        let d = &prepared.decision;
-        let serial_hex = keys::hex(&d.serial);
-        let intent = Body::IssueIntent {
-            serial: serial_hex.clone(),
-            profile: profile.name.clone(),
-            subject: d.subject_string(),
-            sans: d.san_strings(),
-            not_before: rfc3339(d.not_before),
-            not_after: rfc3339(d.not_after),
-            csr_sha256: csr.sha256.clone(),
-            tbs_sha256: prepared.tbs_sha256.clone(),
-        };
-        let intent_seq = log.append(vec![intent], now)?[0];
-        danger_crash_point("after-intent");
-        match issue::sign(&prepared, &root, &ca_key) {
-            Ok(der) => {
-                let cert = Body::Cert {
-                    intent_seq,
-                    serial: serial_hex,
-                    profile: profile.name.clone(),
-                    csr_sha256: csr.sha256.clone(),
-                    cert_sha256: keys::sha256_hex(&der),
-                    cert: B64.encode(&der),
-                };
-                let seq = log.append(vec![cert], clock.now())?[0];
-                danger_crash_point("after-cert");
+        let cert = summary(&decision, &issuer);
+        match issue_logged(
+            &mut log,
+            decision,
+            &issuer_cert,
+            &ca_key,
+            &csr.sha256,
+            clock,
+        )? {
+            Ok((seq, der)) => {
                 release.push((outcomes.len(), der));
                 outcomes.push(Outcome::Issued {
                     csr: path.clone(),
-                    cert: summary(d, &issuer),
+                    cert,
                     file: out_path(req, path),
                     log_entry: seq,
                     already_issued: false,
                 });
             }
             Err(e) => {
-                log.append(
-                    vec![Body::Abandon {
-                        intent_seq,
-                        reason: format!("not released: {e}"),
-                    }],
-                    clock.now(),
-                )?;
                 if matches!(e, issue::IssueError::Verify(_)) {
                     log.checkpoint(&note_key)?;
                     return Err(e.into());
                 }
                 outcomes.push(Outcome::Failed {
                     csr: path.clone(),
+                    rule: "token.sign".into(),
                     error: crate::error::chain(&e),
                 });
             }
@@ -695,14 +754,14 @@ pub fn sign(
     danger_crash_point("after-checkpoint");
 
     // Every certificate below is durable in the log and covered by a signed checkpoint.
-    let root_pem = pem("CERTIFICATE", &root.der);
+    let chain = home.chain_pem(&profile.issuer)?;
     for (i, der) in release {
         let Outcome::Issued { file, .. } = &outcomes[i] else {
             continue;
         };
         let mut text = pem("CERTIFICATE", &der);
         if req.chain {
-            text.push_str(&root_pem);
+            text.push_str(&chain);
         }
         let file = file.clone();
         match files::write_new(&file, text.as_bytes()) {
@@ -714,6 +773,7 @@ pub fn sign(
                 };
                 outcomes[i] = Outcome::Failed {
                     csr,
+                    rule: "output.write".into(),
                     error: format!(
                         "issued and logged, but {e}; rerun to write it elsewhere with --out"
                     ),
@@ -756,6 +816,105 @@ fn reissued_summary(der: &[u8], profile: &str, issuer: &str) -> CertSummary {
     }
 }
 
+/// Opens the log for appending with the token's log key, after checking that both the root
+/// and the log key are the ones recorded in the log, and closes intents a crashed run left
+/// open (nothing was released for them).
+fn open_log<'k>(
+    home: &Home,
+    log_key: &'k TokenKey<'_>,
+    clock: &dyn Clock,
+) -> Result<(Log, NoteKey<'k>), Error> {
+    let root = home.root()?;
+    let mut log = Log::open(&home.dir)?;
+    let mismatch = |file: &str, message: &str| {
+        Error::Home(HomeError::Config {
+            path: home.dir.join(file),
+            message: message.into(),
+        })
+    };
+    if log.root().cert_der != root.der {
+        return Err(mismatch("root.pem", "is not the root recorded in the log"));
+    }
+    let vkey = translog::vkey(&home.config.origin, log_key.public_key()).map_err(Error::Usage)?;
+    if vkey != log.root().vkey {
+        return Err(mismatch(
+            "hsmca.json",
+            "the token's log key is not the one recorded in the log",
+        ));
+    }
+    let note_key = NoteKey::new(&home.config.origin, log_key).map_err(Error::Usage)?;
+    let open = log.open_intents();
+    if !open.is_empty() {
+        let reason = "a previous run stopped before logging the result; nothing was released";
+        let bodies = open
+            .into_iter()
+            .map(|intent_seq| Body::Abandon {
+                intent_seq,
+                reason: reason.into(),
+            })
+            .collect();
+        log.append(bodies, clock.now())?;
+    }
+    Ok((log, note_key))
+}
+
+/// A serial from the token that the log has never used.
+fn fresh_serial(token: &Token, log: &Log) -> Result<Vec<u8>, Error> {
+    loop {
+        let s = serial(token)?;
+        if !log.serial_used(&keys::hex(&s)) {
+            return Ok(s);
+        }
+    }
+}
+
+/// Intent (durable) → token signs → verify → certificate entry (durable). A signing or
+/// verification failure is logged as an abandoned intent and returned in the inner result.
+fn issue_logged(
+    log: &mut Log,
+    decision: Decision,
+    issuer: &IssuerCert,
+    key: &dyn CaSigner,
+    csr_sha256: &str,
+    clock: &dyn Clock,
+) -> Result<Result<(u64, Vec<u8>), issue::IssueError>, Error> {
+    let prepared = issue::prepare(decision, issuer)?;
+    let d = &prepared.decision;
+    let serial_hex = keys::hex(&d.serial);
+    let intent = Body::IssueIntent {
+        serial: serial_hex.clone(),
+        profile: d.profile.clone(),
+        subject: d.subject_string(),
+        sans: d.san_strings(),
+        not_before: rfc3339(d.not_before),
+        not_after: rfc3339(d.not_after),
+        csr_sha256: csr_sha256.to_owned(),
+        tbs_sha256: prepared.tbs_sha256.clone(),
+    };
+    let intent_seq = log.append(vec![intent], clock.now())?[0];
+    danger_crash_point("after-intent");
+    match issue::sign(&prepared, issuer, key) {
+        Ok(der) => {
+            let cert = Body::Cert {
+                intent_seq,
+                serial: serial_hex,
+                profile: d.profile.clone(),
+                csr_sha256: csr_sha256.to_owned(),
+                cert_sha256: keys::sha256_hex(&der),
+                cert: B64.encode(&der),
+            };
+            let seq = log.append(vec![cert], clock.now())?[0];
+            danger_crash_point("after-cert");
+            Ok(Ok((seq, der)))
+        }
+        Err(e) => {
+            let reason = format!("not released: {e}");
+            log.append(vec![Body::Abandon { intent_seq, reason }], clock.now())?;
+            Ok(Err(e))
+        }
+    }
+}
+
 /// Test hook for crash tests: `HSMCA_DANGER_CRASH_AT=after-intent|after-cert|after-checkpoint`
 /// aborts the process at that point, as a kill -9 or power cut would. Never set it in
 /// production; it exists so the suite can prove that a rerun finishes without issuing twice.
@@ -763,4 +922,149 @@ fn danger_crash_point(name: &str) {
     if std::env::var("HSMCA_DANGER_CRASH_AT").is_ok_and(|v| v == name) {
         std::process::abort();
     }
+}
+
+/// What `hsmca ca create` needs.
+#[derive(Debug, Clone)]
+pub struct CaRequest {
+    /// Name profiles use in `issuer` (e.g. `kubernetes-ca`).
+    pub name: String,
+    /// A CA profile (one with `"ca"`).
+    pub profile: String,
+    /// Subject, `CN=...,O=...`.
+    pub subject: String,
+    /// Key type of the new CA key.
+    pub key_type: KeyType,
+    /// Requested validity.
+    pub validity: Option<Duration>,
+}
+
+/// What `hsmca ca create` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaReport {
+    /// CA name.
+    pub name: String,
+    /// The certificate.
+    pub cert: CertSummary,
+    /// Where it was written.
+    pub file: PathBuf,
+    /// Log entry of the certificate.
+    pub log_entry: u64,
+    /// Label of its key in the token.
+    pub key_label: String,
+}
+
+/// `hsmca ca create`: an offline intermediate whose key is generated in the same token, signed
+/// by the profile's issuer (the root) under the CA profile, logged like any issuance, and added
+/// to the CA home so profiles can name it as their `issuer`.
+pub fn create_ca(
+    home: &Home,
+    req: &CaRequest,
+    token: &Token,
+    clock: &dyn Clock,
+) -> Result<CaReport, Error> {
+    let valid = !req.name.is_empty()
+        && req.name != "root"
+        && req
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid {
+        return Err(Error::Usage(format!(
+            "CA name {:?}: use letters, digits, '-' or '_' (not \"root\")",
+            req.name
+        )));
+    }
+    if home.config.cas.iter().any(|c| c.name == req.name) {
+        return Err(Error::Usage(format!(
+            "this CA home already has a CA named {:?}",
+            req.name
+        )));
+    }
+    let profile = home.profile(&req.profile)?;
+    if profile.ca.is_none() {
+        return Err(Error::Usage(format!(
+            "profile {:?} is not a CA profile (it has no \"ca\" section)",
+            profile.name
+        )));
+    }
+    let subject = issue::subject_pairs(&req.subject)?;
+    let (issuer_cert, issuer_label) = home.issuer(&profile.issuer)?;
+    let issuer = issuer_name(&issuer_cert);
+    let log_key = token.key(&home.config.log_key.label)?;
+    let (mut log, note_key) = open_log(home, &log_key, clock)?;
+    let issuer_key = token.key_matching(&issuer_label, &issuer_cert.public_key)?;
+
+    // The proposed certificate is judged by the profile exactly like a CSR would be, before
+    // a key is made.
+    let mut proposal = VerifiedCsr {
+        sha256: String::new(),
+        public_key: keys::PublicKey {
+            key_type: req.key_type,
+            spki_der: Vec::new(),
+            raw: Vec::new(),
+        },
+        subject,
+        sans: Vec::new(),
+        extensions: Vec::new(),
+        other_attributes: Vec::new(),
+        signature_algorithm: "key generated in the token",
+        der: Vec::new(),
+    };
+    let mut ctx = Context {
+        now: clock.now(),
+        serial: vec![0; 16],
+        requested_validity: req.validity,
+        issuer_not_after: issuer_cert.not_after,
+    };
+    if let Err(refusals) = policy::decide(&profile, &proposal, &ctx) {
+        let list: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+        return Err(Error::Usage(format!(
+            "refused by profile {:?}: {}",
+            profile.name,
+            list.join("; ")
+        )));
+    }
+    let label = format!("{}-{}", home.config.root_key.label, req.name);
+    let id = token.random(8)?;
+    let public = token.generate_key_pair(req.key_type, &label, &id)?;
+    proposal.sha256 = public.fingerprint();
+    proposal.public_key = public;
+    ctx.serial = fresh_serial(token, &log)?;
+    let decision =
+        policy::decide(&profile, &proposal, &ctx).map_err(|r| Error::Internal(format!("{r:?}")))?;
+    let cert = summary(&decision, &issuer);
+    let (seq, der) = issue_logged(
+        &mut log,
+        decision,
+        &issuer_cert,
+        &issuer_key,
+        &proposal.sha256,
+        clock,
+    )??;
+    log.checkpoint(&note_key)?;
+
+    let rel = format!("cas/{}.pem", req.name);
+    let file = home.dir.join(&rel);
+    files::write_new(&file, pem("CERTIFICATE", &der).as_bytes())?;
+    let mut config = home.config.clone();
+    config.cas.push(CaEntry {
+        name: req.name.clone(),
+        key: KeyRef {
+            label: label.clone(),
+            id: keys::hex(&id),
+            key_type: req.key_type,
+        },
+        cert: rel,
+        issuer: profile.issuer.clone(),
+    });
+    let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Internal(e.to_string()))?;
+    files::replace(&home.dir.join("hsmca.json"), &json)?;
+    Ok(CaReport {
+        name: req.name.clone(),
+        cert,
+        file,
+        log_entry: seq,
+        key_label: label,
+    })
 }

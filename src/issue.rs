@@ -7,8 +7,9 @@
 
 use rcgen::string::{Ia5String, PrintableString};
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, KeyUsagePurpose, NameConstraints, SanType,
+    SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -16,7 +17,7 @@ use time::OffsetDateTime;
 use crate::csr::AttrType;
 use crate::keys::{self, PublicKey};
 use crate::policy::Decision;
-use crate::profile::{ExtKeyUsage, KeyUsage};
+use crate::profile::{Cidr, ExtKeyUsage, KeyUsage};
 use crate::signer::{CaSigner, RcgenKey, SignError};
 use crate::verify::{self, VerifyError};
 
@@ -161,7 +162,7 @@ pub fn self_signed_root(spec: &RootSpec, signer: &dyn CaSigner) -> Result<Vec<u8
     params.serial_number = Some(SerialNumber::from_slice(&spec.serial));
     params.not_before = spec.not_before;
     params.not_after = spec.not_after;
-    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let key = RcgenKey::signing(signer);
     let cert = params.self_signed(&key).map_err(|e| rcgen_error(&key, e))?;
@@ -172,8 +173,18 @@ pub fn self_signed_root(spec: &RootSpec, signer: &dyn CaSigner) -> Result<Vec<u8
 
 /// Parses `CN=x,O=y` into a DN, in the order given. Only CN, O, OU, C, ST, L.
 pub fn parse_subject(s: &str) -> Result<DistinguishedName, IssueError> {
-    let bad = |why: &str| IssueError::Subject(s.to_owned(), why.to_owned());
     let mut dn = DistinguishedName::new();
+    for (attr, v) in subject_pairs(s)? {
+        let (t, value) = dn_entry(&attr, &v).map_err(|e| IssueError::Subject(s.to_owned(), e))?;
+        dn.push(t, value);
+    }
+    Ok(dn)
+}
+
+/// Parses `CN=x,O=y` into attribute/value pairs, in the order given. A CN is required.
+pub fn subject_pairs(s: &str) -> Result<Vec<(AttrType, String)>, IssueError> {
+    let bad = |why: &str| IssueError::Subject(s.to_owned(), why.to_owned());
+    let mut pairs = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
@@ -184,13 +195,12 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, IssueError> {
         if v.is_empty() || v.chars().any(char::is_control) {
             return Err(bad(&format!("{k} is empty or has control characters")));
         }
-        let (t, value) = dn_entry(&attr, v).map_err(|e| bad(&e))?;
-        dn.push(t, value);
+        pairs.push((attr, v.to_owned()));
     }
-    if dn.get(&DnType::CommonName).is_none() {
+    if !pairs.iter().any(|(a, _)| *a == AttrType::Cn) {
         return Err(bad("a CN is required"));
     }
-    Ok(dn)
+    Ok(pairs)
 }
 
 fn dn_entry(attr: &AttrType, value: &str) -> Result<(DnType, DnValue), String> {
@@ -243,7 +253,39 @@ fn leaf_params(d: &Decision) -> Result<CertificateParams, IssueError> {
     }
     p.subject_alt_names
         .extend(d.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
-    p.is_ca = IsCa::ExplicitNoCa;
+    for (names, uri) in [(&d.emails, false), (&d.uris, true)] {
+        for name in names {
+            let ia5 =
+                Ia5String::try_from(name.as_str()).map_err(|e| IssueError::Build(e.to_string()))?;
+            p.subject_alt_names.push(if uri {
+                SanType::URI(ia5)
+            } else {
+                SanType::Rfc822Name(ia5)
+            });
+        }
+    }
+    p.is_ca = match &d.ca {
+        None => IsCa::ExplicitNoCa,
+        Some(ca) => {
+            let subtrees = |dns: &[String], ip: &[String]| {
+                dns.iter()
+                    .map(|n| GeneralSubtree::DnsName(n.clone()))
+                    .chain(ip.iter().filter_map(|r| Cidr::parse(r)).map(|c| {
+                        GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(c.addr, c.prefix))
+                    }))
+                    .collect::<Vec<_>>()
+            };
+            let permitted = subtrees(&ca.permitted_dns, &ca.permitted_ip);
+            let excluded = subtrees(&ca.excluded_dns, &[]);
+            if !permitted.is_empty() || !excluded.is_empty() {
+                p.name_constraints = Some(NameConstraints {
+                    permitted_subtrees: permitted,
+                    excluded_subtrees: excluded,
+                });
+            }
+            IsCa::Ca(BasicConstraints::Constrained(ca.path_len))
+        }
+    };
     p.key_usages = d
         .key_usage
         .iter()
@@ -252,6 +294,8 @@ fn leaf_params(d: &Decision) -> Result<CertificateParams, IssueError> {
             KeyUsage::KeyEncipherment => KeyUsagePurpose::KeyEncipherment,
             KeyUsage::KeyAgreement => KeyUsagePurpose::KeyAgreement,
             KeyUsage::ContentCommitment => KeyUsagePurpose::ContentCommitment,
+            KeyUsage::KeyCertSign => KeyUsagePurpose::KeyCertSign,
+            KeyUsage::CrlSign => KeyUsagePurpose::CrlSign,
         })
         .collect();
     p.extended_key_usages = d

@@ -71,6 +71,14 @@ pub struct Decision {
     pub key_usage: Vec<KeyUsage>,
     /// extKeyUsage purposes.
     pub extended_key_usage: Vec<ExtKeyUsage>,
+    /// rfc822Name SANs (only where the profile lists them).
+    pub emails: Vec<String>,
+    /// URI SANs (only where the profile allows their prefix).
+    pub uris: Vec<String>,
+    /// Which CA signs (`root` or an intermediate's name).
+    pub issuer: String,
+    /// Set when this is an intermediate CA certificate.
+    pub ca: Option<crate::profile::CaRule>,
     /// notBefore (now minus [`BACKDATE`]).
     pub not_before: OffsetDateTime,
     /// notAfter.
@@ -101,6 +109,8 @@ impl Decision {
             .iter()
             .map(|d| format!("DNS:{d}"))
             .chain(self.ip_addresses.iter().map(|i| format!("IP:{i}")))
+            .chain(self.emails.iter().map(|e| format!("email:{e}")))
+            .chain(self.uris.iter().map(|u| format!("URI:{u}")))
             .collect()
     }
 }
@@ -244,8 +254,19 @@ pub fn decide(
             );
             continue;
         }
+        if rule.forbidden.iter().any(|f| f == value) {
+            refuse(
+                &format!("subject.{name}.forbidden"),
+                format!("never {value:?} under this profile"),
+                value.clone(),
+            );
+            continue;
+        }
         let exact = rule.values.iter().any(|v| v == value);
-        let shaped = rule.patterns.iter().any(|p| pattern_matches(p, value));
+        let shaped = rule
+            .patterns
+            .iter()
+            .any(|p| pattern_matches(profile, p, value));
         if !exact && !shaped {
             let expected = one_of(
                 rule.values
@@ -273,6 +294,7 @@ pub fn decide(
     // Subject alternative names.
     let mut dns_names = Vec::new();
     let mut ip_addresses = Vec::new();
+    let (mut emails, mut uris) = (Vec::new(), Vec::new());
     let mut unique = BTreeSet::new();
     for san in &csr.sans {
         if !unique.insert(san.clone()) {
@@ -281,9 +303,14 @@ pub fn decide(
         }
         match san {
             San::Dns(name) => {
-                if name.contains('*') {
+                let wildcard = name.strip_prefix("*.");
+                let checked =
+                    wildcard.map_or_else(|| name.clone(), |rest| format!("wildcard.{rest}"));
+                if name.contains('*')
+                    && (!profile.san.wildcards || wildcard.is_none_or(|r| r.contains('*')))
+                {
                     refuse("san.dns.wildcard", "no wildcard names".into(), name.clone());
-                } else if !is_dns_name(name) {
+                } else if !is_dns_name(&checked) {
                     refuse(
                         "san.dns.syntax",
                         "a lowercase LDH hostname (RFC 1123)".into(),
@@ -293,7 +320,7 @@ pub fn decide(
                     .san
                     .dns
                     .iter()
-                    .any(|allowed| dns_allowed(allowed, name))
+                    .any(|allowed| dns_allowed(profile, allowed, &checked))
                 {
                     refuse(
                         "san.dns",
@@ -321,8 +348,20 @@ pub fn decide(
                     );
                 }
             }
-            San::Email(e) => refuse("san.email", "no email addresses".into(), e.clone()),
-            San::Uri(u) => refuse("san.uri", "no URIs".into(), u.clone()),
+            San::Email(e) if profile.san.email.contains(e) => emails.push(e.clone()),
+            San::Email(e) => refuse(
+                "san.email",
+                one_of(profile.san.email.iter().map(String::as_str)),
+                e.clone(),
+            ),
+            San::Uri(u) if profile.san.uri.iter().any(|p| u.starts_with(p.as_str())) => {
+                uris.push(u.clone());
+            }
+            San::Uri(u) => refuse(
+                "san.uri",
+                one_of(profile.san.uri.iter().map(String::as_str)),
+                u.clone(),
+            ),
             San::Other(o) => refuse(
                 "san.other",
                 "only DNS names and IP addresses".into(),
@@ -395,6 +434,10 @@ pub fn decide(
         ip_addresses,
         key_usage,
         extended_key_usage: profile.extended_key_usage.clone(),
+        emails,
+        uris,
+        issuer: profile.issuer.clone(),
+        ca: profile.ca.clone(),
         not_before,
         not_after,
         serial: ctx.serial.clone(),
@@ -429,26 +472,31 @@ pub fn is_dns_name(name: &str) -> bool {
         })
 }
 
-/// `allowed` is an exact name or `*.suffix`, which matches one or more labels under `suffix`.
-fn dns_allowed(allowed: &str, name: &str) -> bool {
+/// `allowed` is an exact name, a pattern with one `{part}`, or `*.suffix`, which matches one
+/// or more labels under `suffix`.
+fn dns_allowed(profile: &Profile, allowed: &str, name: &str) -> bool {
     match allowed.strip_prefix("*.") {
+        Some(suffix) if suffix.contains('{') => name.split_once('.').is_some_and(|(_, rest)| {
+            dns_allowed(profile, allowed, rest) || pattern_matches(profile, suffix, rest)
+        }),
         Some(suffix) => name
             .strip_suffix(suffix)
             .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        None if allowed.contains('{') => pattern_matches(profile, allowed, name),
         None => allowed == name,
     }
 }
 
-/// `pattern` holds one `{name}`; the text around it must match exactly and `{name}` must be a
-/// DNS name.
-fn pattern_matches(pattern: &str, value: &str) -> bool {
-    let Some((prefix, suffix)) = pattern.split_once("{name}") else {
+/// `pattern` holds one `{part}`; the text around it must match exactly and the part must
+/// satisfy its rule in the profile.
+fn pattern_matches(profile: &Profile, pattern: &str, value: &str) -> bool {
+    let Some((prefix, suffix, rule)) = profile.part_of(pattern) else {
         return false;
     };
     value
         .strip_prefix(prefix)
         .and_then(|rest| rest.strip_suffix(suffix))
-        .is_some_and(is_dns_name)
+        .is_some_and(|part| rule.allows(part))
 }
 
 #[cfg(test)]
@@ -459,8 +507,9 @@ mod tests {
     fn profile() -> Profile {
         serde_json::from_str(
             r#"{"name":"kubelet","key_types":["ecdsa-p256","rsa-2048"],
-            "subject":{"CN":{"required":true,"patterns":["system:node:{name}"]},
-                       "O":{"required":true,"values":["system:nodes"]}},
+            "subject":{"CN":{"required":true,"patterns":["system:node:{node}"],"forbidden":["system:node:root"]},
+                       "O":{"required":true,"values":["system:nodes"],"forbidden":["system:masters"]}},
+            "parts":{"node":{"kind":"dns_label"}},
             "san":{"dns":["*.cluster.local","localhost"],"ip":["10.0.0.0/8"],"max":3},
             "key_usage":["digital_signature","key_encipherment"],"extended_key_usage":["client_auth"],
             "validity":{"default":"30d","max":"365d"}}"#,
@@ -557,7 +606,7 @@ mod tests {
                     &[],
                     &rcgen::PKCS_ECDSA_P256_SHA256,
                 ),
-                vec![("subject.O", "system:masters")],
+                vec![("subject.O.forbidden", "system:masters")],
             ),
             (
                 csr(

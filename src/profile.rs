@@ -23,8 +23,17 @@ pub struct Profile {
     /// One line for operators: what this profile is for.
     #[serde(default)]
     pub description: String,
+    /// Which CA signs: `root`, or the name of an intermediate made by `hsmca ca create`.
+    #[serde(default = "root_issuer")]
+    pub issuer: String,
+    /// Present for CA profiles (intermediates): basicConstraints and name constraints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaRule>,
     /// Key types a CSR may carry.
     pub key_types: Vec<KeyType>,
+    /// Rules for the named parts used in patterns, e.g. `{node}` in `system:node:{node}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, PartRule>,
     /// Allowed subject attributes by short name (`CN`, `O`, `OU`, `C`, `ST`, `L`,
     /// `serialNumber`); an attribute not listed is refused.
     pub subject: BTreeMap<String, AttrRule>,
@@ -33,7 +42,8 @@ pub struct Profile {
     pub san: SanRule,
     /// keyUsage of every certificate; `key_encipherment` is only set for RSA keys (RFC 8813).
     pub key_usage: Vec<KeyUsage>,
-    /// extKeyUsage of every certificate.
+    /// extKeyUsage of every certificate (may be empty only for CA profiles).
+    #[serde(default)]
     pub extended_key_usage: Vec<ExtKeyUsage>,
     /// Lifetime.
     pub validity: ValidityRule,
@@ -49,10 +59,66 @@ pub struct AttrRule {
     /// Exact allowed values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
-    /// Allowed shapes with one `{name}` placeholder, e.g. `system:node:{name}`; `{name}` must be
-    /// a lowercase DNS name (RFC 1123).
+    /// Allowed shapes with one named part, e.g. `system:node:{node}`; the part's rule is in
+    /// the profile's `parts`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patterns: Vec<String>,
+    /// Values refused with their own rule id (`subject.O.forbidden`), even if a pattern matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forbidden: Vec<String>,
+}
+
+fn root_issuer() -> String {
+    "root".into()
+}
+
+/// What a named part of a pattern may be.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartRule {
+    /// `dns_label` (one lowercase LDH label) or `dns_name` (dot-separated labels).
+    pub kind: PartKind,
+    /// If given, the only values allowed (e.g. the cluster's node names from the site).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// Shape of a named part.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PartKind {
+    /// One lowercase LDH label, 1-63 characters.
+    DnsLabel,
+    /// A lowercase LDH hostname.
+    DnsName,
+}
+
+impl PartRule {
+    /// Whether `value` may fill this part.
+    pub fn allows(&self, value: &str) -> bool {
+        let shaped = match self.kind {
+            PartKind::DnsLabel => !value.contains('.') && crate::policy::is_dns_name(value),
+            PartKind::DnsName => crate::policy::is_dns_name(value),
+        };
+        shaped && (self.values.is_empty() || self.values.iter().any(|v| v == value))
+    }
+}
+
+/// The CA part of an intermediate's profile.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaRule {
+    /// basicConstraints pathLenConstraint (0: may only issue end-entity certificates).
+    pub path_len: u8,
+    /// nameConstraints permitted DNS subtrees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permitted_dns: Vec<String>,
+    /// nameConstraints excluded DNS subtrees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_dns: Vec<String>,
+    /// nameConstraints permitted IP ranges (CIDR).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permitted_ip: Vec<String>,
 }
 
 /// Rule for subjectAltNames.
@@ -65,6 +131,15 @@ pub struct SanRule {
     /// Allowed IP ranges in CIDR form (`10.0.0.0/8`, `::1/128`); a bare address means itself.
     #[serde(default)]
     pub ip: Vec<String>,
+    /// Requested wildcard names (`*.x`) are refused unless this is true (and they match `dns`).
+    #[serde(default)]
+    pub wildcards: bool,
+    /// Allowed email addresses (rfc822Name); none unless listed.
+    #[serde(default)]
+    pub email: Vec<String>,
+    /// Allowed URI prefixes; none unless listed.
+    #[serde(default)]
+    pub uri: Vec<String>,
     /// Names that must be present.
     #[serde(default)]
     pub required_dns: Vec<String>,
@@ -95,6 +170,10 @@ pub enum KeyUsage {
     KeyAgreement,
     /// contentCommitment (nonRepudiation)
     ContentCommitment,
+    /// keyCertSign (CA profiles only)
+    KeyCertSign,
+    /// cRLSign (CA profiles only)
+    CrlSign,
 }
 
 impl KeyUsage {
@@ -105,6 +184,8 @@ impl KeyUsage {
             Self::KeyEncipherment => "key_encipherment",
             Self::KeyAgreement => "key_agreement",
             Self::ContentCommitment => "content_commitment",
+            Self::KeyCertSign => "key_cert_sign",
+            Self::CrlSign => "crl_sign",
         }
     }
 }
@@ -283,8 +364,8 @@ pub enum ProfileError {
 }
 
 impl Profile {
-    /// Reads `DIR/NAME.json`.
-    pub fn load_named(dir: &Path, name: &str) -> Result<Self, ProfileError> {
+    /// Reads `DIR/NAME.json`, expanding `${param}` from `site`.
+    pub fn load_named(dir: &Path, name: &str, site: &Site) -> Result<Self, ProfileError> {
         let valid_name = !name.is_empty()
             && name
                 .chars()
@@ -297,23 +378,42 @@ impl Profile {
                 available: list(dir),
             });
         }
-        Self::load(&path)
+        Self::load(&path, site)
     }
 
     /// Reads and checks one profile file.
-    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+    pub fn load(path: &Path, site: &Site) -> Result<Self, ProfileError> {
         let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        let profile: Self = serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
-            path: path.to_path_buf(),
-            message: e.to_string(),
         })?;
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        Self::parse(&text, path, &stem, site)
+    }
+
+    /// Parses profile JSON; `path` and `stem` are for messages and the name check.
+    pub fn parse(text: &str, path: &Path, stem: &str, site: &Site) -> Result<Self, ProfileError> {
+        let syntax = |message: String| ProfileError::Syntax {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        site.expand(&mut value, "")
+            .map_err(|(key, problem)| invalid(path, &key, problem))?;
+        let mut todo = Vec::new();
+        crate::cfssl::todos(&value, "", &mut todo);
+        if let Some(key) = todo.first() {
+            return Err(invalid(
+                path,
+                key,
+                "still holds a TODO: write the rule before using this profile".into(),
+            ));
+        }
+        let profile: Self = serde_json::from_value(value).map_err(|e| syntax(e.to_string()))?;
         if profile.name != stem {
             return Err(invalid(
                 path,
@@ -323,81 +423,334 @@ impl Profile {
         }
         profile
             .check()
-            .map_err(|(key, problem)| invalid(path, key, problem))?;
+            .map_err(|(key, problem)| invalid(path, &key, problem))?;
         Ok(profile)
     }
 
     /// The checks serde cannot do: safety and consistency.
-    fn check(&self) -> Result<(), (&'static str, String)> {
+    fn check(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, problem: String| Err((key.to_owned(), problem));
         if self.key_types.is_empty() {
-            return Err(("key_types", "must list at least one key type".into()));
+            return err("key_types", "must list at least one key type".into());
         }
         if self.validity.default > self.validity.max {
-            return Err((
+            return err(
                 "validity.default",
                 format!(
                     "{} is longer than validity.max {}",
                     self.validity.default, self.validity.max
                 ),
-            ));
-        }
-        if self.extended_key_usage.is_empty() {
-            return Err((
-                "extended_key_usage",
-                "must list at least one purpose".into(),
-            ));
+            );
         }
         if self.key_usage.is_empty() {
-            return Err(("key_usage", "must list at least one usage".into()));
+            return err("key_usage", "must list at least one usage".into());
         }
+        let signs_certs = self
+            .key_usage
+            .iter()
+            .any(|u| matches!(u, KeyUsage::KeyCertSign | KeyUsage::CrlSign));
+        match &self.ca {
+            Some(ca) => {
+                if !self.key_usage.contains(&KeyUsage::KeyCertSign)
+                    || !self.key_usage.contains(&KeyUsage::CrlSign)
+                {
+                    return err(
+                        "key_usage",
+                        "a CA profile needs key_cert_sign and crl_sign".into(),
+                    );
+                }
+                if !self.san.dns.is_empty()
+                    || !self.san.ip.is_empty()
+                    || !self.san.email.is_empty()
+                    || !self.san.uri.is_empty()
+                {
+                    return err("san", "a CA profile issues no subjectAltNames".into());
+                }
+                for range in &ca.permitted_ip {
+                    if Cidr::parse(range).is_none() {
+                        return err("ca.permitted_ip", format!("{range:?} is not a CIDR range"));
+                    }
+                }
+                for name in ca.permitted_dns.iter().chain(&ca.excluded_dns) {
+                    if !crate::policy::is_dns_name(name.trim_start_matches('.')) {
+                        return err("ca.permitted_dns", format!("{name:?} is not a DNS name"));
+                    }
+                }
+            }
+            None => {
+                if signs_certs {
+                    return err(
+                        "key_usage",
+                        "key_cert_sign and crl_sign are only for CA profiles (add \"ca\")".into(),
+                    );
+                }
+                if self.extended_key_usage.is_empty() {
+                    return err(
+                        "extended_key_usage",
+                        "must list at least one purpose".into(),
+                    );
+                }
+            }
+        }
+        if self
+            .key_types
+            .iter()
+            .any(|k| matches!(k, KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096))
+            && !self.key_usage.contains(&KeyUsage::DigitalSignature)
+        {
+            return err("key_usage", "must include digital_signature".into());
+        }
+        if self.issuer.is_empty()
+            || !self
+                .issuer
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return err(
+                "issuer",
+                format!("{:?} is not root or a CA name", self.issuer),
+            );
+        }
+        let mut used_parts = std::collections::BTreeSet::new();
         for (attr, rule) in &self.subject {
+            let key = format!("subject.{attr}");
             if AttrType::from_name(attr).is_none() {
-                return Err((
+                return err(
                     "subject",
                     format!(
                         "{attr:?} is not a known attribute (CN, O, OU, C, ST, L, serialNumber)"
                     ),
-                ));
+                );
             }
             if rule.values.is_empty() && rule.patterns.is_empty() {
-                return Err((
-                    "subject",
-                    format!(
-                        "{attr}: give values or patterns; an attribute that may hold anything is not allowed"
-                    ),
-                ));
+                return err(
+                    &key,
+                    "give values or patterns; an attribute that may hold anything is not allowed"
+                        .into(),
+                );
             }
-            for p in &rule.patterns {
-                if p.matches("{name}").count() != 1 || p.replace("{name}", "").contains(['{', '}'])
-                {
-                    return Err((
-                        "subject",
-                        format!("{attr}: pattern {p:?} must contain exactly one {{name}}"),
-                    ));
+            for f in &rule.forbidden {
+                if rule.values.contains(f) {
+                    return err(&key, format!("{f:?} is both allowed and forbidden"));
                 }
             }
+            for p in &rule.patterns {
+                used_parts.insert(self.check_pattern(&key, p)?);
+            }
+        }
+        if self.subject.get("CN").is_none_or(|r| !r.required)
+            && self.ca.is_none()
+            && self.san.min == 0
+        {
+            return err(
+                "subject.CN",
+                "a profile must require a CN or at least one SAN".into(),
+            );
         }
         for range in &self.san.ip {
             if Cidr::parse(range).is_none() {
-                return Err((
+                return err(
                     "san.ip",
                     format!("{range:?} is not an address or CIDR range"),
-                ));
+                );
             }
         }
         for name in &self.san.dns {
             let bare = name.strip_prefix("*.").unwrap_or(name);
-            if !crate::policy::is_dns_name(bare) {
-                return Err(("san.dns", format!("{name:?} is not a DNS name or *.suffix")));
+            if bare.contains('{') {
+                used_parts.insert(self.check_pattern("san.dns", bare)?);
+            } else if !crate::policy::is_dns_name(bare) {
+                return err("san.dns", format!("{name:?} is not a DNS name or *.suffix"));
+            }
+        }
+        for name in &self.san.required_dns {
+            if !crate::policy::is_dns_name(name) {
+                return err("san.required_dns", format!("{name:?} is not a DNS name"));
             }
         }
         if self.san.min > self.san.max {
-            return Err((
+            return err(
                 "san.min",
                 format!("{} is more than san.max {}", self.san.min, self.san.max),
-            ));
+            );
+        }
+        let required = self.san.required_dns.len() + self.san.required_ip.len();
+        if required > self.san.max {
+            return err(
+                "san.max",
+                format!(
+                    "{} is less than the {required} required names",
+                    self.san.max
+                ),
+            );
+        }
+        for part in self.parts.keys() {
+            if !used_parts.contains(part) {
+                return err(
+                    &format!("parts.{part}"),
+                    "is not used by any pattern".into(),
+                );
+            }
         }
         Ok(())
+    }
+
+    /// A pattern holds exactly one `{part}` with a rule in `parts`; returns the part's name.
+    fn check_pattern(&self, key: &str, pattern: &str) -> Result<String, (String, String)> {
+        let bad = |why: String| (key.to_owned(), format!("pattern {pattern:?} {why}"));
+        let open = pattern
+            .find('{')
+            .ok_or_else(|| bad("has no {part}".into()))?;
+        let close = pattern[open..]
+            .find('}')
+            .map(|c| c + open)
+            .ok_or_else(|| bad("has an unclosed {".into()))?;
+        let rest = &pattern[close + 1..];
+        if rest.contains(['{', '}']) || pattern[..open].contains('}') {
+            return Err(bad("must contain exactly one {part}".into()));
+        }
+        let name = &pattern[open + 1..close];
+        if !self.parts.contains_key(name) {
+            return Err(bad(format!(
+                "uses {{{name}}} but parts has no rule for {name:?}"
+            )));
+        }
+        Ok(name.to_owned())
+    }
+
+    /// The rule for the part named in `pattern`.
+    pub fn part_of<'a>(&'a self, pattern: &'a str) -> Option<(&'a str, &'a str, &'a PartRule)> {
+        let open = pattern.find('{')?;
+        let close = pattern.find('}')?;
+        let rule = self.parts.get(&pattern[open + 1..close])?;
+        Some((&pattern[..open], &pattern[close + 1..], rule))
+    }
+}
+
+/// Site parameters: facts about the cluster set once in the CA home (`site.json`) and used by
+/// profiles as `${name}`. A string equal to `${name}` inside a list is replaced by the
+/// parameter's items when the parameter is a list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Site(pub BTreeMap<String, SiteValue>);
+
+/// One site parameter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SiteValue {
+    /// A single value.
+    One(String),
+    /// A list, spliced into the list it is used in.
+    Many(Vec<String>),
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        let one = |v: &str| SiteValue::One(v.into());
+        let many = |v: &[&str]| SiteValue::Many(v.iter().map(|s| (*s).to_owned()).collect());
+        Self(BTreeMap::from([
+            ("cluster_domain".into(), one("cluster.local")),
+            ("service_ip".into(), one("10.96.0.1")),
+            (
+                "node_ip_ranges".into(),
+                many(&["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fd00::/8"]),
+            ),
+            ("node_domains".into(), many(&["*.internal"])),
+            ("node_names".into(), many(&[])),
+            ("apiserver_names".into(), many(&[])),
+            ("countries".into(), many(&["CN"])),
+            ("states".into(), many(&["BeiJing", "FuZhou"])),
+            ("localities".into(), many(&["BeiJing", "FuZhou"])),
+            ("org_units".into(), many(&["System"])),
+        ]))
+    }
+}
+
+impl Site {
+    /// Reads `site.json` strictly; unknown parameters are kept (profiles may use their own).
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Replaces every `${name}` in `value`; `at` is the key path for messages.
+    fn expand(&self, value: &mut serde_json::Value, at: &str) -> Result<(), (String, String)> {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => *s = self.expand_str(s, at)?,
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items.drain(..) {
+                    if let Value::String(s) = &item
+                        && let Some(SiteValue::Many(list)) = s
+                            .strip_prefix("${")
+                            .and_then(|r| r.strip_suffix('}'))
+                            .and_then(|n| self.0.get(n))
+                    {
+                        out.extend(list.iter().cloned().map(Value::String));
+                        continue;
+                    }
+                    let mut item = item;
+                    self.expand(&mut item, at)?;
+                    out.push(item);
+                }
+                *items = out;
+            }
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    let path = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    self.expand(v, &path)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn expand_str(&self, s: &str, at: &str) -> Result<String, (String, String)> {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..]
+                .find('}')
+                .ok_or_else(|| (at.to_owned(), format!("unclosed ${{ in {s:?}")))?
+                + start;
+            let name = &rest[start + 2..end];
+            match self.0.get(name) {
+                Some(SiteValue::One(v)) => out.push_str(v),
+                Some(SiteValue::Many(_)) => {
+                    return Err((
+                        at.to_owned(),
+                        format!(
+                            "site parameter {name:?} is a list; use \"${{{name}}}\" alone as a list item"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err((
+                        at.to_owned(),
+                        format!(
+                            "unknown site parameter ${{{name}}} (known: {})",
+                            self.0.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+            rest = &rest[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
     }
 }
 
@@ -468,7 +821,7 @@ mod tests {
             "key_usage":["digital_signature"],"extended_key_usage":["client_auth"],
             "validity":{"default":"30d","max":"10d"}}"#;
         std::fs::write(dir.path().join("p.json"), base).unwrap();
-        let err = Profile::load_named(dir.path(), "p")
+        let err = Profile::load_named(dir.path(), "p", &Site::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("validity.default"), "{err}");
@@ -477,12 +830,12 @@ mod tests {
             base.replace("\"subject\"", "\"subjekt\""),
         )
         .unwrap();
-        let err = Profile::load_named(dir.path(), "p")
+        let err = Profile::load_named(dir.path(), "p", &Site::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("subjekt"), "{err}");
         assert!(matches!(
-            Profile::load_named(dir.path(), "../p"),
+            Profile::load_named(dir.path(), "../p", &Site::default()),
             Err(ProfileError::NotFound { .. })
         ));
     }

@@ -73,6 +73,16 @@ pub fn key_and_expiry(der: &[u8]) -> Result<(PublicKey, time::OffsetDateTime), V
     Ok((key, not_after))
 }
 
+/// Issuer and subject names (DER), whether basicConstraints says CA, and the public key.
+pub fn names(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>, bool, PublicKey), VerifyError> {
+    let cert = parse(der)?;
+    let tbs = cert.tbs_certificate();
+    let enc = |n: &x509_cert::name::Name| n.to_der().map_err(|e| VerifyError::Parse(e.to_string()));
+    let is_ca = matches!(tbs.get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
+    let key = PublicKey::from_spki(tbs.subject_public_key_info())?;
+    Ok((enc(tbs.issuer())?, enc(tbs.subject())?, is_ca, key))
+}
+
 /// Checks a freshly self-signed root: its key is `key` and it verifies under itself.
 pub fn self_signed(der: &[u8], key: &PublicKey) -> Result<(), VerifyError> {
     let (cert_key, _) = key_and_expiry(der)?;

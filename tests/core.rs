@@ -267,7 +267,7 @@ fn a_second_writer_gets_a_clear_error() {
 #[test]
 fn refused_csrs_name_the_rule_and_do_not_stop_the_rest() {
     let env = Env::new("policy");
-    let home = env.init("ca", "policy", "ecdsa-p256");
+    let home = env.init_k8s("ca", "policy");
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
     let good = env.csr(
         "c/good.csr",
@@ -301,14 +301,14 @@ fn refused_csrs_name_the_rule_and_do_not_stop_the_rest() {
         .collect();
     assert_eq!(lines[0]["outcome"], "would-issue");
     assert_eq!(lines[1]["outcome"], "refused");
-    assert_eq!(lines[1]["refusals"][0]["rule"], "subject.O");
+    assert_eq!(lines[1]["refusals"][0]["rule"], "subject.O.forbidden");
     assert_eq!(lines[1]["refusals"][0]["value"], "system:masters");
 
     let run = env.sign(&home, "kubelet-client", &[&masters, &good]);
     run.code_is(1);
     assert!(
         run.stdout()
-            .contains("rule subject.O expects \"system:nodes\", got \"system:masters\""),
+            .contains("rule subject.O.forbidden expects never \"system:masters\""),
         "{}",
         run.all()
     );

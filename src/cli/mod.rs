@@ -4,14 +4,14 @@
 pub(crate) mod report;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
 use hsmca::clock::SystemClock;
 use hsmca::home::{self, Home, InitRequest, SignRequest};
 use hsmca::keys::KeyType;
-use hsmca::profile::Duration;
+use hsmca::profile::{Duration, Profile, Site};
 use hsmca::token::{self, Token, TokenRef};
 use hsmca::{Error, log, pin};
 
@@ -74,6 +74,10 @@ enum Command {
         /// Install the profiles from this directory instead of the shipped ones.
         #[arg(long, value_name = "DIR")]
         profiles: Option<PathBuf>,
+        /// Site parameters (JSON object: cluster_domain, service_ip, node_ip_ranges, ...);
+        /// default: the built-in values, written to HOME/site.json.
+        #[arg(long, value_name = "FILE")]
+        site: Option<PathBuf>,
         #[command(flatten)]
         token_opts: TokenOpts,
         /// Machine-readable output.
@@ -127,6 +131,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Offline intermediate CAs whose keys live in the same token.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// List, show, lint and import profiles.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCommand,
+    },
     /// Work with the issuance log.
     Log {
         #[command(subcommand)]
@@ -142,6 +156,79 @@ enum Command {
         /// Output directory.
         #[arg(long, value_name = "DIR", default_value = ".")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Generate an intermediate CA key in the token, sign it with the profile's issuer (the
+    /// root) under a CA profile, log it, and add it to the CA home.
+    Create {
+        /// Name profiles use as `issuer` (e.g. kubernetes-ca, etcd-ca, front-proxy-ca).
+        name: String,
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// A CA profile.
+        #[arg(long)]
+        profile: String,
+        /// Subject, e.g. "CN=kubernetes-ca".
+        #[arg(long)]
+        subject: String,
+        /// Key algorithm of the intermediate.
+        #[arg(long, default_value = "ecdsa-p256", value_parser = ["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"])]
+        key_type: String,
+        /// Validity (default: the profile's).
+        #[arg(long, value_parser = parse_duration)]
+        validity: Option<Duration>,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfilesCommand {
+    /// The profiles of a CA home (or the shipped ones without --home).
+    List {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One profile with site parameters filled in.
+    Show {
+        /// Profile name.
+        name: String,
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: Option<PathBuf>,
+    },
+    /// Check profile files (default: all of the CA home's, or the shipped ones).
+    Lint {
+        /// Profile files.
+        files: Vec<PathBuf>,
+        /// The CA home whose site parameters apply.
+        #[arg(long, value_name = "DIR")]
+        home: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a cfssl ca-config.json into hsmca profiles (with TODOs for the strict rules).
+    ImportCfssl {
+        /// The cfssl signing configuration.
+        config: PathBuf,
+        /// Where to write the profiles.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -196,6 +283,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             log_key_type,
             log_origin,
             profiles,
+            site,
             token_opts,
             json,
         } => {
@@ -216,6 +304,10 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 log_key_type,
                 origin: log_origin,
                 profiles_from: profiles,
+                site: match site {
+                    Some(path) => Site::load(&path)?,
+                    None => Site::default(),
+                },
             };
             hsmca::issue::parse_subject(&req.subject)?;
             let pin = pin::read(token_opts.pin_file.as_deref(), &req.token.token)?;
@@ -329,6 +421,35 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             report::recovered(&mut out, &recovered, json)?;
             Ok(0)
         }
+        Command::Ca {
+            command:
+                CaCommand::Create {
+                    name,
+                    home,
+                    profile,
+                    subject,
+                    key_type,
+                    validity,
+                    token_opts,
+                    json,
+                },
+        } => {
+            let home = Home::open(&home)?;
+            let key_type = KeyType::from_name(&key_type)
+                .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
+            let req = home::CaRequest {
+                name,
+                profile,
+                subject,
+                key_type,
+                validity,
+            };
+            let token = open_home_token(&home, &token_opts)?;
+            let report = home::create_ca(&home, &req, &token, &clock)?;
+            report::ca_created(&mut out, &report, json)?;
+            Ok(0)
+        }
+        Command::Profiles { command } => profiles(&mut out, command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "hsmca", &mut out);
             Ok(0)
@@ -337,6 +458,123 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             std::fs::create_dir_all(&dir)?;
             clap_mangen::generate_to(Args::command(), &dir)?;
             writeln!(out, "man pages written to {}", dir.display())?;
+            Ok(0)
+        }
+    }
+}
+
+/// Opens the CA home's token with the PIN from the usual sources.
+fn open_home_token(home: &Home, opts: &TokenOpts) -> Result<Token, Error> {
+    let module = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
+    let tref = TokenRef {
+        token: home.config.token.clone(),
+        object: None,
+        id: None,
+    };
+    let pin = pin::read(opts.pin_file.as_deref(), &tref.token)?;
+    Ok(Token::open(&module, &tref, &pin)?)
+}
+
+/// Profiles to list or lint: the home's, or the shipped ones with the default site.
+fn profile_set(home: Option<&Path>) -> Result<(Vec<(String, String)>, Site), Error> {
+    match home {
+        Some(dir) => {
+            let home = Home::open(dir)?;
+            let site = home.site()?;
+            let names = hsmca::profile::list(&home.profiles_dir());
+            let texts = names
+                .into_iter()
+                .map(|n| {
+                    let path = home.profiles_dir().join(format!("{n}.json"));
+                    std::fs::read_to_string(&path)
+                        .map(|t| (n, t))
+                        .map_err(Error::from)
+                })
+                .collect::<Result<_, _>>()?;
+            Ok((texts, site))
+        }
+        None => Ok((
+            home::SHIPPED_PROFILES
+                .iter()
+                .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+                .collect(),
+            Site::default(),
+        )),
+    }
+}
+
+fn profiles(out: &mut impl Write, command: ProfilesCommand) -> Result<u8, Error> {
+    match command {
+        ProfilesCommand::List { home, json } => {
+            let (set, site) = profile_set(home.as_deref())?;
+            let mut loaded = Vec::new();
+            for (name, text) in &set {
+                loaded.push(Profile::parse(
+                    text,
+                    Path::new(&format!("{name}.json")),
+                    name,
+                    &site,
+                )?);
+            }
+            report::profile_list(out, &loaded, json)?;
+            Ok(0)
+        }
+        ProfilesCommand::Show { name, home } => {
+            let (set, site) = profile_set(home.as_deref())?;
+            let Some((_, text)) = set.iter().find(|(n, _)| *n == name) else {
+                return Err(Error::Usage(format!(
+                    "no profile named {name:?}; see `hsmca profiles list`"
+                )));
+            };
+            let profile = Profile::parse(text, Path::new(&format!("{name}.json")), &name, &site)?;
+            serde_json::to_writer_pretty(&mut *out, &profile)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            writeln!(out)?;
+            Ok(0)
+        }
+        ProfilesCommand::Lint { files, home, json } => {
+            let site = match &home {
+                Some(dir) => Home::open(dir)?.site()?,
+                None => Site::default(),
+            };
+            let mut results = Vec::new();
+            if files.is_empty() {
+                let (set, site) = profile_set(home.as_deref())?;
+                for (name, text) in set {
+                    let r = Profile::parse(&text, Path::new(&format!("{name}.json")), &name, &site);
+                    results.push((format!("{name}.json"), r.err().map(|e| e.to_string())));
+                }
+            } else {
+                for f in files {
+                    results.push((
+                        f.display().to_string(),
+                        Profile::load(&f, &site).err().map(|e| e.to_string()),
+                    ));
+                }
+            }
+            report::lint(out, &results, json)?;
+            Ok(if results.iter().all(|(_, e)| e.is_none()) {
+                0
+            } else {
+                2
+            })
+        }
+        ProfilesCommand::ImportCfssl {
+            config,
+            out: dir,
+            json,
+        } => {
+            let text = std::fs::read_to_string(&config)?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Usage(format!("{}: not JSON: {e}", config.display())))?;
+            let imported = hsmca::cfssl::import(&value)
+                .map_err(|e| Error::Usage(format!("{}: {e}", config.display())))?;
+            for p in &imported {
+                let bytes = serde_json::to_vec_pretty(&p.profile)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                hsmca::files::write_new(&dir.join(format!("{}.json", p.name)), &bytes)?;
+            }
+            report::imported(out, &dir, &imported, json)?;
             Ok(0)
         }
     }

@@ -3,8 +3,12 @@
 
 use std::io::{self, Write};
 
-use hsmca::home::{InitReport, Outcome};
+use std::path::Path;
+
+use hsmca::cfssl::Imported;
+use hsmca::home::{CaReport, InitReport, Outcome};
 use hsmca::log::{Recovered, Report};
+use hsmca::profile::Profile;
 
 fn json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
@@ -108,7 +112,9 @@ pub(crate) fn outcomes(
                     writeln!(out, "    {r}")?;
                 }
             }
-            Outcome::Failed { csr, error } => writeln!(out, "{}: failed: {error}", csr.display())?,
+            Outcome::Failed { csr, rule, error } => {
+                writeln!(out, "{}: failed: {error} (rule {rule})", csr.display())?;
+            }
         }
     }
     let ok = outcomes.iter().filter(|o| o.ok()).count();
@@ -175,4 +181,123 @@ pub(crate) fn recovered(out: &mut impl Write, r: &Recovered, as_json: bool) -> i
         }
     )?;
     writeln!(out, "recovery logged and checkpoint signed")
+}
+
+/// `ca create`.
+pub(crate) fn ca_created(out: &mut impl Write, r: &CaReport, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    writeln!(
+        out,
+        "created CA {:?}: {} (serial {}, until {})",
+        r.name, r.cert.subject, r.cert.serial, r.cert.not_after
+    )?;
+    writeln!(out, "  issuer   {}", r.cert.issuer)?;
+    writeln!(
+        out,
+        "  key      {} in the token as {:?}",
+        r.cert.key_type, r.key_label
+    )?;
+    writeln!(
+        out,
+        "  file     {} (log entry {})",
+        r.file.display(),
+        r.log_entry
+    )
+}
+
+/// `profiles list`.
+pub(crate) fn profile_list(
+    out: &mut impl Write,
+    profiles: &[Profile],
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        for p in profiles {
+            json(out, p)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<26} {:<16} {:<22} {:<8} DESCRIPTION",
+        "PROFILE", "ISSUER", "USAGE", "MAX"
+    )?;
+    for p in profiles {
+        let usage = if p.ca.is_some() {
+            "CA".to_owned()
+        } else {
+            p.extended_key_usage
+                .iter()
+                .map(|e| e.name())
+                .collect::<Vec<_>>()
+                .join("+")
+        };
+        writeln!(
+            out,
+            "{:<26} {:<16} {:<22} {:<8} {}",
+            p.name,
+            p.issuer,
+            usage,
+            p.validity.max.to_string(),
+            p.description
+        )?;
+    }
+    Ok(())
+}
+
+/// `profiles lint`.
+pub(crate) fn lint(
+    out: &mut impl Write,
+    results: &[(String, Option<String>)],
+    as_json: bool,
+) -> io::Result<()> {
+    for (file, err) in results {
+        if as_json {
+            json(
+                out,
+                &serde_json::json!({"file": file, "ok": err.is_none(), "error": err}),
+            )?;
+        } else {
+            match err {
+                None => writeln!(out, "{file}: ok")?,
+                Some(e) => writeln!(out, "{file}: {e}")?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `profiles import-cfssl`.
+pub(crate) fn imported(
+    out: &mut impl Write,
+    dir: &Path,
+    list: &[Imported],
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        for p in list {
+            json(out, p)?;
+        }
+        return Ok(());
+    }
+    for p in list {
+        writeln!(
+            out,
+            "{}: wrote {}",
+            p.name,
+            dir.join(format!("{}.json", p.name)).display()
+        )?;
+        for t in &p.todo {
+            writeln!(out, "    TODO {t}: fill in before the profile loads")?;
+        }
+        for n in &p.notes {
+            writeln!(out, "    note: {n}")?;
+        }
+    }
+    writeln!(
+        out,
+        "The profiles refuse to load until every TODO is replaced; check with `hsmca profiles lint`."
+    )
 }

@@ -203,6 +203,8 @@ struct Scan {
     counts: HashMap<&'static str, u64>,
     problems: Vec<Problem>,
     torn: Option<(u64, u64)>,
+    /// Subject DER and key of the root and of every CA certificate seen so far.
+    ca_keys: Vec<(Vec<u8>, PublicKey)>,
     /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
     chain_verified: u64,
 }
@@ -372,17 +374,29 @@ impl Scan {
                 "certificate's TBS differs from the one its intent recorded",
             );
         }
-        let root_key = self
-            .root
-            .as_ref()
-            .and_then(|r| crate::verify::key_and_expiry(&r.cert_der).ok())
-            .map(|(k, _)| k);
-        match root_key {
-            Some(k) if crate::verify::signature(&der, &k).is_ok() => {}
-            _ => self.problem(
+        if self.ca_keys.is_empty()
+            && let Some(root) = &self.root
+            && let Ok((issuer, _, _, key)) = crate::verify::names(&root.cert_der)
+        {
+            self.ca_keys.push((issuer, key));
+        }
+        let Ok((issuer, subject, is_ca, key)) = crate::verify::names(&der) else {
+            self.problem(Some(seq), "certificate does not parse");
+            return;
+        };
+        match self.ca_keys.iter().find(|(name, _)| *name == issuer) {
+            Some((_, k)) if crate::verify::signature(&der, k).is_ok() => {}
+            Some(_) => self.problem(
                 Some(seq),
-                "certificate signature does not verify under the root key",
+                "certificate signature does not verify under its issuer's key",
             ),
+            None => self.problem(
+                Some(seq),
+                "certificate's issuer is neither the root nor a CA in this log",
+            ),
+        }
+        if is_ca {
+            self.ca_keys.push((subject, key));
         }
     }
 

@@ -134,6 +134,27 @@ impl Env {
         )
     }
 
+    /// A CA home with the three shipped intermediates (kubernetes-ca, etcd-ca, front-proxy-ca).
+    pub fn init_k8s(&self, rel: &str, token: &str) -> PathBuf {
+        let home = self.init(rel, token, "ecdsa-p384");
+        for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+            let subject = format!("CN={ca}");
+            self.hsmca(&[
+                "ca",
+                "create",
+                ca,
+                "--home",
+                home.to_str().unwrap(),
+                "--profile",
+                ca,
+                "--subject",
+                &subject,
+            ])
+            .ok();
+        }
+        home
+    }
+
     /// Makes a CSR with `openssl req` into `rel` and returns its path.
     pub fn csr(
         &self,
