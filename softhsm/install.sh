@@ -19,4 +19,8 @@ if ! python3 -c 'import cryptography' 2>/dev/null; then
   echo "installing Python cryptography" >&2
   python3 -m pip install -q cryptography || python3 -m pip install -q --break-system-packages cryptography
 fi
+if ! command -v lint_pkix_cert >/dev/null; then
+  echo "installing pkilint" >&2
+  python3 -m pip install -q pkilint || python3 -m pip install -q --break-system-packages pkilint
+fi
 softhsm2-util --version >/dev/null

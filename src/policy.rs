@@ -316,6 +316,12 @@ pub fn decide(
                         "a lowercase LDH hostname (RFC 1123)".into(),
                         name.clone(),
                     );
+                } else if !checked.contains('.') && !profile.san.single_label_dns {
+                    refuse(
+                        "san.dns.single_label",
+                        "a name with at least two labels, e.g. node1.cluster.internal".into(),
+                        name.clone(),
+                    );
                 } else if !profile
                     .san
                     .dns

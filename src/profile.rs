@@ -134,6 +134,10 @@ pub struct SanRule {
     /// Requested wildcard names (`*.x`) are refused unless this is true (and they match `dns`).
     #[serde(default)]
     pub wildcards: bool,
+    /// Single-label DNS names (`localhost`, `kubernetes`, a bare node name) are refused unless
+    /// this is true: RFC 5280 preferred-name-syntax checkers such as pkilint reject them.
+    #[serde(default)]
+    pub single_label_dns: bool,
     /// Allowed email addresses (rfc822Name); none unless listed.
     #[serde(default)]
     pub email: Vec<String>,
@@ -561,6 +565,18 @@ impl Profile {
                 used_parts.insert(self.check_pattern("san.dns", bare)?);
             } else if !crate::policy::is_dns_name(bare) {
                 return err("san.dns", format!("{name:?} is not a DNS name or *.suffix"));
+            }
+            let single = !bare.contains('.')
+                && self.part_of(bare).is_none_or(|(pre, post, rule)| {
+                    !pre.contains('.') && !post.contains('.') && rule.kind == PartKind::DnsLabel
+                });
+            if single && !name.starts_with("*.") && !self.san.single_label_dns {
+                return err(
+                    "san.dns",
+                    format!(
+                        "{name:?} is a single label; set san.single_label_dns to allow such names"
+                    ),
+                );
             }
         }
         for name in &self.san.required_dns {

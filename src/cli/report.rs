@@ -262,7 +262,7 @@ pub(crate) fn lint(
         } else {
             match err {
                 None => writeln!(out, "{file}: ok")?,
-                Some(e) => writeln!(out, "{file}: {e}")?,
+                Some(e) => writeln!(out, "{e}")?,
             }
         }
     }

@@ -1,0 +1,514 @@
+//! The shipped Kubernetes profiles and the hostile-CSR corpus, against a real SoftHSM2 token,
+//! OpenSSL and pkilint.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Env, openssl, require};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    file: String,
+    profile: String,
+    rule: String,
+}
+
+/// The rules an outcome reports: every refusal's rule, or the failure's rule.
+fn rules_of(outcome: &serde_json::Value) -> Vec<String> {
+    match outcome["outcome"].as_str() {
+        Some("refused") => outcome["refusals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rule"].as_str().unwrap().to_owned())
+            .collect(),
+        Some("failed") => vec![outcome["rule"].as_str().unwrap().to_owned()],
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn every_hostile_csr_in_the_corpus_is_refused_by_its_rule() {
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(data("csr/corpus.json")).unwrap()).unwrap();
+    assert!(cases.len() >= 40, "the corpus must hold at least 40 CSRs");
+    let env = Env::new("corpus");
+    let home = env.init_k8s("ca", "corpus");
+    let mut by_profile: BTreeMap<&str, Vec<&Case>> = BTreeMap::new();
+    for c in &cases {
+        by_profile.entry(&c.profile).or_default().push(c);
+    }
+    let mut wrong = Vec::new();
+    for (profile, group) in by_profile {
+        let files: Vec<PathBuf> = group
+            .iter()
+            .map(|c| data(&format!("csr/{}", c.file)))
+            .collect();
+        // `check` (no token) and `sign` (token, log) must reach the same verdicts.
+        for command in ["check", "sign"] {
+            let mut args = vec![command, "--home", s(&home), "--profile", profile, "--json"];
+            args.extend(files.iter().map(|f| s(f)));
+            let run = env.hsmca(&args);
+            assert_eq!(
+                run.code(),
+                1,
+                "{command} {profile}: expected exit 1 (refusals), got:\n{}",
+                run.all()
+            );
+            let outcomes: Vec<serde_json::Value> = run
+                .stdout()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(outcomes.len(), group.len());
+            for (case, outcome) in group.iter().zip(&outcomes) {
+                let rules = rules_of(outcome);
+                if !rules.contains(&case.rule) {
+                    wrong.push(format!(
+                        "{command} {}: expected {}, got {rules:?} ({outcome})",
+                        case.file, case.rule
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} cases refused by the wrong rule or not at all:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    // Nothing was issued for any of them.
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"type\":\"cert\""))
+            .count(),
+        3,
+        "only the three intermediates"
+    );
+}
+
+/// (profile, subject, SANs, RSA key?) for a good CSR of every shipped leaf profile.
+const GOOD: &[(&str, &str, Option<&str>, bool)] = &[
+    (
+        "apiserver",
+        "/CN=kube-apiserver",
+        Some(
+            "DNS:node1.internal,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1,IP:10.0.0.11",
+        ),
+        true,
+    ),
+    (
+        "apiserver-kubelet-client",
+        "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
+        None,
+        true,
+    ),
+    (
+        "apiserver-etcd-client",
+        "/CN=kube-apiserver-etcd-client",
+        None,
+        false,
+    ),
+    ("front-proxy-client", "/CN=front-proxy-client", None, true),
+    (
+        "etcd-server",
+        "/CN=node1",
+        Some("DNS:node1.internal,IP:10.0.0.11,IP:127.0.0.1,IP:::1"),
+        false,
+    ),
+    (
+        "etcd-peer",
+        "/CN=node1",
+        Some("DNS:node1.internal,IP:10.0.0.11,IP:127.0.0.1,IP:::1"),
+        false,
+    ),
+    (
+        "etcd-healthcheck-client",
+        "/CN=kube-etcd-healthcheck-client",
+        None,
+        false,
+    ),
+    (
+        "etcd-client",
+        "/C=CN/ST=BeiJing/L=BeiJing/O=etcd/OU=System/CN=etcd-client",
+        None,
+        true,
+    ),
+    (
+        "admin",
+        "/O=kubeadm:cluster-admins/CN=kubernetes-admin",
+        None,
+        true,
+    ),
+    (
+        "super-admin",
+        "/O=system:masters/CN=kubernetes-super-admin",
+        None,
+        true,
+    ),
+    (
+        "controller-manager",
+        "/CN=system:kube-controller-manager",
+        None,
+        false,
+    ),
+    ("scheduler", "/CN=system:kube-scheduler", None, false),
+    (
+        "kubelet-client",
+        "/O=system:nodes/CN=system:node:node1",
+        None,
+        false,
+    ),
+    (
+        "kubelet-serving",
+        "/O=system:nodes/CN=system:node:node1",
+        Some("DNS:node1.internal,IP:10.0.0.11"),
+        false,
+    ),
+    (
+        "kube-proxy",
+        "/C=CN/ST=BeiJing/L=BeiJing/O=k8s/OU=System/CN=system:kube-proxy",
+        None,
+        true,
+    ),
+    (
+        "flanneld",
+        "/C=CN/ST=FuZhou/L=FuZhou/O=k8s/OU=System/CN=flanneld",
+        None,
+        true,
+    ),
+    (
+        "test-any-key",
+        "/CN=client1",
+        Some("DNS:a.test.internal"),
+        false,
+    ),
+];
+
+/// pkilint's lint_pkix_cert: the ERROR and FATAL findings for a PEM certificate.
+fn pkilint_errors(cert: &Path) -> Vec<String> {
+    let out = Command::new("lint_pkix_cert")
+        .args([
+            "lint",
+            "-s",
+            "ERROR",
+            "-f",
+            "JSON",
+            "--document-format",
+            "PEM",
+        ])
+        .arg(cert)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "pkilint on {}: {e}: {text}{}",
+            cert.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn every_shipped_profile_issues_certificates_that_openssl_and_pkilint_accept() {
+    require("lint_pkix_cert");
+    let env = Env::new("shipped");
+    let home = env.init_k8s("ca", "shipped");
+    let run = env.hsmca(&["profiles", "list", "--home", s(&home), "--json"]);
+    run.ok();
+    let profiles: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let leafs: Vec<&str> = profiles
+        .iter()
+        .filter(|p| p["ca"].is_null())
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        leafs.len(),
+        GOOD.len(),
+        "a good CSR is needed for every shipped leaf profile: {leafs:?}"
+    );
+
+    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+        let pem = home.join(format!("cas/{ca}.pem"));
+        assert!(
+            common::openssl_verifies(&home.join("root.pem"), &pem),
+            "{ca}"
+        );
+        let text = openssl(&["x509", "-in", s(&pem), "-noout", "-text"]);
+        assert!(
+            text.contains("CA:TRUE, pathlen:0") && text.contains("Certificate Sign, CRL Sign"),
+            "{ca}: {text}"
+        );
+        assert_eq!(pkilint_errors(&pem), Vec::<String>::new(), "{ca}");
+    }
+    assert_eq!(
+        pkilint_errors(&home.join("root.pem")),
+        Vec::<String>::new(),
+        "root"
+    );
+
+    for (profile, subject, san, rsa) in GOOD {
+        assert!(leafs.contains(profile), "{profile} is not shipped");
+        let newkey: &[&str] = if *rsa {
+            &["-newkey", "rsa:2048"]
+        } else {
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+        };
+        let csr = env.csr(&format!("good/{profile}.csr"), newkey, subject, *san, &[]);
+        env.sign(&home, profile, &[&csr]).ok();
+        let cert = csr.with_extension("crt");
+        let issuer = profiles.iter().find(|p| p["name"] == *profile).unwrap()["issuer"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut verify = vec![
+            "verify".to_owned(),
+            "-CAfile".into(),
+            s(&home.join("root.pem")).into(),
+        ];
+        if issuer != "root" {
+            verify.extend([
+                "-untrusted".into(),
+                s(&home.join(format!("cas/{issuer}.pem"))).into(),
+            ]);
+        }
+        verify.push(s(&cert).into());
+        let out = openssl(&verify.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.contains(": OK"), "{profile}: {out}");
+        assert_eq!(pkilint_errors(&cert), Vec::<String>::new(), "{profile}");
+        let text = openssl(&["x509", "-in", s(&cert), "-noout", "-text"]);
+        assert!(text.contains("CA:FALSE"), "{profile}");
+        assert_eq!(
+            text.contains("Key Encipherment"),
+            *rsa,
+            "{profile}: keyEncipherment only for RSA keys"
+        );
+    }
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn intermediates_sign_their_own_profiles_and_the_chain_is_written_on_request() {
+    let env = Env::new("chain");
+    let home = env.init_k8s("ca", "chain");
+    let csr = env.p256_csr("c/node.csr", "/O=system:nodes/CN=system:node:node1");
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        "--chain",
+        s(&csr),
+    ])
+    .ok();
+    let chain = std::fs::read_to_string(csr.with_extension("crt")).unwrap();
+    assert_eq!(
+        chain.matches("BEGIN CERTIFICATE").count(),
+        3,
+        "leaf, kubernetes-ca, root"
+    );
+    let issuer = openssl(&[
+        "x509",
+        "-in",
+        s(&csr.with_extension("crt")),
+        "-noout",
+        "-issuer",
+    ]);
+    assert!(issuer.contains("CN = kubernetes-ca"), "{issuer}");
+    // A profile whose issuer does not exist yet says how to make it.
+    let bare = env.init("bare", "chain", "ecdsa-p256");
+    let run = env.sign(&bare, "kubelet-client", &[&csr]);
+    run.fails_with(2, "hsmca ca create kubernetes-ca");
+    // CA names are unique, and CA profiles cannot be used with sign.
+    let again = env.hsmca(&[
+        "ca",
+        "create",
+        "etcd-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "etcd-ca",
+        "--subject",
+        "CN=etcd-ca",
+    ]);
+    again.fails_with(2, "already has a CA named \"etcd-ca\"");
+    env.sign(&home, "etcd-ca", &[&csr])
+        .fails_with(2, "use `hsmca ca create`");
+    let refused = env.hsmca(&[
+        "ca",
+        "create",
+        "x-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "etcd-ca",
+        "--subject",
+        "CN=evil",
+    ]);
+    refused.fails_with(2, "rule subject.CN");
+}
+
+#[test]
+fn profile_commands_list_show_lint_and_import_cfssl() {
+    let env = Env::new("profcmd");
+    let run = env.hsmca(&["profiles", "lint"]);
+    run.ok();
+    assert_eq!(
+        run.stdout().lines().filter(|l| l.ends_with(": ok")).count(),
+        20,
+        "{}",
+        run.stdout()
+    );
+    let run = env.hsmca(&["profiles", "show", "apiserver"]);
+    run.ok();
+    assert!(
+        run.stdout()
+            .contains("kubernetes.default.svc.cluster.local")
+            && run.stdout().contains("10.96.0.1"),
+        "site parameters expanded: {}",
+        run.stdout()
+    );
+
+    // A site file changes what the profiles allow.
+    let site = env.path("site.json");
+    std::fs::write(&site, r#"{"cluster_domain":"corp.example","service_ip":"10.254.0.1","node_ip_ranges":["192.168.115.0/24"],
+        "node_domains":[],"node_names":["vm1","vm2","vm3"],"apiserver_names":[],"countries":["CN"],"states":["FuZhou"],
+        "localities":["FuZhou"],"org_units":["System"]}"#).unwrap();
+    let home = env.path("ca");
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "profcmd",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=Root",
+        "--site",
+        s(&site),
+    ])
+    .ok();
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+    let show = env.hsmca(&["profiles", "show", "apiserver", "--home", s(&home)]);
+    assert!(
+        show.stdout()
+            .contains("kubernetes.default.svc.corp.example")
+            && show.stdout().contains("10.254.0.1"),
+        "{}",
+        show.stdout()
+    );
+    let vm1 = env.p256_csr("c/vm1.csr", "/O=system:nodes/CN=system:node:vm1");
+    let vm9 = env.p256_csr("c/vm9.csr", "/O=system:nodes/CN=system:node:vm9");
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&vm1),
+        s(&vm9),
+    ]);
+    run.code_is(1);
+    assert!(
+        run.stdout().contains("vm1.csr: would issue")
+            && run.stdout().contains(
+                "rule subject.CN expects \"system:node:{node}\", got \"system:node:vm9\""
+            ),
+        "{}",
+        run.stdout()
+    );
+
+    // A broken profile names its file and key.
+    let bad = env.path("p/bad.json");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    std::fs::write(&bad, r#"{"name":"bad","key_types":["ecdsa-p256"],"subject":{"CN":{"required":true,"patterns":["x-{host}"]}},
+        "key_usage":["digital_signature"],"extended_key_usage":["client_auth"],"validity":{"default":"1d","max":"2d"}}"#).unwrap();
+    let run = env.hsmca(&["profiles", "lint", s(&bad)]);
+    run.code_is(2);
+    assert!(
+        run.stdout().contains(
+            "bad.json: key \"subject.CN\": pattern \"x-{host}\" uses {host} but parts has no rule"
+        ),
+        "{}",
+        run.stdout()
+    );
+
+    // cfssl: the seed's ca-config becomes a profile that refuses to load until its TODOs are filled.
+    let out = env.path("imported");
+    let run = env.hsmca(&[
+        "profiles",
+        "import-cfssl",
+        s(&data("seed-ca-config.json")),
+        "--out",
+        s(&out),
+    ]);
+    run.ok();
+    assert!(
+        run.stdout().contains("TODO subject.CN.values") && run.stdout().contains("TODO san.dns"),
+        "{}",
+        run.stdout()
+    );
+    let imported = out.join("default.json");
+    let text = std::fs::read_to_string(&imported).unwrap();
+    assert!(
+        text.contains("\"max\": \"1825d\"")
+            && text.contains("server_auth")
+            && text.contains("key_encipherment"),
+        "{text}"
+    );
+    let run = env.hsmca(&["profiles", "lint", s(&imported)]);
+    run.code_is(2);
+    assert!(
+        run.stdout().contains("still holds a TODO"),
+        "{}",
+        run.stdout()
+    );
+    let filled = text
+        .replace(
+            "\"TODO: the exact CNs this profile may sign\"",
+            "\"flanneld\"",
+        )
+        .replace("\"TODO: allowed DNS names or *.suffix\"", "\"*.internal\"");
+    std::fs::write(&imported, filled).unwrap();
+    env.hsmca(&["profiles", "lint", s(&imported)]).ok();
+}
