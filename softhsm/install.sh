@@ -15,9 +15,9 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if ! python3 -c 'import cryptography' 2>/dev/null; then
-  echo "installing Python cryptography" >&2
-  python3 -m pip install -q cryptography || python3 -m pip install -q --break-system-packages cryptography
+if ! python3 -c "import cryptography, jsonschema" 2>/dev/null; then
+  echo "installing Python cryptography and jsonschema" >&2
+  python3 -m pip install -q cryptography jsonschema || python3 -m pip install -q --break-system-packages cryptography jsonschema
 fi
 if ! command -v lint_pkix_cert >/dev/null; then
   echo "installing pkilint" >&2

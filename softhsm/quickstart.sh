@@ -22,8 +22,27 @@ export HSMCA_PIN=123456
 export SOFTHSM2_CONF
 
 echo "== root key ceremony" >&2
+# Site parameters: the seed cluster's service IP, node addresses and names.
+cat >"$work/site.json" <<'SITE'
+{
+  "cluster_domain": "cluster.local",
+  "service_ip": "10.254.0.1",
+  "node_ip_ranges": ["192.168.115.0/24"],
+  "node_domains": ["*.cluster.internal"],
+  "node_names": ["vm1", "vm2", "vm3"],
+  "apiserver_names": [],
+  "countries": ["CN"],
+  "states": ["FuZhou"],
+  "localities": ["FuZhou"],
+  "org_units": ["System"]
+}
+SITE
 "$hsmca" init --home "$work/ca" --token quickstart --key-type ecdsa-p384 \
-  --subject "CN=Quickstart Kubernetes Root CA,O=hsmca quickstart" --validity 20y
+  --subject "CN=Quickstart Kubernetes Root CA,O=hsmca quickstart" --validity 20y --site "$work/site.json"
+echo "== offline intermediates, keys in the same token" >&2
+for ca in kubernetes-ca etcd-ca front-proxy-ca; do
+  "$hsmca" ca create "$ca" --home "$work/ca" --profile "$ca" --subject "CN=$ca"
+done
 
 echo "== CSRs from the cluster (made here with openssl req; keys stay with the CSRs)" >&2
 csr=$work/csr; mkdir -p "$csr"
@@ -34,32 +53,35 @@ req() { # name subject [san] [keytype]
   openssl req -new -nodes "${args[@]}" -keyout "$csr/$1-key.pem" -subj "$2" -out "$csr/$1.csr" \
     ${3:+-addext "subjectAltName=$3"} 2>/dev/null
 }
-req etcd "/C=CN/ST=BeiJing/L=BeiJing/O=etcd/OU=System/CN=etcd" "DNS:localhost,IP:127.0.0.1,IP:10.64.3.7,IP:10.64.3.8,IP:10.64.3.9"
-req etcd-client "/O=etcd/CN=etcd-client"
-req kubernetes "/C=CN/ST=BeiJing/L=BeiJing/O=k8s/OU=System/CN=kubernetes" \
-  "IP:127.0.0.1,IP:10.64.3.7,IP:10.254.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster,DNS:kubernetes.default.svc.cluster.local" rsa
-req kube-proxy "/C=CN/ST=BeiJing/L=BeiJing/O=k8s/OU=System/CN=system:kube-proxy"
-req kubelet-node1 "/O=system:nodes/CN=system:node:node1"
-req flanneld "/C=CN/ST=BeiJing/L=BeiJing/O=k8s/OU=System/CN=flanneld"
+seed="/C=CN/ST=FuZhou/L=FuZhou/O=k8s/OU=System"
+for i in 1 2 3; do
+  req "etcd-vm$i" "/CN=vm$i" "DNS:vm$i.cluster.internal,IP:127.0.0.1,IP:192.168.115.$((i + 4))"
+done
+req etcd-client "/CN=client" "" rsa
+req kubernetes "$seed/CN=kubernetes" \
+  "IP:127.0.0.1,IP:192.168.115.4,IP:192.168.115.5,IP:10.254.0.1,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster,DNS:kubernetes.default.svc.cluster.local" rsa
+req kube-proxy "$seed/CN=system:kube-proxy" "" rsa
+req kubelet-vm1 "/O=system:nodes/CN=system:node:vm1"
+req flanneld "$seed/CN=flanneld" "" rsa
 # A hostile CSR: a node asking to be cluster-admin. It must be refused.
-req evil-node "/O=system:masters/CN=system:node:node1"
+req evil-node "/O=system:masters/CN=system:node:vm1"
 
 echo "== what would be issued (no token needed)" >&2
-"$hsmca" check --home "$work/ca" --profile kubelet-client "$csr/kubelet-node1.csr" "$csr/evil-node.csr" || true
+"$hsmca" check --home "$work/ca" --profile kubelet-client "$csr/kubelet-vm1.csr" "$csr/evil-node.csr" || true
 
 echo "== signing" >&2
 out=$work/certs; mkdir -p "$out"
-sign() { "$hsmca" sign --home "$work/ca" --profile "$1" --out "$out" "${@:2}"; }
-sign etcd-server "$csr/etcd.csr"
+sign() { "$hsmca" sign --home "$work/ca" --profile "$1" --chain --out "$out" "${@:2}"; }
+sign etcd-server "$csr"/etcd-vm*.csr
 sign etcd-client "$csr/etcd-client.csr"
-sign kube-apiserver "$csr/kubernetes.csr"
+sign apiserver "$csr/kubernetes.csr"
 sign kube-proxy "$csr/kube-proxy.csr"
-sign kubelet-client "$csr/kubelet-node1.csr" "$csr/evil-node.csr" || echo "(evil-node.csr refused, as it must be; the rest was signed)"
+sign kubelet-client "$csr/kubelet-vm1.csr" "$csr/evil-node.csr" || echo "(evil-node.csr refused, as it must be; the rest was signed)"
 sign flanneld "$csr/flanneld.csr"
 
 echo "== verifying" >&2
 "$hsmca" log verify --home "$work/ca"
-for c in "$out"/*.crt; do openssl verify -CAfile "$work/ca/root.pem" "$c"; done
+for c in "$out"/*.crt; do openssl verify -CAfile "$work/ca/root.pem" -untrusted "$c" "$c"; done
 python3 "$repo/tests/tools/verify_log.py" "$work/ca" | sed 's/^/independent checkpoint check: /'
 
 echo
