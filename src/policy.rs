@@ -721,12 +721,19 @@ mod tests {
             "key_usage":["digital_signature","key_encipherment"],"extended_key_usage":["client_auth","server_auth"],
             "validity":{{"default":"30d","max":"90d"}}}}"#
         );
-        Profile::parse(&text, std::path::Path::new("rich.json"), "rich", &crate::profile::Site::default()).unwrap()
+        Profile::parse(
+            &text,
+            std::path::Path::new("rich.json"),
+            "rich",
+            &crate::profile::Site::default(),
+        )
+        .unwrap()
     }
 
     fn build(f: impl FnOnce(&mut rcgen::CertificateParams)) -> VerifiedCsr {
         let mut p = rcgen::CertificateParams::default();
-        p.distinguished_name.push(rcgen::DnType::CommonName, "fixed");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "fixed");
         f(&mut p);
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         csr::parse(p.serialize_request(&key).unwrap().der()).unwrap()
@@ -749,55 +756,211 @@ mod tests {
 
     #[test]
     fn every_rule_accepts_what_it_allows_and_refuses_the_rest() {
-        use rcgen::DnType::{CommonName as Cn, OrganizationName as O, OrganizationalUnitName as Ou};
+        use rcgen::DnType::{
+            CommonName as Cn, OrganizationName as O, OrganizationalUnitName as Ou,
+        };
         use rcgen::SanType::{IpAddress, Rfc822Name, URI};
-        type Case = (&'static str, Box<dyn FnOnce(&mut rcgen::CertificateParams)>, Option<(&'static str, &'static str)>);
+        type Case = (
+            &'static str,
+            Box<dyn FnOnce(&mut rcgen::CertificateParams)>,
+            Option<(&'static str, &'static str)>,
+        );
         let ip = |s: &str| IpAddress(s.parse().unwrap());
         let cases: Vec<Case> = vec![
             ("exact CN", Box::new(|_| {}), None),
-            ("pattern with a listed part", Box::new(|p| dn(p, &[(Cn, "system:node:n1")])), None),
-            ("part not in its value list", Box::new(|p| dn(p, &[(Cn, "system:node:n3")])), Some(("subject.CN", "system:node:n3"))),
-            ("dns_name part", Box::new(|p| dn(p, &[(Cn, "svc-a.b.c")])), None),
-            ("dns_name part with bad syntax", Box::new(|p| dn(p, &[(Cn, "svc-a..b")])), Some(("subject.CN", "svc-a..b"))),
-            ("allowed O", Box::new(|p| dn(p, &[(O, "b"), (Cn, "fixed")])), None),
-            ("O not listed", Box::new(|p| dn(p, &[(O, "c"), (Cn, "fixed")])), Some(("subject.O", "c"))),
-            ("O forbidden", Box::new(|p| dn(p, &[(O, "system:masters"), (Cn, "fixed")])), Some(("subject.O.forbidden", "system:masters"))),
-            ("attribute not in profile", Box::new(|p| dn(p, &[(Ou, "x"), (Cn, "fixed")])), Some(("subject.attribute", "OU=x"))),
-            ("CN missing", Box::new(|p| dn(p, &[(O, "a")])), Some(("subject.CN.required", ""))),
-            ("CN with a control character", Box::new(|p| dn(p, &[(Cn, "fix\u{7}ed")])), Some(("subject.CN.value", "fix\u{7}ed"))),
-            ("suffix rule, two labels deep", Box::new(|p| sans(p, &[dns("a.b.cluster.local")])), None),
-            ("suffix itself is not under the suffix", Box::new(|p| sans(p, &[dns("cluster.local")])), Some(("san.dns", "cluster.local"))),
-            ("part inside a DNS rule", Box::new(|p| sans(p, &[dns("n2.nodes.internal")])), None),
-            ("part value not listed in a DNS rule", Box::new(|p| sans(p, &[dns("n9.nodes.internal")])), Some(("san.dns", "n9.nodes.internal"))),
-            ("wildcard refused by default", Box::new(|p| sans(p, &[dns("*.cluster.local")])), Some(("san.dns.wildcard", "*.cluster.local"))),
-            ("single label refused by default", Box::new(|p| sans(p, &[dns("node1")])), Some(("san.dns.single_label", "node1"))),
-            ("non-LDH name", Box::new(|p| sans(p, &[dns("a_b.cluster.local")])), Some(("san.dns.syntax", "a_b.cluster.local"))),
-            ("foreign name", Box::new(|p| sans(p, &[dns("evil.com")])), Some(("san.dns", "evil.com"))),
-            ("IPv4 in range", Box::new(move |p| sans(p, &[ip("10.1.2.3")])), None),
-            ("IPv6 in range", Box::new(move |p| sans(p, &[ip("fd00::5")])), None),
-            ("IP outside", Box::new(move |p| sans(p, &[ip("11.0.0.1")])), Some(("san.ip", "11.0.0.1"))),
-            ("listed email", Box::new(|p| sans(p, &[Rfc822Name("ops@example.com".try_into().unwrap())])), None),
-            ("other email", Box::new(|p| sans(p, &[Rfc822Name("x@example.com".try_into().unwrap())])), Some(("san.email", "x@example.com"))),
-            ("URI under an allowed prefix", Box::new(|p| sans(p, &[URI("spiffe://cluster/ns/a".try_into().unwrap())])), None),
-            ("URI elsewhere", Box::new(|p| sans(p, &[URI("https://x".try_into().unwrap())])), Some(("san.uri", "https://x"))),
-            ("duplicate SAN", Box::new(|p| sans(p, &[dns("api.example.com"), dns("api.example.com")])), Some(("san.duplicate", "DNS:api.example.com"))),
-            ("too many SANs", Box::new(move |p| sans(p, &[ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4"), ip("10.0.0.5")])), Some(("san.max", "5"))),
-            ("requested usages within the profile", Box::new(|p| {
-                p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-                p.is_ca = rcgen::IsCa::ExplicitNoCa;
-            }), None),
-            ("requested keyEncipherment on an EC key", Box::new(|p| p.key_usages = vec![rcgen::KeyUsagePurpose::KeyEncipherment]), Some(("extensions.key_usage", "key_encipherment"))),
-            ("requested codeSigning", Box::new(|p| p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning]), Some(("extensions.extended_key_usage", "1.3.6.1.5.5.7.3.3"))),
-            ("requested CA:TRUE", Box::new(|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0))), Some(("extensions.basic_constraints", "CA:TRUE"))),
-            ("unknown extension", Box::new(|p| p.custom_extensions.push(rcgen::CustomExtension::from_oid_content(&[1, 2, 3], vec![5, 0]))), Some(("extensions.unknown", "1.2.3"))),
+            (
+                "pattern with a listed part",
+                Box::new(|p| dn(p, &[(Cn, "system:node:n1")])),
+                None,
+            ),
+            (
+                "part not in its value list",
+                Box::new(|p| dn(p, &[(Cn, "system:node:n3")])),
+                Some(("subject.CN", "system:node:n3")),
+            ),
+            (
+                "dns_name part",
+                Box::new(|p| dn(p, &[(Cn, "svc-a.b.c")])),
+                None,
+            ),
+            (
+                "dns_name part with bad syntax",
+                Box::new(|p| dn(p, &[(Cn, "svc-a..b")])),
+                Some(("subject.CN", "svc-a..b")),
+            ),
+            (
+                "allowed O",
+                Box::new(|p| dn(p, &[(O, "b"), (Cn, "fixed")])),
+                None,
+            ),
+            (
+                "O not listed",
+                Box::new(|p| dn(p, &[(O, "c"), (Cn, "fixed")])),
+                Some(("subject.O", "c")),
+            ),
+            (
+                "O forbidden",
+                Box::new(|p| dn(p, &[(O, "system:masters"), (Cn, "fixed")])),
+                Some(("subject.O.forbidden", "system:masters")),
+            ),
+            (
+                "attribute not in profile",
+                Box::new(|p| dn(p, &[(Ou, "x"), (Cn, "fixed")])),
+                Some(("subject.attribute", "OU=x")),
+            ),
+            (
+                "CN missing",
+                Box::new(|p| dn(p, &[(O, "a")])),
+                Some(("subject.CN.required", "")),
+            ),
+            (
+                "CN with a control character",
+                Box::new(|p| dn(p, &[(Cn, "fix\u{7}ed")])),
+                Some(("subject.CN.value", "fix\u{7}ed")),
+            ),
+            (
+                "suffix rule, two labels deep",
+                Box::new(|p| sans(p, &[dns("a.b.cluster.local")])),
+                None,
+            ),
+            (
+                "suffix itself is not under the suffix",
+                Box::new(|p| sans(p, &[dns("cluster.local")])),
+                Some(("san.dns", "cluster.local")),
+            ),
+            (
+                "part inside a DNS rule",
+                Box::new(|p| sans(p, &[dns("n2.nodes.internal")])),
+                None,
+            ),
+            (
+                "part value not listed in a DNS rule",
+                Box::new(|p| sans(p, &[dns("n9.nodes.internal")])),
+                Some(("san.dns", "n9.nodes.internal")),
+            ),
+            (
+                "wildcard refused by default",
+                Box::new(|p| sans(p, &[dns("*.cluster.local")])),
+                Some(("san.dns.wildcard", "*.cluster.local")),
+            ),
+            (
+                "single label refused by default",
+                Box::new(|p| sans(p, &[dns("node1")])),
+                Some(("san.dns.single_label", "node1")),
+            ),
+            (
+                "non-LDH name",
+                Box::new(|p| sans(p, &[dns("a_b.cluster.local")])),
+                Some(("san.dns.syntax", "a_b.cluster.local")),
+            ),
+            (
+                "foreign name",
+                Box::new(|p| sans(p, &[dns("evil.com")])),
+                Some(("san.dns", "evil.com")),
+            ),
+            (
+                "IPv4 in range",
+                Box::new(move |p| sans(p, &[ip("10.1.2.3")])),
+                None,
+            ),
+            (
+                "IPv6 in range",
+                Box::new(move |p| sans(p, &[ip("fd00::5")])),
+                None,
+            ),
+            (
+                "IP outside",
+                Box::new(move |p| sans(p, &[ip("11.0.0.1")])),
+                Some(("san.ip", "11.0.0.1")),
+            ),
+            (
+                "listed email",
+                Box::new(|p| sans(p, &[Rfc822Name("ops@example.com".try_into().unwrap())])),
+                None,
+            ),
+            (
+                "other email",
+                Box::new(|p| sans(p, &[Rfc822Name("x@example.com".try_into().unwrap())])),
+                Some(("san.email", "x@example.com")),
+            ),
+            (
+                "URI under an allowed prefix",
+                Box::new(|p| sans(p, &[URI("spiffe://cluster/ns/a".try_into().unwrap())])),
+                None,
+            ),
+            (
+                "URI elsewhere",
+                Box::new(|p| sans(p, &[URI("https://x".try_into().unwrap())])),
+                Some(("san.uri", "https://x")),
+            ),
+            (
+                "duplicate SAN",
+                Box::new(|p| sans(p, &[dns("api.example.com"), dns("api.example.com")])),
+                Some(("san.duplicate", "DNS:api.example.com")),
+            ),
+            (
+                "too many SANs",
+                Box::new(move |p| {
+                    sans(
+                        p,
+                        &[
+                            ip("10.0.0.1"),
+                            ip("10.0.0.2"),
+                            ip("10.0.0.3"),
+                            ip("10.0.0.4"),
+                            ip("10.0.0.5"),
+                        ],
+                    );
+                }),
+                Some(("san.max", "5")),
+            ),
+            (
+                "requested usages within the profile",
+                Box::new(|p| {
+                    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+                    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+                    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+                }),
+                None,
+            ),
+            (
+                "requested keyEncipherment on an EC key",
+                Box::new(|p| p.key_usages = vec![rcgen::KeyUsagePurpose::KeyEncipherment]),
+                Some(("extensions.key_usage", "key_encipherment")),
+            ),
+            (
+                "requested codeSigning",
+                Box::new(|p| {
+                    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+                }),
+                Some(("extensions.extended_key_usage", "1.3.6.1.5.5.7.3.3")),
+            ),
+            (
+                "requested CA:TRUE",
+                Box::new(|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0))),
+                Some(("extensions.basic_constraints", "CA:TRUE")),
+            ),
+            (
+                "unknown extension",
+                Box::new(|p| {
+                    p.custom_extensions
+                        .push(rcgen::CustomExtension::from_oid_content(
+                            &[1, 2, 3],
+                            vec![5, 0],
+                        ));
+                }),
+                Some(("extensions.unknown", "1.2.3")),
+            ),
         ];
         for (what, f, want) in cases {
             let got = decide(&rich(""), &build(f), &ctx());
             match (want, got) {
                 (None, Ok(_)) => {}
                 (Some((rule, value)), Err(refusals)) => {
-                    assert!(refusals.iter().any(|r| r.rule == rule && r.value == value), "{what}: want {rule}={value:?}, got {refusals:?}");
+                    assert!(
+                        refusals.iter().any(|r| r.rule == rule && r.value == value),
+                        "{what}: want {rule}={value:?}, got {refusals:?}"
+                    );
                 }
                 (want, got) => panic!("{what}: want {want:?}, got {got:?}"),
             }
@@ -807,15 +970,25 @@ mod tests {
         let wildcard = build(|p| sans(p, &[dns("*.a.cluster.local")]));
         assert!(decide(&wide, &wildcard, &ctx()).is_ok());
         let nested = build(|p| sans(p, &[dns("*.*.cluster.local")]));
-        assert_eq!(rules(decide(&wide, &nested, &ctx())), vec![("san.dns.wildcard".into(), "*.*.cluster.local".into())]);
+        assert_eq!(
+            rules(decide(&wide, &nested, &ctx())),
+            vec![("san.dns.wildcard".into(), "*.*.cluster.local".into())]
+        );
         let need_two = rich(r#","min":2"#);
-        assert_eq!(rules(decide(&need_two, &build(|_| {}), &ctx())), vec![("san.min".into(), "0".into())]);
+        assert_eq!(
+            rules(decide(&need_two, &build(|_| {}), &ctx())),
+            vec![("san.min".into(), "0".into())]
+        );
     }
 
     #[test]
     fn profiles_that_widen_by_mistake_fail_to_load() {
         let site = crate::profile::Site::default();
-        let load = |text: &str| Profile::parse(text, std::path::Path::new("p.json"), "p", &site).unwrap_err().to_string();
+        let load = |text: &str| {
+            Profile::parse(text, std::path::Path::new("p.json"), "p", &site)
+                .unwrap_err()
+                .to_string()
+        };
         let base = r#"{"name":"p","key_types":["ecdsa-p256"],"subject":{"CN":{"required":true,"values":["x"]}},
             "key_usage":["digital_signature"],"extended_key_usage":["client_auth"],"validity":{"default":"1d","max":"2d"}"#;
         let cases = [
@@ -824,15 +997,24 @@ mod tests {
             (r#","issuer":"../root"}"#, "is not root or a CA name"),
             (r#","parts":{"x":{"kind":"dns_label"}}}"#, "parts.x"),
             (r#","san":{"ip":["10.0.0.0/40"]}}"#, "san.ip"),
-            (r#","san":{"dns":["${nope}"]}}"#, "unknown site parameter ${nope}"),
+            (
+                r#","san":{"dns":["${nope}"]}}"#,
+                "unknown site parameter ${nope}",
+            ),
             (r#","san":{"dns":["x.${node_ip_ranges}"]}}"#, "is a list"),
-            (r#","ca":{"path_len":0}}"#, "a CA profile needs key_cert_sign and crl_sign"),
+            (
+                r#","ca":{"path_len":0}}"#,
+                "a CA profile needs key_cert_sign and crl_sign",
+            ),
         ];
         for (extra, want) in cases {
             let err = load(&format!("{base}{extra}"));
             assert!(err.contains(want), "{extra}: {err}");
         }
-        let bad_usage = base.replace(r#""key_usage":["digital_signature"]"#, r#""key_usage":["digital_signature","crl_sign"]"#);
+        let bad_usage = base.replace(
+            r#""key_usage":["digital_signature"]"#,
+            r#""key_usage":["digital_signature","crl_sign"]"#,
+        );
         assert!(load(&format!("{bad_usage}}}")).contains("only for CA profiles"));
         let no_cn = base.replace(r#""required":true,"#, "");
         assert!(load(&format!("{no_cn}}}")).contains("must require a CN"));

@@ -526,15 +526,37 @@ fn shipped_profiles_match_the_documented_json_schema() {
         .collect();
     files.sort();
     assert_eq!(files.len(), 20);
-    let out = Command::new("python3").arg(&script).arg(&readme).args(&files).output().unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&readme)
+        .args(&files)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(text.lines().filter(|l| l.ends_with(": ok")).count(), 20, "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with(": ok")).count(),
+        20,
+        "{text}"
+    );
     // The schema, like the loader, refuses unknown keys.
     let dir = tempfile::tempdir().unwrap();
     let typo = dir.path().join("typo.json");
     let shipped = std::fs::read_to_string(root.join("profiles/admin.json")).unwrap();
     std::fs::write(&typo, shipped.replacen("\"subject\"", "\"subjekt\"", 1)).unwrap();
-    let out = Command::new("python3").arg(&script).arg(&readme).arg(&typo).output().unwrap();
-    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&readme)
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
