@@ -47,6 +47,10 @@ pub struct Profile {
     pub extended_key_usage: Vec<ExtKeyUsage>,
     /// Lifetime.
     pub validity: ValidityRule,
+    /// Must be true for a profile to allow `O=system:masters` (cluster-admin that RBAC cannot
+    /// revoke); only the break-glass `super-admin` profile sets it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub danger_system_masters: bool,
 }
 
 /// Rule for one subject attribute.
@@ -513,6 +517,18 @@ impl Profile {
             return err(
                 "issuer",
                 format!("{:?} is not root or a CA name", self.issuer),
+            );
+        }
+        let masters = self.subject.get("O").is_some_and(|o| {
+            o.values
+                .iter()
+                .chain(&o.patterns)
+                .any(|v| v.contains("system:masters"))
+        });
+        if masters && !self.danger_system_masters {
+            return err(
+                "subject.O",
+                "allows system:masters; only a profile with danger_system_masters may".into(),
             );
         }
         let mut used_parts = std::collections::BTreeSet::new();

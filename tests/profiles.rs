@@ -560,3 +560,74 @@ fn shipped_profiles_match_the_documented_json_schema() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn name_constraints_on_an_intermediate_are_enforced_by_openssl() {
+    let env = Env::new("nc");
+    let home = env.init("ca", "nc", "ecdsa-p256");
+    std::fs::write(home.join("profiles/constrained-ca.json"), r#"{"name":"constrained-ca","issuer":"root",
+        "ca":{"path_len":0,"permitted_dns":["cluster.internal"],"permitted_ip":["10.0.0.0/8"]},
+        "key_types":["ecdsa-p256"],"subject":{"CN":{"required":true,"values":["constrained"]}},
+        "key_usage":["digital_signature","key_cert_sign","crl_sign"],"validity":{"default":"365d","max":"365d"}}"#).unwrap();
+    // The leaf profile is (deliberately) wider than the CA's constraints.
+    std::fs::write(home.join("profiles/constrained-leaf.json"), r#"{"name":"constrained-leaf","issuer":"constrained",
+        "key_types":["ecdsa-p256"],"subject":{"CN":{"required":true,"values":["svc"]}},
+        "san":{"dns":["*.cluster.internal","*.example.com"],"ip":["10.0.0.0/8"],"min":1},
+        "key_usage":["digital_signature"],"extended_key_usage":["server_auth"],"validity":{"default":"30d","max":"30d"}}"#).unwrap();
+    env.hsmca(&[
+        "ca",
+        "create",
+        "constrained",
+        "--home",
+        s(&home),
+        "--profile",
+        "constrained-ca",
+        "--subject",
+        "CN=constrained",
+    ])
+    .ok();
+    let ca = home.join("cas/constrained.pem");
+    let text = openssl(&["x509", "-in", s(&ca), "-noout", "-text"]);
+    assert!(
+        text.contains("X509v3 Name Constraints: critical") && text.contains("DNS:cluster.internal"),
+        "{text}"
+    );
+    let inside = env.csr(
+        "c/in.csr",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/CN=svc",
+        Some("DNS:a.cluster.internal"),
+        &[],
+    );
+    let outside = env.csr(
+        "c/out.csr",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/CN=svc",
+        Some("DNS:a.example.com"),
+        &[],
+    );
+    env.sign(&home, "constrained-leaf", &[&inside, &outside])
+        .ok();
+    let verify = |cert: &Path| {
+        Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(home.join("root.pem"))
+            .arg("-untrusted")
+            .arg(&ca)
+            .arg(cert)
+            .output()
+            .unwrap()
+    };
+    assert!(verify(&inside.with_extension("crt")).status.success());
+    let out = verify(&outside.with_extension("crt"));
+    assert!(
+        !out.status.success(),
+        "a name outside the constraint must not verify"
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("permitted subtree violation"), "{said}");
+}
