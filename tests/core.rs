@@ -6,11 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Env, openssl, openssl_verifies, require};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{Env, openssl, openssl_verifies, require, s};
 
 #[test]
 fn init_with_each_root_key_type_makes_a_valid_root() {

@@ -8,11 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Env, openssl, require};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{Env, openssl, require, s};
 
 fn data(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
