@@ -130,7 +130,7 @@ impl AttrType {
         (Self::SerialNumber, "serialNumber", "2.5.4.5"),
     ];
 
-    fn from_oid(oid: &ObjectIdentifier) -> Self {
+    pub(crate) fn from_oid(oid: &ObjectIdentifier) -> Self {
         let dotted = oid.to_string();
         Self::KNOWN
             .iter()
@@ -410,7 +410,7 @@ fn ia5(s: &Ia5String) -> String {
     s.to_string()
 }
 
-fn san_from(name: &GeneralName) -> San {
+pub(crate) fn san_from(name: &GeneralName) -> San {
     match name {
         GeneralName::DnsName(d) => San::Dns(ia5(d)),
         GeneralName::Rfc822Name(e) => San::Email(ia5(e)),

@@ -572,7 +572,7 @@ impl Outcome {
     }
 }
 
-fn summary(d: &Decision, issuer: &str) -> CertSummary {
+pub(crate) fn summary(d: &Decision, issuer: &str) -> CertSummary {
     CertSummary {
         profile: d.profile.clone(),
         serial: keys::hex(&d.serial),
@@ -591,7 +591,7 @@ fn summary(d: &Decision, issuer: &str) -> CertSummary {
     }
 }
 
-fn issuer_name(root: &IssuerCert) -> String {
+pub(crate) fn issuer_name(root: &IssuerCert) -> String {
     use x509_cert::der::Decode;
     x509_cert::Certificate::from_der(&root.der)
         .map(|c| c.tbs_certificate().subject().to_string())
@@ -725,6 +725,7 @@ pub fn sign(
             &issuer_cert,
             &ca_key,
             &csr.sha256,
+            None,
             clock,
         )? {
             Ok((seq, der)) => {
@@ -819,7 +820,7 @@ fn reissued_summary(der: &[u8], profile: &str, issuer: &str) -> CertSummary {
 /// Opens the log for appending with the token's log key, after checking that both the root
 /// and the log key are the ones recorded in the log, and closes intents a crashed run left
 /// open (nothing was released for them).
-fn open_log<'k>(
+pub(crate) fn open_log<'k>(
     home: &Home,
     log_key: &'k TokenKey<'_>,
     clock: &dyn Clock,
@@ -859,7 +860,7 @@ fn open_log<'k>(
 }
 
 /// A serial from the token that the log has never used.
-fn fresh_serial(token: &Token, log: &Log) -> Result<Vec<u8>, Error> {
+pub(crate) fn fresh_serial(token: &Token, log: &Log) -> Result<Vec<u8>, Error> {
     loop {
         let s = serial(token)?;
         if !log.serial_used(&keys::hex(&s)) {
@@ -870,12 +871,13 @@ fn fresh_serial(token: &Token, log: &Log) -> Result<Vec<u8>, Error> {
 
 /// Intent (durable) → token signs → verify → certificate entry (durable). A signing or
 /// verification failure is logged as an abandoned intent and returned in the inner result.
-fn issue_logged(
+pub(crate) fn issue_logged(
     log: &mut Log,
     decision: Decision,
     issuer: &IssuerCert,
     key: &dyn CaSigner,
     csr_sha256: &str,
+    renews: Option<&str>,
     clock: &dyn Clock,
 ) -> Result<Result<(u64, Vec<u8>), issue::IssueError>, Error> {
     let prepared = issue::prepare(decision, issuer)?;
@@ -890,6 +892,7 @@ fn issue_logged(
         not_after: rfc3339(d.not_after),
         csr_sha256: csr_sha256.to_owned(),
         tbs_sha256: prepared.tbs_sha256.clone(),
+        renews: renews.map(str::to_owned),
     };
     let intent_seq = log.append(vec![intent], clock.now())?[0];
     danger_crash_point("after-intent");
@@ -1040,6 +1043,7 @@ pub fn create_ca(
         &issuer_cert,
         &issuer_key,
         &proposal.sha256,
+        None,
         clock,
     )??;
     log.checkpoint(&note_key)?;

@@ -134,7 +134,7 @@ fn sign_leaf(
 }
 
 /// rcgen reports every signer failure as a bare `RemoteKeyError`; recover the real cause.
-fn rcgen_error(key: &RcgenKey<'_>, e: rcgen::Error) -> IssueError {
+pub(crate) fn rcgen_error(key: &RcgenKey<'_>, e: rcgen::Error) -> IssueError {
     match key.take_error() {
         Some(sign_error) => IssueError::Sign(sign_error),
         None => IssueError::Build(e.to_string()),

@@ -18,12 +18,14 @@
 pub mod asn1;
 pub mod cfssl;
 pub mod clock;
+pub mod crl;
 pub mod csr;
 pub mod error;
 pub mod files;
 pub mod home;
 pub mod issue;
 pub mod keys;
+pub mod lifecycle;
 pub mod log;
 pub mod pin;
 pub mod policy;

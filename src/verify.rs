@@ -2,12 +2,10 @@
 //! decided, and does its signature verify under the CA key? Pure.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 
 use x509_cert::Certificate;
 use x509_cert::der::{Decode, Encode};
 use x509_cert::ext::pkix::SubjectAltName;
-use x509_cert::ext::pkix::name::GeneralName;
 
 use crate::asn1;
 use crate::keys::{KeyError, PublicKey};
@@ -81,6 +79,96 @@ pub fn names(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>, bool, PublicKey), VerifyEr
     let is_ca = matches!(tbs.get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
     let key = PublicKey::from_spki(tbs.subject_public_key_info())?;
     Ok((enc(tbs.issuer())?, enc(tbs.subject())?, is_ca, key))
+}
+
+/// The certificate's subjectAltNames as `DNS:x`, `IP:y`, `email:z`, `URI:u`.
+fn san_strings(tbs: &x509_cert::TbsCertificate) -> Vec<String> {
+    match tbs.get_extension::<SubjectAltName>() {
+        Ok(Some((_, san))) => san
+            .0
+            .iter()
+            .map(|n| crate::csr::san_from(n).to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A CRL's issuer name (DER) and signature bits.
+pub fn crl_issuer(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), VerifyError> {
+    let crl = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(der)
+        .map_err(|e| VerifyError::Parse(e.to_string()))?;
+    let issuer = crl
+        .tbs_cert_list
+        .issuer
+        .to_der()
+        .map_err(|e| VerifyError::Parse(e.to_string()))?;
+    let sig = crl
+        .signature
+        .as_bytes()
+        .ok_or(VerifyError::Signature)?
+        .to_vec();
+    Ok((issuer, sig))
+}
+
+/// What a certificate says, for listings and renewals.
+#[derive(Debug, Clone)]
+pub struct CertFacts {
+    /// Serial, hex.
+    pub serial: String,
+    /// Subject attributes in certificate order.
+    pub subject: Vec<(crate::csr::AttrType, String)>,
+    /// Subject as one line.
+    pub subject_string: String,
+    /// subjectAltNames as `DNS:x` / `IP:y` strings.
+    pub sans: Vec<String>,
+    /// notBefore.
+    pub not_before: time::OffsetDateTime,
+    /// notAfter.
+    pub not_after: time::OffsetDateTime,
+    /// Issuer name, DER.
+    pub issuer_der: Vec<u8>,
+    /// Whether basicConstraints says CA.
+    pub is_ca: bool,
+    /// Subject key.
+    pub public_key: PublicKey,
+}
+
+/// Reads the facts of a DER certificate.
+pub fn describe(der: &[u8]) -> Result<CertFacts, VerifyError> {
+    let cert = parse(der)?;
+    let tbs = cert.tbs_certificate();
+    let (issuer_der, _, is_ca, public_key) = names(der)?;
+    let time = |t: &x509_cert::time::Time| {
+        time::OffsetDateTime::from_unix_timestamp(
+            i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| VerifyError::Parse(e.to_string()))
+    };
+    let subject: Vec<(crate::csr::AttrType, String)> = tbs
+        .subject()
+        .iter()
+        .map(|atv| {
+            let value = std::str::from_utf8(atv.value.value())
+                .unwrap_or("<non-UTF-8>")
+                .to_owned();
+            (crate::csr::AttrType::from_oid(&atv.oid), value)
+        })
+        .collect();
+    Ok(CertFacts {
+        serial: crate::keys::hex(tbs.serial_number().as_bytes()),
+        subject_string: subject
+            .iter()
+            .map(|(a, v)| format!("{a}={v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        subject,
+        sans: san_strings(tbs),
+        not_before: time(&tbs.validity().not_before)?,
+        not_after: time(&tbs.validity().not_after)?,
+        issuer_der,
+        is_ca,
+        public_key,
+    })
 }
 
 /// Checks a freshly self-signed root: its key is `key` and it verifies under itself.
@@ -165,26 +253,7 @@ pub fn issued(
         .collect();
     let decided: Vec<String> = d.subject.iter().map(|(_, v)| v.clone()).collect();
     field("subject", decided.join(", "), subject.join(", "))?;
-    let mut sans = BTreeSet::new();
-    if let Ok(Some(san)) = tbs.get_extension::<SubjectAltName>() {
-        for name in san.1.0 {
-            sans.insert(match name {
-                GeneralName::DnsName(n) => format!("DNS:{n}"),
-                GeneralName::IpAddress(o) => match o.as_bytes().len() {
-                    4 => format!(
-                        "IP:{}",
-                        IpAddr::from(<[u8; 4]>::try_from(o.as_bytes()).unwrap_or_default())
-                    ),
-                    16 => format!(
-                        "IP:{}",
-                        IpAddr::from(<[u8; 16]>::try_from(o.as_bytes()).unwrap_or_default())
-                    ),
-                    _ => "IP:?".into(),
-                },
-                other => format!("{other:?}"),
-            });
-        }
-    }
+    let sans: BTreeSet<String> = san_strings(tbs).into_iter().collect();
     let decided: BTreeSet<String> = d.san_strings().into_iter().collect();
     field(
         "subjectAltName",

@@ -13,7 +13,7 @@ use hsmca::home::{self, Home, InitRequest, SignRequest};
 use hsmca::keys::KeyType;
 use hsmca::profile::{Duration, Profile, Site};
 use hsmca::token::{self, Token, TokenRef};
-use hsmca::{Error, log, pin};
+use hsmca::{Error, lifecycle, log, pin};
 
 /// hsmca: an offline root CA whose keys never leave a PKCS#11 token.
 ///
@@ -131,6 +131,83 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a certificate (logged; listed by the next `hsmca crl` of its issuer).
+    Revoke {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Serial in hex (as `hsmca log list` shows it).
+        #[arg(required_unless_present = "cert", conflicts_with = "cert")]
+        serial: Option<String>,
+        /// The certificate file instead of its serial.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+        /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
+        /// superseded, cessation-of-operation, certificate-hold, privilege-withdrawn, aa-compromise.
+        #[arg(long)]
+        reason: String,
+        /// When the key was (or may have been) compromised, RFC 3339 (CRL invalidityDate).
+        #[arg(long, value_name = "TIME")]
+        invalidity_date: Option<String>,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a CRL v2 for one issuer with the next CRL number; logged before it is written.
+    Crl {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// `root` or an intermediate's name.
+        #[arg(long, default_value = "root")]
+        issuer: String,
+        /// nextUpdate, from now.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        next_update: Duration,
+        /// Output file (PEM; never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unrevoked certificates and CAs expiring within a window, soonest first. Exit 1 if any
+    /// (for cron), 0 if none.
+    Expiring {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Window from now.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        within: Duration,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-issue certificates for the same subject and key under today's profile.
+    Renew {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Serials in hex.
+        #[arg(required = true)]
+        serials: Vec<String>,
+        /// Validity (default: the profile's).
+        #[arg(long, value_parser = parse_duration)]
+        validity: Option<Duration>,
+        /// Directory for the new certificates (SERIAL.crt).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Offline intermediate CAs whose keys live in the same token.
     Ca {
         #[command(subcommand)]
@@ -234,6 +311,41 @@ enum ProfilesCommand {
 
 #[derive(Debug, Subcommand)]
 enum LogCommand {
+    /// Certificates in the log, with filters.
+    List {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        #[command(flatten)]
+        filter: FilterOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One certificate from the log, with its PEM.
+    Show {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Serial in hex.
+        serial: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Entries, checkpoints, verifier key, artefacts and a C2SP tlog-proof per certificate
+    /// and CRL, for verification without hsmca.
+    Export {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// New directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Recompute the whole log and check entries, chain, checkpoints and CA rules.
     Verify {
         /// The CA home.
@@ -243,6 +355,9 @@ enum LogCommand {
         /// minutes).
         #[arg(long)]
         vkey: Option<String>,
+        /// A checkpoint kept outside (minutes, auditor): the log must extend it. Repeatable.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Vec<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -258,6 +373,29 @@ enum LogCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Filters for `log list`.
+#[derive(Debug, clap::Args)]
+struct FilterOpts {
+    /// Only this profile.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Subject contains this text.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Only this serial.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Logged at or after this RFC 3339 time.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Logged before this RFC 3339 time.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Only revoked certificates.
+    #[arg(long)]
+    revoked: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -381,16 +519,27 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             })
         }
         Command::Log {
-            command: LogCommand::Verify { home, vkey, json },
+            command:
+                LogCommand::Verify {
+                    home,
+                    vkey,
+                    checkpoint,
+                    json,
+                },
         } => {
             let root_der = std::fs::read(home.join("root.pem"))
                 .ok()
                 .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
                 .map(|c| c.der);
-            let report = log::verify(
+            let external = checkpoint
+                .iter()
+                .map(|p| Ok((p.display().to_string(), std::fs::read(p)?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let report = log::verify_with(
                 &log::Paths::of_home(&home),
                 vkey.as_deref(),
                 root_der.as_deref(),
+                &external,
             )?;
             report::log_verify(&mut out, &report, json)?;
             Ok(if report.problems.is_empty() { 0 } else { 4 })
@@ -450,6 +599,115 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Profiles { command } => profiles(&mut out, command),
+        Command::Revoke {
+            home,
+            serial,
+            cert,
+            reason,
+            invalidity_date,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let serial = match (serial, cert) {
+                (Some(s), _) => s,
+                (None, Some(path)) => lifecycle::serial_of_file(&path)?,
+                (None, None) => return Err(Error::Usage("give a SERIAL or --cert FILE".into())),
+            };
+            let token = open_home_token(&home, &token_opts)?;
+            let r = lifecycle::revoke(
+                &home,
+                &serial,
+                &reason,
+                invalidity_date.as_deref(),
+                &token,
+                &clock,
+            )?;
+            report::revoked(&mut out, &r, json)?;
+            Ok(0)
+        }
+        Command::Crl {
+            home,
+            issuer,
+            next_update,
+            out: file,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let token = open_home_token(&home, &token_opts)?;
+            let r = lifecycle::crl(&home, &issuer, next_update, &file, &token, &clock)?;
+            report::crl(&mut out, &r, json)?;
+            Ok(0)
+        }
+        Command::Expiring { home, within, json } => {
+            let home = Home::open(&home)?;
+            let list = lifecycle::expiring(&home, within, &clock)?;
+            report::expiring(&mut out, &list, within, json)?;
+            Ok(u8::from(!list.is_empty()))
+        }
+        Command::Renew {
+            home,
+            serials,
+            validity,
+            out: dir,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let token = open_home_token(&home, &token_opts)?;
+            let outcomes = lifecycle::renew(&home, &serials, validity, &dir, &token, &clock)?;
+            report::outcomes(&mut out, &outcomes, json)?;
+            Ok(if outcomes.iter().all(home::Outcome::ok) {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Log {
+            command: LogCommand::List { home, filter, json },
+        } => {
+            let home = Home::open(&home)?;
+            let f = lifecycle::Filter {
+                profile: filter.profile,
+                subject: filter.subject,
+                serial: filter.serial,
+                since: filter.since,
+                until: filter.until,
+                revoked: filter.revoked,
+            };
+            let list = lifecycle::list(&home, &f, &clock)?;
+            report::listed(&mut out, &list, json)?;
+            Ok(0)
+        }
+        Command::Log {
+            command: LogCommand::Show { home, serial, json },
+        } => {
+            let home = Home::open(&home)?;
+            let f = lifecycle::Filter {
+                serial: Some(serial.clone()),
+                ..lifecycle::Filter::default()
+            };
+            let list = lifecycle::list(&home, &f, &clock)?;
+            let Some(one) = list.first() else {
+                return Err(Error::Usage(format!("serial {serial} is not in the log")));
+            };
+            report::shown(&mut out, one, json)?;
+            Ok(0)
+        }
+        Command::Log {
+            command:
+                LogCommand::Export {
+                    home,
+                    out: dir,
+                    json,
+                },
+        } => {
+            let home = Home::open(&home)?;
+            let r = lifecycle::export(&home, &dir)?;
+            report::exported(&mut out, &r, json)?;
+            Ok(0)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "hsmca", &mut out);
             Ok(0)

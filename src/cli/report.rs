@@ -7,7 +7,9 @@ use std::path::Path;
 
 use hsmca::cfssl::Imported;
 use hsmca::home::{CaReport, InitReport, Outcome};
+use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
+use hsmca::profile::Duration;
 use hsmca::profile::Profile;
 
 fn json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
@@ -299,5 +301,160 @@ pub(crate) fn imported(
     writeln!(
         out,
         "The profiles refuse to load until every TODO is replaced; check with `hsmca profiles lint`."
+    )
+}
+
+/// `revoke`.
+pub(crate) fn revoked(out: &mut impl Write, r: &Revoked, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    writeln!(
+        out,
+        "revoked serial {} ({}) for {} (log entry {})",
+        r.serial, r.subject, r.reason, r.log_entry
+    )?;
+    writeln!(out, "Publish a new CRL for its issuer with `hsmca crl`.")
+}
+
+/// `crl`.
+pub(crate) fn crl(out: &mut impl Write, r: &CrlReport, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    writeln!(
+        out,
+        "CRL {} of {:?}: {} revoked, valid {} .. {}",
+        r.number,
+        r.issuer,
+        r.revoked.len(),
+        r.this_update,
+        r.next_update
+    )?;
+    writeln!(
+        out,
+        "  written to {} (log entry {})",
+        r.file.display(),
+        r.log_entry
+    )
+}
+
+/// `expiring`.
+pub(crate) fn expiring(
+    out: &mut impl Write,
+    list: &[Expiring],
+    within: Duration,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        for e in list {
+            json(out, e)?;
+        }
+        return Ok(());
+    }
+    if list.is_empty() {
+        return writeln!(out, "nothing expires within {within}");
+    }
+    writeln!(
+        out,
+        "{:<22} {:>5} {:<24} {:<34} {:<44} SANS",
+        "NOT AFTER", "DAYS", "PROFILE", "SERIAL", "SUBJECT"
+    )?;
+    for e in list {
+        let profile = if e.ca {
+            format!("{} (CA)", e.profile)
+        } else {
+            e.profile.clone()
+        };
+        writeln!(
+            out,
+            "{:<22} {:>5} {:<24} {:<34} {:<44} {}",
+            e.not_after,
+            e.days_left,
+            profile,
+            e.serial,
+            e.subject,
+            e.sans.join(",")
+        )?;
+    }
+    writeln!(out, "{} expiring within {within}", list.len())
+}
+
+/// `log list`.
+pub(crate) fn listed(out: &mut impl Write, list: &[Listed], as_json: bool) -> io::Result<()> {
+    if as_json {
+        for l in list {
+            json(out, l)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:>6} {:<34} {:<24} {:<8} {:<22} SUBJECT",
+        "ENTRY", "SERIAL", "PROFILE", "STATUS", "NOT AFTER"
+    )?;
+    for l in list {
+        writeln!(
+            out,
+            "{:>6} {:<34} {:<24} {:<8} {:<22} {}",
+            l.record.seq, l.record.serial, l.record.profile, l.status, l.not_after, l.subject
+        )?;
+    }
+    Ok(())
+}
+
+/// `log show`.
+pub(crate) fn shown(out: &mut impl Write, l: &Listed, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, l);
+    }
+    writeln!(out, "serial      {}", l.record.serial)?;
+    writeln!(out, "profile     {}", l.record.profile)?;
+    writeln!(out, "subject     {}", l.subject)?;
+    writeln!(
+        out,
+        "SANs        {}",
+        if l.sans.is_empty() {
+            "(none)".into()
+        } else {
+            l.sans.join(", ")
+        }
+    )?;
+    writeln!(out, "not after   {}", l.not_after)?;
+    writeln!(out, "status      {}", l.status)?;
+    writeln!(
+        out,
+        "logged      entry {} at {}",
+        l.record.seq, l.record.time
+    )?;
+    if let Some(r) = &l.record.revoked {
+        writeln!(
+            out,
+            "revoked     {} ({}) at entry {}",
+            r.revocation_time, r.reason, r.seq
+        )?;
+    }
+    if let Some(old) = &l.record.renews {
+        writeln!(out, "renews      {old}")?;
+    }
+    if let Some(new) = &l.record.renewed_by {
+        writeln!(out, "renewed by  {new}")?;
+    }
+    write!(out, "{}", l.pem)
+}
+
+/// `log export`.
+pub(crate) fn exported(out: &mut impl Write, r: &Exported, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    writeln!(
+        out,
+        "exported {} entries, {} checkpoints and {} inclusion proofs (against size {}) to {}",
+        r.entries,
+        r.checkpoints,
+        r.proofs,
+        r.checkpoint_size,
+        r.dir.display()
     )
 }

@@ -70,6 +70,9 @@ pub enum Body {
         csr_sha256: String,
         /// SHA-256 of the DER TBSCertificate.
         tbs_sha256: String,
+        /// Serial (hex) of the certificate this one renews, for `hsmca renew`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        renews: Option<String>,
     },
     /// Signed, verified, and about to be released.
     Cert {
@@ -94,6 +97,46 @@ pub enum Body {
         /// Why.
         reason: String,
     },
+    /// A certificate was revoked.
+    Revocation {
+        /// Serial, hex.
+        serial: String,
+        /// RFC 5280 reason, kebab-case (`key-compromise`, ...).
+        reason: String,
+        /// When it was revoked.
+        revocation_time: String,
+        /// When the key is known or suspected to have been compromised (RFC 5280 invalidityDate).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        invalidity_date: Option<String>,
+    },
+    /// About to sign a CRL: the exact TBSCertList the token will sign.
+    CrlIntent {
+        /// The issuing CA (`root` or an intermediate's name).
+        issuer: String,
+        /// cRLNumber.
+        crl_number: u64,
+        /// thisUpdate.
+        this_update: String,
+        /// nextUpdate.
+        next_update: String,
+        /// Serials (hex) listed as revoked.
+        revoked: Vec<String>,
+        /// SHA-256 of the DER TBSCertList.
+        tbs_sha256: String,
+    },
+    /// A CRL, signed and verified.
+    Crl {
+        /// The intent this fulfils.
+        intent_seq: u64,
+        /// The issuing CA.
+        issuer: String,
+        /// cRLNumber.
+        crl_number: u64,
+        /// SHA-256 of the CRL.
+        crl_sha256: String,
+        /// The CRL, base64 DER.
+        crl: String,
+    },
     /// A torn tail was removed by `hsmca log recover`.
     Recovery {
         /// How many bytes were cut.
@@ -114,6 +157,9 @@ impl Body {
             Self::Cert { .. } => "cert",
             Self::Abandon { .. } => "abandon",
             Self::Recovery { .. } => "recovery",
+            Self::Revocation { .. } => "revocation",
+            Self::CrlIntent { .. } => "crl-intent",
+            Self::Crl { .. } => "crl",
         }
     }
 }

@@ -203,6 +203,14 @@ struct Scan {
     counts: HashMap<&'static str, u64>,
     problems: Vec<Problem>,
     torn: Option<(u64, u64)>,
+    /// Where each serial's certificate entry is: (seq, offset, length).
+    cert_at: HashMap<String, (u64, u64, usize)>,
+    /// Revoked serials and the entry that revoked them.
+    revoked: HashMap<String, u64>,
+    /// Open or resolved CRL intents: issuer, number, TBS hash.
+    crl_intents: HashMap<u64, (String, u64, String)>,
+    /// Highest cRLNumber used per issuer.
+    crl_numbers: HashMap<String, u64>,
     /// Subject DER and key of the root and of every CA certificate seen so far.
     ca_keys: Vec<(Vec<u8>, PublicKey)>,
     /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
@@ -346,11 +354,68 @@ impl Scan {
                 if deep {
                     self.check_cert(seq, &cert, &cert_sha256, &intent);
                 }
+                self.cert_at.insert(serial, (seq, offset, len));
                 self.issued
                     .insert((csr_sha256, profile), (seq, offset, len));
             }
+            Body::Revocation { serial, .. } => {
+                if !self.cert_at.contains_key(&serial) {
+                    self.problem(
+                        Some(seq),
+                        format!("revokes serial {serial}, which this log never issued"),
+                    );
+                } else if self.revoked.insert(serial.clone(), seq).is_some() {
+                    self.problem(Some(seq), format!("revokes serial {serial} a second time"));
+                }
+            }
+            Body::CrlIntent {
+                issuer,
+                crl_number,
+                tbs_sha256,
+                ..
+            } => {
+                let last = self.crl_numbers.get(&issuer).copied().unwrap_or(0);
+                if crl_number <= last {
+                    self.problem(Some(seq), format!("CRL number {crl_number} for {issuer:?} does not increase (last was {last})"));
+                }
+                self.crl_numbers
+                    .insert(issuer.clone(), crl_number.max(last));
+                self.crl_intents
+                    .insert(seq, (issuer, crl_number, tbs_sha256));
+            }
+            Body::Crl {
+                intent_seq,
+                issuer,
+                crl_number,
+                crl_sha256,
+                crl,
+            } => {
+                let Some((i_issuer, i_number, tbs_sha256)) =
+                    self.crl_intents.get(&intent_seq).cloned()
+                else {
+                    self.problem(
+                        Some(seq),
+                        format!("CRL for intent {intent_seq}, which is not a CRL intent"),
+                    );
+                    return;
+                };
+                if !self.resolved.insert(intent_seq) {
+                    self.problem(Some(seq), format!("intent {intent_seq} is resolved twice"));
+                }
+                if i_issuer != issuer || i_number != crl_number {
+                    self.problem(
+                        Some(seq),
+                        format!("does not match its intent {intent_seq} (issuer or number differ)"),
+                    );
+                }
+                if deep {
+                    self.check_crl(seq, &crl, &crl_sha256, &tbs_sha256);
+                }
+            }
             Body::Abandon { intent_seq, .. } => {
-                if !self.intents.contains_key(&intent_seq) || !self.resolved.insert(intent_seq) {
+                let known = self.intents.contains_key(&intent_seq)
+                    || self.crl_intents.contains_key(&intent_seq);
+                if !known || !self.resolved.insert(intent_seq) {
                     self.problem(
                         Some(seq),
                         format!("abandons {intent_seq}, which is not an open intent"),
@@ -374,12 +439,7 @@ impl Scan {
                 "certificate's TBS differs from the one its intent recorded",
             );
         }
-        if self.ca_keys.is_empty()
-            && let Some(root) = &self.root
-            && let Ok((issuer, _, _, key)) = crate::verify::names(&root.cert_der)
-        {
-            self.ca_keys.push((issuer, key));
-        }
+        self.ensure_root_key();
         let Ok((issuer, subject, is_ca, key)) = crate::verify::names(&der) else {
             self.problem(Some(seq), "certificate does not parse");
             return;
@@ -397,6 +457,45 @@ impl Scan {
         }
         if is_ca {
             self.ca_keys.push((subject, key));
+        }
+    }
+
+    /// The root's key is the first CA key; added when the first artefact is checked.
+    fn ensure_root_key(&mut self) {
+        if self.ca_keys.is_empty()
+            && let Some(root) = &self.root
+            && let Ok((issuer, _, _, key)) = crate::verify::names(&root.cert_der)
+        {
+            self.ca_keys.push((issuer, key));
+        }
+    }
+
+    fn check_crl(&mut self, seq: u64, crl_b64: &str, crl_sha256: &str, tbs_sha256: &str) {
+        self.ensure_root_key();
+        let der = B64.decode(crl_b64).unwrap_or_default();
+        if keys::sha256_hex(&der) != crl_sha256 {
+            self.problem(Some(seq), "CRL does not match its recorded SHA-256");
+            return;
+        }
+        let tbs = crate::asn1::first_inner_element(&der).unwrap_or_default();
+        if keys::sha256_hex(tbs) != tbs_sha256 {
+            self.problem(
+                Some(seq),
+                "CRL's TBS differs from the one its intent recorded",
+            );
+        }
+        let verified = crate::verify::crl_issuer(&der)
+            .ok()
+            .is_some_and(|(issuer, sig)| {
+                self.ca_keys
+                    .iter()
+                    .any(|(name, key)| *name == issuer && key.verify(tbs, &sig))
+            });
+        if !verified {
+            self.problem(
+                Some(seq),
+                "CRL signature does not verify under its issuer's key",
+            );
         }
     }
 
@@ -557,6 +656,18 @@ pub fn verify(
     vkey: Option<&str>,
     root_pem_der: Option<&[u8]>,
 ) -> Result<Report, LogError> {
+    verify_with(paths, vkey, root_pem_der, &[])
+}
+
+/// [`verify`], plus checkpoints held outside (ceremony minutes, an auditor, a witness): each
+/// must verify with the log key and match the recomputed root at its size, which proves the log
+/// only grew since; a checkpoint larger than the log means it was truncated or rolled back.
+pub fn verify_with(
+    paths: &Paths,
+    vkey: Option<&str>,
+    root_pem_der: Option<&[u8]>,
+    external: &[(String, Vec<u8>)],
+) -> Result<Report, LogError> {
     let mut scan = Scan::read(&paths.entries(), true)?;
     if let Some((entry, bytes)) = scan.torn {
         scan.problem(Some(entry), format!("incomplete last line ({bytes} bytes after the last newline): interrupted write or truncation; run `hsmca log recover`"));
@@ -584,6 +695,21 @@ pub fn verify(
     }
     let vkey = vkey.map_or(recorded, str::to_owned);
     let cp = check_checkpoints(paths, &mut scan, &vkey)?;
+    let size = scan.tree.size();
+    for (name, note) in external {
+        match translog::open_checkpoint(note, &vkey) {
+            Err(e) => scan.problem(None, format!("{name}: {e}")),
+            Ok(c) if c.size > size => scan.problem(
+                Some(size),
+                format!("{name} covers {} entries but the log has {size}: the log was truncated or rolled back", c.size),
+            ),
+            Ok(c) if scan.tree.root_at(c.size) != Some(c.root) => scan.problem(
+                None,
+                format!("{name} (size {}) does not match the log: history before it was rewritten", c.size),
+            ),
+            Ok(_) => {}
+        }
+    }
     Ok(report(scan, cp, vkey))
 }
 
@@ -731,12 +857,33 @@ impl Log {
         self.scan.serials.contains(serial)
     }
 
+    /// Whether this log issued a certificate with this serial (hex).
+    pub fn has_cert(&self, serial: &str) -> bool {
+        self.scan.cert_at.contains_key(serial)
+    }
+
+    /// Whether the serial (hex) has been revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.scan.revoked.contains_key(serial)
+    }
+
+    /// The highest cRLNumber used for `issuer` (0 if none).
+    pub fn last_crl_number(&self, issuer: &str) -> u64 {
+        self.scan.crl_numbers.get(issuer).copied().unwrap_or(0)
+    }
+
+    /// Path of `entries.jsonl`.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
     /// Intents with no result: the previous run stopped between intent and result.
     pub fn open_intents(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
             .scan
             .intents
             .keys()
+            .chain(self.scan.crl_intents.keys())
             .filter(|s| !self.scan.resolved.contains(s))
             .copied()
             .collect();
@@ -911,4 +1058,110 @@ pub fn root_public_key(info: &RootInfo) -> Option<PublicKey> {
     crate::verify::key_and_expiry(&info.cert_der)
         .ok()
         .map(|(k, _)| k)
+}
+
+/// A revocation as logged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Revoked {
+    /// The revocation entry.
+    pub seq: u64,
+    /// RFC 5280 reason, kebab-case.
+    pub reason: String,
+    /// When.
+    pub revocation_time: String,
+    /// Known or suspected compromise time.
+    pub invalidity_date: Option<String>,
+}
+
+/// A certificate in the log, with what later entries say about it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Record {
+    /// The `cert` entry.
+    pub seq: u64,
+    /// When it was logged.
+    pub time: String,
+    /// Serial, hex.
+    pub serial: String,
+    /// Profile it was issued under.
+    pub profile: String,
+    /// SHA-256 of the CSR (or of the SPKI for intermediates).
+    pub csr_sha256: String,
+    /// The certificate, DER.
+    #[serde(skip)]
+    pub der: Vec<u8>,
+    /// Serial this certificate renews.
+    pub renews: Option<String>,
+    /// Serial of the certificate that renewed this one.
+    pub renewed_by: Option<String>,
+    /// Set once revoked.
+    pub revoked: Option<Revoked>,
+}
+
+/// Every certificate in the log, in log order. Reads the file without taking the lock.
+pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
+    let path = paths.entries();
+    let file = File::open(&path).map_err(io_at(&path))?;
+    let mut out: Vec<Record> = Vec::new();
+    let mut renews_of_intent: HashMap<u64, String> = HashMap::new();
+    let mut by_serial: HashMap<String, usize> = HashMap::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(io_at(&path))?;
+        let Ok(entry) = serde_json::from_slice::<Entry>(&line) else {
+            continue;
+        };
+        match entry.body {
+            Body::IssueIntent {
+                renews: Some(old), ..
+            } => {
+                renews_of_intent.insert(entry.seq, old);
+            }
+            Body::Cert {
+                intent_seq,
+                serial,
+                profile,
+                csr_sha256,
+                cert,
+                ..
+            } => {
+                let renews = renews_of_intent.remove(&intent_seq);
+                if let Some(old) = renews.as_ref().and_then(|o| by_serial.get(o)) {
+                    out[*old].renewed_by = Some(serial.clone());
+                }
+                by_serial.insert(serial.clone(), out.len());
+                out.push(Record {
+                    seq: entry.seq,
+                    time: entry.time,
+                    serial,
+                    profile,
+                    csr_sha256,
+                    der: B64.decode(cert).unwrap_or_default(),
+                    renews,
+                    renewed_by: None,
+                    revoked: None,
+                });
+            }
+            Body::Revocation {
+                serial,
+                reason,
+                revocation_time,
+                invalidity_date,
+            } => {
+                if let Some(i) = by_serial.get(&serial) {
+                    out[*i].revoked = Some(Revoked {
+                        seq: entry.seq,
+                        reason,
+                        revocation_time,
+                        invalidity_date,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The Merkle tree over the log's lines, for proofs.
+pub fn tree(paths: &Paths) -> Result<Tree, LogError> {
+    Ok(Scan::read(&paths.entries(), false)?.tree)
 }

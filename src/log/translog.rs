@@ -65,6 +65,16 @@ impl Tree {
             .map(|h| h.0)
     }
 
+    /// RFC 6962 inclusion proof of leaf `index` in the tree of `size` leaves, sibling first.
+    pub fn prove(&self, index: u64, size: u64) -> Option<Vec<[u8; 32]>> {
+        if size > self.size {
+            return None;
+        }
+        tlog::prove_record(size, index, &Stored(&self.stored))
+            .ok()
+            .map(|p| p.into_iter().map(|h| h.0).collect())
+    }
+
     /// Root of the whole tree.
     pub fn root(&self) -> [u8; 32] {
         self.root_at(self.size).unwrap_or(tlog::EMPTY_HASH.0)
@@ -159,6 +169,18 @@ pub fn sign_checkpoint(
     let mut note = Note::new(&body.to_bytes(), &[]).map_err(|e| e.to_string())?;
     note.add_sigs(&[key]).map_err(|e| e.to_string())?;
     Ok(note.to_bytes())
+}
+
+/// A C2SP `tlog-proof@v1` for leaf `index`: the inclusion path and the signed checkpoint note.
+pub fn tlog_proof(index: u64, path: &[[u8; 32]], checkpoint_note: &[u8]) -> Vec<u8> {
+    let mut out = format!("c2sp.org/tlog-proof@v1\nindex {index}\n").into_bytes();
+    for h in path {
+        out.extend_from_slice(b64(h).as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.extend_from_slice(checkpoint_note);
+    out
 }
 
 /// A checkpoint whose signature verified.
@@ -260,6 +282,15 @@ mod tests {
             "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
         );
         assert!(t.root_at(8).is_none());
+        let path: Vec<String> = t.prove(3, 7).unwrap().iter().map(|h| b64(h)).collect();
+        assert_eq!(
+            path,
+            [
+                "0+CmKo96klbIvrcVr97YPkMm0sRzedJZsXCahArS8R0=",
+                "/FLXGjaKeY/Zbsflt+5fj5/dEMf/mrFGxOrB5qChsQo=",
+                "W2qHXU9KHoTXZASQVliH8n4vPTTJGZZRQ2ZkO/A30QA="
+            ]
+        );
     }
 
     #[test]

@@ -35,16 +35,10 @@ def fail(msg):
     sys.exit(1)
 
 
-def main(home):
-    with open(home + "/log/entries.jsonl", "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        fail("torn last line")
-    leaves = data.split(b"\n")[:-1]
-    vkey = open(home + "/log/log.vkey").read().strip()
+def check_note(note, vkey):
+    """Verifies a signed checkpoint note with the vkey; returns (origin, size, root_b64)."""
     name, key_id_hex, key_b64 = vkey.split("+", 2)
     key = base64.b64decode(key_b64)
-    note = open(home + "/log/checkpoint", "rb").read()
     text, sep, sigs = note.rpartition(b"\n\n")
     if not sep:
         fail("no signature block")
@@ -80,6 +74,18 @@ def main(home):
     origin, size, root_b64 = lines[0], int(lines[1]), lines[2]
     if origin != name:
         fail("origin %r is not the key name %r" % (origin, name))
+    return origin, size, root_b64
+
+
+def main(home):
+    with open(home + "/log/entries.jsonl", "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        fail("torn last line")
+    leaves = data.split(b"\n")[:-1]
+    vkey = open(home + "/log/log.vkey").read().strip()
+    note = open(home + "/log/checkpoint", "rb").read()
+    _, size, root_b64 = check_note(note, vkey)
     if size > len(leaves):
         fail("checkpoint covers %d entries, log has %d" % (size, len(leaves)))
     root = base64.b64encode(mth(leaves[:size])).decode()

@@ -1,0 +1,584 @@
+//! Certificate lifecycle from the log: revoke, CRLs, expiry report, renewal, listings and the
+//! export an online verifier needs. Each job reads or appends to the log like `sign` does:
+//! intent before the token signs, result after, checkpoint, and only then any file.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::clock::{Clock, rfc3339};
+use crate::csr::VerifiedCsr;
+use crate::error::Error;
+use crate::files;
+use crate::home::{self, Home, Outcome};
+use crate::keys;
+use crate::log::{self, Body, Record};
+use crate::policy::{self, Context};
+use crate::profile::Duration;
+use crate::signer::CaSigner;
+use crate::token::Token;
+use crate::verify;
+
+fn parse_time(s: &str) -> Result<OffsetDateTime, Error> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| Error::Usage(format!("{s:?} is not an RFC 3339 time: {e}")))
+}
+
+/// Normalises a serial given by an operator: hex, any case, optional colons or `0x`.
+pub fn normalise_serial(s: &str) -> String {
+    let s = s
+        .trim()
+        .trim_start_matches("0x")
+        .trim_start_matches("0X")
+        .replace(':', "")
+        .to_ascii_lowercase();
+    let trimmed = s.trim_start_matches('0');
+    // Logged serials are 16 bytes with a non-zero first byte, so leading zeros never occur.
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// What `revoke` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revoked {
+    /// Serial, hex.
+    pub serial: String,
+    /// Subject of the revoked certificate.
+    pub subject: String,
+    /// Reason.
+    pub reason: String,
+    /// Log entry.
+    pub log_entry: u64,
+}
+
+/// `hsmca revoke`: records a revocation in the log. The next `hsmca crl` for the certificate's
+/// issuer lists it. An unknown or already revoked serial is an error.
+pub fn revoke(
+    home: &Home,
+    serial: &str,
+    reason: &str,
+    invalidity_date: Option<&str>,
+    token: &Token,
+    clock: &dyn Clock,
+) -> Result<Revoked, Error> {
+    if crate::crl::reason(reason).is_none() {
+        let names: Vec<&str> = crate::crl::REASONS.iter().map(|(n, _)| *n).collect();
+        return Err(Error::Usage(format!(
+            "unknown reason {reason:?}; use one of {}",
+            names.join(", ")
+        )));
+    }
+    let invalidity = invalidity_date.map(parse_time).transpose()?;
+    let serial = normalise_serial(serial);
+    let log_key = token.key(&home.config.log_key.label)?;
+    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
+    if !log.has_cert(&serial) {
+        return Err(Error::Usage(format!(
+            "serial {serial} was never issued by this CA (see `hsmca log list`)"
+        )));
+    }
+    if log.is_revoked(&serial) {
+        return Err(Error::Usage(format!("serial {serial} is already revoked")));
+    }
+    let record = log::records(log.paths())?
+        .into_iter()
+        .find(|r| r.serial == serial);
+    let subject = record
+        .and_then(|r| verify::describe(&r.der).ok())
+        .map(|f| f.subject_string)
+        .unwrap_or_default();
+    let body = Body::Revocation {
+        serial: serial.clone(),
+        reason: reason.to_owned(),
+        revocation_time: rfc3339(clock.now()),
+        invalidity_date: invalidity.map(rfc3339),
+    };
+    let seq = log.append(vec![body], clock.now())?[0];
+    log.checkpoint(&note_key)?;
+    Ok(Revoked {
+        serial,
+        subject,
+        reason: reason.to_owned(),
+        log_entry: seq,
+    })
+}
+
+/// The serial of a certificate file, for `revoke --cert`.
+pub fn serial_of_file(path: &Path) -> Result<String, Error> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::Usage(format!("{}: cannot read: {e}", path.display())))?;
+    let cert = crate::issue::IssuerCert::from_pem_or_der(&bytes)
+        .map_err(|e| Error::Usage(format!("{}: not a certificate: {e}", path.display())))?;
+    Ok(verify::describe(&cert.der)
+        .map_err(|e| Error::Usage(e.to_string()))?
+        .serial)
+}
+
+/// What `crl` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrlReport {
+    /// Issuing CA.
+    pub issuer: String,
+    /// cRLNumber.
+    pub number: u64,
+    /// thisUpdate.
+    pub this_update: String,
+    /// nextUpdate.
+    pub next_update: String,
+    /// Serials listed.
+    pub revoked: Vec<String>,
+    /// Where it was written.
+    pub file: PathBuf,
+    /// Log entry of the CRL.
+    pub log_entry: u64,
+}
+
+/// `hsmca crl`: a CRL v2 for one issuer (the root or an intermediate), signed in the token
+/// with the next cRLNumber, listing every revoked certificate that issuer signed.
+pub fn crl(
+    home: &Home,
+    issuer_name: &str,
+    next_update: Duration,
+    out: &Path,
+    token: &Token,
+    clock: &dyn Clock,
+) -> Result<CrlReport, Error> {
+    if out.exists() {
+        return Err(Error::File(files::FileError::Exists(out.to_path_buf())));
+    }
+    let (issuer, label) = home.issuer(issuer_name)?;
+    let (_, issuer_subject, _, _) =
+        verify::names(&issuer.der).map_err(|e| Error::Internal(e.to_string()))?;
+    let log_key = token.key(&home.config.log_key.label)?;
+    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
+    let key = token.key_matching(&label, &issuer.public_key)?;
+    let now = clock.now();
+    let mut entries = Vec::new();
+    for r in log::records(log.paths())? {
+        let Some(rev) = &r.revoked else { continue };
+        let facts = verify::describe(&r.der).map_err(|e| Error::Internal(e.to_string()))?;
+        if facts.issuer_der != issuer_subject {
+            continue;
+        }
+        entries.push(crate::crl::Entry {
+            serial: hex_bytes(&r.serial),
+            revocation_time: parse_time(&rev.revocation_time)?,
+            reason: rev.reason.clone(),
+            invalidity_date: rev.invalidity_date.as_deref().map(parse_time).transpose()?,
+        });
+    }
+    let spec = crate::crl::Spec {
+        number: log.last_crl_number(issuer_name) + 1,
+        this_update: now,
+        next_update: now + next_update.to_time(),
+        revoked: entries,
+    };
+    let prepared = crate::crl::prepare(&spec, &issuer)?;
+    let revoked: Vec<String> = spec.revoked.iter().map(|e| keys::hex(&e.serial)).collect();
+    let intent = Body::CrlIntent {
+        issuer: issuer_name.to_owned(),
+        crl_number: spec.number,
+        this_update: rfc3339(spec.this_update),
+        next_update: rfc3339(spec.next_update),
+        revoked: revoked.clone(),
+        tbs_sha256: prepared.tbs_sha256.clone(),
+    };
+    let intent_seq = log.append(vec![intent], now)?[0];
+    let der = match crate::crl::sign(&prepared, &issuer, &key) {
+        Ok(der) => der,
+        Err(e) => {
+            log.append(
+                vec![Body::Abandon {
+                    intent_seq,
+                    reason: format!("not released: {e}"),
+                }],
+                clock.now(),
+            )?;
+            log.checkpoint(&note_key)?;
+            return Err(e.into());
+        }
+    };
+    let body = Body::Crl {
+        intent_seq,
+        issuer: issuer_name.to_owned(),
+        crl_number: spec.number,
+        crl_sha256: keys::sha256_hex(&der),
+        crl: B64.encode(&der),
+    };
+    let seq = log.append(vec![body], clock.now())?[0];
+    log.checkpoint(&note_key)?;
+    files::write_new(out, home::pem("X509 CRL", &der).as_bytes())?;
+    Ok(CrlReport {
+        issuer: issuer_name.to_owned(),
+        number: spec.number,
+        this_update: rfc3339(spec.this_update),
+        next_update: rfc3339(spec.next_update),
+        revoked,
+        file: out.to_path_buf(),
+        log_entry: seq,
+    })
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    let padded = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex.to_owned()
+    };
+    (0..padded.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&padded[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+/// One line of the expiry report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Expiring {
+    /// Serial, hex.
+    pub serial: String,
+    /// Profile (`root` for the root).
+    pub profile: String,
+    /// Subject.
+    pub subject: String,
+    /// SANs: where the certificate is used.
+    pub sans: Vec<String>,
+    /// notAfter.
+    pub not_after: String,
+    /// Days left (negative once expired).
+    pub days_left: i64,
+    /// Whether it is a CA (root or intermediate).
+    pub ca: bool,
+}
+
+/// `hsmca expiring`: unrevoked certificates and the CAs themselves whose notAfter falls within
+/// `within` from now (already expired ones included), soonest first. Needs no token. A
+/// certificate already renewed is left out: its successor is what matters.
+pub fn expiring(home: &Home, within: Duration, clock: &dyn Clock) -> Result<Vec<Expiring>, Error> {
+    let now = clock.now();
+    let horizon = now + within.to_time();
+    let root = home.root()?;
+    let mut out = Vec::new();
+    let mut push = |serial: String, profile: String, facts: &verify::CertFacts, ca: bool| {
+        if facts.not_after <= horizon {
+            out.push(Expiring {
+                serial,
+                profile,
+                subject: facts.subject_string.clone(),
+                sans: facts.sans.clone(),
+                not_after: rfc3339(facts.not_after),
+                // Rounded up: a 10-day certificate issued a second ago has 10 days left.
+                days_left: -(-(facts.not_after - now).whole_seconds()).div_euclid(86_400),
+                ca,
+            });
+        }
+    };
+    let root_facts = verify::describe(&root.der).map_err(|e| Error::Internal(e.to_string()))?;
+    push(root_facts.serial.clone(), "root".into(), &root_facts, true);
+    for r in log::records(&log::Paths::of_home(&home.dir))? {
+        if r.revoked.is_some() || r.renewed_by.is_some() {
+            continue;
+        }
+        let facts = verify::describe(&r.der).map_err(|e| Error::Internal(e.to_string()))?;
+        push(r.serial.clone(), r.profile.clone(), &facts, facts.is_ca);
+    }
+    out.sort_by(|a, b| a.not_after.cmp(&b.not_after).then(a.serial.cmp(&b.serial)));
+    Ok(out)
+}
+
+/// `hsmca renew`: re-issues each certificate for the same subject, SANs and public key under
+/// its profile as it stands today (refused if the profile no longer allows it), linking the new
+/// serial to the old one in the log. Certificates go to `out/<new serial>.crt`.
+pub fn renew(
+    home: &Home,
+    serials: &[String],
+    validity: Option<Duration>,
+    out: &Path,
+    token: &Token,
+    clock: &dyn Clock,
+) -> Result<Vec<Outcome>, Error> {
+    let log_key = token.key(&home.config.log_key.label)?;
+    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
+    let records = log::records(log.paths())?;
+    let mut outcomes = Vec::new();
+    let mut release = Vec::new();
+    for given in serials {
+        let serial = normalise_serial(given);
+        let csr_label = PathBuf::from(format!("serial:{serial}"));
+        let failed = |rule: &str, error: String| Outcome::Failed {
+            csr: csr_label.clone(),
+            rule: rule.into(),
+            error,
+        };
+        let Some(old) = records.iter().find(|r| r.serial == serial) else {
+            outcomes.push(failed(
+                "renew.serial",
+                format!("serial {serial} was never issued by this CA"),
+            ));
+            continue;
+        };
+        if old.revoked.is_some() {
+            outcomes.push(failed(
+                "renew.revoked",
+                format!("serial {serial} is revoked; a revoked certificate is not renewed"),
+            ));
+            continue;
+        }
+        let profile = home.profile(&old.profile)?;
+        if profile.ca.is_some() {
+            outcomes.push(failed(
+                "renew.ca",
+                "intermediates are renewed with `hsmca ca create` and a new key".into(),
+            ));
+            continue;
+        }
+        let facts = verify::describe(&old.der).map_err(|e| Error::Internal(e.to_string()))?;
+        let request = request_from(&facts, old);
+        let (issuer_cert, issuer_label) = home.issuer(&profile.issuer)?;
+        let key = token.key_matching(&issuer_label, &issuer_cert.public_key)?;
+        let ctx = Context {
+            now: clock.now(),
+            serial: home::fresh_serial(token, &log)?,
+            requested_validity: validity,
+            issuer_not_after: issuer_cert.not_after,
+        };
+        let decision = match policy::decide(&profile, &request, &ctx) {
+            Ok(d) => d,
+            Err(refusals) => {
+                outcomes.push(Outcome::Refused {
+                    csr: csr_label,
+                    refusals,
+                });
+                continue;
+            }
+        };
+        let issuer_subject = home::issuer_name(&issuer_cert);
+        let cert = home::summary(&decision, &issuer_subject);
+        match home::issue_logged(
+            &mut log,
+            decision,
+            &issuer_cert,
+            &key as &dyn CaSigner,
+            &old.csr_sha256,
+            Some(&serial),
+            clock,
+        )? {
+            Ok((seq, der)) => {
+                let file = out.join(format!("{}.crt", cert.serial));
+                release.push((outcomes.len(), der));
+                outcomes.push(Outcome::Issued {
+                    csr: csr_label,
+                    cert,
+                    file,
+                    log_entry: seq,
+                    already_issued: false,
+                });
+            }
+            Err(e) => outcomes.push(failed("token.sign", crate::error::chain(&e))),
+        }
+    }
+    log.checkpoint(&note_key)?;
+    for (i, der) in release {
+        if let Outcome::Issued { file, .. } = &outcomes[i] {
+            files::write_new(file, home::pem("CERTIFICATE", &der).as_bytes())?;
+        }
+    }
+    Ok(outcomes)
+}
+
+/// The request a renewal is judged as: the old certificate's subject, SANs and key, asking for
+/// no extensions. The profile decides everything else afresh.
+fn request_from(facts: &verify::CertFacts, old: &Record) -> VerifiedCsr {
+    let sans = facts
+        .sans
+        .iter()
+        .map(|s| match s.split_once(':') {
+            Some(("DNS", d)) => crate::csr::San::Dns(d.to_owned()),
+            Some(("IP", ip)) => ip
+                .parse()
+                .map_or_else(|_| crate::csr::San::Other(s.clone()), crate::csr::San::Ip),
+            Some(("email", e)) => crate::csr::San::Email(e.to_owned()),
+            Some(("URI", u)) => crate::csr::San::Uri(u.to_owned()),
+            _ => crate::csr::San::Other(s.clone()),
+        })
+        .collect();
+    VerifiedCsr {
+        sha256: old.csr_sha256.clone(),
+        public_key: facts.public_key.clone(),
+        subject: facts.subject.clone(),
+        sans,
+        extensions: Vec::new(),
+        other_attributes: Vec::new(),
+        signature_algorithm: "renewal of a logged certificate",
+        der: Vec::new(),
+    }
+}
+
+/// Filters for `log list`.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this profile.
+    pub profile: Option<String>,
+    /// Subject contains this text.
+    pub subject: Option<String>,
+    /// Only this serial.
+    pub serial: Option<String>,
+    /// Logged at or after.
+    pub since: Option<String>,
+    /// Logged before.
+    pub until: Option<String>,
+    /// Only revoked ones.
+    pub revoked: bool,
+}
+
+/// A certificate as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    /// The log record.
+    #[serde(flatten)]
+    pub record: Record,
+    /// Subject.
+    pub subject: String,
+    /// SANs.
+    pub sans: Vec<String>,
+    /// notAfter.
+    pub not_after: String,
+    /// `valid`, `revoked` or `expired`.
+    pub status: &'static str,
+    /// The certificate, PEM.
+    pub pem: String,
+}
+
+/// `hsmca log list` / `show`: the certificates in the log that pass `filter`. Needs no token.
+pub fn list(home: &Home, filter: &Filter, clock: &dyn Clock) -> Result<Vec<Listed>, Error> {
+    let since = filter.since.as_deref().map(parse_time).transpose()?;
+    let until = filter.until.as_deref().map(parse_time).transpose()?;
+    let serial = filter.serial.as_deref().map(normalise_serial);
+    let now = clock.now();
+    let mut out = Vec::new();
+    for r in log::records(&log::Paths::of_home(&home.dir))? {
+        let facts = verify::describe(&r.der).map_err(|e| Error::Internal(e.to_string()))?;
+        let logged = parse_time(&r.time)?;
+        let keep = filter.profile.as_ref().is_none_or(|p| *p == r.profile)
+            && filter
+                .subject
+                .as_ref()
+                .is_none_or(|s| facts.subject_string.contains(s.as_str()))
+            && serial.as_ref().is_none_or(|s| *s == r.serial)
+            && since.is_none_or(|t| logged >= t)
+            && until.is_none_or(|t| logged < t)
+            && (!filter.revoked || r.revoked.is_some());
+        if !keep {
+            continue;
+        }
+        let status = if r.revoked.is_some() {
+            "revoked"
+        } else if facts.not_after < now {
+            "expired"
+        } else {
+            "valid"
+        };
+        out.push(Listed {
+            subject: facts.subject_string.clone(),
+            sans: facts.sans.clone(),
+            not_after: rfc3339(facts.not_after),
+            status,
+            pem: home::pem("CERTIFICATE", &r.der),
+            record: r,
+        });
+    }
+    Ok(out)
+}
+
+/// What `log export` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Exported {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Entries copied.
+    pub entries: u64,
+    /// Checkpoints copied.
+    pub checkpoints: usize,
+    /// Inclusion proofs written (one per certificate and CRL).
+    pub proofs: usize,
+    /// Size of the checkpoint the proofs are against.
+    pub checkpoint_size: u64,
+}
+
+/// `hsmca log export`: the entries, every checkpoint, the verifier key, and for each
+/// certificate and CRL its C2SP tlog-proof against the latest checkpoint, plus the artefacts
+/// themselves, so an online verifier needs nothing from hsmca. Writes into a new directory.
+pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
+    if out.exists() {
+        return Err(Error::File(files::FileError::Exists(out.to_path_buf())));
+    }
+    let paths = log::Paths::of_home(&home.dir);
+    let report = log::verify(&paths, None, None)?;
+    if let Some(p) = report.problems.first() {
+        return Err(Error::Log(log::LogError::Corrupt(p.clone())));
+    }
+    let checkpoint = std::fs::read(paths.checkpoint())?;
+    let size = report.checkpoint_size.unwrap_or(0);
+    let tree = log::tree(&paths)?;
+    let entries = std::fs::read(paths.entries())?;
+    files::write_new(&out.join("entries.jsonl"), &entries)?;
+    files::write_new(&out.join("checkpoint"), &checkpoint)?;
+    files::write_new(
+        &out.join("log.vkey"),
+        std::fs::read(paths.vkey())?.as_slice(),
+    )?;
+    let mut checkpoints = 0;
+    for e in std::fs::read_dir(paths.checkpoints())? {
+        let e = e?;
+        files::write_new(
+            &out.join("checkpoints").join(e.file_name()),
+            &std::fs::read(e.path())?,
+        )?;
+        checkpoints += 1;
+    }
+    let mut proofs = 0;
+    for (seq, line) in entries.split(|b| *b == b'\n').enumerate() {
+        let seq = seq as u64;
+        if seq >= size {
+            break;
+        }
+        let Ok(entry) = serde_json::from_slice::<log::Entry>(line) else {
+            continue;
+        };
+        let (name, der, label) = match &entry.body {
+            Body::Cert { serial, cert, .. } => (format!("certs/{serial}"), cert, "CERTIFICATE"),
+            Body::Crl {
+                issuer,
+                crl_number,
+                crl,
+                ..
+            } => (format!("crls/{issuer}-{crl_number}"), crl, "X509 CRL"),
+            _ => continue,
+        };
+        let path = tree
+            .prove(seq, size)
+            .ok_or_else(|| Error::Internal(format!("no proof for entry {seq}")))?;
+        let proof = log::translog::tlog_proof(seq, &path, &checkpoint);
+        files::write_new(&out.join(format!("proofs/{seq:012}.tlog-proof")), &proof)?;
+        let der = B64
+            .decode(der)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        files::write_new(
+            &out.join(format!("{name}.pem")),
+            home::pem(label, &der).as_bytes(),
+        )?;
+        proofs += 1;
+    }
+    Ok(Exported {
+        dir: out.to_path_buf(),
+        entries: report.entries,
+        checkpoints,
+        proofs,
+        checkpoint_size: size,
+    })
+}

@@ -1,0 +1,578 @@
+//! Certificate lifecycle against a real SoftHSM2 token: revocation, CRLs checked by OpenSSL and
+//! pkilint, the expiry report, renewal, listings, and the export whose proofs an independent
+//! implementation verifies.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Env, openssl, require, s};
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Signs a test-any-key CSR with CN=`cn` and returns (serial, certificate path).
+fn issue(env: &Env, home: &Path, cn: &str, validity: &str) -> (String, PathBuf) {
+    let csr = env.p256_csr(&format!("c/{cn}.csr"), &format!("/CN={cn}"));
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(home),
+        "--profile",
+        "test-any-key",
+        "--validity",
+        validity,
+        "--json",
+        s(&csr),
+    ]);
+    run.ok();
+    let out = &json_lines(&run.stdout())[0];
+    (
+        out["cert"]["serial"].as_str().unwrap().to_owned(),
+        csr.with_extension("crt"),
+    )
+}
+
+fn tool(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn revocation_and_crls_are_checked_by_openssl_and_pkilint() {
+    require("lint_crl");
+    let env = Env::new("crl");
+    let home = env.init_k8s("ca", "crl");
+    let root = home.join("root.pem");
+    let (bad, bad_cert) = issue(&env, &home, "bad", "30d");
+    let (_, good_cert) = issue(&env, &home, "good", "30d");
+
+    // Unknown serials and double revocations are refused; --cert finds the serial.
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        "00ff",
+        "--reason",
+        "superseded",
+    ])
+    .fails_with(2, "was never issued");
+    env.hsmca(&["revoke", "--home", s(&home), &bad, "--reason", "nonsense"])
+        .fails_with(2, "unknown reason");
+    let run = env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        "--cert",
+        s(&bad_cert),
+        "--reason",
+        "key-compromise",
+        "--invalidity-date",
+        "2026-01-02T03:04:05Z",
+    ]);
+    run.ok();
+    assert!(
+        run.stdout().contains(&format!("revoked serial {bad}")),
+        "{}",
+        run.all()
+    );
+    env.hsmca(&["revoke", "--home", s(&home), &bad, "--reason", "superseded"])
+        .fails_with(2, "already revoked");
+
+    let crl = env.path("root-1.crl");
+    let run = env.hsmca(&[
+        "crl",
+        "--home",
+        s(&home),
+        "--issuer",
+        "root",
+        "--next-update",
+        "7d",
+        "--out",
+        s(&crl),
+        "--json",
+    ]);
+    run.ok();
+    let report = &json_lines(&run.stdout())[0];
+    assert_eq!(report["number"], 1);
+    assert_eq!(report["revoked"][0], bad.as_str());
+    let (ok, text) = tool(
+        "openssl",
+        &[
+            "crl",
+            "-in",
+            s(&crl),
+            "-CAfile",
+            s(&root),
+            "-noout",
+            "-text",
+        ],
+    );
+    assert!(ok && text.contains("verify OK"), "{text}");
+    assert!(
+        text.contains("Key Compromise")
+            && text.contains("Invalidity Date")
+            && text.contains("X509v3 CRL Number: \n                1"),
+        "{text}"
+    );
+    assert!(text.contains("Authority Key Identifier"), "{text}");
+    let (ok, lint) = tool(
+        "lint_crl",
+        &[
+            "lint",
+            "-t",
+            "CRL",
+            "-p",
+            "PKIX",
+            "-s",
+            "ERROR",
+            "--document-format",
+            "PEM",
+            s(&crl),
+        ],
+    );
+    assert!(ok && lint.trim().is_empty(), "pkilint: {lint}");
+    let (ok, text) = tool(
+        "openssl",
+        &[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            s(&root),
+            "-CRLfile",
+            s(&crl),
+            s(&bad_cert),
+        ],
+    );
+    assert!(!ok && text.contains("certificate revoked"), "{text}");
+    let (ok, text) = tool(
+        "openssl",
+        &[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            s(&root),
+            "-CRLfile",
+            s(&crl),
+            s(&good_cert),
+        ],
+    );
+    assert!(ok, "{text}");
+
+    // Numbers increase per issuer; an intermediate's CRL only lists what it signed.
+    let crl2 = env.path("root-2.crl");
+    let run = env.hsmca(&["crl", "--home", s(&home), "--out", s(&crl2), "--json"]);
+    assert_eq!(json_lines(&run.stdout())[0]["number"], 2, "{}", run.all());
+    let k8s = env.path("k8s.crl");
+    let run = env.hsmca(&[
+        "crl",
+        "--home",
+        s(&home),
+        "--issuer",
+        "kubernetes-ca",
+        "--out",
+        s(&k8s),
+        "--json",
+    ]);
+    let report = &json_lines(&run.stdout())[0];
+    assert_eq!(report["number"], 1, "{}", run.all());
+    assert_eq!(report["revoked"].as_array().unwrap().len(), 0);
+    let (ok, text) = tool(
+        "openssl",
+        &[
+            "crl",
+            "-in",
+            s(&k8s),
+            "-CAfile",
+            s(&home.join("cas/kubernetes-ca.pem")),
+            "-noout",
+        ],
+    );
+    assert!(ok && text.contains("verify OK"), "{text}");
+    let (ok, lint) = tool(
+        "lint_crl",
+        &[
+            "lint",
+            "-t",
+            "CRL",
+            "-p",
+            "PKIX",
+            "-s",
+            "ERROR",
+            "--document-format",
+            "PEM",
+            s(&k8s),
+        ],
+    );
+    assert!(ok && lint.trim().is_empty(), "pkilint: {lint}");
+    // Never overwrites.
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&crl)])
+        .fails_with(2, "already exists");
+    let run = env.hsmca(&["log", "verify", "--home", s(&home), "--json"]);
+    run.ok();
+    let v = &json_lines(&run.stdout())[0];
+    assert_eq!(v["counts"]["crl"], 3);
+    assert_eq!(v["counts"]["revocation"], 1);
+}
+
+#[test]
+fn expiring_reports_soonest_first_and_sets_the_exit_status() {
+    let env = Env::new("exp");
+    let home = env.path("ca");
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "exp",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=Short Root",
+        "--validity",
+        "150d",
+    ])
+    .ok();
+    let (soon, _) = issue(&env, &home, "soon", "10d");
+    let (later, _) = issue(&env, &home, "later", "60d");
+    let (gone, _) = issue(&env, &home, "gone", "10d");
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &gone,
+        "--reason",
+        "cessation-of-operation",
+    ])
+    .ok();
+
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--within", "5d"]);
+    run.code_is(0);
+    assert!(run.stdout().contains("nothing expires within 5d"));
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--within", "30d", "--json"]);
+    run.code_is(1);
+    let list = json_lines(&run.stdout());
+    assert_eq!(list.len(), 1, "the revoked one is left out: {list:?}");
+    assert_eq!(list[0]["serial"], soon.as_str());
+    assert_eq!(list[0]["profile"], "test-any-key");
+    assert_eq!(list[0]["days_left"], 10);
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--within", "200d", "--json"]);
+    run.code_is(1);
+    let order: Vec<String> = json_lines(&run.stdout())
+        .iter()
+        .map(|e| e["serial"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(order.len(), 3);
+    assert_eq!(&order[..2], &[soon.clone(), later.clone()]);
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--within", "200d"]);
+    assert!(
+        run.stdout().lines().any(|l| l.contains("root (CA)")),
+        "the root itself is reported: {}",
+        run.stdout()
+    );
+
+    // A renewed certificate is replaced in the report by its successor.
+    let out = env.path("renewed");
+    std::fs::create_dir_all(&out).unwrap();
+    env.hsmca(&[
+        "renew",
+        "--home",
+        s(&home),
+        &soon,
+        "--validity",
+        "90d",
+        "--out",
+        s(&out),
+    ])
+    .ok();
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--within", "30d"]);
+    run.code_is(0);
+}
+
+#[test]
+fn renew_keeps_subject_and_key_under_todays_profile_and_links_the_serials() {
+    let env = Env::new("renew");
+    let home = env.init("ca", "renew", "ecdsa-p256");
+    let csr = env.csr(
+        "c/r.csr",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/CN=svc1",
+        Some("DNS:a.test.internal,IP:127.0.0.2"),
+        &[],
+    );
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        "--json",
+        s(&csr),
+    ]);
+    let old = json_lines(&run.stdout())[0]["cert"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = env.path("new");
+    std::fs::create_dir_all(&out).unwrap();
+    let run = env.hsmca(&[
+        "renew",
+        "--home",
+        s(&home),
+        &old,
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    run.ok();
+    let new = json_lines(&run.stdout())[0]["cert"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(new, old);
+    let new_cert = out.join(format!("{new}.crt"));
+    assert!(common::openssl_verifies(&home.join("root.pem"), &new_cert));
+    let key = |p: &Path| openssl(&["x509", "-in", s(p), "-noout", "-pubkey"]);
+    assert_eq!(
+        key(&new_cert),
+        key(&csr.with_extension("crt")),
+        "same public key"
+    );
+    let text = openssl(&[
+        "x509",
+        "-in",
+        s(&new_cert),
+        "-noout",
+        "-subject",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(
+        text.contains("CN = svc1")
+            && text.contains("DNS:a.test.internal")
+            && text.contains("IP Address:127.0.0.2"),
+        "{text}"
+    );
+    let show = env.hsmca(&["log", "show", "--home", s(&home), &old]);
+    assert!(
+        show.stdout().contains(&format!("renewed by  {new}")),
+        "{}",
+        show.stdout()
+    );
+    let show = env.hsmca(&["log", "show", "--home", s(&home), &new, "--json"]);
+    assert_eq!(json_lines(&show.stdout())[0]["renews"], old.as_str());
+
+    // The profile as it stands today decides: narrow it, and the renewal is refused.
+    let profile = home.join("profiles/test-any-key.json");
+    let text = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text.replace("\"127.0.0.0/8\"", "\"127.9.0.0/16\""),
+    )
+    .unwrap();
+    let run = env.hsmca(&["renew", "--home", s(&home), &new, "--out", s(&out)]);
+    run.code_is(1);
+    assert!(
+        run.stdout().contains("rule san.ip") && run.stdout().contains("127.0.0.2"),
+        "{}",
+        run.stdout()
+    );
+    std::fs::write(&profile, text).unwrap();
+    env.hsmca(&["revoke", "--home", s(&home), &new, "--reason", "superseded"])
+        .ok();
+    let run = env.hsmca(&["renew", "--home", s(&home), &new, "--out", s(&out)]);
+    run.code_is(1);
+    assert!(run.stdout().contains("is revoked"), "{}", run.stdout());
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn log_list_filters_by_profile_subject_serial_time_and_revocation() {
+    let env = Env::new("list");
+    let home = env.init("ca", "list", "ecdsa-p256");
+    let (a, _) = issue(&env, &home, "alpha", "30d");
+    let (b, _) = issue(&env, &home, "beta", "30d");
+    env.hsmca(&["revoke", "--home", s(&home), &b, "--reason", "superseded"])
+        .ok();
+    let list = |args: &[&str]| {
+        let mut all = vec!["log", "list", "--home", s(&home), "--json"];
+        all.extend_from_slice(args);
+        let run = env.hsmca(&all);
+        run.ok();
+        json_lines(&run.stdout())
+            .iter()
+            .map(|r| r["serial"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(list(&[]), vec![a.clone(), b.clone()]);
+    assert_eq!(
+        list(&["--profile", "test-any-key", "--subject", "alpha"]),
+        vec![a.clone()]
+    );
+    assert_eq!(list(&["--serial", &b.to_uppercase()]), vec![b.clone()]);
+    assert_eq!(list(&["--revoked"]), vec![b.clone()]);
+    assert_eq!(list(&["--profile", "admin"]), Vec::<String>::new());
+    assert_eq!(
+        list(&[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2999-01-01T00:00:00Z"
+        ])
+        .len(),
+        2
+    );
+    assert_eq!(list(&["--since", "2999-01-01T00:00:00Z"]).len(), 0);
+    let run = env.hsmca(&["log", "list", "--home", s(&home)]);
+    assert!(
+        run.stdout().contains("revoked") && run.stdout().contains("CN=alpha"),
+        "{}",
+        run.stdout()
+    );
+}
+
+#[test]
+fn export_proofs_verify_independently_and_outside_checkpoints_catch_a_rollback() {
+    require("python3");
+    let env = Env::new("export");
+    let home = env.init("ca", "export", "ecdsa-p256");
+    let (a, _) = issue(&env, &home, "one", "30d");
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&env.path("r.crl"))])
+        .ok();
+    // A backup, and the checkpoint an auditor keeps, before more is issued.
+    let backup = env.path("backup");
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&home)
+            .arg(&backup)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let early = env.path("early.checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &early).unwrap();
+    issue(&env, &home, "two", "30d");
+    env.hsmca(&["revoke", "--home", s(&home), &a, "--reason", "superseded"])
+        .ok();
+    let late = env.path("late.checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &late).unwrap();
+
+    let out = env.path("export");
+    let run = env.hsmca(&[
+        "log",
+        "export",
+        "--home",
+        s(&home),
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    run.ok();
+    let report = &json_lines(&run.stdout())[0];
+    assert_eq!(
+        report["proofs"], 3,
+        "two certificates and one CRL: {report}"
+    );
+    let entries = std::fs::read_to_string(out.join("entries.jsonl")).unwrap();
+    let lines: Vec<&str> = entries.lines().collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/verify_proof.py");
+    let mut checked = 0;
+    for proof in std::fs::read_dir(out.join("proofs")).unwrap() {
+        let proof = proof.unwrap().path();
+        let index: usize = proof
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let leaf = env.path(&format!("leaf-{index}"));
+        std::fs::write(&leaf, lines[index]).unwrap();
+        let (ok, text) = tool(
+            "python3",
+            &[s(&script), s(&out.join("log.vkey")), s(&leaf), s(&proof)],
+        );
+        assert!(
+            ok && text.starts_with(&format!("OK {index} ")),
+            "{}: {text}",
+            proof.display()
+        );
+        // The same proof for a changed entry fails.
+        std::fs::write(&leaf, lines[index].replacen("\"v\":1", "\"v\":2", 1)).unwrap();
+        let (ok, _) = tool(
+            "python3",
+            &[s(&script), s(&out.join("log.vkey")), s(&leaf), s(&proof)],
+        );
+        assert!(!ok, "a changed entry must not verify");
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+    assert!(out.join(format!("certs/{a}.pem")).exists() && out.join("crls/root-1.pem").exists());
+
+    // The live log extends both outside checkpoints; the rolled-back backup does not.
+    env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&home),
+        "--checkpoint",
+        s(&early),
+        "--checkpoint",
+        s(&late),
+    ])
+    .ok();
+    env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&backup),
+        "--checkpoint",
+        s(&early),
+    ])
+    .ok();
+    let run = env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&backup),
+        "--checkpoint",
+        s(&late),
+    ]);
+    run.code_is(4);
+    assert!(
+        run.stdout().contains("truncated or rolled back"),
+        "{}",
+        run.stdout()
+    );
+    // A forged outside checkpoint is rejected.
+    let forged = env.path("forged.checkpoint");
+    std::fs::write(
+        &forged,
+        std::fs::read_to_string(&late)
+            .unwrap()
+            .replacen("\n", "\n1", 1),
+    )
+    .unwrap();
+    env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&home),
+        "--checkpoint",
+        s(&forged),
+    ])
+    .code_is(4);
+}
