@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what hsmca's quickstart and tests need on Debian/Ubuntu: SoftHSM2 (the token),
-# OpenSC (pkcs11-tool), OpenSSL (CSRs and independent verification), and Python's
-# `cryptography` (the independent checkpoint verifier). Idempotent; needs root for apt-get.
+# OpenSC (pkcs11-tool), OpenSSL (CSRs and independent verification), etcd and etcdctl and
+# GnuTLS certtool (interop tests), and from PyPI `cryptography` and `jsonschema` (independent
+# checkpoint/proof and schema checks) and pkilint. Idempotent; needs root for apt-get.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,9 @@ command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v certtool >/dev/null || need+=(gnutls-bin)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
