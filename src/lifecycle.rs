@@ -28,7 +28,8 @@ fn parse_time(s: &str) -> Result<OffsetDateTime, Error> {
         .map_err(|e| Error::Usage(format!("{s:?} is not an RFC 3339 time: {e}")))
 }
 
-/// Normalises a serial given by an operator: hex, any case, optional colons or `0x`.
+/// Normalises a serial given by an operator (hex, any case, optional colons or `0x`) to the
+/// log's form: lowercase hex of whole bytes, so `14F9...` and `014f9...` name the same serial.
 pub fn normalise_serial(s: &str) -> String {
     let s = s
         .trim()
@@ -36,12 +37,17 @@ pub fn normalise_serial(s: &str) -> String {
         .trim_start_matches("0X")
         .replace(':', "")
         .to_ascii_lowercase();
-    let trimmed = s.trim_start_matches('0');
-    // Logged serials are 16 bytes with a non-zero first byte, so leading zeros never occur.
-    if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.to_owned()
+    if s.len() % 2 == 1 { format!("0{s}") } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn serials_normalise_to_whole_bytes() {
+        use super::normalise_serial as n;
+        assert_eq!(n("014F9C"), "014f9c");
+        assert_eq!(n("14f9c"), "014f9c");
+        assert_eq!(n("0x01:4F:9C"), "014f9c");
     }
 }
 
