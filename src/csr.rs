@@ -279,6 +279,18 @@ pub enum CsrLoadError {
     Csr(CsrError),
 }
 
+/// The DER of a PEM or DER CSR, without parsing or verifying it: the CSR's identity in the log
+/// (its SHA-256) for lookups that must not cost a signature check.
+pub fn der_of(input: &[u8]) -> Option<Vec<u8>> {
+    if input.trim_ascii_start().starts_with(b"-----BEGIN") {
+        x509_cert::der::pem::decode_vec(input.trim_ascii())
+            .ok()
+            .map(|(_, der)| der)
+    } else {
+        Some(input.to_vec())
+    }
+}
+
 /// Parses and verifies a CSR from PEM or DER bytes. Pure.
 pub fn parse(input: &[u8]) -> Result<VerifiedCsr, CsrError> {
     if input.len() > MAX_CSR_BYTES {

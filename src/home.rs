@@ -921,7 +921,7 @@ pub(crate) fn issue_logged(
 /// Test hook for crash tests: `HSMCA_DANGER_CRASH_AT=after-intent|after-cert|after-checkpoint`
 /// aborts the process at that point, as a kill -9 or power cut would. Never set it in
 /// production; it exists so the suite can prove that a rerun finishes without issuing twice.
-fn danger_crash_point(name: &str) {
+pub(crate) fn danger_crash_point(name: &str) {
     if std::env::var("HSMCA_DANGER_CRASH_AT").is_ok_and(|v| v == name) {
         std::process::abort();
     }

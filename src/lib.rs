@@ -16,6 +16,7 @@
 //! Only `token` talks to PKCS#11; only `issue` and `signer` build certificates with rcgen.
 
 pub mod asn1;
+pub mod batch;
 pub mod cfssl;
 pub mod clock;
 pub mod crl;

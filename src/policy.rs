@@ -19,7 +19,7 @@ use crate::profile::{Cidr, Duration, ExtKeyUsage, KeyUsage, Profile};
 pub const BACKDATE: time::Duration = time::Duration::minutes(5);
 
 /// Why a CSR is refused: a rule id, what the rule expects, and what the CSR had.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Refusal {
     /// Stable rule id, e.g. `subject.O` or `san.ip`.
     pub rule: String,

@@ -680,46 +680,109 @@ impl CaSigner for TokenKey<'_> {
         &self.public
     }
 
-    /// RSA uses CKM_SHA256_RSA_PKCS (the token hashes). ECDSA hashes here (SHA-256 for P-256,
-    /// SHA-384 for P-384; SoftHSM2 has no combined mechanism) and signs the digest with
-    /// CKM_ECDSA, then re-encodes r‖s as DER. Ed25519 uses pure CKM_EDDSA.
     fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError> {
-        let session = &self.token.session;
-        let fail = |e: Pkcs11Error| {
+        sign_on(&self.token.session, self.handle, &self.public, tbs).map_err(|e| {
             SignError(format!(
-                "token {:?}, key {:?}: C_Sign failed: {e}",
+                "token {:?}, key {:?}: {e}",
                 self.token.label, self.label
             ))
-        };
-        match self.public.key_type {
-            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => session
-                .sign(&Mechanism::Sha256RsaPkcs, self.handle, tbs)
-                .map_err(fail),
-            KeyType::EcdsaP256 | KeyType::EcdsaP384 => {
-                let alg = if self.public.key_type == KeyType::EcdsaP256 {
-                    &ring::digest::SHA256
-                } else {
-                    &ring::digest::SHA384
-                };
-                let digest = ring::digest::digest(alg, tbs);
-                let raw = session
-                    .sign(&Mechanism::Ecdsa, self.handle, digest.as_ref())
-                    .map_err(fail)?;
-                asn1::ecdsa_raw_to_der(&raw).ok_or_else(|| {
-                    SignError(format!(
-                        "token returned a {}-byte ECDSA signature",
-                        raw.len()
-                    ))
-                })
-            }
-            KeyType::Ed25519 => session
-                .sign(
-                    &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-                    self.handle,
-                    tbs,
-                )
-                .map_err(fail),
+        })
+    }
+}
+
+/// RSA uses CKM_SHA256_RSA_PKCS (the token hashes). ECDSA hashes here (SHA-256 for P-256,
+/// SHA-384 for P-384; SoftHSM2 has no combined mechanism) and signs the digest with CKM_ECDSA,
+/// then re-encodes r‖s as DER. Ed25519 uses pure CKM_EDDSA.
+fn sign_on(
+    session: &Session,
+    handle: ObjectHandle,
+    public: &PublicKey,
+    tbs: &[u8],
+) -> Result<Vec<u8>, String> {
+    let fail = |e: Pkcs11Error| format!("C_Sign failed: {e}");
+    match public.key_type {
+        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => session
+            .sign(&Mechanism::Sha256RsaPkcs, handle, tbs)
+            .map_err(fail),
+        KeyType::EcdsaP256 | KeyType::EcdsaP384 => {
+            let alg = if public.key_type == KeyType::EcdsaP256 {
+                &ring::digest::SHA256
+            } else {
+                &ring::digest::SHA384
+            };
+            let digest = ring::digest::digest(alg, tbs);
+            let raw = session
+                .sign(&Mechanism::Ecdsa, handle, digest.as_ref())
+                .map_err(fail)?;
+            asn1::ecdsa_raw_to_der(&raw)
+                .ok_or_else(|| format!("token returned a {}-byte ECDSA signature", raw.len()))
         }
+        KeyType::Ed25519 => session
+            .sign(
+                &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                handle,
+                tbs,
+            )
+            .map_err(fail),
+    }
+}
+
+/// A key on a session of its own, for one worker thread. PKCS#11 sessions are not shared
+/// between threads (cryptoki's `Session` is `Send` but not `Sync`); the login is shared by all
+/// sessions of the application, so a worker session needs no PIN.
+pub struct WorkerKey {
+    session: Session,
+    handle: ObjectHandle,
+    public: PublicKey,
+    label: String,
+}
+
+impl Token {
+    /// Opens `count` extra sessions, each with its own handle to key `label`, checked against
+    /// `expected`. Handles are found afresh per session (handles do not survive a re-login).
+    pub fn workers(
+        &self,
+        label: &str,
+        expected: &PublicKey,
+        count: usize,
+    ) -> Result<Vec<WorkerKey>, TokenError> {
+        (0..count)
+            .map(|_| {
+                let session = self
+                    ._ctx
+                    .open_ro_session(self.slot)
+                    .map_err(p11("opening a worker session (C_OpenSession)"))?;
+                let handles = session
+                    .find_objects(&[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::Label(label.as_bytes().to_vec()),
+                    ])
+                    .map_err(p11(format!("looking up key {label:?} (C_FindObjects)")))?;
+                let [handle] = handles.as_slice() else {
+                    return Err(TokenError::KeyMissing {
+                        token: self.label.clone(),
+                        key: label.into(),
+                    });
+                };
+                Ok(WorkerKey {
+                    session,
+                    handle: *handle,
+                    public: expected.clone(),
+                    label: label.into(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl CaSigner for WorkerKey {
+    fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError> {
+        sign_on(&self.session, self.handle, &self.public, tbs)
+            .map_err(|e| SignError(format!("key {:?}: {e}", self.label)))
     }
 }
 

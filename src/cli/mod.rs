@@ -13,7 +13,7 @@ use hsmca::home::{self, Home, InitRequest, SignRequest};
 use hsmca::keys::KeyType;
 use hsmca::profile::{Duration, Profile, Site};
 use hsmca::token::{self, Token, TokenRef};
-use hsmca::{Error, lifecycle, log, pin};
+use hsmca::{Error, batch, lifecycle, log, pin};
 
 /// hsmca: an offline root CA whose keys never leave a PKCS#11 token.
 ///
@@ -202,6 +202,56 @@ enum Command {
         /// Directory for the new certificates (SERIAL.crt).
         #[arg(long, value_name = "DIR", default_value = ".")]
         out: PathBuf,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide every CSR of a directory (or kubeadm's generate-csr output) without the token,
+    /// print a review table and write the plan with its content hash.
+    Plan {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Directory of CSRs (searched recursively for *.csr and *.req).
+        input: PathBuf,
+        /// One profile for every CSR.
+        #[arg(long, conflicts_with = "manifest")]
+        profile: Option<String>,
+        /// JSON manifest: {"file.csr": "profile"} or {"file.csr": {"profile": P, "validity": "90d"}}.
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Where to write the plan (never overwritten).
+        #[arg(long, value_name = "PLAN.json")]
+        out: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a reviewed plan (or plan and sign INPUT in one go) into OUTDIR.
+    SignDir {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// A plan made by `hsmca plan`; signing refuses if any input changed since.
+        #[arg(long, value_name = "PLAN.json", conflicts_with_all = ["input", "profile", "manifest"])]
+        plan: Option<PathBuf>,
+        /// Directory of CSRs, planned and signed at once (for scripts).
+        #[arg(required_unless_present = "plan")]
+        input: Option<PathBuf>,
+        /// One profile for every CSR (with INPUT).
+        #[arg(long)]
+        profile: Option<String>,
+        /// Manifest (with INPUT).
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Output directory (mirrors the input layout; kubeadm's names for kubeadm input).
+        #[arg(long, value_name = "OUTDIR")]
+        out: PathBuf,
+        /// Token sessions to sign on in parallel.
+        #[arg(long, default_value_t = 2)]
+        sessions: usize,
         #[command(flatten)]
         token_opts: TokenOpts,
         /// Machine-readable output.
@@ -599,6 +649,79 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Profiles { command } => profiles(&mut out, command),
+        Command::Plan {
+            home,
+            input,
+            profile,
+            manifest,
+            out: file,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let plan = batch::plan(
+                &home,
+                &input,
+                profile.as_deref(),
+                manifest.as_deref(),
+                &clock,
+            )?;
+            let bytes =
+                serde_json::to_vec_pretty(&plan).map_err(|e| Error::Internal(e.to_string()))?;
+            hsmca::files::write_new(&file, &bytes)?;
+            report::plan(&mut out, &plan, &file, json)?;
+            Ok(
+                if plan
+                    .items
+                    .iter()
+                    .all(|i| matches!(i.verdict, batch::Verdict::Issue { .. }))
+                {
+                    0
+                } else {
+                    1
+                },
+            )
+        }
+        Command::SignDir {
+            home,
+            plan,
+            input,
+            profile,
+            manifest,
+            out: dir,
+            sessions,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let plan = match (plan, input) {
+                (Some(path), _) => {
+                    let text = std::fs::read_to_string(&path)?;
+                    serde_json::from_str(&text)
+                        .map_err(|e| Error::Usage(format!("{}: not a plan: {e}", path.display())))?
+                }
+                (None, Some(input)) => batch::plan(
+                    &home,
+                    &input,
+                    profile.as_deref(),
+                    manifest.as_deref(),
+                    &clock,
+                )?,
+                (None, None) => {
+                    return Err(Error::Usage(
+                        "give --plan PLAN.json or an INPUT directory".into(),
+                    ));
+                }
+            };
+            let token = open_home_token(&home, &token_opts)?;
+            let r = batch::sign(&home, &plan, &dir, &token, sessions, &clock)?;
+            let bytes =
+                serde_json::to_vec_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::create_dir_all(&dir)?;
+            let report_file = dir.join(format!("hsmca-report-{}.json", &r.plan[..16]));
+            hsmca::files::replace(&report_file, &bytes)?;
+            report::sign_dir(&mut out, &r, &report_file, json)?;
+            Ok(if r.refused == 0 { 0 } else { 1 })
+        }
         Command::Revoke {
             home,
             serial,

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 
 use std::path::Path;
 
+use hsmca::batch::{self, Plan, Verdict};
 use hsmca::cfssl::Imported;
 use hsmca::home::{CaReport, InitReport, Outcome};
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
@@ -457,4 +458,99 @@ pub(crate) fn exported(out: &mut impl Write, r: &Exported, as_json: bool) -> io:
         r.checkpoint_size,
         r.dir.display()
     )
+}
+
+/// `plan`: the review table.
+pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, p);
+    }
+    writeln!(out, "{:<40} {:<24} {:<7} WHAT", "CSR", "PROFILE", "VERDICT")?;
+    for i in &p.items {
+        match &i.verdict {
+            Verdict::Issue {
+                subject,
+                sans,
+                usages,
+                validity,
+                issuer,
+            } => {
+                writeln!(
+                    out,
+                    "{:<40} {:<24} {:<7} {subject} [{}] {} {validity} by {issuer}",
+                    i.file,
+                    i.profile,
+                    "issue",
+                    sans.join(","),
+                    usages.join("+")
+                )?;
+            }
+            Verdict::Refuse { refusals } => {
+                for r in refusals {
+                    writeln!(out, "{:<40} {:<24} {:<7} {r}", i.file, i.profile, "REFUSE")?;
+                }
+            }
+            Verdict::Fail { rule, error } => writeln!(
+                out,
+                "{:<40} {:<24} {:<7} {error} (rule {rule})",
+                i.file, i.profile, "FAIL"
+            )?,
+        }
+    }
+    let issue = p
+        .items
+        .iter()
+        .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
+        .count();
+    writeln!(
+        out,
+        "{issue} of {} CSRs would be issued{}",
+        p.items.len(),
+        if p.kubeadm { " (kubeadm layout)" } else { "" }
+    )?;
+    writeln!(out, "plan {} written to {}", p.hash, file.display())
+}
+
+/// `sign-dir`: the report table.
+pub(crate) fn sign_dir(
+    out: &mut impl Write,
+    r: &batch::Report,
+    file: &Path,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(out, r);
+    }
+    for d in &r.done {
+        match d {
+            batch::Done::Issued {
+                file,
+                serial,
+                out: path,
+                already_issued,
+            } => {
+                let how = if *already_issued {
+                    "written again (already issued)"
+                } else {
+                    "issued"
+                };
+                writeln!(out, "{file:<40} {how:<30} {serial} -> {}", path.display())?;
+            }
+            batch::Done::Refused { file, refusals } => {
+                for x in refusals {
+                    writeln!(out, "{file:<40} {:<30} {x}", "REFUSED")?;
+                }
+            }
+            batch::Done::Failed { file, rule, error } => {
+                writeln!(out, "{file:<40} {:<30} {error} (rule {rule})", "FAILED")?;
+            }
+        }
+    }
+    let rate = r.issued as f64 / r.seconds.max(1e-3);
+    writeln!(
+        out,
+        "plan {}: {} issued, {} written again, {} refused or failed, in {:.2} s ({rate:.0}/s)",
+        r.plan, r.issued, r.reissued_files, r.refused, r.seconds
+    )?;
+    writeln!(out, "report: {}", file.display())
 }

@@ -137,6 +137,13 @@ pub enum Body {
         /// The CRL, base64 DER.
         crl: String,
     },
+    /// `hsmca sign-dir` starts signing a reviewed plan.
+    Plan {
+        /// The plan's content hash, as shown to the operators at review.
+        plan_sha256: String,
+        /// CSRs the plan would issue.
+        to_issue: u64,
+    },
     /// A torn tail was removed by `hsmca log recover`.
     Recovery {
         /// How many bytes were cut.
@@ -160,6 +167,7 @@ impl Body {
             Self::Revocation { .. } => "revocation",
             Self::CrlIntent { .. } => "crl-intent",
             Self::Crl { .. } => "crl",
+            Self::Plan { .. } => "plan",
         }
     }
 }

@@ -330,7 +330,8 @@ impl Scan {
                 csr_sha256,
                 profile,
             } => {
-                let Some(intent) = self.intents.get(&intent_seq).cloned() else {
+                // A resolved intent is no longer needed: dropping it keeps memory flat.
+                let Some(intent) = self.intents.remove(&intent_seq) else {
                     self.problem(
                         Some(seq),
                         format!("certificate for intent {intent_seq}, which is not an intent"),
@@ -422,7 +423,7 @@ impl Scan {
                     );
                 }
             }
-            Body::Recovery { .. } => {}
+            Body::Recovery { .. } | Body::Plan { .. } => {}
         }
     }
 

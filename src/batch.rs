@@ -1,0 +1,836 @@
+//! Batch ceremonies: a directory of CSRs (with a manifest, one profile for all, or kubeadm's
+//! `generate-csr` layout), planned without the token, reviewed, then signed in one sitting.
+//!
+//! Planning parses, verifies and decides every CSR in parallel and writes a plan with a
+//! content hash. Signing refuses a plan whose inputs changed, logs the plan's hash, and then
+//! works in chunks: decide and build every TBS in parallel, append all intents with one fsync,
+//! sign on several token sessions at once, verify, append all results with one fsync, sign one
+//! checkpoint, and only then write the chunk's files. A refused CSR never stops the rest, and a
+//! rerun writes out what the log already holds instead of issuing it again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, rfc3339};
+use crate::error::Error;
+use crate::files;
+use crate::home::{self, Home};
+use crate::issue::{self, IssuerCert};
+use crate::keys;
+use crate::log::Body;
+use crate::policy::{self, Context, Refusal};
+use crate::profile::{Duration, Profile};
+use crate::signer::CaSigner;
+use crate::token::Token;
+
+/// How many CSRs are committed together (one fsync for the intents, one for the results, one
+/// checkpoint). Bounds memory: only one chunk's certificates are held at a time.
+pub const CHUNK: usize = 512;
+
+/// kubeadm `certs generate-csr` file names (relative to the input root) and their profiles.
+pub const KUBEADM: [(&str, &str); 12] = [
+    ("pki/apiserver.csr", "apiserver"),
+    (
+        "pki/apiserver-kubelet-client.csr",
+        "apiserver-kubelet-client",
+    ),
+    ("pki/front-proxy-client.csr", "front-proxy-client"),
+    ("pki/apiserver-etcd-client.csr", "apiserver-etcd-client"),
+    ("pki/etcd/server.csr", "etcd-server"),
+    ("pki/etcd/peer.csr", "etcd-peer"),
+    ("pki/etcd/healthcheck-client.csr", "etcd-healthcheck-client"),
+    ("admin.conf.csr", "admin"),
+    ("super-admin.conf.csr", "super-admin"),
+    ("kubelet.conf.csr", "kubelet-client"),
+    ("controller-manager.conf.csr", "controller-manager"),
+    ("scheduler.conf.csr", "scheduler"),
+];
+
+/// Where kubeadm expects each CA certificate when the CA key is kept outside (external CA).
+const KUBEADM_CAS: [(&str, &str); 3] = [
+    ("kubernetes-ca", "pki/ca.crt"),
+    ("etcd-ca", "pki/etcd/ca.crt"),
+    ("front-proxy-ca", "pki/front-proxy-ca.crt"),
+];
+
+/// A manifest entry: which profile (and validity) a file is signed under.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, untagged)]
+pub enum ManifestEntry {
+    /// Just the profile name.
+    Profile(String),
+    /// Profile and validity.
+    Full {
+        /// Profile name.
+        profile: String,
+        /// Validity, e.g. `90d`.
+        #[serde(default)]
+        validity: Option<String>,
+    },
+}
+
+/// One CSR of a batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Item {
+    /// Path relative to the input root.
+    pub file: String,
+    /// SHA-256 of the file when planned.
+    pub sha256: String,
+    /// Profile.
+    pub profile: String,
+    /// Validity asked for by the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_validity: Option<String>,
+    /// Output path relative to the output directory.
+    pub out: String,
+    /// What would happen.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+/// The planned outcome of one CSR.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "verdict", rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Would be issued as described.
+    Issue {
+        /// Subject.
+        subject: String,
+        /// SANs.
+        sans: Vec<String>,
+        /// Usages (keyUsage then extKeyUsage).
+        usages: Vec<String>,
+        /// Validity.
+        validity: String,
+        /// Issuing CA.
+        issuer: String,
+    },
+    /// Refused by the profile.
+    Refuse {
+        /// Every violated rule.
+        refusals: Vec<Refusal>,
+    },
+    /// Not a usable CSR.
+    Fail {
+        /// Rule id.
+        rule: String,
+        /// What is wrong.
+        error: String,
+    },
+}
+
+/// A reviewed plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// Format version.
+    pub version: u32,
+    /// The input root, as given.
+    pub input: PathBuf,
+    /// Whether kubeadm's layout was recognised.
+    pub kubeadm: bool,
+    /// When it was made.
+    pub created: String,
+    /// Every CSR.
+    pub items: Vec<Item>,
+    /// SHA-256 of the JSON of `items`: what the operators reviewed.
+    pub hash: String,
+}
+
+impl Plan {
+    /// The hash of the items, recomputed.
+    pub fn content_hash(items: &[Item]) -> String {
+        keys::sha256_hex(&serde_json::to_vec(items).unwrap_or_default())
+    }
+}
+
+/// A CSR found in the input: relative file, profile, requested validity, relative output.
+type Found = (String, String, Option<String>, String);
+
+/// Finds the CSRs under `root`: from the manifest, kubeadm's layout, or every `*.csr`/`*.req`
+/// with one `profile`. Returns (relative file, profile, validity, relative output).
+fn discover(
+    root: &Path,
+    profile: Option<&str>,
+    manifest: Option<&Path>,
+) -> Result<(Vec<Found>, bool), Error> {
+    let crt = |rel: &str| {
+        let stem = rel
+            .strip_suffix(".csr")
+            .or_else(|| rel.strip_suffix(".req"))
+            .unwrap_or(rel);
+        format!("{stem}.crt")
+    };
+    if let Some(path) = manifest {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+        let map: BTreeMap<String, ManifestEntry> = serde_json::from_str(&text)
+            .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+        let items = map
+            .into_iter()
+            .map(|(file, e)| {
+                let (p, v) = match e {
+                    ManifestEntry::Profile(p) => (p, None),
+                    ManifestEntry::Full { profile, validity } => (profile, validity),
+                };
+                let out = crt(&file);
+                (file, p, v, out)
+            })
+            .collect();
+        return Ok((items, false));
+    }
+    let kubeadm: Vec<_> = KUBEADM
+        .iter()
+        .filter(|(f, _)| root.join(f).is_file())
+        .collect();
+    if profile.is_none() && !kubeadm.is_empty() {
+        let items = kubeadm
+            .iter()
+            .map(|(f, p)| {
+                let out = f
+                    .strip_suffix(".conf.csr")
+                    .map_or_else(|| crt(f), |base| format!("{base}.conf"));
+                ((*f).to_owned(), (*p).to_owned(), None, out)
+            })
+            .collect();
+        return Ok((items, true));
+    }
+    let Some(profile) = profile else {
+        return Err(Error::Usage(format!(
+            "{}: not kubeadm's generate-csr layout; give --profile for all CSRs or --manifest FILE",
+            root.display()
+        )));
+    };
+    let mut files = Vec::new();
+    walk(root, root, &mut files)?;
+    files.sort();
+    Ok((
+        files
+            .into_iter()
+            .map(|f| (f.clone(), profile.to_owned(), None, crt(&f)))
+            .collect(),
+        false,
+    ))
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Error> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
+    for e in entries {
+        let path = e?.path();
+        if path.is_dir() {
+            walk(root, &path, out)?;
+        } else if path.extension().is_some_and(|x| x == "csr" || x == "req") {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` over `items` on every core, keeping order.
+fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(items.len().max(1));
+    let size = items.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(size)
+            .map(|chunk| scope.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// `hsmca plan`: decides every CSR under `input` without the token.
+pub fn plan(
+    home: &Home,
+    input: &Path,
+    profile: Option<&str>,
+    manifest: Option<&Path>,
+    clock: &dyn Clock,
+) -> Result<Plan, Error> {
+    let (found, kubeadm) = discover(input, profile, manifest)?;
+    let mut profiles: BTreeMap<String, Result<(Profile, IssuerCert), String>> = BTreeMap::new();
+    for (_, p, _, _) in &found {
+        if !profiles.contains_key(p) {
+            let loaded = home
+                .profile(p)
+                .and_then(|prof| Ok((home.issuer(&prof.issuer)?.0, prof)));
+            profiles.insert(
+                p.clone(),
+                loaded.map(|(i, p)| (p, i)).map_err(|e| e.to_string()),
+            );
+        }
+    }
+    let now = clock.now();
+    let items = parallel(&found, |(file, p, v, out)| {
+        let bytes = std::fs::read(input.join(file));
+        let sha256 = bytes
+            .as_ref()
+            .map(|b| keys::sha256_hex(b))
+            .unwrap_or_default();
+        let verdict = match (&bytes, profiles.get(p)) {
+            (Err(e), _) => Verdict::Fail {
+                rule: "csr.read".into(),
+                error: e.to_string(),
+            },
+            (_, Some(Err(e))) => Verdict::Fail {
+                rule: "profile".into(),
+                error: e.clone(),
+            },
+            (_, None) => Verdict::Fail {
+                rule: "profile".into(),
+                error: format!("no profile {p:?}"),
+            },
+            (Ok(bytes), Some(Ok((profile, issuer)))) => {
+                judge(profile, issuer, bytes, v.as_deref(), now, vec![0; 16]).0
+            }
+        };
+        Item {
+            file: file.clone(),
+            sha256,
+            profile: p.clone(),
+            requested_validity: v.clone(),
+            out: out.clone(),
+            verdict,
+        }
+    });
+    let hash = Plan::content_hash(&items);
+    Ok(Plan {
+        version: 1,
+        input: input.to_path_buf(),
+        kubeadm,
+        created: rfc3339(now),
+        items,
+        hash,
+    })
+}
+
+/// Parses, verifies and decides one CSR. Returns the verdict and, if issued, the decision.
+fn judge(
+    profile: &Profile,
+    issuer: &IssuerCert,
+    bytes: &[u8],
+    validity: Option<&str>,
+    now: time::OffsetDateTime,
+    serial: Vec<u8>,
+) -> (Verdict, Option<(policy::Decision, String)>) {
+    let requested = match validity.map(|v| Duration::parse(v).ok_or(v)) {
+        Some(Err(v)) => {
+            return (
+                Verdict::Fail {
+                    rule: "validity".into(),
+                    error: format!("{v:?} is not a duration"),
+                },
+                None,
+            );
+        }
+        Some(Ok(d)) => Some(d),
+        None => None,
+    };
+    let csr = match crate::csr::parse(bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Verdict::Fail {
+                    rule: e.rule().into(),
+                    error: e.to_string(),
+                },
+                None,
+            );
+        }
+    };
+    let ctx = Context {
+        now,
+        serial,
+        requested_validity: requested,
+        issuer_not_after: issuer.not_after,
+    };
+    match policy::decide(profile, &csr, &ctx) {
+        Err(refusals) => (Verdict::Refuse { refusals }, None),
+        Ok(d) => {
+            let summary = home::summary(&d, &home::issuer_name(issuer));
+            let mut usages = summary.key_usage.clone();
+            usages.extend(summary.extended_key_usage.iter().cloned());
+            let verdict = Verdict::Issue {
+                subject: summary.subject,
+                sans: summary.sans,
+                usages,
+                validity: Duration(u64::try_from((d.not_after - now).whole_seconds()).unwrap_or(0))
+                    .to_string(),
+                issuer: profile.issuer.clone(),
+            };
+            (verdict, Some((d, csr.sha256)))
+        }
+    }
+}
+
+/// What happened to one CSR in `sign-dir`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Done {
+    /// Issued now, or written again from the log.
+    Issued {
+        /// Input file.
+        file: String,
+        /// Serial, hex.
+        serial: String,
+        /// Output file.
+        out: PathBuf,
+        /// Issued by an earlier run.
+        already_issued: bool,
+    },
+    /// Refused (rule and value).
+    Refused {
+        /// Input file.
+        file: String,
+        /// Every violated rule.
+        refusals: Vec<Refusal>,
+    },
+    /// Unusable CSR, or a signing failure.
+    Failed {
+        /// Input file.
+        file: String,
+        /// Rule id.
+        rule: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// The `sign-dir` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The plan's hash (also in the log).
+    pub plan: String,
+    /// Every CSR, in plan order.
+    pub done: Vec<Done>,
+    /// Issued now.
+    pub issued: usize,
+    /// Written again from the log.
+    pub reissued_files: usize,
+    /// Refused or failed.
+    pub refused: usize,
+    /// Wall time of signing, seconds.
+    pub seconds: f64,
+}
+
+struct Progress {
+    start: Instant,
+    total: usize,
+    terminal: bool,
+}
+
+impl Progress {
+    fn show(&self, done: usize, issued: usize, refused: usize) {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        let line = format!(
+            "{done}/{} CSRs, {issued} issued, {refused} refused, {:.0}/s",
+            self.total,
+            done as f64 / secs
+        );
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let width = 30;
+            let filled = (done * width).checked_div(self.total).unwrap_or(width);
+            let _ = write!(
+                err,
+                "\r[{}{}] {line}",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if done == self.total {
+                let _ = writeln!(err);
+            }
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+    }
+}
+
+/// `hsmca sign-dir`: signs exactly `plan` (refusing if any input changed since planning) into
+/// `out`, on `sessions` token sessions.
+pub fn sign(
+    home: &Home,
+    plan: &Plan,
+    out: &Path,
+    token: &Token,
+    sessions: usize,
+    clock: &dyn Clock,
+) -> Result<Report, Error> {
+    if Plan::content_hash(&plan.items) != plan.hash {
+        return Err(Error::Usage(
+            "the plan was edited after it was made (its hash does not match its items)".into(),
+        ));
+    }
+    for item in &plan.items {
+        if matches!(item.verdict, Verdict::Issue { .. }) {
+            let now = std::fs::read(plan.input.join(&item.file))
+                .map(|b| keys::sha256_hex(&b))
+                .unwrap_or_default();
+            if now != item.sha256 {
+                return Err(Error::Usage(format!(
+                    "{}: changed since planning; plan again and review",
+                    item.file
+                )));
+            }
+        }
+    }
+    let start = Instant::now();
+    let log_key = token.key(&home.config.log_key.label)?;
+    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
+    let to_issue = plan
+        .items
+        .iter()
+        .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
+        .count() as u64;
+    log.append(
+        vec![Body::Plan {
+            plan_sha256: plan.hash.clone(),
+            to_issue,
+        }],
+        clock.now(),
+    )?;
+
+    let mut issuers: BTreeMap<String, (Profile, IssuerCert, Vec<crate::token::WorkerKey>)> =
+        BTreeMap::new();
+    let mut done = Vec::with_capacity(plan.items.len());
+    let progress = Progress {
+        start,
+        total: plan.items.len(),
+        terminal: std::io::stderr().is_terminal(),
+    };
+    let (mut issued, mut reissued, mut refused) = (0, 0, 0);
+    for chunk in plan.items.chunks(CHUNK) {
+        let mut release: Vec<(PathBuf, Vec<u8>, String)> = Vec::new();
+        // Group the chunk by profile so each group is signed by one issuer's sessions.
+        let mut groups: BTreeMap<&str, Vec<&Item>> = BTreeMap::new();
+        let mut chunk_done: BTreeMap<usize, Done> = BTreeMap::new();
+        let index_of = |item: &Item| {
+            chunk
+                .iter()
+                .position(|i| std::ptr::eq(i, item))
+                .unwrap_or(0)
+        };
+        for item in chunk {
+            match &item.verdict {
+                Verdict::Issue { .. } => groups.entry(&item.profile).or_default().push(item),
+                Verdict::Refuse { refusals } => {
+                    chunk_done.insert(
+                        index_of(item),
+                        Done::Refused {
+                            file: item.file.clone(),
+                            refusals: refusals.clone(),
+                        },
+                    );
+                }
+                Verdict::Fail { rule, error } => {
+                    chunk_done.insert(
+                        index_of(item),
+                        Done::Failed {
+                            file: item.file.clone(),
+                            rule: rule.clone(),
+                            error: error.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        for (profile_name, items) in groups {
+            if !issuers.contains_key(profile_name) {
+                let profile = home.profile(profile_name)?;
+                let (cert, label) = home.issuer(&profile.issuer)?;
+                token.key_matching(&label, &cert.public_key)?;
+                let workers = token.workers(&label, &cert.public_key, sessions.max(1))?;
+                issuers.insert(profile_name.to_owned(), (profile, cert, workers));
+            }
+            let Some((profile, issuer, workers)) = issuers.get_mut(profile_name) else {
+                continue;
+            };
+            let (profile, issuer) = (&*profile, &*issuer);
+            // Already in the log: write the logged certificate again, never issue twice.
+            let mut fresh = Vec::new();
+            for item in items {
+                let bytes = std::fs::read(plan.input.join(&item.file))?;
+                let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
+                match log.issued(&csr_sha, &profile.name)? {
+                    Some(prior) => {
+                        let path = out.join(&item.out);
+                        release.push((path.clone(), prior.cert_der, item.file.clone()));
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Issued {
+                                file: item.file.clone(),
+                                serial: prior.serial,
+                                out: path,
+                                already_issued: true,
+                            },
+                        );
+                        reissued += 1;
+                    }
+                    None => fresh.push((item, bytes)),
+                }
+            }
+            // Serials from the token RNG, unique in the log and in this chunk.
+            let mut seen = HashSet::new();
+            let mut serials = Vec::with_capacity(fresh.len());
+            while serials.len() < fresh.len() {
+                let s = home::fresh_serial(token, &log)?;
+                if seen.insert(s.clone()) {
+                    serials.push(s);
+                }
+            }
+            let now = clock.now();
+            let jobs: Vec<_> = fresh.iter().zip(serials).collect();
+            let judged = parallel(&jobs, |((item, bytes), serial)| {
+                let (verdict, decision) = judge(
+                    profile,
+                    issuer,
+                    bytes,
+                    item.requested_validity.as_deref(),
+                    now,
+                    serial.clone(),
+                );
+                let prepared = decision.map(|(d, sha)| {
+                    issue::prepare(d, issuer)
+                        .map(|p| (p, sha))
+                        .map_err(|e| e.to_string())
+                });
+                (verdict, prepared)
+            });
+            let mut ready = Vec::new();
+            for (((item, _), _), (verdict, prepared)) in jobs.iter().zip(judged) {
+                match (verdict, prepared) {
+                    (_, Some(Ok((p, sha)))) => ready.push((*item, p, sha)),
+                    (_, Some(Err(e))) => {
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Failed {
+                                file: item.file.clone(),
+                                rule: "build".into(),
+                                error: e,
+                            },
+                        );
+                    }
+                    (Verdict::Refuse { refusals }, None) => {
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Refused {
+                                file: item.file.clone(),
+                                refusals,
+                            },
+                        );
+                    }
+                    (Verdict::Fail { rule, error }, None) => {
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Failed {
+                                file: item.file.clone(),
+                                rule,
+                                error,
+                            },
+                        );
+                    }
+                    (Verdict::Issue { .. }, None) => {
+                        let error = "decided to issue without a decision (bug)".into();
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Failed {
+                                file: item.file.clone(),
+                                rule: "internal".into(),
+                                error,
+                            },
+                        );
+                    }
+                }
+            }
+            if ready.is_empty() {
+                continue;
+            }
+            // One fsync for every intent of the group.
+            let intents = ready
+                .iter()
+                .map(|(_, p, sha)| {
+                    let d = &p.decision;
+                    Body::IssueIntent {
+                        serial: keys::hex(&d.serial),
+                        profile: d.profile.clone(),
+                        subject: d.subject_string(),
+                        sans: d.san_strings(),
+                        not_before: rfc3339(d.not_before),
+                        not_after: rfc3339(d.not_after),
+                        csr_sha256: sha.clone(),
+                        tbs_sha256: p.tbs_sha256.clone(),
+                        renews: None,
+                    }
+                })
+                .collect();
+            let intent_seqs = log.append(intents, clock.now())?;
+            home::danger_crash_point("after-intent");
+            // Sign on every session at once; each worker takes every n-th certificate.
+            let signed: Vec<Result<Vec<u8>, issue::IssueError>> = std::thread::scope(|scope| {
+                let count = workers.len();
+                let handles: Vec<_> = workers
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(w, key)| {
+                        let ready = &ready;
+                        // Each session moves to its own thread (sessions are Send, not Sync).
+                        scope.spawn(move || {
+                            let key: &dyn CaSigner = &*key;
+                            ready
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, _)| i % count == w)
+                                .map(|(i, (_, p, _))| (i, issue::sign(p, issuer, key)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                let mut all: Vec<(usize, Result<Vec<u8>, issue::IssueError>)> = handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect();
+                all.sort_by_key(|(i, _)| *i);
+                all.into_iter().map(|(_, r)| r).collect()
+            });
+            let mut results = Vec::with_capacity(ready.len());
+            for (((item, p, sha), intent_seq), result) in ready.iter().zip(&intent_seqs).zip(signed)
+            {
+                let serial = keys::hex(&p.decision.serial);
+                match result {
+                    Ok(der) => {
+                        results.push(Body::Cert {
+                            intent_seq: *intent_seq,
+                            serial: serial.clone(),
+                            profile: p.decision.profile.clone(),
+                            csr_sha256: sha.clone(),
+                            cert_sha256: keys::sha256_hex(&der),
+                            cert: B64.encode(&der),
+                        });
+                        let path = out.join(&item.out);
+                        release.push((path.clone(), der, item.file.clone()));
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Issued {
+                                file: item.file.clone(),
+                                serial,
+                                out: path,
+                                already_issued: false,
+                            },
+                        );
+                        issued += 1;
+                    }
+                    Err(e) => {
+                        results.push(Body::Abandon {
+                            intent_seq: *intent_seq,
+                            reason: format!("not released: {e}"),
+                        });
+                        chunk_done.insert(
+                            index_of(item),
+                            Done::Failed {
+                                file: item.file.clone(),
+                                rule: "token.sign".into(),
+                                error: crate::error::chain(&e),
+                            },
+                        );
+                    }
+                }
+            }
+            // One fsync for every result of the group.
+            log.append(results, clock.now())?;
+            home::danger_crash_point("after-cert");
+        }
+        log.checkpoint(&note_key)?;
+        home::danger_crash_point("after-checkpoint");
+        // Only now, with every entry durable and checkpointed, do files appear.
+        for (path, der, _) in &release {
+            write_output(home, plan, path, der)?;
+        }
+        refused += chunk_done
+            .values()
+            .filter(|d| matches!(d, Done::Refused { .. } | Done::Failed { .. }))
+            .count();
+        done.extend(chunk_done.into_values());
+        progress.show(done.len(), issued + reissued, refused);
+    }
+    if plan.kubeadm {
+        for (ca, rel) in KUBEADM_CAS {
+            if let Ok((cert, _)) = home.issuer(ca) {
+                files::write_new(
+                    &out.join(rel),
+                    home::pem("CERTIFICATE", &cert.der).as_bytes(),
+                )?;
+            }
+        }
+    }
+    Ok(Report {
+        plan: plan.hash.clone(),
+        done,
+        issued,
+        reissued_files: reissued,
+        refused,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes a certificate: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the input
+/// with the certificate and the CA embedded.
+fn write_output(home: &Home, plan: &Plan, path: &Path, der: &[u8]) -> Result<(), Error> {
+    let pem = home::pem("CERTIFICATE", der);
+    let is_conf = path.extension().is_some_and(|e| e == "conf");
+    if !is_conf {
+        files::write_new(path, pem.as_bytes())?;
+        return Ok(());
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let template = std::fs::read_to_string(plan.input.join(&name)).unwrap_or_default();
+    let ca = home
+        .issuer("kubernetes-ca")
+        .map(|(c, _)| home::pem("CERTIFICATE", &c.der))
+        .unwrap_or_default();
+    let filled = fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca));
+    files::write_new(path, filled.as_bytes())?;
+    Ok(())
+}
+
+/// Fills `client-certificate-data` and an empty `certificate-authority-data` in kubeadm's
+/// partial kubeconfig (plain line edits: the file is kubeadm's own YAML, one key per line).
+pub fn fill_kubeconfig(template: &str, cert_b64: &str, ca_b64: &str) -> String {
+    template
+        .lines()
+        .map(|line| {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            let key = line.trim_start();
+            if key.starts_with("client-certificate-data:") {
+                format!("{indent}client-certificate-data: {cert_b64}")
+            } else if key.starts_with("certificate-authority-data:")
+                && key.trim_end().ends_with(':')
+                || key.trim_end() == "certificate-authority-data: \"\""
+            {
+                format!("{indent}certificate-authority-data: {ca_b64}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
