@@ -8,7 +8,7 @@
 //! checkpoint, and only then write the chunk's files. A refused CSR never stops the rest, and a
 //! rerun writes out what the log already holds instead of issuing it again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -515,6 +515,18 @@ pub fn sign(
         terminal: std::io::stderr().is_terminal(),
     };
     let (mut issued, mut reissued, mut refused) = (0, 0, 0);
+    let (writer, queue) = std::sync::mpsc::channel::<Vec<(PathBuf, Vec<u8>)>>();
+    let write_thread = std::thread::spawn(move || {
+        let mut failed = Vec::new();
+        for outputs in queue {
+            for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
+                if let Err(e) = written {
+                    failed.push((path.clone(), e.to_string()));
+                }
+            }
+        }
+        failed
+    });
     for chunk in plan.items.chunks(CHUNK) {
         let mut release: Vec<(PathBuf, Vec<u8>, String)> = Vec::new();
         // Group the chunk by profile so each group is signed by one issuer's sessions.
@@ -585,15 +597,7 @@ pub fn sign(
                     None => fresh.push((item, bytes)),
                 }
             }
-            // Serials from the token RNG, unique in the log and in this chunk.
-            let mut seen = HashSet::new();
-            let mut serials = Vec::with_capacity(fresh.len());
-            while serials.len() < fresh.len() {
-                let s = home::fresh_serial(token, &log)?;
-                if seen.insert(s.clone()) {
-                    serials.push(s);
-                }
-            }
+            let serials = home::fresh_serials(token, &log, fresh.len())?;
             let now = clock.now();
             let jobs: Vec<_> = fresh.iter().zip(serials).collect();
             let judged = parallel(&jobs, |((item, bytes), serial)| {
@@ -757,9 +761,14 @@ pub fn sign(
         }
         log.checkpoint(&note_key)?;
         home::danger_crash_point("after-checkpoint");
-        // Only now, with every entry durable and checkpointed, do files appear.
-        for (path, der, _) in &release {
-            write_output(home, plan, path, der)?;
+        // Only now, with every entry durable and checkpointed, may files appear. A writer thread
+        // writes them while the next chunk is signed.
+        let outputs: Vec<(PathBuf, Vec<u8>)> = release
+            .iter()
+            .map(|(path, der, _)| (path.clone(), output_bytes(home, plan, path, der)))
+            .collect();
+        if writer.send(outputs).is_err() {
+            return Err(Error::Internal("the output writer stopped".into()));
         }
         refused += chunk_done
             .values()
@@ -767,6 +776,27 @@ pub fn sign(
             .count();
         done.extend(chunk_done.into_values());
         progress.show(done.len(), issued + reissued, refused);
+    }
+    drop(writer);
+    let failed = write_thread
+        .join()
+        .map_err(|_| Error::Internal("the output writer panicked".into()))?;
+    for (path, error) in failed {
+        if let Some(slot) = done
+            .iter_mut()
+            .find(|d| matches!(d, Done::Issued { out, .. } if *out == path))
+        {
+            let file = match slot {
+                Done::Issued { file, .. } => file.clone(),
+                _ => String::new(),
+            };
+            *slot = Done::Failed {
+                file,
+                rule: "output.write".into(),
+                error: format!("issued and logged, but {error}"),
+            };
+            refused += 1;
+        }
     }
     if plan.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
@@ -788,14 +818,12 @@ pub fn sign(
     })
 }
 
-/// Writes a certificate: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the input
-/// with the certificate and the CA embedded.
-fn write_output(home: &Home, plan: &Plan, path: &Path, der: &[u8]) -> Result<(), Error> {
+/// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
+/// input with the certificate and the CA embedded.
+fn output_bytes(home: &Home, plan: &Plan, path: &Path, der: &[u8]) -> Vec<u8> {
     let pem = home::pem("CERTIFICATE", der);
-    let is_conf = path.extension().is_some_and(|e| e == "conf");
-    if !is_conf {
-        files::write_new(path, pem.as_bytes())?;
-        return Ok(());
+    if path.extension().is_none_or(|e| e != "conf") {
+        return pem.into_bytes();
     }
     let name = path
         .file_name()
@@ -806,9 +834,7 @@ fn write_output(home: &Home, plan: &Plan, path: &Path, der: &[u8]) -> Result<(),
         .issuer("kubernetes-ca")
         .map(|(c, _)| home::pem("CERTIFICATE", &c.der))
         .unwrap_or_default();
-    let filled = fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca));
-    files::write_new(path, filled.as_bytes())?;
-    Ok(())
+    fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes()
 }
 
 /// Fills `client-certificate-data` and an empty `certificate-authority-data` in kubeadm's

@@ -869,6 +869,23 @@ pub(crate) fn fresh_serial(token: &Token, log: &Log) -> Result<Vec<u8>, Error> {
     }
 }
 
+/// `n` serials from one call to the token's RNG, unique in the log and among themselves.
+pub(crate) fn fresh_serials(token: &Token, log: &Log, n: usize) -> Result<Vec<Vec<u8>>, Error> {
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::new();
+    while out.len() < n {
+        let bytes = token.random(16 * (n - out.len()))?;
+        for chunk in bytes.chunks(16) {
+            let mut s = chunk.to_vec();
+            s[0] = (s[0] & 0x7f) | 0x01;
+            if !log.serial_used(&keys::hex(&s)) && seen.insert(s.clone()) {
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Intent (durable) → token signs → verify → certificate entry (durable). A signing or
 /// verification failure is logged as an abandoned intent and returned in the inner result.
 pub(crate) fn issue_logged(

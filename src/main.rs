@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     match cli::run(args) {
         Ok(code) => ExitCode::from(code),
+        // A closed pipe (`hsmca log list | head`) is the reader's choice, not an error.
+        Err(hsmca::Error::Internal(m)) if m.contains("Broken pipe") => ExitCode::SUCCESS,
         Err(e) => {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "error: {e}");
