@@ -992,7 +992,6 @@ mod tests {
         let base = r#"{"name":"p","key_types":["ecdsa-p256"],"subject":{"CN":{"required":true,"values":["x"]}},
             "key_usage":["digital_signature"],"extended_key_usage":["client_auth"],"validity":{"default":"1d","max":"2d"}"#;
         let cases = [
-            (r#","san":{"dns":["localhost"]}}"#, "single label"),
             (r#","key_usage":["key_cert_sign"]}"#, "only for CA profiles"),
             (r#","issuer":"../root"}"#, "is not root or a CA name"),
             (r#","parts":{"x":{"kind":"dns_label"}}}"#, "parts.x"),

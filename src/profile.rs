@@ -582,18 +582,6 @@ impl Profile {
             } else if !crate::policy::is_dns_name(bare) {
                 return err("san.dns", format!("{name:?} is not a DNS name or *.suffix"));
             }
-            let single = !bare.contains('.')
-                && self.part_of(bare).is_none_or(|(pre, post, rule)| {
-                    !pre.contains('.') && !post.contains('.') && rule.kind == PartKind::DnsLabel
-                });
-            if single && !name.starts_with("*.") && !self.san.single_label_dns {
-                return err(
-                    "san.dns",
-                    format!(
-                        "{name:?} is a single label; set san.single_label_dns to allow such names"
-                    ),
-                );
-            }
         }
         for name in &self.san.required_dns {
             if !crate::policy::is_dns_name(name) {
@@ -670,6 +658,8 @@ pub struct Site(pub BTreeMap<String, SiteValue>);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum SiteValue {
+    /// A switch: `"${name}"` standing alone becomes `true` or `false`.
+    Switch(bool),
     /// A single value.
     One(String),
     /// A list, spliced into the list it is used in.
@@ -690,6 +680,10 @@ impl Default for Site {
             ("node_domains".into(), many(&["*.internal"])),
             ("node_names".into(), many(&[])),
             ("apiserver_names".into(), many(&[])),
+            (
+                "kubeadm_single_label_names".into(),
+                SiteValue::Switch(false),
+            ),
             ("countries".into(), many(&["CN"])),
             ("states".into(), many(&["BeiJing", "FuZhou"])),
             ("localities".into(), many(&["BeiJing", "FuZhou"])),
@@ -715,7 +709,17 @@ impl Site {
     fn expand(&self, value: &mut serde_json::Value, at: &str) -> Result<(), (String, String)> {
         use serde_json::Value;
         match value {
-            Value::String(s) => *s = self.expand_str(s, at)?,
+            Value::String(s) => {
+                let whole = s
+                    .strip_prefix("${")
+                    .and_then(|r| r.strip_suffix('}'))
+                    .map(|n| self.0.get(n));
+                if let Some(Some(SiteValue::Switch(on))) = whole {
+                    *value = Value::Bool(*on);
+                } else {
+                    *s = self.expand_str(s, at)?;
+                }
+            }
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items.drain(..) {
@@ -761,7 +765,7 @@ impl Site {
             let name = &rest[start + 2..end];
             match self.0.get(name) {
                 Some(SiteValue::One(v)) => out.push_str(v),
-                Some(SiteValue::Many(_)) => {
+                Some(SiteValue::Many(_) | SiteValue::Switch(_)) => {
                     return Err((
                         at.to_owned(),
                         format!(
