@@ -699,10 +699,15 @@ impl Site {
             path: path.to_path_buf(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
+        let given: Self = serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        // Parameters the file leaves out keep their defaults, so a site file written before a
+        // parameter existed still loads.
+        let mut site = Self::default();
+        site.0.extend(given.0);
+        Ok(site)
     }
 
     /// Replaces every `${name}` in `value`; `at` is the key path for messages.
