@@ -1,0 +1,544 @@
+//! Batch ceremonies against a real SoftHSM2 token: plan then sign a directory, kubeadm's
+//! generate-csr layout, and crashes and kill -9 in the middle of a batch.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Env, openssl, openssl_verifies, s};
+
+/// Writes `n` P-256 CSRs (CN=c-I) under `dir/a` and `dir/b`, made with rcgen (fast).
+fn csrs(dir: &Path, n: usize) -> Vec<PathBuf> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    (0..n)
+        .map(|i| {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, format!("c-{i}"));
+            let path = dir
+                .join(if i % 2 == 0 { "a" } else { "b" })
+                .join(format!("c-{i}.csr"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, p.serialize_request(&key).unwrap().pem().unwrap()).unwrap();
+            path
+        })
+        .collect()
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn plan_review_then_sign_exactly_that_plan() {
+    let env = Env::new("plan");
+    let home = env.init("ca", "plan", "ecdsa-p256");
+    let input = env.path("in");
+    csrs(&input, 6);
+    std::fs::write(input.join("b/bad.csr"), b"not a csr").unwrap();
+    let evil = env.p256_csr("in/b/evil.csr", "/CN=Evil Name");
+    let manifest = env.path("manifest.json");
+    let mut entries: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                "\"{}/c-{i}.csr\": \"test-any-key\"",
+                if i % 2 == 0 { "a" } else { "b" }
+            )
+        })
+        .collect();
+    entries.push("\"b/bad.csr\": \"test-any-key\"".into());
+    entries.push("\"b/evil.csr\": {\"profile\": \"test-any-key\", \"validity\": \"10d\"}".into());
+    std::fs::write(&manifest, format!("{{{}}}", entries.join(","))).unwrap();
+    assert!(evil.exists());
+
+    let plan = env.path("plan.json");
+    let run = env.hsmca(&[
+        "plan",
+        "--home",
+        s(&home),
+        s(&input),
+        "--manifest",
+        s(&manifest),
+        "--out",
+        s(&plan),
+    ]);
+    run.code_is(1);
+    assert!(
+        run.stdout().contains("6 of 8 CSRs would be issued"),
+        "{}",
+        run.stdout()
+    );
+    assert!(
+        run.stdout().contains("b/evil.csr")
+            && run.stdout().contains("REFUSE")
+            && run.stdout().contains("subject.CN"),
+        "{}",
+        run.stdout()
+    );
+    assert!(
+        run.stdout().contains("rule csr.malformed"),
+        "{}",
+        run.stdout()
+    );
+    let hash = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&plan).unwrap())
+        .unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let out = env.path("out");
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        "--plan",
+        s(&plan),
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    run.code_is(1);
+    let report = &json_lines(&run.stdout())[0];
+    assert_eq!(report["issued"], 6);
+    assert_eq!(report["refused"], 2);
+    assert!(
+        out.join(format!("hsmca-report-{}.json", &hash[..16]))
+            .exists()
+    );
+    for i in 0..6 {
+        let cert = out
+            .join(if i % 2 == 0 { "a" } else { "b" })
+            .join(format!("c-{i}.crt"));
+        assert!(
+            openssl_verifies(&home.join("root.pem"), &cert),
+            "{}",
+            cert.display()
+        );
+    }
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert!(
+        log.contains(&format!("\"type\":\"plan\",\"plan_sha256\":\"{hash}\"")),
+        "the plan's hash is logged"
+    );
+
+    // Rerunning writes nothing new; a changed input or an edited plan is refused.
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        "--plan",
+        s(&plan),
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    let report = &json_lines(&run.stdout())[0];
+    assert_eq!(
+        (report["issued"].as_u64(), report["reissued_files"].as_u64()),
+        (Some(0), Some(6)),
+        "{report}"
+    );
+    let text = std::fs::read_to_string(&plan).unwrap();
+    std::fs::write(
+        &plan,
+        text.replacen("\"validity\": \"30d\"", "\"validity\": \"3650d\"", 1),
+    )
+    .unwrap();
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        "--plan",
+        s(&plan),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(2, "was edited after it was made");
+    std::fs::write(&plan, text).unwrap();
+    std::fs::write(input.join("a/c-0.csr"), b"changed").unwrap();
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        "--plan",
+        s(&plan),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(2, "a/c-0.csr: changed since planning");
+}
+
+const KUBECONFIG: &str = "apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: \"\"
+    server: https://10.0.0.11:6443
+  name: kubernetes
+contexts:
+- context:
+    cluster: kubernetes
+    user: USER
+  name: USER@kubernetes
+current-context: USER@kubernetes
+kind: Config
+users:
+- name: USER
+  user:
+    client-certificate-data: \"\"
+    client-key-data: S0VZ
+";
+
+#[test]
+fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
+    let env = Env::new("kubeadm");
+    let site = env.path("site.json");
+    std::fs::write(
+        &site,
+        r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
+    )
+    .unwrap();
+    let home = env.path("ca");
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "kubeadm",
+        "--key-type",
+        "ecdsa-p384",
+        "--subject",
+        "CN=Root",
+        "--site",
+        s(&site),
+    ])
+    .ok();
+    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+        env.hsmca(&[
+            "ca",
+            "create",
+            ca,
+            "--home",
+            s(&home),
+            "--profile",
+            ca,
+            "--subject",
+            &format!("CN={ca}"),
+        ])
+        .ok();
+    }
+    let k = "kubeadm-out";
+    let rsa = ["-newkey", "rsa:2048"];
+    let node = "DNS:node1,DNS:localhost,IP:10.0.0.11,IP:127.0.0.1,IP:::1";
+    env.csr(&format!("{k}/pki/apiserver.csr"), &rsa, "/CN=kube-apiserver", Some("DNS:node1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1,IP:10.0.0.11"), &[]);
+    env.csr(
+        &format!("{k}/pki/apiserver-kubelet-client.csr"),
+        &rsa,
+        "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
+        None,
+        &[],
+    );
+    env.csr(
+        &format!("{k}/pki/front-proxy-client.csr"),
+        &rsa,
+        "/CN=front-proxy-client",
+        None,
+        &[],
+    );
+    env.csr(
+        &format!("{k}/pki/apiserver-etcd-client.csr"),
+        &rsa,
+        "/CN=kube-apiserver-etcd-client",
+        None,
+        &[],
+    );
+    env.csr(
+        &format!("{k}/pki/etcd/server.csr"),
+        &rsa,
+        "/CN=node1",
+        Some(node),
+        &[],
+    );
+    env.csr(
+        &format!("{k}/pki/etcd/peer.csr"),
+        &rsa,
+        "/CN=node1",
+        Some(node),
+        &[],
+    );
+    env.csr(
+        &format!("{k}/pki/etcd/healthcheck-client.csr"),
+        &rsa,
+        "/CN=kube-etcd-healthcheck-client",
+        None,
+        &[],
+    );
+    for (conf, subject) in [
+        ("admin", "/O=kubeadm:cluster-admins/CN=kubernetes-admin"),
+        ("super-admin", "/O=system:masters/CN=kubernetes-super-admin"),
+        ("kubelet", "/O=system:nodes/CN=system:node:node1"),
+        ("controller-manager", "/CN=system:kube-controller-manager"),
+        ("scheduler", "/CN=system:kube-scheduler"),
+    ] {
+        env.csr(&format!("{k}/{conf}.conf.csr"), &rsa, subject, None, &[]);
+        std::fs::write(
+            env.path(&format!("{k}/{conf}.conf")),
+            KUBECONFIG.replace("USER", conf),
+        )
+        .unwrap();
+    }
+    let out = env.path("back");
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&env.path(k)),
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    run.ok();
+    let report = &json_lines(&run.stdout())[0];
+    assert_eq!(report["issued"], 12, "{report}");
+
+    let root = home.join("root.pem");
+    for (leaf, ca) in [
+        ("pki/apiserver.crt", "pki/ca.crt"),
+        ("pki/apiserver-kubelet-client.crt", "pki/ca.crt"),
+        ("pki/front-proxy-client.crt", "pki/front-proxy-ca.crt"),
+        ("pki/apiserver-etcd-client.crt", "pki/etcd/ca.crt"),
+        ("pki/etcd/server.crt", "pki/etcd/ca.crt"),
+        ("pki/etcd/peer.crt", "pki/etcd/ca.crt"),
+        ("pki/etcd/healthcheck-client.crt", "pki/etcd/ca.crt"),
+    ] {
+        let text = openssl(&[
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&out.join(ca)),
+            s(&out.join(leaf)),
+        ]);
+        assert!(text.contains(": OK"), "{leaf}: {text}");
+    }
+    let san = openssl(&[
+        "x509",
+        "-in",
+        s(&out.join("pki/apiserver.crt")),
+        "-noout",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(
+        san.contains("DNS:kubernetes,") && san.contains("IP Address:10.96.0.1"),
+        "{san}"
+    );
+    // kubeconfigs come back with the certificate and the cluster CA embedded.
+    for conf in [
+        "admin",
+        "super-admin",
+        "kubelet",
+        "controller-manager",
+        "scheduler",
+    ] {
+        let text = std::fs::read_to_string(out.join(format!("{conf}.conf"))).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("client-certificate-data:"))
+            .unwrap();
+        let b64 = line.split_once(':').unwrap().1.trim();
+        let pem = out.join(format!("{conf}.pem"));
+        let decoded = Command::new("base64")
+            .arg("-d")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        decoded
+            .stdin
+            .as_ref()
+            .unwrap()
+            .write_all(b64.as_bytes())
+            .unwrap();
+        std::fs::write(&pem, decoded.wait_with_output().unwrap().stdout).unwrap();
+        let ok = openssl(&[
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&out.join("pki/ca.crt")),
+            s(&pem),
+        ]);
+        assert!(ok.contains(": OK"), "{conf}: {ok}");
+        assert!(
+            !text.contains("certificate-authority-data: \"\""),
+            "{conf}: CA not embedded"
+        );
+        assert!(
+            text.contains("client-key-data: S0VZ"),
+            "the key stays as kubeadm wrote it"
+        );
+    }
+    // Without the site switch, kubeadm's single-label names are refused, by rule.
+    let strict = env.init("strict", "kubeadm", "ecdsa-p256");
+    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+        env.hsmca(&[
+            "ca",
+            "create",
+            ca,
+            "--home",
+            s(&strict),
+            "--profile",
+            ca,
+            "--subject",
+            &format!("CN={ca}"),
+        ])
+        .ok();
+    }
+    let run = env.hsmca(&[
+        "plan",
+        "--home",
+        s(&strict),
+        s(&env.path(k)),
+        "--out",
+        s(&env.path("strict-plan.json")),
+    ]);
+    run.code_is(1);
+    assert!(
+        run.stdout().contains("rule san.dns.single_label")
+            && run.stdout().contains("(kubeadm layout)"),
+        "{}",
+        run.stdout()
+    );
+}
+
+/// Cert entries per CSR digest in the log, and serials of every cert entry.
+fn issued(home: &Path) -> (HashMap<String, usize>, Vec<String>) {
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    let mut per_csr = HashMap::new();
+    let mut serials = Vec::new();
+    for line in log.lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if e["type"] == "cert" {
+            *per_csr
+                .entry(e["csr_sha256"].as_str().unwrap().to_owned())
+                .or_insert(0) += 1;
+            serials.push(e["serial"].as_str().unwrap().to_owned());
+        }
+    }
+    (per_csr, serials)
+}
+
+/// After any interruption: the log verifies (after `log recover` if a write was torn), and
+/// every certificate file on disk is a certificate the log holds.
+fn check_after_crash(env: &Env, home: &Path, out: &Path) {
+    let run = env.hsmca(&["log", "verify", "--home", s(home)]);
+    if run.code() != 0 {
+        assert!(
+            run.stdout().contains("incomplete last line"),
+            "log broken after a crash:\n{}",
+            run.all()
+        );
+        env.hsmca(&["log", "recover", "--home", s(home)]).ok();
+        env.hsmca(&["log", "verify", "--home", s(home)]).ok();
+    }
+    let (_, serials) = issued(home);
+    let mut files = Vec::new();
+    let mut stack = vec![out.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "crt") {
+                files.push(p);
+            }
+        }
+    }
+    for f in files {
+        let cert = hsmca::issue::IssuerCert::from_pem_or_der(&std::fs::read(&f).unwrap()).unwrap();
+        let serial = hsmca::verify::describe(&cert.der).unwrap().serial;
+        assert!(
+            serials.contains(&serial),
+            "{} is on disk but not in the log",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
+    let env = Env::new("kill");
+    let home = env.init("ca", "kill", "ecdsa-p256");
+    let input = env.path("in");
+    let n = 1500;
+    csrs(&input, n);
+    let plan = env.path("plan.json");
+    env.hsmca(&[
+        "plan",
+        "--home",
+        s(&home),
+        s(&input),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&plan),
+    ])
+    .ok();
+    let out = env.path("out");
+    let args = [
+        "sign-dir",
+        "--home",
+        s(&home),
+        "--plan",
+        s(&plan),
+        "--out",
+        s(&out),
+    ];
+    // Deterministic crash points, then real SIGKILLs at a few moments.
+    for point in ["after-intent", "after-cert", "after-checkpoint"] {
+        let run = env.hsmca_env(&args, &[("HSMCA_DANGER_CRASH_AT", point)]);
+        assert!(!run.0.status.success(), "{point}: did not crash");
+        check_after_crash(&env, &home, &out);
+    }
+    for delay in [150, 400, 900] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hsmca"))
+            .env("SOFTHSM2_CONF", &env.conf)
+            .env("HSMCA_PIN", common::PIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        check_after_crash(&env, &home, &out);
+    }
+    // The rerun finishes the batch: every CSR exactly once in the log, every file written.
+    let run = env.hsmca(&args);
+    run.ok();
+    check_after_crash(&env, &home, &out);
+    let (per_csr, serials) = issued(&home);
+    assert_eq!(per_csr.len(), n, "every CSR issued");
+    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
+    assert_eq!(serials.len(), n);
+    for i in [0, n / 2, n - 1] {
+        let cert = out
+            .join(if i % 2 == 0 { "a" } else { "b" })
+            .join(format!("c-{i}.crt"));
+        assert!(
+            openssl_verifies(&home.join("root.pem"), &cert),
+            "{}",
+            cert.display()
+        );
+    }
+}
