@@ -116,6 +116,11 @@ pub enum Verdict {
         /// Every violated rule.
         refusals: Vec<Refusal>,
     },
+    /// Not to be signed (a Kubernetes object not approved, denied, failed or already issued).
+    Skip {
+        /// Why.
+        reason: String,
+    },
     /// Not a usable CSR.
     Fail {
         /// Rule id.
@@ -134,6 +139,9 @@ pub struct Plan {
     pub input: PathBuf,
     /// Whether kubeadm's layout was recognised.
     pub kubeadm: bool,
+    /// Whether the input is `kubectl get csr -o json` output.
+    #[serde(default)]
+    pub kubernetes: bool,
     /// When it was made.
     pub created: String,
     /// Every CSR.
@@ -237,6 +245,164 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Where a plan's CSRs come from: files under a directory, or Kubernetes objects in one JSON
+/// file (read once).
+enum Inputs {
+    Dir(PathBuf),
+    Objects(BTreeMap<String, crate::k8s::CsrObject>),
+}
+
+impl Inputs {
+    fn load(plan: &Plan) -> Result<Self, Error> {
+        if !plan.kubernetes {
+            return Ok(Self::Dir(plan.input.clone()));
+        }
+        let text = std::fs::read_to_string(&plan.input)?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Usage(format!("{}: {e}", plan.input.display())))?;
+        let objects = crate::k8s::objects(&json)
+            .map_err(|e| Error::Usage(format!("{}: {e}", plan.input.display())))?;
+        Ok(Self::Objects(
+            objects.into_iter().map(|o| (o.name.clone(), o)).collect(),
+        ))
+    }
+
+    fn bytes(&self, item: &Item) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Dir(root) => std::fs::read(root.join(&item.file)),
+            Self::Objects(map) => map
+                .get(&item.file)
+                .map(|o| o.request.clone())
+                .ok_or_else(|| std::io::Error::other(format!("no object {:?}", item.file))),
+        }
+    }
+
+    /// What the plan's `sha256` of an item covers: the file, or the whole object.
+    fn digest(&self, item: &Item) -> String {
+        match self {
+            Self::Dir(root) => std::fs::read(root.join(&item.file))
+                .map(|b| keys::sha256_hex(&b))
+                .unwrap_or_default(),
+            Self::Objects(map) => map.get(&item.file).map(object_digest).unwrap_or_default(),
+        }
+    }
+}
+
+fn object_digest(o: &crate::k8s::CsrObject) -> String {
+    keys::sha256_hex(&serde_json::to_vec(&o.raw).unwrap_or_default())
+}
+
+/// `plan` for `kubectl get csr -o json` output: only approved, unissued objects; the profile
+/// from the signer (or the manifest, signerName → profile); the signer's own rules first.
+fn plan_objects(
+    home: &Home,
+    input: &Path,
+    manifest: Option<&Path>,
+    clock: &dyn Clock,
+) -> Result<Plan, Error> {
+    let inputs = Inputs::load(&Plan {
+        version: 1,
+        input: input.to_path_buf(),
+        kubeadm: false,
+        kubernetes: true,
+        created: String::new(),
+        items: Vec::new(),
+        hash: String::new(),
+    })?;
+    let Inputs::Objects(objects) = &inputs else {
+        return Err(Error::Internal("not objects".into()));
+    };
+    let map: BTreeMap<String, String> = match manifest {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::Usage(format!("{}: signerName → profile map: {e}", path.display()))
+            })?
+        }
+        None => BTreeMap::new(),
+    };
+    let now = clock.now();
+    let mut items = Vec::new();
+    for obj in objects.values() {
+        let mut item = Item {
+            file: obj.name.clone(),
+            sha256: object_digest(obj),
+            profile: String::new(),
+            requested_validity: None,
+            out: format!("{}.status.json", obj.name),
+            verdict: Verdict::Skip {
+                reason: String::new(),
+            },
+        };
+        if let Some(reason) = &obj.skip {
+            item.verdict = Verdict::Skip {
+                reason: reason.clone(),
+            };
+            items.push(item);
+            continue;
+        }
+        let cn = crate::csr::parse(&obj.request).ok().and_then(|c| {
+            c.subject
+                .iter()
+                .find(|(a, _)| *a == crate::csr::AttrType::Cn)
+                .map(|(_, v)| v.clone())
+        });
+        let profile_name = match crate::k8s::profile_for(obj, cn.as_deref(), &map) {
+            Ok(p) => p,
+            Err(r) => {
+                item.verdict = Verdict::Refuse { refusals: vec![r] };
+                items.push(item);
+                continue;
+            }
+        };
+        item.profile = profile_name.clone();
+        let loaded = home
+            .profile(&profile_name)
+            .and_then(|p| Ok((home.issuer(&p.issuer)?.0, p)));
+        let (issuer, profile) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                item.verdict = Verdict::Fail {
+                    rule: "profile".into(),
+                    error: e.to_string(),
+                };
+                items.push(item);
+                continue;
+            }
+        };
+        let (mut refusals, validity) =
+            crate::k8s::signer_rules(obj, cn.as_deref(), profile.validity.max.0);
+        item.requested_validity = validity.map(|s| format!("{s}s"));
+        let (verdict, _) = judge(
+            &profile,
+            &issuer,
+            &obj.request,
+            item.requested_validity.as_deref(),
+            now,
+            vec![0; 16],
+        );
+        item.verdict = match verdict {
+            Verdict::Refuse { refusals: more } => {
+                refusals.extend(more);
+                Verdict::Refuse { refusals }
+            }
+            other if refusals.is_empty() => other,
+            _ => Verdict::Refuse { refusals },
+        };
+        items.push(item);
+    }
+    let hash = Plan::content_hash(&items);
+    Ok(Plan {
+        version: 1,
+        input: input.to_path_buf(),
+        kubeadm: false,
+        kubernetes: true,
+        created: rfc3339(now),
+        items,
+        hash,
+    })
+}
+
 /// Runs `f` over `items` on every core, keeping order.
 fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let workers = std::thread::available_parallelism()
@@ -263,6 +429,9 @@ pub fn plan(
     manifest: Option<&Path>,
     clock: &dyn Clock,
 ) -> Result<Plan, Error> {
+    if input.is_file() {
+        return plan_objects(home, input, manifest, clock);
+    }
     let (found, kubeadm) = discover(input, profile, manifest)?;
     let mut profiles: BTreeMap<String, Result<(Profile, IssuerCert), String>> = BTreeMap::new();
     for (_, p, _, _) in &found {
@@ -314,6 +483,7 @@ pub fn plan(
         version: 1,
         input: input.to_path_buf(),
         kubeadm,
+        kubernetes: false,
         created: rfc3339(now),
         items,
         hash,
@@ -401,6 +571,13 @@ pub enum Done {
         /// Every violated rule.
         refusals: Vec<Refusal>,
     },
+    /// Not to be signed.
+    Skipped {
+        /// Input (object name).
+        file: String,
+        /// Why.
+        reason: String,
+    },
     /// Unusable CSR, or a signing failure.
     Failed {
         /// Input file.
@@ -427,6 +604,9 @@ pub struct Report {
     pub refused: usize,
     /// Wall time of signing, seconds.
     pub seconds: f64,
+    /// For Kubernetes objects: the commands that upload each signed object's status.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<String>,
 }
 
 struct Progress {
@@ -477,11 +657,10 @@ pub fn sign(
             "the plan was edited after it was made (its hash does not match its items)".into(),
         ));
     }
+    let inputs = Inputs::load(plan)?;
     for item in &plan.items {
         if matches!(item.verdict, Verdict::Issue { .. }) {
-            let now = std::fs::read(plan.input.join(&item.file))
-                .map(|b| keys::sha256_hex(&b))
-                .unwrap_or_default();
+            let now = inputs.digest(item);
             if now != item.sha256 {
                 return Err(Error::Usage(format!(
                     "{}: changed since planning; plan again and review",
@@ -550,6 +729,15 @@ pub fn sign(
                         },
                     );
                 }
+                Verdict::Skip { reason } => {
+                    chunk_done.insert(
+                        index_of(item),
+                        Done::Skipped {
+                            file: item.file.clone(),
+                            reason: reason.clone(),
+                        },
+                    );
+                }
                 Verdict::Fail { rule, error } => {
                     chunk_done.insert(
                         index_of(item),
@@ -577,7 +765,7 @@ pub fn sign(
             // Already in the log: write the logged certificate again, never issue twice.
             let mut fresh = Vec::new();
             for item in items {
-                let bytes = std::fs::read(plan.input.join(&item.file))?;
+                let bytes = inputs.bytes(item)?;
                 let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
                 match log.issued(&csr_sha, &profile.name)? {
                     Some(prior) => {
@@ -649,7 +837,7 @@ pub fn sign(
                             },
                         );
                     }
-                    (Verdict::Issue { .. }, None) => {
+                    (Verdict::Issue { .. } | Verdict::Skip { .. }, None) => {
                         let error = "decided to issue without a decision (bug)".into();
                         chunk_done.insert(
                             index_of(item),
@@ -765,7 +953,18 @@ pub fn sign(
         // writes them while the next chunk is signed.
         let outputs: Vec<(PathBuf, Vec<u8>)> = release
             .iter()
-            .map(|(path, der, _)| (path.clone(), output_bytes(home, plan, path, der)))
+            .map(|(path, der, file)| {
+                let issuer = plan
+                    .items
+                    .iter()
+                    .find(|i| i.file == *file)
+                    .and_then(|i| issuers.get(&i.profile))
+                    .map_or("root", |(p, _, _)| p.issuer.as_str());
+                (
+                    path.clone(),
+                    output_bytes(home, plan, &inputs, file, issuer, path, der),
+                )
+            })
             .collect();
         if writer.send(outputs).is_err() {
             return Err(Error::Internal("the output writer stopped".into()));
@@ -808,6 +1007,27 @@ pub fn sign(
             }
         }
     }
+    let mut commands = Vec::new();
+    if plan.kubernetes {
+        for d in &done {
+            if let Done::Issued {
+                file, out: path, ..
+            } = d
+            {
+                commands.push(crate::k8s::replace_command(
+                    file,
+                    &path.display().to_string(),
+                ));
+            }
+        }
+        if !commands.is_empty() {
+            let script = format!(
+                "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
+                commands.join("\n")
+            );
+            files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
+        }
+    }
     Ok(Report {
         plan: plan.hash.clone(),
         done,
@@ -815,13 +1035,37 @@ pub fn sign(
         reissued_files: reissued,
         refused,
         seconds: start.elapsed().as_secs_f64(),
+        commands,
     })
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
 /// input with the certificate and the CA embedded.
-fn output_bytes(home: &Home, plan: &Plan, path: &Path, der: &[u8]) -> Vec<u8> {
+fn output_bytes(
+    home: &Home,
+    plan: &Plan,
+    inputs: &Inputs,
+    item: &str,
+    issuer: &str,
+    path: &Path,
+    der: &[u8],
+) -> Vec<u8> {
     let pem = home::pem("CERTIFICATE", der);
+    if let Inputs::Objects(objects) = inputs {
+        // Leaf first, then the intermediates; the cluster already trusts the root.
+        let root = home
+            .root()
+            .map(|r| home::pem("CERTIFICATE", &r.der))
+            .unwrap_or_default();
+        let chain = home
+            .chain_pem(issuer)
+            .unwrap_or_default()
+            .replace(&root, "");
+        let status = objects
+            .get(item)
+            .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
+        return serde_json::to_vec_pretty(&status).unwrap_or_default();
+    }
     if path.extension().is_none_or(|e| e != "conf") {
         return pem.into_bytes();
     }

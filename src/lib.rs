@@ -25,6 +25,7 @@ pub mod error;
 pub mod files;
 pub mod home;
 pub mod issue;
+pub mod k8s;
 pub mod keys;
 pub mod lifecycle;
 pub mod log;

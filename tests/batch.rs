@@ -542,3 +542,159 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         );
     }
 }
+
+fn object(
+    name: &str,
+    csr: &Path,
+    signer: &str,
+    usages: &[&str],
+    username: &str,
+    status: serde_json::Value,
+    expiration: Option<u64>,
+) -> serde_json::Value {
+    use base64::Engine;
+    let request = base64::engine::general_purpose::STANDARD.encode(std::fs::read(csr).unwrap());
+    let mut spec = serde_json::json!({"request": request, "signerName": signer, "usages": usages, "username": username,
+        "groups": ["system:nodes", "system:authenticated"]});
+    if let Some(e) = expiration {
+        spec["expirationSeconds"] = e.into();
+    }
+    serde_json::json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": name, "resourceVersion": "42"}, "spec": spec, "status": status})
+}
+
+#[test]
+fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
+    use base64::Engine;
+    let env = Env::new("k8sobj");
+    let home = env.init_k8s("ca", "k8sobj");
+    let approved = serde_json::json!({"conditions": [{"type": "Approved", "status": "True", "reason": "KubectlApprove"}]});
+    let serving = env.csr(
+        "o/serving.csr",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "/O=system:nodes/CN=system:node:node1",
+        Some("DNS:node1.internal,IP:10.0.0.11"),
+        &[],
+    );
+    let client = env.p256_csr("o/client.csr", "/O=system:nodes/CN=system:node:node1");
+    let admin = env.p256_csr(
+        "o/admin.csr",
+        "/O=kubeadm:cluster-admins/CN=kubernetes-admin",
+    );
+    let custom = env.p256_csr("o/custom.csr", "/CN=svc1");
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        object("csr-serving", &serving, "kubernetes.io/kubelet-serving", &["digital signature", "server auth"], "system:node:node1", approved.clone(), Some(86_400)),
+        object("csr-bootstrap", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "key encipherment", "client auth"], "system:bootstrap:abcdef", approved.clone(), None),
+        object("csr-admin", &admin, "kubernetes.io/kube-apiserver-client", &["digital signature", "client auth"], "kubernetes-admin", approved.clone(), None),
+        object("csr-custom", &custom, "example.com/test", &["client auth"], "svc", approved.clone(), None),
+        object("csr-pending", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "client auth"], "system:node:node1", serde_json::json!({}), None),
+        object("csr-denied", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "client auth"], "system:node:node1",
+            serde_json::json!({"conditions": [{"type": "Denied", "status": "True"}]}), None),
+        object("csr-impostor", &serving, "kubernetes.io/kubelet-serving", &["digital signature", "server auth"], "system:node:node2", approved.clone(), None),
+        object("csr-usages", &serving, "kubernetes.io/kubelet-serving", &["digital signature", "client auth"], "system:node:node1", approved.clone(), None),
+        object("csr-short", &serving, "kubernetes.io/kubelet-serving", &["digital signature", "server auth"], "system:node:node1", approved, Some(60)),
+    ]});
+    let input = env.path("csrs.json");
+    std::fs::write(&input, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
+    let manifest = env.path("signers.json");
+    std::fs::write(&manifest, r#"{"example.com/test": "test-any-key"}"#).unwrap();
+    let out = env.path("status");
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&input),
+        "--manifest",
+        s(&manifest),
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    run.code_is(1);
+    let report = &json_lines(&run.stdout())[0];
+    let by_file: HashMap<String, &serde_json::Value> = report["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["file"].as_str().unwrap().to_owned(), d))
+        .collect();
+    for name in ["csr-serving", "csr-bootstrap", "csr-admin", "csr-custom"] {
+        assert_eq!(
+            by_file[name]["outcome"], "issued",
+            "{name}: {}",
+            by_file[name]
+        );
+    }
+    for (name, reason) in [("csr-pending", "not approved"), ("csr-denied", "denied")] {
+        assert_eq!(by_file[name]["outcome"], "skipped", "{name}");
+        assert_eq!(by_file[name]["reason"], reason);
+    }
+    for (name, rule) in [
+        ("csr-impostor", "k8s.username"),
+        ("csr-usages", "k8s.usages"),
+        ("csr-short", "k8s.expiration"),
+    ] {
+        assert_eq!(by_file[name]["outcome"], "refused", "{name}");
+        assert!(
+            by_file[name]["refusals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["rule"] == rule),
+            "{name}: {}",
+            by_file[name]
+        );
+    }
+    // The status object: conditions untouched, the chain (leaf + kubernetes-ca) in status.certificate.
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("csr-serving.status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["status"]["conditions"][0]["type"], "Approved");
+    assert_eq!(status["metadata"]["resourceVersion"], "42");
+    let chain = base64::engine::general_purpose::STANDARD
+        .decode(status["status"]["certificate"].as_str().unwrap())
+        .unwrap();
+    let chain_file = env.path("chain.pem");
+    std::fs::write(&chain_file, &chain).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&chain)
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+    let ok = openssl(&[
+        "verify",
+        "-CAfile",
+        s(&home.join("root.pem")),
+        "-untrusted",
+        s(&chain_file),
+        s(&chain_file),
+    ]);
+    assert!(ok.contains(": OK"), "{ok}");
+    let dates = openssl(&[
+        "x509",
+        "-in",
+        s(&chain_file),
+        "-noout",
+        "-startdate",
+        "-enddate",
+        "-ext",
+        "extendedKeyUsage",
+    ]);
+    assert!(dates.contains("TLS Web Server Authentication"), "{dates}");
+    let script = std::fs::read_to_string(out.join("apply-status.sh")).unwrap();
+    assert!(script.contains("kubectl replace --raw /apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status -f"), "{script}");
+    assert_eq!(script.matches("kubectl replace").count(), 4);
+    // expirationSeconds shortened the serving certificate to a day (the profile allows 398).
+    let expires_within = |secs: &str| {
+        !Command::new("openssl")
+            .args(["x509", "-checkend", secs, "-noout", "-in", s(&chain_file)])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(
+        expires_within("90000") && !expires_within("80000"),
+        "validity is not one day"
+    );
+}

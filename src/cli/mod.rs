@@ -214,12 +214,14 @@ enum Command {
         /// The CA home.
         #[arg(long, value_name = "DIR")]
         home: PathBuf,
-        /// Directory of CSRs (searched recursively for *.csr and *.req).
+        /// Directory of CSRs (searched recursively for *.csr and *.req), kubeadm's generate-csr
+        /// output, or a JSON file from `kubectl get csr -o json`.
         input: PathBuf,
         /// One profile for every CSR.
         #[arg(long, conflicts_with = "manifest")]
         profile: Option<String>,
-        /// JSON manifest: {"file.csr": "profile"} or {"file.csr": {"profile": P, "validity": "90d"}}.
+        /// JSON manifest: {"file.csr": "profile"} or {"file.csr": {"profile": P, "validity": "90d"}};
+        /// for Kubernetes objects, {"signerName": "profile"} for custom signers.
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
         /// Where to write the plan (never overwritten).

@@ -490,6 +490,11 @@ pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -
                     writeln!(out, "{:<40} {:<24} {:<7} {r}", i.file, i.profile, "REFUSE")?;
                 }
             }
+            Verdict::Skip { reason } => writeln!(
+                out,
+                "{:<40} {:<24} {:<7} {reason}",
+                i.file, i.profile, "skip"
+            )?,
             Verdict::Fail { rule, error } => writeln!(
                 out,
                 "{:<40} {:<24} {:<7} {error} (rule {rule})",
@@ -541,6 +546,9 @@ pub(crate) fn sign_dir(
                     writeln!(out, "{file:<40} {:<30} {x}", "REFUSED")?;
                 }
             }
+            batch::Done::Skipped { file, reason } => {
+                writeln!(out, "{file:<40} {:<30} {reason}", "skipped")?;
+            }
             batch::Done::Failed { file, rule, error } => {
                 writeln!(out, "{file:<40} {:<30} {error} (rule {rule})", "FAILED")?;
             }
@@ -552,5 +560,14 @@ pub(crate) fn sign_dir(
         "plan {}: {} issued, {} written again, {} refused or failed, in {:.2} s ({rate:.0}/s)",
         r.plan, r.issued, r.reissued_files, r.refused, r.seconds
     )?;
+    if !r.commands.is_empty() {
+        writeln!(
+            out,
+            "upload the signed objects (also in apply-status.sh beside the report):"
+        )?;
+        for c in &r.commands {
+            writeln!(out, "  {c}")?;
+        }
+    }
     writeln!(out, "report: {}", file.display())
 }
