@@ -533,12 +533,15 @@ fn judge(
     match policy::decide(profile, &csr, &ctx) {
         Err(refusals) => (Verdict::Refuse { refusals }, None),
         Ok(d) => {
-            let summary = home::summary(&d, &home::issuer_name(issuer));
-            let mut usages = summary.key_usage.clone();
-            usages.extend(summary.extended_key_usage.iter().cloned());
+            let usages = d
+                .key_usage
+                .iter()
+                .map(|u| u.name().to_owned())
+                .chain(d.extended_key_usage.iter().map(|e| e.name().to_owned()))
+                .collect();
             let verdict = Verdict::Issue {
-                subject: summary.subject,
-                sans: summary.sans,
+                subject: d.subject_string(),
+                sans: d.san_strings(),
                 usages,
                 validity: Duration(u64::try_from((d.not_after - now).whole_seconds()).unwrap_or(0))
                     .to_string(),

@@ -5,7 +5,6 @@
 use rcgen::{
     CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
 };
-use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::asn1;
@@ -130,9 +129,7 @@ fn sign_with(
     issuer: &IssuerCert,
     key: &RcgenKey<'_>,
 ) -> Result<Vec<u8>, IssueError> {
-    let rc_issuer =
-        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer.der.as_slice()), key)
-            .map_err(|e| IssueError::Build(format!("issuer certificate: {e}")))?;
+    let rc_issuer = issuer.rcgen_issuer(key);
     let crl = params
         .signed_by(&rc_issuer)
         .map_err(|e| crate::issue::rcgen_error(key, e))?;

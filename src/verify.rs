@@ -93,6 +93,20 @@ fn san_strings(tbs: &x509_cert::TbsCertificate) -> Vec<String> {
     }
 }
 
+/// The subjectKeyIdentifier of a certificate, if it has one.
+pub fn subject_key_id(der: &[u8]) -> Result<Option<Vec<u8>>, VerifyError> {
+    let cert = parse(der)?;
+    Ok(
+        match cert
+            .tbs_certificate()
+            .get_extension::<x509_cert::ext::pkix::SubjectKeyIdentifier>()
+        {
+            Ok(Some((_, ski))) => Some(ski.0.as_bytes().to_vec()),
+            _ => None,
+        },
+    )
+}
+
 /// A CRL's issuer name (DER) and signature bits.
 pub fn crl_issuer(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), VerifyError> {
     let crl = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(der)
@@ -226,6 +240,14 @@ pub fn issued(
         crate::keys::sha256_hex(&spki),
     )?;
     let issuer_cert = parse(issuer_der)?;
+    let name_der = |n: &x509_cert::name::Name| n.to_der().unwrap_or_default();
+    if name_der(issuer_cert.tbs_certificate().subject()) != name_der(tbs.issuer()) {
+        return Err(VerifyError::Field {
+            field: "issuer (DER)",
+            expected: issuer_cert.tbs_certificate().subject().to_string(),
+            found: tbs.issuer().to_string(),
+        });
+    }
     field(
         "issuer",
         issuer_cert.tbs_certificate().subject().to_string(),
