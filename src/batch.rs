@@ -153,7 +153,20 @@ pub struct Plan {
 impl Plan {
     /// The hash of the items, recomputed.
     pub fn content_hash(items: &[Item]) -> String {
-        keys::sha256_hex(&serde_json::to_vec(items).unwrap_or_default())
+        // Streamed into the digest: a plan of 100,000 CSRs is tens of megabytes of JSON.
+        struct Digest(ring::digest::Context);
+        impl Write for Digest {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut d = Digest(ring::digest::Context::new(&ring::digest::SHA256));
+        let _ = serde_json::to_writer(&mut d, items);
+        keys::hex(d.0.finish().as_ref())
     }
 }
 
@@ -380,6 +393,7 @@ fn plan_objects(
             item.requested_validity.as_deref(),
             now,
             vec![0; 16],
+            true,
         );
         item.verdict = match verdict {
             Verdict::Refuse { refusals: more } => {
@@ -421,13 +435,16 @@ fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R>
     })
 }
 
-/// `hsmca plan`: decides every CSR under `input` without the token.
+/// `hsmca plan`: decides every CSR under `input` without the token. `detail` keeps what the
+/// review table shows (subject, SANs, usages, validity, issuer) in each `issue` verdict;
+/// `sign-dir INPUT`, which nobody reviews, leaves it out to keep a large batch small.
 pub fn plan(
     home: &Home,
     input: &Path,
     profile: Option<&str>,
     manifest: Option<&Path>,
     clock: &dyn Clock,
+    detail: bool,
 ) -> Result<Plan, Error> {
     if input.is_file() {
         return plan_objects(home, input, manifest, clock);
@@ -466,7 +483,16 @@ pub fn plan(
                 error: format!("no profile {p:?}"),
             },
             (Ok(bytes), Some(Ok((profile, issuer)))) => {
-                judge(profile, issuer, bytes, v.as_deref(), now, vec![0; 16]).0
+                judge(
+                    profile,
+                    issuer,
+                    bytes,
+                    v.as_deref(),
+                    now,
+                    vec![0; 16],
+                    detail,
+                )
+                .0
             }
         };
         Item {
@@ -498,6 +524,7 @@ fn judge(
     validity: Option<&str>,
     now: time::OffsetDateTime,
     serial: Vec<u8>,
+    detail: bool,
 ) -> (Verdict, Option<(policy::Decision, String)>) {
     let requested = match validity.map(|v| Duration::parse(v).ok_or(v)) {
         Some(Err(v)) => {
@@ -533,6 +560,16 @@ fn judge(
     match policy::decide(profile, &csr, &ctx) {
         Err(refusals) => (Verdict::Refuse { refusals }, None),
         Ok(d) => {
+            if !detail {
+                let verdict = Verdict::Issue {
+                    subject: String::new(),
+                    sans: Vec::new(),
+                    usages: Vec::new(),
+                    validity: String::new(),
+                    issuer: String::new(),
+                };
+                return (verdict, Some((d, csr.sha256)));
+            }
             let usages = d
                 .key_usage
                 .iter()
@@ -597,8 +634,8 @@ pub enum Done {
 pub struct Report {
     /// The plan's hash (also in the log).
     pub plan: String,
-    /// Every CSR, in plan order.
-    pub done: Vec<Done>,
+    /// CSRs handled (each was passed to the caller as it was done).
+    pub handled: usize,
     /// Issued now.
     pub issued: usize,
     /// Written again from the log.
@@ -654,6 +691,7 @@ pub fn sign(
     token: &Token,
     sessions: usize,
     clock: &dyn Clock,
+    on_done: &mut dyn FnMut(&Done) -> std::io::Result<()>,
 ) -> Result<Report, Error> {
     if Plan::content_hash(&plan.items) != plan.hash {
         return Err(Error::Usage(
@@ -690,14 +728,19 @@ pub fn sign(
 
     let mut issuers: BTreeMap<String, (Profile, IssuerCert, Vec<crate::token::WorkerKey>)> =
         BTreeMap::new();
-    let mut done = Vec::with_capacity(plan.items.len());
+    // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
+    // holds one chunk at a time.
+    let mut handled = 0usize;
+    let mut commands = Vec::new();
     let progress = Progress {
         start,
         total: plan.items.len(),
         terminal: std::io::stderr().is_terminal(),
     };
     let (mut issued, mut reissued, mut refused) = (0, 0, 0);
-    let (writer, queue) = std::sync::mpsc::channel::<Vec<(PathBuf, Vec<u8>)>>();
+    // Bounded: if files are written slower than certificates are signed, signing waits
+    // instead of holding ever more certificates in memory.
+    let (writer, queue) = std::sync::mpsc::sync_channel::<Vec<(PathBuf, Vec<u8>)>>(2);
     let write_thread = std::thread::spawn(move || {
         let mut failed = Vec::new();
         for outputs in queue {
@@ -710,7 +753,8 @@ pub fn sign(
         failed
     });
     for chunk in plan.items.chunks(CHUNK) {
-        let mut release: Vec<(PathBuf, Vec<u8>, String)> = Vec::new();
+        // (output path, certificate, input file, profile) of everything this chunk releases.
+        let mut release: Vec<(PathBuf, Vec<u8>, String, String)> = Vec::new();
         // Group the chunk by profile so each group is signed by one issuer's sessions.
         let mut groups: BTreeMap<&str, Vec<&Item>> = BTreeMap::new();
         let mut chunk_done: BTreeMap<usize, Done> = BTreeMap::new();
@@ -773,7 +817,12 @@ pub fn sign(
                 match log.issued(&csr_sha, &profile.name)? {
                     Some(prior) => {
                         let path = out.join(&item.out);
-                        release.push((path.clone(), prior.cert_der, item.file.clone()));
+                        release.push((
+                            path.clone(),
+                            prior.cert_der,
+                            item.file.clone(),
+                            item.profile.clone(),
+                        ));
                         chunk_done.insert(
                             index_of(item),
                             Done::Issued {
@@ -799,6 +848,7 @@ pub fn sign(
                     item.requested_validity.as_deref(),
                     now,
                     serial.clone(),
+                    false,
                 );
                 let prepared = decision.map(|(d, sha)| {
                     issue::prepare(d, issuer)
@@ -918,7 +968,7 @@ pub fn sign(
                             cert: B64.encode(&der),
                         });
                         let path = out.join(&item.out);
-                        release.push((path.clone(), der, item.file.clone()));
+                        release.push((path.clone(), der, item.file.clone(), item.profile.clone()));
                         chunk_done.insert(
                             index_of(item),
                             Done::Issued {
@@ -956,12 +1006,9 @@ pub fn sign(
         // writes them while the next chunk is signed.
         let outputs: Vec<(PathBuf, Vec<u8>)> = release
             .iter()
-            .map(|(path, der, file)| {
-                let issuer = plan
-                    .items
-                    .iter()
-                    .find(|i| i.file == *file)
-                    .and_then(|i| issuers.get(&i.profile))
+            .map(|(path, der, file, profile)| {
+                let issuer = issuers
+                    .get(profile)
                     .map_or("root", |(p, _, _)| p.issuer.as_str());
                 (
                     path.clone(),
@@ -976,29 +1023,37 @@ pub fn sign(
             .values()
             .filter(|d| matches!(d, Done::Refused { .. } | Done::Failed { .. }))
             .count();
-        done.extend(chunk_done.into_values());
-        progress.show(done.len(), issued + reissued, refused);
+        for d in chunk_done.into_values() {
+            if let (
+                true,
+                Done::Issued {
+                    file, out: path, ..
+                },
+            ) = (plan.kubernetes, &d)
+            {
+                commands.push(crate::k8s::replace_command(
+                    file,
+                    &path.display().to_string(),
+                ));
+            }
+            handled += 1;
+            on_done(&d)?;
+        }
+        progress.show(handled, issued + reissued, refused);
     }
     drop(writer);
     let failed = write_thread
         .join()
         .map_err(|_| Error::Internal("the output writer panicked".into()))?;
+    // A file that could not be written is reported again, as failed: its certificate is in
+    // the log, and a rerun with another --out writes it.
     for (path, error) in failed {
-        if let Some(slot) = done
-            .iter_mut()
-            .find(|d| matches!(d, Done::Issued { out, .. } if *out == path))
-        {
-            let file = match slot {
-                Done::Issued { file, .. } => file.clone(),
-                _ => String::new(),
-            };
-            *slot = Done::Failed {
-                file,
-                rule: "output.write".into(),
-                error: format!("issued and logged, but {error}"),
-            };
-            refused += 1;
-        }
+        on_done(&Done::Failed {
+            file: path.display().to_string(),
+            rule: "output.write".into(),
+            error: format!("issued and logged, but {error}"),
+        })?;
+        refused += 1;
     }
     if plan.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
@@ -1010,30 +1065,16 @@ pub fn sign(
             }
         }
     }
-    let mut commands = Vec::new();
-    if plan.kubernetes {
-        for d in &done {
-            if let Done::Issued {
-                file, out: path, ..
-            } = d
-            {
-                commands.push(crate::k8s::replace_command(
-                    file,
-                    &path.display().to_string(),
-                ));
-            }
-        }
-        if !commands.is_empty() {
-            let script = format!(
-                "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
-                commands.join("\n")
-            );
-            files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
-        }
+    if plan.kubernetes && !commands.is_empty() {
+        let script = format!(
+            "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
+            commands.join("\n")
+        );
+        files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
     }
     Ok(Report {
         plan: plan.hash.clone(),
-        done,
+        handled,
         issued,
         reissued_files: reissued,
         refused,

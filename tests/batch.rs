@@ -35,6 +35,13 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `sign-dir --json`: one line per CSR, then the summary.
+fn sign_dir_json(text: &str) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let mut lines = json_lines(text);
+    let summary = lines.pop().unwrap();
+    (lines, summary)
+}
+
 #[test]
 fn plan_review_then_sign_exactly_that_plan() {
     let env = Env::new("plan");
@@ -104,13 +111,17 @@ fn plan_review_then_sign_exactly_that_plan() {
         "--json",
     ]);
     run.code_is(1);
-    let report = &json_lines(&run.stdout())[0];
+    let (done, report) = sign_dir_json(&run.stdout());
     assert_eq!(report["issued"], 6);
     assert_eq!(report["refused"], 2);
+    assert_eq!(done.len(), 8);
     assert!(
-        out.join(format!("hsmca-report-{}.json", &hash[..16]))
-            .exists()
+        done.iter()
+            .any(|d| d["outcome"] == "refused" && d["file"] == "b/evil.csr")
     );
+    let saved =
+        std::fs::read_to_string(out.join(format!("hsmca-report-{}.jsonl", &hash[..16]))).unwrap();
+    assert_eq!(saved.lines().count(), 9, "one line per CSR and the summary");
     for i in 0..6 {
         let cert = out
             .join(if i % 2 == 0 { "a" } else { "b" })
@@ -138,7 +149,7 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&out),
         "--json",
     ]);
-    let report = &json_lines(&run.stdout())[0];
+    let (_, report) = sign_dir_json(&run.stdout());
     assert_eq!(
         (report["issued"].as_u64(), report["reissued_files"].as_u64()),
         (Some(0), Some(6)),
@@ -303,7 +314,7 @@ fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
         "--json",
     ]);
     run.ok();
-    let report = &json_lines(&run.stdout())[0];
+    let (_, report) = sign_dir_json(&run.stdout());
     assert_eq!(report["issued"], 12, "{report}");
 
     let root = home.join("root.pem");
@@ -611,10 +622,8 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
         "--json",
     ]);
     run.code_is(1);
-    let report = &json_lines(&run.stdout())[0];
-    let by_file: HashMap<String, &serde_json::Value> = report["done"]
-        .as_array()
-        .unwrap()
+    let (done, _) = sign_dir_json(&run.stdout());
+    let by_file: HashMap<String, &serde_json::Value> = done
         .iter()
         .map(|d| (d["file"].as_str().unwrap().to_owned(), d))
         .collect();

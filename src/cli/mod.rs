@@ -666,6 +666,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 profile.as_deref(),
                 manifest.as_deref(),
                 &clock,
+                true,
             )?;
             let bytes =
                 serde_json::to_vec_pretty(&plan).map_err(|e| Error::Internal(e.to_string()))?;
@@ -707,6 +708,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     profile.as_deref(),
                     manifest.as_deref(),
                     &clock,
+                    false,
                 )?,
                 (None, None) => {
                     return Err(Error::Usage(
@@ -715,12 +717,22 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 }
             };
             let token = open_home_token(&home, &token_opts)?;
-            let r = batch::sign(&home, &plan, &dir, &token, sessions, &clock)?;
-            let bytes =
-                serde_json::to_vec_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?;
+            // The report streams: one JSON line per CSR into OUTDIR, and one line each on stdout.
             std::fs::create_dir_all(&dir)?;
-            let report_file = dir.join(format!("hsmca-report-{}.json", &r.plan[..16]));
-            hsmca::files::replace(&report_file, &bytes)?;
+            let report_file = dir.join(format!("hsmca-report-{}.jsonl", &plan.hash[..16]));
+            let tmp = dir.join(format!(".hsmca-report-{}.jsonl.tmp", &plan.hash[..16]));
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let r = batch::sign(&home, &plan, &dir, &token, sessions, &clock, &mut |d| {
+                serde_json::to_writer(&mut file, d)?;
+                writeln!(file)?;
+                report::done(&mut out, d, json)
+            })?;
+            serde_json::to_writer(&mut file, &r).map_err(|e| Error::Internal(e.to_string()))?;
+            writeln!(file)?;
+            file.into_inner()
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .sync_all()?;
+            std::fs::rename(&tmp, &report_file)?;
             report::sign_dir(&mut out, &r, &report_file, json)?;
             Ok(if r.refused == 0 { 0 } else { 1 })
         }

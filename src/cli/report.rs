@@ -516,7 +516,41 @@ pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -
     writeln!(out, "plan {} written to {}", p.hash, file.display())
 }
 
-/// `sign-dir`: the report table.
+/// `sign-dir`: one line per CSR as it is done.
+pub(crate) fn done(out: &mut impl Write, d: &batch::Done, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, d);
+    }
+    match d {
+        batch::Done::Issued {
+            file,
+            serial,
+            out: path,
+            already_issued,
+        } => {
+            let how = if *already_issued {
+                "written again (already issued)"
+            } else {
+                "issued"
+            };
+            writeln!(out, "{file:<40} {how:<30} {serial} -> {}", path.display())
+        }
+        batch::Done::Refused { file, refusals } => {
+            for x in refusals {
+                writeln!(out, "{file:<40} {:<30} {x}", "REFUSED")?;
+            }
+            Ok(())
+        }
+        batch::Done::Skipped { file, reason } => {
+            writeln!(out, "{file:<40} {:<30} {reason}", "skipped")
+        }
+        batch::Done::Failed { file, rule, error } => {
+            writeln!(out, "{file:<40} {:<30} {error} (rule {rule})", "FAILED")
+        }
+    }
+}
+
+/// `sign-dir`: the summary after the per-CSR lines.
 pub(crate) fn sign_dir(
     out: &mut impl Write,
     r: &batch::Report,
@@ -525,34 +559,6 @@ pub(crate) fn sign_dir(
 ) -> io::Result<()> {
     if as_json {
         return json(out, r);
-    }
-    for d in &r.done {
-        match d {
-            batch::Done::Issued {
-                file,
-                serial,
-                out: path,
-                already_issued,
-            } => {
-                let how = if *already_issued {
-                    "written again (already issued)"
-                } else {
-                    "issued"
-                };
-                writeln!(out, "{file:<40} {how:<30} {serial} -> {}", path.display())?;
-            }
-            batch::Done::Refused { file, refusals } => {
-                for x in refusals {
-                    writeln!(out, "{file:<40} {:<30} {x}", "REFUSED")?;
-                }
-            }
-            batch::Done::Skipped { file, reason } => {
-                writeln!(out, "{file:<40} {:<30} {reason}", "skipped")?;
-            }
-            batch::Done::Failed { file, rule, error } => {
-                writeln!(out, "{file:<40} {:<30} {error} (rule {rule})", "FAILED")?;
-            }
-        }
     }
     let rate = r.issued as f64 / r.seconds.max(1e-3);
     writeln!(

@@ -190,23 +190,36 @@ pub struct Issued {
     pub cert_der: Vec<u8>,
 }
 
+/// A 128-bit digest of a serial or lookup key: the log's indexes hold these instead of strings,
+/// which keeps a CA with hundreds of thousands of certificates in modest memory.
+fn key(s: &str) -> u128 {
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d.as_ref()[..16]);
+    u128::from_be_bytes(b)
+}
+
+fn issued_key(csr_sha256: &str, profile: &str) -> u128 {
+    key(&format!("{csr_sha256}\n{profile}"))
+}
+
 /// Everything learnt by reading the log once.
 #[derive(Debug, Default)]
 struct Scan {
     tree: Tree,
     valid_len: u64,
     root: Option<RootInfo>,
-    serials: HashSet<String>,
+    serials: HashSet<u128>,
     intents: HashMap<u64, Intent>,
     resolved: HashSet<u64>,
-    issued: HashMap<(String, String), (u64, u64, usize)>,
+    issued: HashMap<u128, (u64, u64, usize)>,
     counts: HashMap<&'static str, u64>,
     problems: Vec<Problem>,
     torn: Option<(u64, u64)>,
     /// Where each serial's certificate entry is: (seq, offset, length).
-    cert_at: HashMap<String, (u64, u64, usize)>,
+    cert_at: HashMap<u128, (u64, u64, usize)>,
     /// Revoked serials and the entry that revoked them.
-    revoked: HashMap<String, u64>,
+    revoked: HashMap<u128, u64>,
     /// Open or resolved CRL intents: issuer, number, TBS hash.
     crl_intents: HashMap<u64, (String, u64, String)>,
     /// Highest cRLNumber used per issuer.
@@ -309,7 +322,7 @@ impl Scan {
                 profile,
                 ..
             } => {
-                if !self.serials.insert(serial.clone()) {
+                if !self.serials.insert(key(&serial)) {
                     self.problem(Some(seq), format!("serial {serial} is used twice"));
                 }
                 self.intents.insert(
@@ -355,17 +368,17 @@ impl Scan {
                 if deep {
                     self.check_cert(seq, &cert, &cert_sha256, &intent);
                 }
-                self.cert_at.insert(serial, (seq, offset, len));
+                self.cert_at.insert(key(&serial), (seq, offset, len));
                 self.issued
-                    .insert((csr_sha256, profile), (seq, offset, len));
+                    .insert(issued_key(&csr_sha256, &profile), (seq, offset, len));
             }
             Body::Revocation { serial, .. } => {
-                if !self.cert_at.contains_key(&serial) {
+                if !self.cert_at.contains_key(&key(&serial)) {
                     self.problem(
                         Some(seq),
                         format!("revokes serial {serial}, which this log never issued"),
                     );
-                } else if self.revoked.insert(serial.clone(), seq).is_some() {
+                } else if self.revoked.insert(key(&serial), seq).is_some() {
                     self.problem(Some(seq), format!("revokes serial {serial} a second time"));
                 }
             }
@@ -506,10 +519,7 @@ impl Scan {
         csr_sha256: &str,
         profile: &str,
     ) -> Result<Option<Issued>, LogError> {
-        let Some(&(seq, offset, len)) = self
-            .issued
-            .get(&(csr_sha256.to_owned(), profile.to_owned()))
-        else {
+        let Some(&(seq, offset, len)) = self.issued.get(&issued_key(csr_sha256, profile)) else {
             return Ok(None);
         };
         let mut f = File::open(path).map_err(io_at(path))?;
@@ -855,17 +865,17 @@ impl Log {
 
     /// Whether a serial (hex) was ever used.
     pub fn serial_used(&self, serial: &str) -> bool {
-        self.scan.serials.contains(serial)
+        self.scan.serials.contains(&key(serial))
     }
 
     /// Whether this log issued a certificate with this serial (hex).
     pub fn has_cert(&self, serial: &str) -> bool {
-        self.scan.cert_at.contains_key(serial)
+        self.scan.cert_at.contains_key(&key(serial))
     }
 
     /// Whether the serial (hex) has been revoked.
     pub fn is_revoked(&self, serial: &str) -> bool {
-        self.scan.revoked.contains_key(serial)
+        self.scan.revoked.contains_key(&key(serial))
     }
 
     /// The highest cRLNumber used for `issuer` (0 if none).
