@@ -41,8 +41,8 @@ for kt in rsa-2048 ecdsa-p256; do
   raw2=$("$bin/examples/token_rate" "$module" "bench-$kt" "$label" 3 2)
   /usr/bin/time -f '%M' -o "$work/rss-$kt" "$bin/hsmca" sign-dir --home "$work/ca-$kt" "$work/csrs" --profile bench \
     --out "$work/out-$kt" --sessions 2 --json >"$work/report-$kt.json" 2>/dev/null
-  rate=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('%.0f' % (r['issued']/r['seconds']))" "$work/report-$kt.json")
-  issued=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['issued'])" "$work/report-$kt.json")
+  rate=$(python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print('%.0f' % (r['issued']/r['seconds']))" "$work/report-$kt.json")
+  issued=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['issued'])" "$work/report-$kt.json")
   [ "$issued" = "$n" ] || { echo "error: only $issued of $n issued" >&2; exit 1; }
   # openssl + pkcs11 engine, one process per certificate, as a shell script would do it.
   cp "$work/ca-$kt/cas/bench-ca.pem" "$work/ca-$kt.pem"
@@ -62,7 +62,7 @@ done
 # Memory as the batch grows: BIG CSRs on the P-256 issuer.
 /usr/bin/time -f '%M' -o "$work/rss-big" "$bin/hsmca" sign-dir --home "$work/ca-ecdsa-p256" "$work/big" --profile bench \
   --out "$work/out-big" --sessions 2 --json >"$work/report-big.json" 2>/dev/null
-bigrate=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('%d issued, %.0f/s' % (r['issued'], r['issued']/r['seconds']))" "$work/report-big.json")
+bigrate=$(python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print('%d issued, %.0f/s' % (r['issued'], r['issued']/r['seconds']))" "$work/report-big.json")
 
 printf '\n%-11s %12s %12s %14s %9s %10s %10s %9s\n' "issuer key" "raw 1 sess" "raw 2 sess" "hsmca batch" "% of raw" "peak RSS" "openssl" "x openssl"
 for row in "${rows[@]}"; do

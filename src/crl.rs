@@ -91,11 +91,8 @@ pub fn prepare(spec: &Spec, issuer: &IssuerCert) -> Result<Prepared, IssueError>
             .collect(),
         key_identifier_method: KeyIdMethod::Sha256,
     };
-    let capture = RcgenKey::capture(&issuer.public_key);
-    sign_with(&params, issuer, &capture)?;
-    let tbs = capture
-        .take_message()
-        .ok_or_else(|| IssueError::Build("rcgen did not produce a TBSCertList".into()))?;
+    let tbs =
+        crate::issue::capture_tbs(issuer, "TBSCertList", |key| sign_with(&params, issuer, key))?;
     Ok(Prepared {
         tbs_sha256: keys::sha256_hex(&tbs),
         tbs,

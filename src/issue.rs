@@ -102,17 +102,29 @@ impl IssuerCert {
 /// Builds the TBS bytes for `decision` under `issuer`, without the token.
 pub fn prepare(decision: Decision, issuer: &IssuerCert) -> Result<Prepared, IssueError> {
     let params = leaf_params(&decision)?;
-    let capture = RcgenKey::capture(&issuer.public_key);
-    sign_leaf(&params, &decision, issuer, &capture)?;
-    let tbs = capture
-        .take_message()
-        .ok_or_else(|| IssueError::Build("rcgen did not produce a TBSCertificate".into()))?;
+    let tbs = capture_tbs(issuer, "TBSCertificate", |key| {
+        sign_leaf(&params, &decision, issuer, key)
+    })?;
     Ok(Prepared {
         tbs_sha256: keys::sha256_hex(&tbs),
         decision,
         tbs,
         params,
     })
+}
+
+/// Runs an rcgen build with a key that only records what it is asked to sign, and returns those
+/// bytes: the exact TBS the token will sign, known before the token is touched.
+pub(crate) fn capture_tbs(
+    issuer: &IssuerCert,
+    what: &str,
+    build: impl FnOnce(&RcgenKey<'_>) -> Result<Vec<u8>, IssueError>,
+) -> Result<Vec<u8>, IssueError> {
+    let capture = RcgenKey::capture(&issuer.public_key);
+    build(&capture)?;
+    capture
+        .take_message()
+        .ok_or_else(|| IssueError::Build(format!("rcgen did not produce a {what}")))
 }
 
 /// Signs a prepared certificate with the CA key and verifies the result. Returns the DER.
