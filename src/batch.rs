@@ -726,8 +726,28 @@ pub fn sign(
         clock.now(),
     )?;
 
-    let mut issuers: BTreeMap<String, (Profile, IssuerCert, Vec<crate::token::WorkerKey>)> =
-        BTreeMap::new();
+    // Every profile and issuer of the plan, and one set of token sessions per issuer, up front.
+    let mut issuers: BTreeMap<String, (Profile, IssuerCert)> = BTreeMap::new();
+    let mut workers: BTreeMap<String, Vec<crate::token::WorkerKey>> = BTreeMap::new();
+    for item in plan
+        .items
+        .iter()
+        .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
+    {
+        if issuers.contains_key(&item.profile) {
+            continue;
+        }
+        let profile = home.profile(&item.profile)?;
+        let (cert, label) = home.issuer(&profile.issuer)?;
+        if !workers.contains_key(&profile.issuer) {
+            token.key_matching(&label, &cert.public_key)?;
+            workers.insert(
+                profile.issuer.clone(),
+                token.workers(&label, &cert.public_key, sessions.max(1))?,
+            );
+        }
+        issuers.insert(item.profile.clone(), (profile, cert));
+    }
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
     // holds one chunk at a time.
     let mut handled = 0usize;
@@ -752,251 +772,142 @@ pub fn sign(
         }
         failed
     });
-    for chunk in plan.items.chunks(CHUNK) {
-        // (output path, certificate, input file, profile) of everything this chunk releases.
-        let mut release: Vec<(PathBuf, Vec<u8>, String, String)> = Vec::new();
-        // Group the chunk by profile so each group is signed by one issuer's sessions.
-        let mut groups: BTreeMap<&str, Vec<&Item>> = BTreeMap::new();
-        let mut chunk_done: BTreeMap<usize, Done> = BTreeMap::new();
-        let index_of = |item: &Item| {
-            chunk
-                .iter()
-                .position(|i| std::ptr::eq(i, item))
-                .unwrap_or(0)
+    let chunks: Vec<&[Item]> = plan.items.chunks(CHUNK).collect();
+    let mut seen = std::collections::HashSet::new();
+    let ctx = StageCtx {
+        inputs: &inputs,
+        token,
+        issuers: &issuers,
+        out,
+        clock,
+    };
+    let mut staged = chunks
+        .first()
+        .map(|c| stage(&ctx, &log, 0, c, &mut seen))
+        .transpose()?;
+    let mut k = 0;
+    while let Some(mut current) = staged.take() {
+        reissued += current.reissued;
+        // One fsync for every intent of the chunk.
+        let intents: Vec<Body> = current
+            .ready
+            .iter()
+            .map(|r| {
+                let d = &r.prepared.decision;
+                Body::IssueIntent {
+                    serial: keys::hex(&d.serial),
+                    profile: d.profile.clone(),
+                    subject: d.subject_string(),
+                    sans: d.san_strings(),
+                    not_before: rfc3339(d.not_before),
+                    not_after: rfc3339(d.not_after),
+                    csr_sha256: r.csr_sha256.clone(),
+                    tbs_sha256: r.prepared.tbs_sha256.clone(),
+                    renews: None,
+                }
+            })
+            .collect();
+        let intent_seqs = if intents.is_empty() {
+            Vec::new()
+        } else {
+            log.append(intents, clock.now())?
         };
-        for item in chunk {
-            match &item.verdict {
-                Verdict::Issue { .. } => groups.entry(&item.profile).or_default().push(item),
-                Verdict::Refuse { refusals } => {
-                    chunk_done.insert(
-                        index_of(item),
-                        Done::Refused {
-                            file: item.file.clone(),
-                            refusals: refusals.clone(),
+        if !intent_seqs.is_empty() {
+            home::danger_crash_point("after-intent");
+        }
+        // The token signs this chunk on every session while the host prepares the next one.
+        let next_chunk = chunks.get(k + 1);
+        let ready = &current.ready;
+        let (signed, next) = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for (issuer_name, keys) in workers.iter_mut() {
+                let mine: Vec<usize> = (0..ready.len())
+                    .filter(|i| issuers[&ready[*i].item.profile].0.issuer == *issuer_name)
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let count = keys.len();
+                for (w, key) in keys.iter_mut().enumerate() {
+                    let share: Vec<usize> = mine.iter().skip(w).step_by(count).copied().collect();
+                    let issuers = &issuers;
+                    // Each session moves to its own thread (sessions are Send, not Sync).
+                    handles.push(scope.spawn(move || {
+                        let key: &dyn CaSigner = &*key;
+                        share
+                            .into_iter()
+                            .map(|i| {
+                                (
+                                    i,
+                                    issue::sign(
+                                        &ready[i].prepared,
+                                        &issuers[&ready[i].item.profile].1,
+                                        key,
+                                    ),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    }));
+                }
+            }
+            let next = next_chunk.map(|c| stage(&ctx, &log, (k + 1) * CHUNK, c, &mut seen));
+            let mut all: Vec<(usize, Result<Vec<u8>, issue::IssueError>)> = handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect();
+            all.sort_by_key(|(i, _)| *i);
+            (all.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), next)
+        });
+        staged = next.transpose()?;
+        let mut results = Vec::with_capacity(ready.len());
+        for ((r, intent_seq), result) in current.ready.iter().zip(&intent_seqs).zip(signed) {
+            let serial = keys::hex(&r.prepared.decision.serial);
+            match result {
+                Ok(der) => {
+                    results.push(Body::Cert {
+                        intent_seq: *intent_seq,
+                        serial: serial.clone(),
+                        profile: r.prepared.decision.profile.clone(),
+                        csr_sha256: r.csr_sha256.clone(),
+                        cert_sha256: keys::sha256_hex(&der),
+                        cert: B64.encode(&der),
+                    });
+                    let path = out.join(&r.item.out);
+                    current.release.push((
+                        path.clone(),
+                        der,
+                        r.item.file.clone(),
+                        r.item.profile.clone(),
+                    ));
+                    current.done.insert(
+                        r.index,
+                        Done::Issued {
+                            file: r.item.file.clone(),
+                            serial,
+                            out: path,
+                            already_issued: false,
                         },
                     );
+                    issued += 1;
                 }
-                Verdict::Skip { reason } => {
-                    chunk_done.insert(
-                        index_of(item),
-                        Done::Skipped {
-                            file: item.file.clone(),
-                            reason: reason.clone(),
-                        },
-                    );
-                }
-                Verdict::Fail { rule, error } => {
-                    chunk_done.insert(
-                        index_of(item),
+                Err(e) => {
+                    results.push(Body::Abandon {
+                        intent_seq: *intent_seq,
+                        reason: format!("not released: {e}"),
+                    });
+                    current.done.insert(
+                        r.index,
                         Done::Failed {
-                            file: item.file.clone(),
-                            rule: rule.clone(),
-                            error: error.clone(),
+                            file: r.item.file.clone(),
+                            rule: "token.sign".into(),
+                            error: crate::error::chain(&e),
                         },
                     );
                 }
             }
         }
-        for (profile_name, items) in groups {
-            if !issuers.contains_key(profile_name) {
-                let profile = home.profile(profile_name)?;
-                let (cert, label) = home.issuer(&profile.issuer)?;
-                token.key_matching(&label, &cert.public_key)?;
-                let workers = token.workers(&label, &cert.public_key, sessions.max(1))?;
-                issuers.insert(profile_name.to_owned(), (profile, cert, workers));
-            }
-            let Some((profile, issuer, workers)) = issuers.get_mut(profile_name) else {
-                continue;
-            };
-            let (profile, issuer) = (&*profile, &*issuer);
-            // Already in the log: write the logged certificate again, never issue twice.
-            let mut fresh = Vec::new();
-            for item in items {
-                let bytes = inputs.bytes(item)?;
-                let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
-                match log.issued(&csr_sha, &profile.name)? {
-                    Some(prior) => {
-                        let path = out.join(&item.out);
-                        release.push((
-                            path.clone(),
-                            prior.cert_der,
-                            item.file.clone(),
-                            item.profile.clone(),
-                        ));
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Issued {
-                                file: item.file.clone(),
-                                serial: prior.serial,
-                                out: path,
-                                already_issued: true,
-                            },
-                        );
-                        reissued += 1;
-                    }
-                    None => fresh.push((item, bytes)),
-                }
-            }
-            let serials = home::fresh_serials(token, &log, fresh.len())?;
-            let now = clock.now();
-            let jobs: Vec<_> = fresh.iter().zip(serials).collect();
-            let judged = parallel(&jobs, |((item, bytes), serial)| {
-                let (verdict, decision) = judge(
-                    profile,
-                    issuer,
-                    bytes,
-                    item.requested_validity.as_deref(),
-                    now,
-                    serial.clone(),
-                    false,
-                );
-                let prepared = decision.map(|(d, sha)| {
-                    issue::prepare(d, issuer)
-                        .map(|p| (p, sha))
-                        .map_err(|e| e.to_string())
-                });
-                (verdict, prepared)
-            });
-            let mut ready = Vec::new();
-            for (((item, _), _), (verdict, prepared)) in jobs.iter().zip(judged) {
-                match (verdict, prepared) {
-                    (_, Some(Ok((p, sha)))) => ready.push((*item, p, sha)),
-                    (_, Some(Err(e))) => {
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Failed {
-                                file: item.file.clone(),
-                                rule: "build".into(),
-                                error: e,
-                            },
-                        );
-                    }
-                    (Verdict::Refuse { refusals }, None) => {
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Refused {
-                                file: item.file.clone(),
-                                refusals,
-                            },
-                        );
-                    }
-                    (Verdict::Fail { rule, error }, None) => {
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Failed {
-                                file: item.file.clone(),
-                                rule,
-                                error,
-                            },
-                        );
-                    }
-                    (Verdict::Issue { .. } | Verdict::Skip { .. }, None) => {
-                        let error = "decided to issue without a decision (bug)".into();
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Failed {
-                                file: item.file.clone(),
-                                rule: "internal".into(),
-                                error,
-                            },
-                        );
-                    }
-                }
-            }
-            if ready.is_empty() {
-                continue;
-            }
-            // One fsync for every intent of the group.
-            let intents = ready
-                .iter()
-                .map(|(_, p, sha)| {
-                    let d = &p.decision;
-                    Body::IssueIntent {
-                        serial: keys::hex(&d.serial),
-                        profile: d.profile.clone(),
-                        subject: d.subject_string(),
-                        sans: d.san_strings(),
-                        not_before: rfc3339(d.not_before),
-                        not_after: rfc3339(d.not_after),
-                        csr_sha256: sha.clone(),
-                        tbs_sha256: p.tbs_sha256.clone(),
-                        renews: None,
-                    }
-                })
-                .collect();
-            let intent_seqs = log.append(intents, clock.now())?;
-            home::danger_crash_point("after-intent");
-            // Sign on every session at once; each worker takes every n-th certificate.
-            let signed: Vec<Result<Vec<u8>, issue::IssueError>> = std::thread::scope(|scope| {
-                let count = workers.len();
-                let handles: Vec<_> = workers
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(w, key)| {
-                        let ready = &ready;
-                        // Each session moves to its own thread (sessions are Send, not Sync).
-                        scope.spawn(move || {
-                            let key: &dyn CaSigner = &*key;
-                            ready
-                                .iter()
-                                .enumerate()
-                                .filter(|(i, _)| i % count == w)
-                                .map(|(i, (_, p, _))| (i, issue::sign(p, issuer, key)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                let mut all: Vec<(usize, Result<Vec<u8>, issue::IssueError>)> = handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect();
-                all.sort_by_key(|(i, _)| *i);
-                all.into_iter().map(|(_, r)| r).collect()
-            });
-            let mut results = Vec::with_capacity(ready.len());
-            for (((item, p, sha), intent_seq), result) in ready.iter().zip(&intent_seqs).zip(signed)
-            {
-                let serial = keys::hex(&p.decision.serial);
-                match result {
-                    Ok(der) => {
-                        results.push(Body::Cert {
-                            intent_seq: *intent_seq,
-                            serial: serial.clone(),
-                            profile: p.decision.profile.clone(),
-                            csr_sha256: sha.clone(),
-                            cert_sha256: keys::sha256_hex(&der),
-                            cert: B64.encode(&der),
-                        });
-                        let path = out.join(&item.out);
-                        release.push((path.clone(), der, item.file.clone(), item.profile.clone()));
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Issued {
-                                file: item.file.clone(),
-                                serial,
-                                out: path,
-                                already_issued: false,
-                            },
-                        );
-                        issued += 1;
-                    }
-                    Err(e) => {
-                        results.push(Body::Abandon {
-                            intent_seq: *intent_seq,
-                            reason: format!("not released: {e}"),
-                        });
-                        chunk_done.insert(
-                            index_of(item),
-                            Done::Failed {
-                                file: item.file.clone(),
-                                rule: "token.sign".into(),
-                                error: crate::error::chain(&e),
-                            },
-                        );
-                    }
-                }
-            }
-            // One fsync for every result of the group.
+        // One fsync for every result of the chunk.
+        if !results.is_empty() {
             log.append(results, clock.now())?;
             home::danger_crash_point("after-cert");
         }
@@ -1004,12 +915,13 @@ pub fn sign(
         home::danger_crash_point("after-checkpoint");
         // Only now, with every entry durable and checkpointed, may files appear. A writer thread
         // writes them while the next chunk is signed.
-        let outputs: Vec<(PathBuf, Vec<u8>)> = release
+        let outputs: Vec<(PathBuf, Vec<u8>)> = current
+            .release
             .iter()
             .map(|(path, der, file, profile)| {
                 let issuer = issuers
                     .get(profile)
-                    .map_or("root", |(p, _, _)| p.issuer.as_str());
+                    .map_or("root", |(p, _)| p.issuer.as_str());
                 (
                     path.clone(),
                     output_bytes(home, plan, &inputs, file, issuer, path, der),
@@ -1019,11 +931,12 @@ pub fn sign(
         if writer.send(outputs).is_err() {
             return Err(Error::Internal("the output writer stopped".into()));
         }
-        refused += chunk_done
+        refused += current
+            .done
             .values()
             .filter(|d| matches!(d, Done::Refused { .. } | Done::Failed { .. }))
             .count();
-        for d in chunk_done.into_values() {
+        for d in current.done.into_values() {
             if let (
                 true,
                 Done::Issued {
@@ -1040,6 +953,7 @@ pub fn sign(
             on_done(&d)?;
         }
         progress.show(handled, issued + reissued, refused);
+        k += 1;
     }
     drop(writer);
     let failed = write_thread
@@ -1081,6 +995,185 @@ pub fn sign(
         seconds: start.elapsed().as_secs_f64(),
         commands,
     })
+}
+
+/// What every stage of a `sign-dir` run shares.
+struct StageCtx<'a> {
+    inputs: &'a Inputs,
+    token: &'a Token,
+    issuers: &'a BTreeMap<String, (Profile, IssuerCert)>,
+    out: &'a Path,
+    clock: &'a dyn Clock,
+}
+
+/// A certificate decided and built, waiting for the token.
+struct Ready<'p> {
+    index: usize,
+    item: &'p Item,
+    prepared: issue::Prepared,
+    csr_sha256: String,
+}
+
+/// One chunk made ready for signing: outcomes already known, files to release, TBSs to sign.
+struct Staged<'p> {
+    done: BTreeMap<usize, Done>,
+    release: Vec<(PathBuf, Vec<u8>, String, String)>,
+    ready: Vec<Ready<'p>>,
+    reissued: usize,
+}
+
+/// Prepares a chunk without touching the log: what the plan already refused, what the log
+/// already holds (written again), and for the rest serials, decisions and TBSs, in parallel.
+fn stage<'p>(
+    ctx: &StageCtx<'p>,
+    log: &crate::log::Log,
+    base: usize,
+    chunk: &'p [Item],
+    seen: &mut std::collections::HashSet<(String, String)>,
+) -> Result<Staged<'p>, Error> {
+    let mut staged = Staged {
+        done: BTreeMap::new(),
+        release: Vec::new(),
+        ready: Vec::new(),
+        reissued: 0,
+    };
+    let mut fresh = Vec::new();
+    for (offset, item) in chunk.iter().enumerate() {
+        let index = base + offset;
+        let file = item.file.clone();
+        match &item.verdict {
+            Verdict::Refuse { refusals } => {
+                staged.done.insert(
+                    index,
+                    Done::Refused {
+                        file,
+                        refusals: refusals.clone(),
+                    },
+                );
+            }
+            Verdict::Skip { reason } => {
+                staged.done.insert(
+                    index,
+                    Done::Skipped {
+                        file,
+                        reason: reason.clone(),
+                    },
+                );
+            }
+            Verdict::Fail { rule, error } => {
+                staged.done.insert(
+                    index,
+                    Done::Failed {
+                        file,
+                        rule: rule.clone(),
+                        error: error.clone(),
+                    },
+                );
+            }
+            Verdict::Issue { .. } => {
+                let bytes = ctx.inputs.bytes(item)?;
+                let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
+                if !seen.insert((csr_sha.clone(), item.profile.clone())) {
+                    let reason = "the same CSR appears earlier in this batch".to_owned();
+                    staged.done.insert(index, Done::Skipped { file, reason });
+                    continue;
+                }
+                match log.issued(&csr_sha, &item.profile)? {
+                    Some(prior) => {
+                        let path = ctx.out.join(&item.out);
+                        staged.release.push((
+                            path.clone(),
+                            prior.cert_der,
+                            file.clone(),
+                            item.profile.clone(),
+                        ));
+                        staged.done.insert(
+                            index,
+                            Done::Issued {
+                                file,
+                                serial: prior.serial,
+                                out: path,
+                                already_issued: true,
+                            },
+                        );
+                        staged.reissued += 1;
+                    }
+                    None => fresh.push((index, item, bytes)),
+                }
+            }
+        }
+    }
+    let serials = home::fresh_serials(ctx.token, log, fresh.len())?;
+    let now = ctx.clock.now();
+    let jobs: Vec<_> = fresh.into_iter().zip(serials).collect();
+    let issuers = ctx.issuers;
+    let judged = parallel(&jobs, |((_, item, bytes), serial)| {
+        let Some((profile, issuer)) = issuers.get(&item.profile) else {
+            return (
+                Verdict::Fail {
+                    rule: "profile".into(),
+                    error: format!("no profile {:?}", item.profile),
+                },
+                None,
+            );
+        };
+        let (verdict, decision) = judge(
+            profile,
+            issuer,
+            bytes,
+            item.requested_validity.as_deref(),
+            now,
+            serial.clone(),
+            false,
+        );
+        let prepared = decision.map(|(d, sha)| {
+            issue::prepare(d, issuer)
+                .map(|p| (p, sha))
+                .map_err(|e| e.to_string())
+        });
+        (verdict, prepared)
+    });
+    for (((index, item, _), _), (verdict, prepared)) in jobs.into_iter().zip(judged) {
+        let file = item.file.clone();
+        match (verdict, prepared) {
+            (_, Some(Ok((prepared, csr_sha256)))) => staged.ready.push(Ready {
+                index,
+                item,
+                prepared,
+                csr_sha256,
+            }),
+            (_, Some(Err(error))) => {
+                staged.done.insert(
+                    index,
+                    Done::Failed {
+                        file,
+                        rule: "build".into(),
+                        error,
+                    },
+                );
+            }
+            (Verdict::Refuse { refusals }, None) => {
+                staged.done.insert(index, Done::Refused { file, refusals });
+            }
+            (Verdict::Fail { rule, error }, None) => {
+                staged
+                    .done
+                    .insert(index, Done::Failed { file, rule, error });
+            }
+            (Verdict::Issue { .. } | Verdict::Skip { .. }, None) => {
+                let error = "decided to issue without a decision (bug)".into();
+                staged.done.insert(
+                    index,
+                    Done::Failed {
+                        file,
+                        rule: "internal".into(),
+                        error,
+                    },
+                );
+            }
+        }
+    }
+    Ok(staged)
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the

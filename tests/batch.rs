@@ -707,3 +707,34 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
         "validity is not one day"
     );
 }
+
+#[test]
+fn the_same_csr_twice_in_one_batch_is_issued_once() {
+    let env = Env::new("dup");
+    let home = env.init("ca", "dup", "ecdsa-p256");
+    let a = env.p256_csr("in/a.csr", "/CN=twice");
+    std::fs::copy(&a, env.path("in/b.csr")).unwrap();
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&env.path("in")),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&env.path("out")),
+        "--json",
+    ]);
+    run.ok();
+    let (done, report) = sign_dir_json(&run.stdout());
+    assert_eq!(report["issued"], 1);
+    assert_eq!(done[1]["outcome"], "skipped", "{:?}", done);
+    assert!(
+        done[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("earlier in this batch")
+    );
+    let (per_csr, _) = issued(&home);
+    assert_eq!(per_csr.values().sum::<usize>(), 1);
+}
