@@ -738,8 +738,9 @@ pub struct WorkerKey {
 }
 
 impl Token {
-    /// Opens `count` extra sessions, each with its own handle to key `label`, checked against
-    /// `expected`. Handles are found afresh per session (handles do not survive a re-login).
+    /// Opens `count` extra sessions, each with its own handle to key `label`, which the caller
+    /// has already matched against the CA certificate (`key_matching`); `expected` is that key.
+    /// Handles are found afresh per session (handles do not survive a re-login).
     pub fn workers(
         &self,
         label: &str,
