@@ -149,11 +149,45 @@ pub fn der_uint(bytes: &[u8]) -> Vec<u8> {
 fn push_len(out: &mut Vec<u8>, len: usize) {
     if len < 0x80 {
         out.push(len as u8);
-    } else if len < 0x100 {
-        out.extend_from_slice(&[0x81, len as u8]);
     } else {
-        out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
     }
+}
+
+/// The signed structure around a `TBSCertificate` (or `TBSCertList`): `SEQUENCE { tbs,
+/// signatureAlgorithm, BIT STRING signature }`, with signatureAlgorithm copied byte for byte
+/// from the TBS's own `signature` field, as RFC 5280 4.1.1.2 requires them to match. The
+/// token signs the TBS bytes already logged; wrapping them needs no second build.
+pub fn signed(tbs: &[u8], signature: &[u8]) -> Option<Vec<u8>> {
+    let outer = element(tbs, 0)?;
+    if outer.tag != 0x30 || outer.end() != tbs.len() {
+        return None;
+    }
+    let mut at = outer.content_start();
+    let first = element(tbs, at)?;
+    // TBSCertificate opens with [0] version and an INTEGER serial; TBSCertList with an
+    // optional INTEGER version. The AlgorithmIdentifier is the first SEQUENCE after them.
+    if first.tag == 0xa0 {
+        at = first.end();
+    }
+    let mut alg = element(tbs, at)?;
+    if alg.tag == 0x02 {
+        alg = element(tbs, alg.end())?;
+    }
+    if alg.tag != 0x30 {
+        return None;
+    }
+    let mut body = Vec::with_capacity(tbs.len() + alg.end() - alg.start + signature.len() + 8);
+    body.extend_from_slice(tbs);
+    body.extend_from_slice(&tbs[alg.start..alg.end()]);
+    body.push(0x03);
+    push_len(&mut body, signature.len() + 1);
+    body.push(0);
+    body.extend_from_slice(signature);
+    Some(der_tlv(0x30, &body))
 }
 
 /// Unwraps a DER OCTET STRING if `bytes` is exactly one, else returns `bytes` unchanged.
@@ -182,6 +216,37 @@ mod tests {
         let s = element(&der, 2 + 2 + 33).unwrap();
         assert_eq!(s.tag, 0x02);
         assert_eq!(s.content_len, 31);
+    }
+
+    #[test]
+    fn signed_rebuilds_what_rcgen_signed_byte_for_byte() {
+        use x509_cert::der::Decode;
+        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_RSA_SHA256] {
+            let key = if alg == &rcgen::PKCS_RSA_SHA256 {
+                rcgen::KeyPair::from_pem(include_str!("../tests/data/rsa2048-test-key.pem"))
+                    .unwrap()
+            } else {
+                rcgen::KeyPair::generate_for(alg).unwrap()
+            };
+            let mut params = rcgen::CertificateParams::new(vec!["a.example".into()]).unwrap();
+            params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42; 16]));
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            let tbs = first_inner_element(&der).unwrap();
+            let cert = x509_cert::Certificate::from_der(&der).unwrap();
+            let sig = cert.signature().as_bytes().unwrap();
+            assert_eq!(signed(tbs, sig).unwrap(), der);
+        }
+        // A TBSCertList without a version: the AlgorithmIdentifier comes first.
+        let tbs = der_tlv(
+            0x30,
+            &[der_tlv(0x30, &[6, 1, 42]), der_tlv(0x30, &[])].concat(),
+        );
+        let crl = signed(&tbs, &[1, 2]).unwrap();
+        assert_eq!(first_inner_element(&crl), Some(&tbs[..]));
+        assert!(crl.ends_with(&[0x30, 3, 6, 1, 42, 0x03, 3, 0, 1, 2]));
+        assert!(signed(&[0x30, 0x02, 0x02, 0x00], &[1]).is_none());
+        let long = der_tlv(0x04, &[7; 70_000]);
+        assert_eq!(element(&long, 0).unwrap().content_len, 70_000);
     }
 
     #[test]

@@ -148,6 +148,10 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// SHA-256 of the JSON of `items`: what the operators reviewed.
     pub hash: String,
+    /// Made by this process, not read from a file: every `issue` verdict's CSR signature was
+    /// verified over the bytes its `sha256` names, so signing need not verify it again.
+    #[serde(skip)]
+    planned_here: bool,
 }
 
 impl Plan {
@@ -280,23 +284,18 @@ impl Inputs {
         ))
     }
 
-    fn bytes(&self, item: &Item) -> std::io::Result<Vec<u8>> {
+    /// The CSR of `item` and the digest the plan's `sha256` covers: the file's, or the whole
+    /// object's.
+    fn read(&self, item: &Item) -> std::io::Result<(Vec<u8>, String)> {
         match self {
-            Self::Dir(root) => std::fs::read(root.join(&item.file)),
+            Self::Dir(root) => std::fs::read(root.join(&item.file)).map(|b| {
+                let digest = keys::sha256_hex(&b);
+                (b, digest)
+            }),
             Self::Objects(map) => map
                 .get(&item.file)
-                .map(|o| o.request.clone())
+                .map(|o| (o.request.clone(), object_digest(o)))
                 .ok_or_else(|| std::io::Error::other(format!("no object {:?}", item.file))),
-        }
-    }
-
-    /// What the plan's `sha256` of an item covers: the file, or the whole object.
-    fn digest(&self, item: &Item) -> String {
-        match self {
-            Self::Dir(root) => std::fs::read(root.join(&item.file))
-                .map(|b| keys::sha256_hex(&b))
-                .unwrap_or_default(),
-            Self::Objects(map) => map.get(&item.file).map(object_digest).unwrap_or_default(),
         }
     }
 }
@@ -321,6 +320,7 @@ fn plan_objects(
         created: String::new(),
         items: Vec::new(),
         hash: String::new(),
+        planned_here: true,
     })?;
     let Inputs::Objects(objects) = &inputs else {
         return Err(Error::Internal("not objects".into()));
@@ -394,6 +394,7 @@ fn plan_objects(
             now,
             vec![0; 16],
             true,
+            None,
         );
         item.verdict = match verdict {
             Verdict::Refuse { refusals: more } => {
@@ -414,6 +415,7 @@ fn plan_objects(
         created: rfc3339(now),
         items,
         hash,
+        planned_here: true,
     })
 }
 
@@ -491,6 +493,7 @@ pub fn plan(
                     now,
                     vec![0; 16],
                     detail,
+                    None,
                 )
                 .0
             }
@@ -513,10 +516,16 @@ pub fn plan(
         created: rfc3339(now),
         items,
         hash,
+        planned_here: true,
     })
 }
 
 /// Parses, verifies and decides one CSR. Returns the verdict and, if issued, the decision.
+/// `verified` is as in [`crate::csr::parse_with`].
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private helper with plain inputs"
+)]
 fn judge(
     profile: &Profile,
     issuer: &IssuerCert,
@@ -525,6 +534,7 @@ fn judge(
     now: time::OffsetDateTime,
     serial: Vec<u8>,
     detail: bool,
+    verified: Option<&str>,
 ) -> (Verdict, Option<(policy::Decision, String)>) {
     let requested = match validity.map(|v| Duration::parse(v).ok_or(v)) {
         Some(Err(v)) => {
@@ -539,7 +549,7 @@ fn judge(
         Some(Ok(d)) => Some(d),
         None => None,
     };
-    let csr = match crate::csr::parse(bytes) {
+    let csr = match crate::csr::parse_with(bytes, verified) {
         Ok(c) => c,
         Err(e) => {
             return (
@@ -699,10 +709,14 @@ pub fn sign(
         ));
     }
     let inputs = Inputs::load(plan)?;
-    for item in &plan.items {
-        if matches!(item.verdict, Verdict::Issue { .. }) {
-            let now = inputs.digest(item);
-            if now != item.sha256 {
+    // A reviewed plan is refused as a whole if any input changed since the review, before
+    // anything is signed. (Each CSR is checked again as it is read for signing, which also
+    // covers a plan made moments ago by this process.)
+    if !plan.planned_here {
+        for item in &plan.items {
+            if matches!(item.verdict, Verdict::Issue { .. })
+                && inputs.read(item).map(|(_, d)| d).unwrap_or_default() != item.sha256
+            {
                 return Err(Error::Usage(format!(
                     "{}: changed since planning; plan again and review",
                     item.file
@@ -780,6 +794,7 @@ pub fn sign(
         issuers: &issuers,
         out,
         clock,
+        planned_here: plan.planned_here,
     };
     let mut staged = chunks
         .first()
@@ -1004,6 +1019,7 @@ struct StageCtx<'a> {
     issuers: &'a BTreeMap<String, (Profile, IssuerCert)>,
     out: &'a Path,
     clock: &'a dyn Clock,
+    planned_here: bool,
 }
 
 /// A certificate decided and built, waiting for the token.
@@ -1071,7 +1087,19 @@ fn stage<'p>(
                 );
             }
             Verdict::Issue { .. } => {
-                let bytes = ctx.inputs.bytes(item)?;
+                let (bytes, digest) = ctx.inputs.read(item)?;
+                if digest != item.sha256 {
+                    let error = "changed since planning; not signed (plan again and review)";
+                    staged.done.insert(
+                        index,
+                        Done::Failed {
+                            file,
+                            rule: "input.changed".into(),
+                            error: error.into(),
+                        },
+                    );
+                    continue;
+                }
                 let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
                 if !seen.insert((csr_sha.clone(), item.profile.clone())) {
                     let reason = "the same CSR appears earlier in this batch".to_owned();
@@ -1107,6 +1135,7 @@ fn stage<'p>(
     let now = ctx.clock.now();
     let jobs: Vec<_> = fresh.into_iter().zip(serials).collect();
     let issuers = ctx.issuers;
+    let planned_here = ctx.planned_here && matches!(ctx.inputs, Inputs::Dir(_));
     let judged = parallel(&jobs, |((_, item, bytes), serial)| {
         let Some((profile, issuer)) = issuers.get(&item.profile) else {
             return (
@@ -1117,6 +1146,8 @@ fn stage<'p>(
                 None,
             );
         };
+        // The plan verified these very bytes if it was made here (the digest was just checked).
+        let verified = planned_here.then_some(item.sha256.as_str());
         let (verdict, decision) = judge(
             profile,
             issuer,
@@ -1125,6 +1156,7 @@ fn stage<'p>(
             now,
             serial.clone(),
             false,
+            verified,
         );
         let prepared = decision.map(|(d, sha)| {
             issue::prepare(d, issuer)

@@ -46,7 +46,6 @@ pub struct Prepared {
     pub tbs: Vec<u8>,
     /// SHA-256 of `tbs`, lowercase hex (logged in the intent).
     pub tbs_sha256: String,
-    params: CertificateParams,
 }
 
 /// The issuer: its certificate and public key.
@@ -58,6 +57,8 @@ pub struct IssuerCert {
     pub public_key: PublicKey,
     /// Its notAfter.
     pub not_after: OffsetDateTime,
+    /// Its subject name, DER: every certificate it issues must carry exactly this issuer.
+    pub subject_der: Vec<u8>,
     /// What rcgen needs of the issuer (subject, SKI, usages), read once: parsing the CA
     /// certificate for every certificate signed was a measurable share of a batch.
     rcgen: CertificateParams,
@@ -79,6 +80,7 @@ impl IssuerCert {
             bytes.to_vec()
         };
         let (public_key, not_after) = verify::key_and_expiry(&der)?;
+        let (_, subject_der, _, _) = verify::names(&der)?;
         let facts = verify::describe(&der)?;
         let mut rcgen = CertificateParams::default();
         for (attr, value) in &facts.subject {
@@ -94,6 +96,7 @@ impl IssuerCert {
             der,
             public_key,
             not_after,
+            subject_der,
             rcgen,
         })
     }
@@ -109,7 +112,6 @@ pub fn prepare(decision: Decision, issuer: &IssuerCert) -> Result<Prepared, Issu
         tbs_sha256: keys::sha256_hex(&tbs),
         decision,
         tbs,
-        params,
     })
 }
 
@@ -133,13 +135,15 @@ pub fn sign(
     issuer: &IssuerCert,
     signer: &dyn CaSigner,
 ) -> Result<Vec<u8>, IssueError> {
-    let key = RcgenKey::signing(signer);
-    let der = sign_leaf(&prepared.params, &prepared.decision, issuer, &key)?;
+    // The token signs the very bytes logged in the intent; rcgen built them once, in prepare.
+    let signature = signer.sign(&prepared.tbs).map_err(IssueError::Sign)?;
+    let der = crate::asn1::signed(&prepared.tbs, &signature)
+        .ok_or_else(|| IssueError::Build("the prepared TBSCertificate is not DER".into()))?;
     verify::issued(
         &der,
         &prepared.tbs,
         &issuer.public_key,
-        &issuer.der,
+        &issuer.subject_der,
         &prepared.decision,
     )
     .map_err(IssueError::Verify)?;

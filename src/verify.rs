@@ -199,88 +199,101 @@ pub fn self_signed(der: &[u8], key: &PublicKey) -> Result<(), VerifyError> {
 }
 
 /// Checks an issued certificate against the prepared TBS, the CA key and the decision.
+///
+/// Runs once per certificate on the batch path, so it compares bytes and numbers and only
+/// formats strings to explain a mismatch.
 pub fn issued(
     der: &[u8],
     prepared_tbs: &[u8],
     issuer: &PublicKey,
-    issuer_der: &[u8],
+    issuer_subject_der: &[u8],
     d: &Decision,
 ) -> Result<(), VerifyError> {
-    let tbs = asn1::first_inner_element(der)
+    let signed_tbs = asn1::first_inner_element(der)
         .ok_or_else(|| VerifyError::Parse("bad outer SEQUENCE".into()))?;
-    if tbs != prepared_tbs {
+    if signed_tbs != prepared_tbs {
         return Err(VerifyError::TbsChanged);
     }
-    signature(der, issuer)?;
     let cert = parse(der)?;
     let tbs = cert.tbs_certificate();
-    let field = |field, expected: String, found: String| {
-        if expected == found {
-            Ok(())
-        } else {
-            Err(VerifyError::Field {
-                field,
-                expected,
-                found,
-            })
-        }
+    if cert.signature_algorithm() != tbs.signature() {
+        return Err(VerifyError::Field {
+            field: "signatureAlgorithm",
+            expected: tbs.signature().oid.to_string(),
+            found: cert.signature_algorithm().oid.to_string(),
+        });
+    }
+    let sig = cert.signature().as_bytes().ok_or(VerifyError::Signature)?;
+    if !issuer.verify(signed_tbs, sig) {
+        return Err(VerifyError::Signature);
+    }
+    let mismatch = |field, expected: String, found: String| {
+        Err(VerifyError::Field {
+            field,
+            expected,
+            found,
+        })
     };
-    field(
-        "serialNumber",
-        crate::keys::hex(&d.serial),
-        crate::keys::hex(tbs.serial_number().as_bytes()),
-    )?;
+    let serial = tbs.serial_number().as_bytes();
+    if serial != d.serial.as_slice() {
+        return mismatch(
+            "serialNumber",
+            crate::keys::hex(&d.serial),
+            crate::keys::hex(serial),
+        );
+    }
     let spki = tbs
         .subject_public_key_info()
         .to_der()
         .map_err(|e| VerifyError::Parse(e.to_string()))?;
-    field(
-        "subjectPublicKeyInfo",
-        d.public_key.fingerprint(),
-        crate::keys::sha256_hex(&spki),
-    )?;
-    let issuer_cert = parse(issuer_der)?;
-    let name_der = |n: &x509_cert::name::Name| n.to_der().unwrap_or_default();
-    if name_der(issuer_cert.tbs_certificate().subject()) != name_der(tbs.issuer()) {
-        return Err(VerifyError::Field {
-            field: "issuer (DER)",
-            expected: issuer_cert.tbs_certificate().subject().to_string(),
-            found: tbs.issuer().to_string(),
-        });
+    if spki != d.public_key.spki_der {
+        return mismatch(
+            "subjectPublicKeyInfo",
+            d.public_key.fingerprint(),
+            crate::keys::sha256_hex(&spki),
+        );
     }
-    field(
-        "issuer",
-        issuer_cert.tbs_certificate().subject().to_string(),
-        tbs.issuer().to_string(),
-    )?;
-    let secs = |t: &x509_cert::time::Time| t.to_unix_duration().as_secs().to_string();
-    field(
-        "notAfter",
-        d.not_after.unix_timestamp().to_string(),
-        secs(&tbs.validity().not_after),
-    )?;
-    field(
-        "notBefore",
-        d.not_before.unix_timestamp().to_string(),
-        secs(&tbs.validity().not_before),
-    )?;
-    let subject: Vec<String> = tbs
-        .subject()
+    let issuer_name = tbs
+        .issuer()
+        .to_der()
+        .map_err(|e| VerifyError::Parse(e.to_string()))?;
+    if issuer_name != issuer_subject_der {
+        let expected = x509_cert::name::Name::from_der(issuer_subject_der)
+            .map_or_else(|e| e.to_string(), |n| n.to_string());
+        return mismatch("issuer (DER)", expected, tbs.issuer().to_string());
+    }
+    let secs = |t: &x509_cert::time::Time| t.to_unix_duration().as_secs();
+    let not_after = secs(&tbs.validity().not_after);
+    if i64::try_from(not_after).ok() != Some(d.not_after.unix_timestamp()) {
+        let expected = d.not_after.unix_timestamp().to_string();
+        return mismatch("notAfter", expected, not_after.to_string());
+    }
+    let not_before = secs(&tbs.validity().not_before);
+    if i64::try_from(not_before).ok() != Some(d.not_before.unix_timestamp()) {
+        let expected = d.not_before.unix_timestamp().to_string();
+        return mismatch("notBefore", expected, not_before.to_string());
+    }
+    let subject: Vec<&[u8]> = tbs.subject().iter().map(|atv| atv.value.value()).collect();
+    if !subject
         .iter()
-        .map(|atv| {
-            std::str::from_utf8(atv.value.value())
-                .unwrap_or("<non-UTF-8>")
-                .to_owned()
-        })
-        .collect();
-    let decided: Vec<String> = d.subject.iter().map(|(_, v)| v.clone()).collect();
-    field("subject", decided.join(", "), subject.join(", "))?;
+        .copied()
+        .eq(d.subject.iter().map(|(_, v)| v.as_bytes()))
+    {
+        let decided: Vec<&str> = d.subject.iter().map(|(_, v)| v.as_str()).collect();
+        let found: Vec<String> = subject
+            .iter()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        return mismatch("subject", decided.join(", "), found.join(", "));
+    }
     let sans: BTreeSet<String> = san_strings(tbs).into_iter().collect();
     let decided: BTreeSet<String> = d.san_strings().into_iter().collect();
-    field(
-        "subjectAltName",
-        format!("{decided:?}"),
-        format!("{sans:?}"),
-    )?;
+    if sans != decided {
+        return mismatch(
+            "subjectAltName",
+            format!("{decided:?}"),
+            format!("{sans:?}"),
+        );
+    }
     Ok(())
 }

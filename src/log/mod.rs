@@ -913,7 +913,16 @@ impl Log {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
-        let mut tree = self.scan.tree.clone();
+        let mark = self.scan.tree.mark();
+        let result = self.append_at(bodies, now);
+        if result.is_err() {
+            self.scan.tree.rewind(mark);
+        }
+        result
+    }
+
+    fn append_at(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
+        let tree = &mut self.scan.tree;
         let mut buf = Vec::new();
         let mut written = Vec::with_capacity(bodies.len());
         let time = rfc3339(now);
@@ -957,7 +966,6 @@ impl Log {
             self.scan.note(entry.seq, offset, len, entry, false);
         }
         self.scan.valid_len += buf.len() as u64;
-        self.scan.tree = tree;
         Ok(seqs)
     }
 
