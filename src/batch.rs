@@ -763,15 +763,14 @@ pub fn sign(
         issuers.insert(item.profile.clone(), (profile, cert));
     }
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
-    // holds one chunk at a time.
-    let mut handled = 0usize;
+    // holds at most three chunks at a time.
     let mut commands = Vec::new();
     let progress = Progress {
         start,
         total: plan.items.len(),
         terminal: std::io::stderr().is_terminal(),
     };
-    let (mut issued, mut reissued, mut refused) = (0, 0, 0);
+    let mut tally = Tally::default();
     // Bounded: if files are written slower than certificates are signed, signing waits
     // instead of holding ever more certificates in memory.
     let (writer, queue) = std::sync::mpsc::sync_channel::<Vec<(PathBuf, Vec<u8>)>>(2);
@@ -796,180 +795,134 @@ pub fn sign(
         clock,
         planned_here: plan.planned_here,
     };
-    let mut staged = chunks
-        .first()
-        .map(|c| stage(&ctx, &log, 0, c, &mut seen))
-        .transpose()?;
-    let mut k = 0;
-    while let Some(mut current) = staged.take() {
-        reissued += current.reissued;
-        // One fsync for every intent of the chunk.
-        let intents: Vec<Body> = current
-            .ready
-            .iter()
-            .map(|r| {
-                let d = &r.prepared.decision;
-                Body::IssueIntent {
-                    serial: keys::hex(&d.serial),
-                    profile: d.profile.clone(),
-                    subject: d.subject_string(),
-                    sans: d.san_strings(),
-                    not_before: rfc3339(d.not_before),
-                    not_after: rfc3339(d.not_after),
-                    csr_sha256: r.csr_sha256.clone(),
-                    tbs_sha256: r.prepared.tbs_sha256.clone(),
-                    renews: None,
-                }
-            })
-            .collect();
-        let intent_seqs = if intents.is_empty() {
-            Vec::new()
-        } else {
-            log.append(intents, clock.now())?
-        };
-        if !intent_seqs.is_empty() {
-            home::danger_crash_point("after-intent");
+    std::thread::scope(|scope| -> Result<(), Error> {
+        // One long-lived thread per token session, fed from one queue per issuer: a session
+        // never waits for a chunk boundary, only for work.
+        let (results_tx, results) = std::sync::mpsc::channel::<SignResult>();
+        let mut queues = BTreeMap::new();
+        for (issuer_name, keys) in &mut workers {
+            let (jobs_tx, jobs) = std::sync::mpsc::channel::<Job<'_>>();
+            let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
+            for key in keys.iter_mut() {
+                let (jobs, results_tx, issuers) = (jobs.clone(), results_tx.clone(), &issuers);
+                // Each session moves to its own thread (sessions are Send, not Sync).
+                scope.spawn(move || sign_worker(&*key, &jobs, &results_tx, issuers));
+            }
+            queues.insert(issuer_name.clone(), jobs_tx);
         }
-        // The token signs this chunk on every session while the host prepares the next one.
-        let next_chunk = chunks.get(k + 1);
-        let ready = &current.ready;
-        let (signed, next) = std::thread::scope(|scope| {
-            let mut handles = Vec::new();
-            for (issuer_name, keys) in workers.iter_mut() {
-                let mine: Vec<usize> = (0..ready.len())
-                    .filter(|i| issuers[&ready[*i].item.profile].0.issuer == *issuer_name)
+        drop(results_tx);
+        let mut in_flight: std::collections::VecDeque<InFlight<'_>> = Default::default();
+        for k in 0..=chunks.len() {
+            // Stage the next chunk while the sessions sign what is in flight.
+            let staged = match chunks.get(k) {
+                Some(c) => Some(stage(&ctx, &log, k * CHUNK, c, &mut seen)?),
+                None => None,
+            };
+            // Collect every chunk in flight but the newest, which keeps the token busy while
+            // these results are committed (at the end, collect all).
+            let keep = usize::from(staged.is_some());
+            while let Ok(r) = results.try_recv() {
+                InFlight::place(&mut in_flight, r);
+            }
+            let must_finish = in_flight.len().saturating_sub(keep);
+            while in_flight.iter().take(must_finish).any(|c| c.remaining > 0) {
+                let r = results
+                    .recv()
+                    .map_err(|_| Error::Internal("every token session stopped".into()))?;
+                InFlight::place(&mut in_flight, r);
+            }
+            let mut finished = Vec::new();
+            while in_flight.front().is_some_and(|c| c.remaining == 0) {
+                finished.extend(in_flight.pop_front());
+            }
+            // One append (one fsync) for the finished chunks' results and the next chunk's
+            // intents; one checkpoint; only then may the finished chunks' files appear.
+            let mut bodies = Vec::new();
+            for chunk in &mut finished {
+                bodies.extend(chunk.results(out, &mut tally));
+            }
+            let results_len = bodies.len();
+            if let Some(s) = &staged {
+                bodies.extend(s.ready.iter().map(Ready::intent));
+            }
+            let seqs = if bodies.is_empty() {
+                Vec::new()
+            } else {
+                log.append(bodies, clock.now())?
+            };
+            if results_len > 0 {
+                home::danger_crash_point("after-cert");
+            }
+            if seqs.len() > results_len {
+                home::danger_crash_point("after-intent");
+            }
+            if results_len > 0 {
+                log.checkpoint(&note_key)?;
+                home::danger_crash_point("after-checkpoint");
+            }
+            for chunk in finished {
+                let outputs = chunk
+                    .release
+                    .iter()
+                    .map(|(path, der, file, profile)| {
+                        let issuer = issuers
+                            .get(profile)
+                            .map_or("root", |(p, _)| p.issuer.as_str());
+                        let bytes = output_bytes(home, plan, &inputs, file, issuer, path, der);
+                        (path.clone(), bytes)
+                    })
                     .collect();
-                if mine.is_empty() {
-                    continue;
+                if writer.send(outputs).is_err() {
+                    return Err(Error::Internal("the output writer stopped".into()));
                 }
-                let count = keys.len();
-                for (w, key) in keys.iter_mut().enumerate() {
-                    let share: Vec<usize> = mine.iter().skip(w).step_by(count).copied().collect();
-                    let issuers = &issuers;
-                    // Each session moves to its own thread (sessions are Send, not Sync).
-                    handles.push(scope.spawn(move || {
-                        let key: &dyn CaSigner = &*key;
-                        share
-                            .into_iter()
-                            .map(|i| {
-                                (
-                                    i,
-                                    issue::sign(
-                                        &ready[i].prepared,
-                                        &issuers[&ready[i].item.profile].1,
-                                        key,
-                                    ),
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                    }));
+                for d in chunk.done.into_values() {
+                    if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
+                        tally.refused += 1;
+                    }
+                    if let (true, Done::Issued { file, out, .. }) = (plan.kubernetes, &d) {
+                        commands.push(crate::k8s::replace_command(
+                            file,
+                            &out.display().to_string(),
+                        ));
+                    }
+                    tally.handled += 1;
+                    on_done(&d)?;
                 }
+                progress.show(tally.handled, tally.issued + tally.reissued, tally.refused);
             }
-            let next = next_chunk.map(|c| stage(&ctx, &log, (k + 1) * CHUNK, c, &mut seen));
-            let mut all: Vec<(usize, Result<Vec<u8>, issue::IssueError>)> = handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect();
-            all.sort_by_key(|(i, _)| *i);
-            (all.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), next)
-        });
-        staged = next.transpose()?;
-        let mut results = Vec::with_capacity(ready.len());
-        for ((r, intent_seq), result) in current.ready.iter().zip(&intent_seqs).zip(signed) {
-            let serial = keys::hex(&r.prepared.decision.serial);
-            match result {
-                Ok(der) => {
-                    results.push(Body::Cert {
-                        intent_seq: *intent_seq,
-                        serial: serial.clone(),
-                        profile: r.prepared.decision.profile.clone(),
-                        csr_sha256: r.csr_sha256.clone(),
-                        cert_sha256: keys::sha256_hex(&der),
-                        cert: B64.encode(&der),
-                    });
-                    let path = out.join(&r.item.out);
-                    current.release.push((
-                        path.clone(),
-                        der,
-                        r.item.file.clone(),
-                        r.item.profile.clone(),
-                    ));
-                    current.done.insert(
-                        r.index,
-                        Done::Issued {
-                            file: r.item.file.clone(),
-                            serial,
-                            out: path,
-                            already_issued: false,
-                        },
-                    );
-                    issued += 1;
+            // The staged chunk's intents are durable: the sessions may sign it.
+            if let Some(s) = staged {
+                tally.reissued += s.reissued;
+                let ready = std::sync::Arc::new(s.ready);
+                for pos in 0..ready.len() {
+                    let profile = &ready[pos].item.profile;
+                    let queue = issuers
+                        .get(profile)
+                        .and_then(|(p, _)| queues.get(&p.issuer))
+                        .ok_or_else(|| Error::Internal(format!("no session for {profile}")))?;
+                    if queue.send((k, pos, ready.clone())).is_err() {
+                        return Err(Error::Internal("every token session stopped".into()));
+                    }
                 }
-                Err(e) => {
-                    results.push(Body::Abandon {
-                        intent_seq: *intent_seq,
-                        reason: format!("not released: {e}"),
-                    });
-                    current.done.insert(
-                        r.index,
-                        Done::Failed {
-                            file: r.item.file.clone(),
-                            rule: "token.sign".into(),
-                            error: crate::error::chain(&e),
-                        },
-                    );
-                }
+                in_flight.push_back(InFlight {
+                    id: k,
+                    remaining: ready.len(),
+                    signed: (0..ready.len()).map(|_| None).collect(),
+                    intent_seqs: seqs[results_len..].to_vec(),
+                    ready,
+                    done: s.done,
+                    release: s.release,
+                });
             }
         }
-        // One fsync for every result of the chunk.
-        if !results.is_empty() {
-            log.append(results, clock.now())?;
-            home::danger_crash_point("after-cert");
-        }
-        log.checkpoint(&note_key)?;
-        home::danger_crash_point("after-checkpoint");
-        // Only now, with every entry durable and checkpointed, may files appear. A writer thread
-        // writes them while the next chunk is signed.
-        let outputs: Vec<(PathBuf, Vec<u8>)> = current
-            .release
-            .iter()
-            .map(|(path, der, file, profile)| {
-                let issuer = issuers
-                    .get(profile)
-                    .map_or("root", |(p, _)| p.issuer.as_str());
-                (
-                    path.clone(),
-                    output_bytes(home, plan, &inputs, file, issuer, path, der),
-                )
-            })
-            .collect();
-        if writer.send(outputs).is_err() {
-            return Err(Error::Internal("the output writer stopped".into()));
-        }
-        refused += current
-            .done
-            .values()
-            .filter(|d| matches!(d, Done::Refused { .. } | Done::Failed { .. }))
-            .count();
-        for d in current.done.into_values() {
-            if let (
-                true,
-                Done::Issued {
-                    file, out: path, ..
-                },
-            ) = (plan.kubernetes, &d)
-            {
-                commands.push(crate::k8s::replace_command(
-                    file,
-                    &path.display().to_string(),
-                ));
-            }
-            handled += 1;
-            on_done(&d)?;
-        }
-        progress.show(handled, issued + reissued, refused);
-        k += 1;
-    }
+        Ok(())
+    })?;
+    let Tally {
+        handled,
+        issued,
+        reissued,
+        mut refused,
+    } = tally;
     drop(writer);
     let failed = write_thread
         .join()
@@ -1028,6 +981,161 @@ struct Ready<'p> {
     item: &'p Item,
     prepared: issue::Prepared,
     csr_sha256: String,
+}
+
+impl Ready<'_> {
+    /// The intent entry, logged (durably) before the token is asked to sign.
+    fn intent(&self) -> Body {
+        let d = &self.prepared.decision;
+        Body::IssueIntent {
+            serial: keys::hex(&d.serial),
+            profile: d.profile.clone(),
+            subject: d.subject_string(),
+            sans: d.san_strings(),
+            not_before: rfc3339(d.not_before),
+            not_after: rfc3339(d.not_after),
+            csr_sha256: self.csr_sha256.clone(),
+            tbs_sha256: self.prepared.tbs_sha256.clone(),
+            renews: None,
+        }
+    }
+}
+
+/// One certificate for a session to sign: chunk number, position, the chunk.
+type Job<'p> = (usize, usize, std::sync::Arc<Vec<Ready<'p>>>);
+
+/// A session's answer: chunk number, position, the verified certificate or why not.
+type SignResult = (usize, usize, Result<Vec<u8>, issue::IssueError>);
+
+/// Counts for the report.
+#[derive(Default)]
+struct Tally {
+    handled: usize,
+    issued: usize,
+    reissued: usize,
+    refused: usize,
+}
+
+/// One token session's thread: signs and verifies jobs until the queue closes.
+fn sign_worker(
+    key: &dyn CaSigner,
+    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job<'_>>>,
+    results: &std::sync::mpsc::Sender<SignResult>,
+    issuers: &BTreeMap<String, (Profile, IssuerCert)>,
+) {
+    loop {
+        // The lock is held only while waiting for the next job.
+        let job = match jobs.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok((chunk, pos, ready)) = job else {
+            return;
+        };
+        let r = &ready[pos];
+        let result = match issuers.get(&r.item.profile) {
+            // A panic must not lose a job (the chunk would never complete): it becomes a
+            // failure of this certificate, logged as abandoned.
+            Some((_, issuer)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                issue::sign(&r.prepared, issuer, key)
+            }))
+            .unwrap_or_else(|_| {
+                Err(issue::IssueError::Build(
+                    "internal error while signing".into(),
+                ))
+            }),
+            None => Err(issue::IssueError::Build(format!(
+                "no issuer for profile {}",
+                r.item.profile
+            ))),
+        };
+        if results.send((chunk, pos, result)).is_err() {
+            return;
+        }
+    }
+}
+
+/// A chunk whose intents are durable and whose certificates the sessions are signing.
+struct InFlight<'p> {
+    id: usize,
+    ready: std::sync::Arc<Vec<Ready<'p>>>,
+    intent_seqs: Vec<u64>,
+    signed: Vec<Option<Result<Vec<u8>, issue::IssueError>>>,
+    remaining: usize,
+    done: BTreeMap<usize, Done>,
+    release: Vec<(PathBuf, Vec<u8>, String, String)>,
+}
+
+impl InFlight<'_> {
+    /// Files a session's result under its chunk.
+    fn place(in_flight: &mut std::collections::VecDeque<Self>, (id, pos, r): SignResult) {
+        if let Some(chunk) = in_flight.iter_mut().find(|c| c.id == id)
+            && let Some(slot) = chunk.signed.get_mut(pos)
+            && slot.is_none()
+        {
+            *slot = Some(r);
+            chunk.remaining -= 1;
+        }
+    }
+
+    /// The log entries for a finished chunk (certificate or abandonment per intent), and its
+    /// outcomes and files to release once they are durable.
+    fn results(&mut self, out: &Path, tally: &mut Tally) -> Vec<Body> {
+        let mut bodies = Vec::with_capacity(self.ready.len());
+        let signed = std::mem::take(&mut self.signed);
+        for ((r, intent_seq), result) in self.ready.iter().zip(&self.intent_seqs).zip(signed) {
+            let serial = keys::hex(&r.prepared.decision.serial);
+            let result = result.unwrap_or_else(|| {
+                Err(issue::IssueError::Build(
+                    "no result from the token session".into(),
+                ))
+            });
+            match result {
+                Ok(der) => {
+                    bodies.push(Body::Cert {
+                        intent_seq: *intent_seq,
+                        serial: serial.clone(),
+                        profile: r.prepared.decision.profile.clone(),
+                        csr_sha256: r.csr_sha256.clone(),
+                        cert_sha256: keys::sha256_hex(&der),
+                        cert: B64.encode(&der),
+                    });
+                    let path = out.join(&r.item.out);
+                    self.release.push((
+                        path.clone(),
+                        der,
+                        r.item.file.clone(),
+                        r.item.profile.clone(),
+                    ));
+                    self.done.insert(
+                        r.index,
+                        Done::Issued {
+                            file: r.item.file.clone(),
+                            serial,
+                            out: path,
+                            already_issued: false,
+                        },
+                    );
+                    tally.issued += 1;
+                }
+                Err(e) => {
+                    bodies.push(Body::Abandon {
+                        intent_seq: *intent_seq,
+                        reason: format!("not released: {e}"),
+                    });
+                    self.done.insert(
+                        r.index,
+                        Done::Failed {
+                            file: r.item.file.clone(),
+                            rule: "token.sign".into(),
+                            error: crate::error::chain(&e),
+                        },
+                    );
+                }
+            }
+        }
+        bodies
+    }
 }
 
 /// One chunk made ready for signing: outcomes already known, files to release, TBSs to sign.
