@@ -33,6 +33,9 @@ use crate::token::Token;
 /// checkpoint). Bounds memory: only one chunk's certificates are held at a time.
 pub const CHUNK: usize = 512;
 
+/// How many certificates a token session takes from its queue at a time.
+const JOB: usize = 16;
+
 /// kubeadm `certs generate-csr` file names (relative to the input root) and their profiles.
 pub const KUBEADM: [(&str, &str); 12] = [
     ("pki/apiserver.csr", "apiserver"),
@@ -420,20 +423,28 @@ fn plan_objects(
 }
 
 /// Runs `f` over `items` on every core, keeping order.
-fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Result<Vec<R>, Error> {
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(items.len().max(1));
     let size = items.len().div_ceil(workers).max(1);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = items
+        let handles = items
             .chunks(size)
-            .map(|chunk| scope.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+            .map(|chunk| {
+                std::thread::Builder::new()
+                    .name("hsmca-decide".into())
+                    .spawn_scoped(scope, || chunk.iter().map(&f).collect::<Vec<R>>())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            out.extend(
+                h.join()
+                    .map_err(|_| Error::Internal("a worker thread panicked".into()))?,
+            );
+        }
+        Ok(out)
     })
 }
 
@@ -506,7 +517,7 @@ pub fn plan(
             out: out.clone(),
             verdict,
         }
-    });
+    })?;
     let hash = Plan::content_hash(&items);
     Ok(Plan {
         version: 1,
@@ -774,17 +785,19 @@ pub fn sign(
     // Bounded: if files are written slower than certificates are signed, signing waits
     // instead of holding ever more certificates in memory.
     let (writer, queue) = std::sync::mpsc::sync_channel::<Vec<(PathBuf, Vec<u8>)>>(2);
-    let write_thread = std::thread::spawn(move || {
-        let mut failed = Vec::new();
-        for outputs in queue {
-            for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
-                if let Err(e) = written {
-                    failed.push((path.clone(), e.to_string()));
+    let write_thread = std::thread::Builder::new()
+        .name("hsmca-write".into())
+        .spawn(move || {
+            let mut failed = Vec::new();
+            for outputs in queue {
+                for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
+                    if let Err(e) = written {
+                        failed.push((path.clone(), e.to_string()));
+                    }
                 }
             }
-        }
-        failed
-    });
+            failed
+        })?;
     let chunks: Vec<&[Item]> = plan.items.chunks(CHUNK).collect();
     let mut seen = std::collections::HashSet::new();
     let ctx = StageCtx {
@@ -806,7 +819,11 @@ pub fn sign(
             for key in keys.iter_mut() {
                 let (jobs, results_tx, issuers) = (jobs.clone(), results_tx.clone(), &issuers);
                 // Each session moves to its own thread (sessions are Send, not Sync).
-                scope.spawn(move || sign_worker(&*key, &jobs, &results_tx, issuers));
+                std::thread::Builder::new()
+                    .name("hsmca-sign".into())
+                    .spawn_scoped(scope, move || {
+                        sign_worker(&*key, &jobs, &results_tx, issuers)
+                    })?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
         }
@@ -894,14 +911,23 @@ pub fn sign(
             if let Some(s) = staged {
                 tally.reissued += s.reissued;
                 let ready = std::sync::Arc::new(s.ready);
-                for pos in 0..ready.len() {
-                    let profile = &ready[pos].item.profile;
-                    let queue = issuers
-                        .get(profile)
-                        .and_then(|(p, _)| queues.get(&p.issuer))
-                        .ok_or_else(|| Error::Internal(format!("no session for {profile}")))?;
-                    if queue.send((k, pos, ready.clone())).is_err() {
-                        return Err(Error::Internal("every token session stopped".into()));
+                // Handed out a few at a time: one queue operation per certificate was a
+                // measurable share of the host's work.
+                let mut by_issuer: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+                for (pos, r) in ready.iter().enumerate() {
+                    let issuer = issuers
+                        .get(&r.item.profile)
+                        .map_or("", |(p, _)| p.issuer.as_str());
+                    by_issuer.entry(issuer).or_default().push(pos);
+                }
+                for (issuer, positions) in by_issuer {
+                    let queue = queues.get(issuer).ok_or_else(|| {
+                        Error::Internal(format!("no token session for issuer {issuer:?}"))
+                    })?;
+                    for run in positions.chunks(JOB) {
+                        if queue.send((k, run.to_vec(), ready.clone())).is_err() {
+                            return Err(Error::Internal("every token session stopped".into()));
+                        }
                     }
                 }
                 in_flight.push_back(InFlight {
@@ -1001,11 +1027,11 @@ impl Ready<'_> {
     }
 }
 
-/// One certificate for a session to sign: chunk number, position, the chunk.
-type Job<'p> = (usize, usize, std::sync::Arc<Vec<Ready<'p>>>);
+/// Certificates for a session to sign: chunk number, positions in it, the chunk.
+type Job<'p> = (usize, Vec<usize>, std::sync::Arc<Vec<Ready<'p>>>);
 
-/// A session's answer: chunk number, position, the verified certificate or why not.
-type SignResult = (usize, usize, Result<Vec<u8>, issue::IssueError>);
+/// A session's answers: chunk number, and per position the verified certificate or why not.
+type SignResult = (usize, Vec<(usize, Result<Vec<u8>, issue::IssueError>)>);
 
 /// Counts for the report.
 #[derive(Default)]
@@ -1029,29 +1055,40 @@ fn sign_worker(
             Ok(queue) => queue.recv(),
             Err(_) => return,
         };
-        let Ok((chunk, pos, ready)) = job else {
+        let Ok((chunk, positions, ready)) = job else {
             return;
         };
-        let r = &ready[pos];
-        let result = match issuers.get(&r.item.profile) {
-            // A panic must not lose a job (the chunk would never complete): it becomes a
-            // failure of this certificate, logged as abandoned.
-            Some((_, issuer)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                issue::sign(&r.prepared, issuer, key)
-            }))
-            .unwrap_or_else(|_| {
-                Err(issue::IssueError::Build(
-                    "internal error while signing".into(),
-                ))
-            }),
-            None => Err(issue::IssueError::Build(format!(
-                "no issuer for profile {}",
-                r.item.profile
-            ))),
-        };
-        if results.send((chunk, pos, result)).is_err() {
+        let signed = positions
+            .into_iter()
+            .map(|pos| (pos, sign_one(key, &ready[pos], issuers)))
+            .collect();
+        if results.send((chunk, signed)).is_err() {
             return;
         }
+    }
+}
+
+/// Signs and verifies one certificate on a session.
+fn sign_one(
+    key: &dyn CaSigner,
+    r: &Ready<'_>,
+    issuers: &BTreeMap<String, (Profile, IssuerCert)>,
+) -> Result<Vec<u8>, issue::IssueError> {
+    match issuers.get(&r.item.profile) {
+        // A panic must not lose a job (the chunk would never complete): it becomes a failure
+        // of this certificate, logged as abandoned.
+        Some((_, issuer)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            issue::sign(&r.prepared, issuer, key)
+        }))
+        .unwrap_or_else(|_| {
+            Err(issue::IssueError::Build(
+                "internal error while signing".into(),
+            ))
+        }),
+        None => Err(issue::IssueError::Build(format!(
+            "no issuer for profile {}",
+            r.item.profile
+        ))),
     }
 }
 
@@ -1067,14 +1104,18 @@ struct InFlight<'p> {
 }
 
 impl InFlight<'_> {
-    /// Files a session's result under its chunk.
-    fn place(in_flight: &mut std::collections::VecDeque<Self>, (id, pos, r): SignResult) {
-        if let Some(chunk) = in_flight.iter_mut().find(|c| c.id == id)
-            && let Some(slot) = chunk.signed.get_mut(pos)
-            && slot.is_none()
-        {
-            *slot = Some(r);
-            chunk.remaining -= 1;
+    /// Files a session's results under their chunk.
+    fn place(in_flight: &mut std::collections::VecDeque<Self>, (id, signed): SignResult) {
+        let Some(chunk) = in_flight.iter_mut().find(|c| c.id == id) else {
+            return;
+        };
+        for (pos, r) in signed {
+            if let Some(slot) = chunk.signed.get_mut(pos)
+                && slot.is_none()
+            {
+                *slot = Some(r);
+                chunk.remaining -= 1;
+            }
         }
     }
 
@@ -1272,7 +1313,7 @@ fn stage<'p>(
                 .map_err(|e| e.to_string())
         });
         (verdict, prepared)
-    });
+    })?;
     for (((index, item, _), _), (verdict, prepared)) in jobs.into_iter().zip(judged) {
         let file = item.file.clone();
         match (verdict, prepared) {

@@ -96,15 +96,9 @@ pub fn write_new(path: &Path, bytes: &[u8]) -> Result<Written, FileError> {
 pub fn write_new_all(files: &[(PathBuf, Vec<u8>)]) -> Vec<Result<Written, FileError>> {
     let mut results: Vec<Option<Result<Written, FileError>>> = Vec::with_capacity(files.len());
     let mut staged = Vec::new();
-    for (i, (path, bytes)) in files.iter().enumerate() {
-        if let Ok(existing) = fs::read(path) {
-            results.push(Some(if existing == *bytes {
-                Ok(Written::AlreadyPresent)
-            } else {
-                Err(FileError::Exists(path.clone()))
-            }));
-            continue;
-        }
+    // Batches mostly write many files into few directories: create each one once.
+    let mut made: Option<PathBuf> = None;
+    for (i, (path, _)) in files.iter().enumerate() {
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -114,9 +108,19 @@ pub fn write_new_all(files: &[(PathBuf, Vec<u8>)]) -> Vec<Result<Written, FileEr
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp-{}-{i}", std::process::id()));
-        let written = fs::create_dir_all(&dir)
+        let ready = if made.as_ref() == Some(&dir) {
+            Ok(())
+        } else {
+            fs::create_dir_all(&dir)
+        };
+        if ready.is_ok() {
+            made = Some(dir.clone());
+        }
+        // An existing destination is found when linking (EEXIST), not probed for up front: one
+        // system call less per file on the batch path.
+        let written = ready
             .and_then(|()| OpenOptions::new().write(true).create_new(true).open(&tmp))
-            .and_then(|mut f| f.write_all(bytes));
+            .and_then(|mut f| f.write_all(&files[i].1));
         match written {
             Ok(()) => {
                 staged.push((i, tmp, dir));
@@ -152,19 +156,21 @@ pub fn write_new_all(files: &[(PathBuf, Vec<u8>)]) -> Vec<Result<Written, FileEr
     }
     let mut dirs = std::collections::BTreeSet::new();
     for (i, tmp, dir) in staged {
-        let path = &files[i].0;
-        let linked = fs::hard_link(&tmp, path).map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                FileError::Exists(path.clone())
-            } else {
-                FileError::Io {
-                    path: path.clone(),
-                    source: e,
-                }
-            }
-        });
+        let (path, bytes) = &files[i];
+        let linked = match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(Written::Created),
+            // Already there: a rerun's identical file is fine, anything else is never replaced.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match fs::read(path) {
+                Ok(existing) if existing == *bytes => Ok(Written::AlreadyPresent),
+                _ => Err(FileError::Exists(path.clone())),
+            },
+            Err(e) => Err(FileError::Io {
+                path: path.clone(),
+                source: e,
+            }),
+        };
         let _ = fs::remove_file(&tmp);
-        results[i] = Some(linked.map(|()| Written::Created));
+        results[i] = Some(linked);
         dirs.insert(dir);
     }
     let mut out: Vec<Result<Written, FileError>> = results
