@@ -151,8 +151,8 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// SHA-256 of the JSON of `items`: what the operators reviewed.
     pub hash: String,
-    /// Made by this process, not read from a file: every `issue` verdict's CSR signature was
-    /// verified over the bytes its `sha256` names, so signing need not verify it again.
+    /// Made by this process moments ago, not read from a file: nothing to check up front
+    /// (each CSR is still checked against its digest as it is read for signing).
     #[serde(skip)]
     planned_here: bool,
 }
@@ -397,7 +397,6 @@ fn plan_objects(
             now,
             vec![0; 16],
             true,
-            None,
         );
         item.verdict = match verdict {
             Verdict::Refuse { refusals: more } => {
@@ -448,16 +447,14 @@ fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Result
     })
 }
 
-/// `hsmca plan`: decides every CSR under `input` without the token. `detail` keeps what the
-/// review table shows (subject, SANs, usages, validity, issuer) in each `issue` verdict;
-/// `sign-dir INPUT`, which nobody reviews, leaves it out to keep a large batch small.
+/// `hsmca plan`: decides every CSR under `input` without the token, keeping what the review
+/// table shows (subject, SANs, usages, validity, issuer) in each `issue` verdict.
 pub fn plan(
     home: &Home,
     input: &Path,
     profile: Option<&str>,
     manifest: Option<&Path>,
     clock: &dyn Clock,
-    detail: bool,
 ) -> Result<Plan, Error> {
     if input.is_file() {
         return plan_objects(home, input, manifest, clock);
@@ -503,8 +500,7 @@ pub fn plan(
                     v.as_deref(),
                     now,
                     vec![0; 16],
-                    detail,
-                    None,
+                    true,
                 )
                 .0
             }
@@ -532,11 +528,6 @@ pub fn plan(
 }
 
 /// Parses, verifies and decides one CSR. Returns the verdict and, if issued, the decision.
-/// `verified` is as in [`crate::csr::parse_with`].
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one private helper with plain inputs"
-)]
 fn judge(
     profile: &Profile,
     issuer: &IssuerCert,
@@ -545,7 +536,6 @@ fn judge(
     now: time::OffsetDateTime,
     serial: Vec<u8>,
     detail: bool,
-    verified: Option<&str>,
 ) -> (Verdict, Option<(policy::Decision, String)>) {
     let requested = match validity.map(|v| Duration::parse(v).ok_or(v)) {
         Some(Err(v)) => {
@@ -560,7 +550,7 @@ fn judge(
         Some(Ok(d)) => Some(d),
         None => None,
     };
-    let csr = match crate::csr::parse_with(bytes, verified) {
+    let csr = match crate::csr::parse(bytes) {
         Ok(c) => c,
         Err(e) => {
             return (
@@ -703,8 +693,8 @@ impl Progress {
     }
 }
 
-/// `hsmca sign-dir`: signs exactly `plan` (refusing if any input changed since planning) into
-/// `out`, on `sessions` token sessions.
+/// `hsmca sign-dir --plan`: signs exactly `plan` (refusing if any input changed since
+/// planning) into `out`, on `sessions` token sessions.
 pub fn sign(
     home: &Home,
     plan: &Plan,
@@ -721,8 +711,7 @@ pub fn sign(
     }
     let inputs = Inputs::load(plan)?;
     // A reviewed plan is refused as a whole if any input changed since the review, before
-    // anything is signed. (Each CSR is checked again as it is read for signing, which also
-    // covers a plan made moments ago by this process.)
+    // anything is signed. (Each CSR is checked again as it is read for signing.)
     if !plan.planned_here {
         for item in &plan.items {
             if matches!(item.verdict, Verdict::Issue { .. })
@@ -735,35 +724,169 @@ pub fn sign(
             }
         }
     }
+    let profiles = plan
+        .items
+        .iter()
+        .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
+        .map(|i| i.profile.as_str());
+    let batch = Batch {
+        input: &plan.input,
+        kubeadm: plan.kubeadm,
+        kubernetes: plan.kubernetes,
+        inputs: &inputs,
+        source: Source::Plan(plan),
+    };
+    run(home, &batch, profiles, out, token, sessions, clock, on_done)
+}
+
+/// `hsmca sign-dir INPUT`: decides and signs in one go, chunk by chunk, for scripts. Nobody
+/// reviews this plan, so it is never held whole: each chunk's CSRs are read, verified and
+/// decided once, while the previous chunk is being signed, and the plan's hash (over the same
+/// items a plan file would hold, without the review columns) is logged after the last
+/// certificate.
+#[allow(clippy::too_many_arguments, reason = "the sign-dir command line, passed through")]
+pub fn sign_input(
+    home: &Home,
+    input: &Path,
+    profile: Option<&str>,
+    manifest: Option<&Path>,
+    out: &Path,
+    token: &Token,
+    sessions: usize,
+    clock: &dyn Clock,
+    on_done: &mut dyn FnMut(&Done) -> std::io::Result<()>,
+) -> Result<Report, Error> {
+    if input.is_file() {
+        // Kubernetes objects: one small JSON file, planned whole.
+        let plan = plan_objects(home, input, manifest, clock)?;
+        return sign(home, &plan, out, token, sessions, clock, on_done);
+    }
+    let (found, kubeadm) = discover(input, profile, manifest)?;
+    let inputs = Inputs::Dir(input.to_path_buf());
+    let batch = Batch {
+        input,
+        kubeadm,
+        kubernetes: false,
+        inputs: &inputs,
+        source: Source::Found(&found),
+    };
+    let profiles = found.iter().map(|(_, p, _, _)| p.as_str());
+    run(home, &batch, profiles, out, token, sessions, clock, on_done)
+}
+
+/// What a `sign-dir` run signs.
+struct Batch<'a> {
+    input: &'a Path,
+    kubeadm: bool,
+    kubernetes: bool,
+    inputs: &'a Inputs,
+    source: Source<'a>,
+}
+
+/// Where a run's chunks come from.
+enum Source<'a> {
+    /// A plan decided before signing: its hash is logged before the first certificate.
+    Plan(&'a Plan),
+    /// Files found under the input, decided chunk by chunk as they are signed.
+    Found(&'a [Found]),
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Plan(p) => p.items.len(),
+            Self::Found(f) => f.len(),
+        }
+    }
+}
+
+/// The plan hash of [`Plan::content_hash`], computed one item at a time.
+struct PlanHasher {
+    digest: ring::digest::Context,
+    items: usize,
+    to_issue: u64,
+}
+
+impl PlanHasher {
+    fn new() -> Self {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        digest.update(b"[");
+        Self {
+            digest,
+            items: 0,
+            to_issue: 0,
+        }
+    }
+
+    fn push(&mut self, item: &Item) {
+        if self.items > 0 {
+            self.digest.update(b",");
+        }
+        self.items += 1;
+        if matches!(item.verdict, Verdict::Issue { .. }) {
+            self.to_issue += 1;
+        }
+        if let Ok(json) = serde_json::to_vec(item) {
+            self.digest.update(&json);
+        }
+    }
+
+    fn finish(mut self) -> (String, u64) {
+        self.digest.update(b"]");
+        (keys::hex(self.digest.finish().as_ref()), self.to_issue)
+    }
+}
+
+/// The signing pipeline shared by both forms of `sign-dir`.
+#[allow(clippy::too_many_arguments, reason = "one private function behind the two entry points")]
+fn run<'a>(
+    home: &Home,
+    batch: &Batch<'_>,
+    profile_names: impl Iterator<Item = &'a str>,
+    out: &Path,
+    token: &Token,
+    sessions: usize,
+    clock: &dyn Clock,
+    on_done: &mut dyn FnMut(&Done) -> std::io::Result<()>,
+) -> Result<Report, Error> {
     let start = Instant::now();
     let log_key = token.key(&home.config.log_key.label)?;
     let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
-    let to_issue = plan
-        .items
-        .iter()
-        .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
-        .count() as u64;
-    log.append(
-        vec![Body::Plan {
-            plan_sha256: plan.hash.clone(),
-            to_issue,
-        }],
-        clock.now(),
-    )?;
+    if let Source::Plan(plan) = batch.source {
+        let to_issue = plan
+            .items
+            .iter()
+            .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
+            .count() as u64;
+        log.append(
+            vec![Body::Plan {
+                plan_sha256: plan.hash.clone(),
+                to_issue,
+            }],
+            clock.now(),
+        )?;
+    }
 
-    // Every profile and issuer of the plan, and one set of token sessions per issuer, up front.
+    // Every profile and issuer of the batch, and one set of token sessions per issuer, up
+    // front. A profile that cannot be loaded fails its CSRs, not the batch.
     let mut issuers: BTreeMap<String, (Profile, IssuerCert)> = BTreeMap::new();
+    let mut unusable: BTreeMap<String, String> = BTreeMap::new();
     let mut workers: BTreeMap<String, Vec<crate::token::WorkerKey>> = BTreeMap::new();
-    for item in plan
-        .items
-        .iter()
-        .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
-    {
-        if issuers.contains_key(&item.profile) {
+    for name in profile_names {
+        if issuers.contains_key(name) || unusable.contains_key(name) {
             continue;
         }
-        let profile = home.profile(&item.profile)?;
-        let (cert, label) = home.issuer(&profile.issuer)?;
+        let loaded = home
+            .profile(name)
+            .and_then(|p| Ok((home.issuer(&p.issuer)?, p)));
+        let ((cert, label), profile) = match (loaded, &batch.source) {
+            (Ok(x), _) => x,
+            (Err(e), Source::Found(_)) => {
+                unusable.insert(name.to_owned(), e.to_string());
+                continue;
+            }
+            (Err(e), Source::Plan(_)) => return Err(e),
+        };
         if !workers.contains_key(&profile.issuer) {
             token.key_matching(&label, &cert.public_key)?;
             workers.insert(
@@ -771,14 +894,14 @@ pub fn sign(
                 token.workers(&label, &cert.public_key, sessions.max(1))?,
             );
         }
-        issuers.insert(item.profile.clone(), (profile, cert));
+        issuers.insert(name.to_owned(), (profile, cert));
     }
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
     // holds at most three chunks at a time.
     let mut commands = Vec::new();
     let progress = Progress {
         start,
-        total: plan.items.len(),
+        total: batch.source.len(),
         terminal: std::io::stderr().is_terminal(),
     };
     let mut tally = Tally::default();
@@ -798,15 +921,16 @@ pub fn sign(
             }
             failed
         })?;
-    let chunks: Vec<&[Item]> = plan.items.chunks(CHUNK).collect();
+    let chunks = batch.source.len().div_ceil(CHUNK);
     let mut seen = std::collections::HashSet::new();
+    let mut hasher = PlanHasher::new();
     let ctx = StageCtx {
-        inputs: &inputs,
+        inputs: batch.inputs,
         token,
         issuers: &issuers,
+        unusable: &unusable,
         out,
         clock,
-        planned_here: plan.planned_here,
     };
     std::thread::scope(|scope| -> Result<(), Error> {
         // One long-lived thread per token session, fed from one queue per issuer: a session
@@ -814,26 +938,36 @@ pub fn sign(
         let (results_tx, results) = std::sync::mpsc::channel::<SignResult>();
         let mut queues = BTreeMap::new();
         for (issuer_name, keys) in &mut workers {
-            let (jobs_tx, jobs) = std::sync::mpsc::channel::<Job<'_>>();
+            let (jobs_tx, jobs) = std::sync::mpsc::channel::<Job>();
             let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
             for key in keys.iter_mut() {
                 let (jobs, results_tx, issuers) = (jobs.clone(), results_tx.clone(), &issuers);
                 // Each session moves to its own thread (sessions are Send, not Sync).
                 std::thread::Builder::new()
                     .name("hsmca-sign".into())
-                    .spawn_scoped(scope, move || {
-                        sign_worker(&*key, &jobs, &results_tx, issuers)
-                    })?;
+                    .spawn_scoped(scope, move || sign_worker(&*key, &jobs, &results_tx, issuers))?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
         }
         drop(results_tx);
-        let mut in_flight: std::collections::VecDeque<InFlight<'_>> = Default::default();
-        for k in 0..=chunks.len() {
+        let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
+        for k in 0..=chunks {
             // Stage the next chunk while the sessions sign what is in flight.
-            let staged = match chunks.get(k) {
-                Some(c) => Some(stage(&ctx, &log, k * CHUNK, c, &mut seen)?),
-                None => None,
+            let range = k * CHUNK..((k + 1) * CHUNK).min(batch.source.len());
+            let staged = match (&batch.source, k < chunks) {
+                (_, false) => None,
+                (Source::Plan(plan), true) => {
+                    Some(stage(&ctx, &log, range.start, &plan.items[range], &mut seen)?)
+                }
+                (Source::Found(found), true) => Some(stage_found(
+                    &ctx,
+                    &log,
+                    batch.input,
+                    range.start,
+                    &found[range],
+                    &mut seen,
+                    &mut hasher,
+                )?),
             };
             // Collect every chunk in flight but the newest, which keeps the token busy while
             // these results are committed (at the end, collect all).
@@ -885,7 +1019,7 @@ pub fn sign(
                         let issuer = issuers
                             .get(profile)
                             .map_or("root", |(p, _)| p.issuer.as_str());
-                        let bytes = output_bytes(home, plan, &inputs, file, issuer, path, der);
+                        let bytes = output_bytes(home, batch, file, issuer, path, der);
                         (path.clone(), bytes)
                     })
                     .collect();
@@ -896,7 +1030,7 @@ pub fn sign(
                     if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
                         tally.refused += 1;
                     }
-                    if let (true, Done::Issued { file, out, .. }) = (plan.kubernetes, &d) {
+                    if let (true, Done::Issued { file, out, .. }) = (batch.kubernetes, &d) {
                         commands.push(crate::k8s::replace_command(
                             file,
                             &out.display().to_string(),
@@ -949,6 +1083,22 @@ pub fn sign(
         reissued,
         mut refused,
     } = tally;
+    // A plan decided while signing is logged once it is complete.
+    let hash = match batch.source {
+        Source::Plan(plan) => plan.hash.clone(),
+        Source::Found(_) => {
+            let (plan_sha256, to_issue) = hasher.finish();
+            log.append(
+                vec![Body::Plan {
+                    plan_sha256: plan_sha256.clone(),
+                    to_issue,
+                }],
+                clock.now(),
+            )?;
+            log.checkpoint(&note_key)?;
+            plan_sha256
+        }
+    };
     drop(writer);
     let failed = write_thread
         .join()
@@ -963,7 +1113,7 @@ pub fn sign(
         })?;
         refused += 1;
     }
-    if plan.kubeadm {
+    if batch.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
             if let Ok((cert, _)) = home.issuer(ca) {
                 files::write_new(
@@ -973,7 +1123,7 @@ pub fn sign(
             }
         }
     }
-    if plan.kubernetes && !commands.is_empty() {
+    if batch.kubernetes && !commands.is_empty() {
         let script = format!(
             "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
             commands.join("\n")
@@ -981,7 +1131,7 @@ pub fn sign(
         files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
     }
     Ok(Report {
-        plan: plan.hash.clone(),
+        plan: hash,
         handled,
         issued,
         reissued_files: reissued,
@@ -996,20 +1146,21 @@ struct StageCtx<'a> {
     inputs: &'a Inputs,
     token: &'a Token,
     issuers: &'a BTreeMap<String, (Profile, IssuerCert)>,
+    /// Profiles that could not be loaded, and why.
+    unusable: &'a BTreeMap<String, String>,
     out: &'a Path,
     clock: &'a dyn Clock,
-    planned_here: bool,
 }
 
 /// A certificate decided and built, waiting for the token.
-struct Ready<'p> {
+struct Ready {
     index: usize,
-    item: &'p Item,
+    item: Item,
     prepared: issue::Prepared,
     csr_sha256: String,
 }
 
-impl Ready<'_> {
+impl Ready {
     /// The intent entry, logged (durably) before the token is asked to sign.
     fn intent(&self) -> Body {
         let d = &self.prepared.decision;
@@ -1028,7 +1179,7 @@ impl Ready<'_> {
 }
 
 /// Certificates for a session to sign: chunk number, positions in it, the chunk.
-type Job<'p> = (usize, Vec<usize>, std::sync::Arc<Vec<Ready<'p>>>);
+type Job = (usize, Vec<usize>, std::sync::Arc<Vec<Ready>>);
 
 /// A session's answers: chunk number, and per position the verified certificate or why not.
 type SignResult = (usize, Vec<(usize, Result<Vec<u8>, issue::IssueError>)>);
@@ -1045,7 +1196,7 @@ struct Tally {
 /// One token session's thread: signs and verifies jobs until the queue closes.
 fn sign_worker(
     key: &dyn CaSigner,
-    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job<'_>>>,
+    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
     results: &std::sync::mpsc::Sender<SignResult>,
     issuers: &BTreeMap<String, (Profile, IssuerCert)>,
 ) {
@@ -1071,7 +1222,7 @@ fn sign_worker(
 /// Signs and verifies one certificate on a session.
 fn sign_one(
     key: &dyn CaSigner,
-    r: &Ready<'_>,
+    r: &Ready,
     issuers: &BTreeMap<String, (Profile, IssuerCert)>,
 ) -> Result<Vec<u8>, issue::IssueError> {
     match issuers.get(&r.item.profile) {
@@ -1093,9 +1244,9 @@ fn sign_one(
 }
 
 /// A chunk whose intents are durable and whose certificates the sessions are signing.
-struct InFlight<'p> {
+struct InFlight {
     id: usize,
-    ready: std::sync::Arc<Vec<Ready<'p>>>,
+    ready: std::sync::Arc<Vec<Ready>>,
     intent_seqs: Vec<u64>,
     signed: Vec<Option<Result<Vec<u8>, issue::IssueError>>>,
     remaining: usize,
@@ -1103,7 +1254,7 @@ struct InFlight<'p> {
     release: Vec<(PathBuf, Vec<u8>, String, String)>,
 }
 
-impl InFlight<'_> {
+impl InFlight {
     /// Files a session's results under their chunk.
     fn place(in_flight: &mut std::collections::VecDeque<Self>, (id, signed): SignResult) {
         let Some(chunk) = in_flight.iter_mut().find(|c| c.id == id) else {
@@ -1180,179 +1331,241 @@ impl InFlight<'_> {
 }
 
 /// One chunk made ready for signing: outcomes already known, files to release, TBSs to sign.
-struct Staged<'p> {
+struct Staged {
     done: BTreeMap<usize, Done>,
     release: Vec<(PathBuf, Vec<u8>, String, String)>,
-    ready: Vec<Ready<'p>>,
+    ready: Vec<Ready>,
     reissued: usize,
 }
 
-/// Prepares a chunk without touching the log: what the plan already refused, what the log
-/// already holds (written again), and for the rest serials, decisions and TBSs, in parallel.
-fn stage<'p>(
-    ctx: &StageCtx<'p>,
+impl Staged {
+    fn new() -> Self {
+        Self {
+            done: BTreeMap::new(),
+            release: Vec::new(),
+            ready: Vec::new(),
+            reissued: 0,
+        }
+    }
+
+    /// A CSR decided `issue` that needs no new certificate: the same CSR under the same
+    /// profile earlier in this batch (skipped), or already in the log (its certificate written
+    /// again, never issued twice). Returns whether it was one of those.
+    fn settle(
+        &mut self,
+        ctx: &StageCtx<'_>,
+        log: &crate::log::Log,
+        index: usize,
+        item: &Item,
+        csr_sha256: &str,
+        seen: &mut std::collections::HashSet<u128>,
+    ) -> Result<bool, Error> {
+        let file = item.file.clone();
+        if !seen.insert(crate::log::issued_key(csr_sha256, &item.profile)) {
+            let reason = "the same CSR appears earlier in this batch".to_owned();
+            self.done.insert(index, Done::Skipped { file, reason });
+            return Ok(true);
+        }
+        let Some(prior) = log.issued(csr_sha256, &item.profile)? else {
+            return Ok(false);
+        };
+        let path = ctx.out.join(&item.out);
+        self.release.push((
+            path.clone(),
+            prior.cert_der,
+            file.clone(),
+            item.profile.clone(),
+        ));
+        self.done.insert(
+            index,
+            Done::Issued {
+                file,
+                serial: prior.serial,
+                out: path,
+                already_issued: true,
+            },
+        );
+        self.reissued += 1;
+        Ok(true)
+    }
+
+    /// Files a decided CSR: ready for the token, or its refusal or failure.
+    fn file(
+        &mut self,
+        index: usize,
+        item: Item,
+        verdict: Verdict,
+        prepared: Option<Built>,
+    ) {
+        let file = item.file.clone();
+        let done = match (verdict, prepared) {
+            (_, Some(Ok((prepared, csr_sha256)))) => {
+                self.ready.push(Ready {
+                    index,
+                    item,
+                    prepared,
+                    csr_sha256,
+                });
+                return;
+            }
+            (_, Some(Err(error))) => Done::Failed {
+                file,
+                rule: "build".into(),
+                error,
+            },
+            (Verdict::Refuse { refusals }, None) => Done::Refused { file, refusals },
+            (Verdict::Fail { rule, error }, None) => Done::Failed { file, rule, error },
+            (Verdict::Skip { reason }, None) => Done::Skipped { file, reason },
+            (Verdict::Issue { .. }, None) => Done::Failed {
+                file,
+                rule: "internal".into(),
+                error: "decided to issue without a decision (bug)".into(),
+            },
+        };
+        self.done.insert(index, done);
+    }
+}
+
+/// The profiles of a batch that loaded (with their issuers), and why the others did not.
+type Profiles<'a> = (
+    &'a BTreeMap<String, (Profile, IssuerCert)>,
+    &'a BTreeMap<String, String>,
+);
+
+/// A TBS built for a decided CSR, with the CSR's SHA-256; or why it could not be built.
+type Built = Result<(issue::Prepared, String), String>;
+
+/// Judges one CSR under its profile and builds its TBS: what staging does per CSR, on every
+/// core.
+fn decide_and_prepare(
+    profiles: Profiles<'_>,
+    item: &Item,
+    bytes: &[u8],
+    now: time::OffsetDateTime,
+    serial: &[u8],
+) -> (Verdict, Option<Built>) {
+    let (issuers, unusable) = profiles;
+    let Some((profile, issuer)) = issuers.get(&item.profile) else {
+        let error = unusable
+            .get(&item.profile)
+            .cloned()
+            .unwrap_or_else(|| format!("no profile {:?}", item.profile));
+        let rule = "profile".into();
+        return (Verdict::Fail { rule, error }, None);
+    };
+    let (verdict, decision) = judge(
+        profile,
+        issuer,
+        bytes,
+        item.requested_validity.as_deref(),
+        now,
+        serial.to_vec(),
+        false,
+    );
+    let prepared = decision.map(|(d, sha)| {
+        issue::prepare(d, issuer)
+            .map(|p| (p, sha))
+            .map_err(|e| e.to_string())
+    });
+    (verdict, prepared)
+}
+
+/// Prepares a chunk of a plan without touching the log: what the plan already refused, what
+/// the log already holds (written again), and for the rest serials, decisions and TBSs, in
+/// parallel. Each CSR is read, checked against the plan's digest and verified again.
+fn stage(
+    ctx: &StageCtx<'_>,
     log: &crate::log::Log,
     base: usize,
-    chunk: &'p [Item],
-    seen: &mut std::collections::HashSet<(String, String)>,
-) -> Result<Staged<'p>, Error> {
-    let mut staged = Staged {
-        done: BTreeMap::new(),
-        release: Vec::new(),
-        ready: Vec::new(),
-        reissued: 0,
-    };
+    chunk: &[Item],
+    seen: &mut std::collections::HashSet<u128>,
+) -> Result<Staged, Error> {
+    let mut staged = Staged::new();
     let mut fresh = Vec::new();
     for (offset, item) in chunk.iter().enumerate() {
         let index = base + offset;
-        let file = item.file.clone();
-        match &item.verdict {
-            Verdict::Refuse { refusals } => {
-                staged.done.insert(
-                    index,
-                    Done::Refused {
-                        file,
-                        refusals: refusals.clone(),
-                    },
-                );
-            }
-            Verdict::Skip { reason } => {
-                staged.done.insert(
-                    index,
-                    Done::Skipped {
-                        file,
-                        reason: reason.clone(),
-                    },
-                );
-            }
-            Verdict::Fail { rule, error } => {
-                staged.done.insert(
-                    index,
-                    Done::Failed {
-                        file,
-                        rule: rule.clone(),
-                        error: error.clone(),
-                    },
-                );
-            }
-            Verdict::Issue { .. } => {
-                let (bytes, digest) = ctx.inputs.read(item)?;
-                if digest != item.sha256 {
-                    let error = "changed since planning; not signed (plan again and review)";
-                    staged.done.insert(
-                        index,
-                        Done::Failed {
-                            file,
-                            rule: "input.changed".into(),
-                            error: error.into(),
-                        },
-                    );
-                    continue;
-                }
-                let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
-                if !seen.insert((csr_sha.clone(), item.profile.clone())) {
-                    let reason = "the same CSR appears earlier in this batch".to_owned();
-                    staged.done.insert(index, Done::Skipped { file, reason });
-                    continue;
-                }
-                match log.issued(&csr_sha, &item.profile)? {
-                    Some(prior) => {
-                        let path = ctx.out.join(&item.out);
-                        staged.release.push((
-                            path.clone(),
-                            prior.cert_der,
-                            file.clone(),
-                            item.profile.clone(),
-                        ));
-                        staged.done.insert(
-                            index,
-                            Done::Issued {
-                                file,
-                                serial: prior.serial,
-                                out: path,
-                                already_issued: true,
-                            },
-                        );
-                        staged.reissued += 1;
-                    }
-                    None => fresh.push((index, item, bytes)),
-                }
-            }
+        if !matches!(item.verdict, Verdict::Issue { .. }) {
+            staged.file(index, item.clone(), item.verdict.clone(), None);
+            continue;
+        }
+        let (bytes, digest) = ctx.inputs.read(item)?;
+        if digest != item.sha256 {
+            let error = "changed since planning; not signed (plan again and review)".into();
+            let rule = "input.changed".into();
+            staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
+            continue;
+        }
+        let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
+        if !staged.settle(ctx, log, index, item, &csr_sha, seen)? {
+            fresh.push((index, item, bytes));
         }
     }
     let serials = home::fresh_serials(ctx.token, log, fresh.len())?;
     let now = ctx.clock.now();
     let jobs: Vec<_> = fresh.into_iter().zip(serials).collect();
-    let issuers = ctx.issuers;
-    let planned_here = ctx.planned_here && matches!(ctx.inputs, Inputs::Dir(_));
+    let profiles = (ctx.issuers, ctx.unusable);
     let judged = parallel(&jobs, |((_, item, bytes), serial)| {
-        let Some((profile, issuer)) = issuers.get(&item.profile) else {
-            return (
-                Verdict::Fail {
-                    rule: "profile".into(),
-                    error: format!("no profile {:?}", item.profile),
-                },
-                None,
-            );
-        };
-        // The plan verified these very bytes if it was made here (the digest was just checked).
-        let verified = planned_here.then_some(item.sha256.as_str());
-        let (verdict, decision) = judge(
-            profile,
-            issuer,
-            bytes,
-            item.requested_validity.as_deref(),
-            now,
-            serial.clone(),
-            false,
-            verified,
-        );
-        let prepared = decision.map(|(d, sha)| {
-            issue::prepare(d, issuer)
-                .map(|p| (p, sha))
-                .map_err(|e| e.to_string())
-        });
-        (verdict, prepared)
+        decide_and_prepare(profiles, item, bytes, now, serial)
     })?;
     for (((index, item, _), _), (verdict, prepared)) in jobs.into_iter().zip(judged) {
-        let file = item.file.clone();
-        match (verdict, prepared) {
-            (_, Some(Ok((prepared, csr_sha256)))) => staged.ready.push(Ready {
-                index,
-                item,
-                prepared,
-                csr_sha256,
-            }),
-            (_, Some(Err(error))) => {
-                staged.done.insert(
-                    index,
-                    Done::Failed {
-                        file,
-                        rule: "build".into(),
-                        error,
-                    },
-                );
+        staged.file(index, item.clone(), verdict, prepared);
+    }
+    Ok(staged)
+}
+
+/// [`stage`] for `sign-dir INPUT`: reads, hashes, verifies and decides each found CSR once, in
+/// parallel, feeding the plan hash in order.
+#[allow(clippy::too_many_arguments, reason = "one private helper of the pipeline")]
+fn stage_found(
+    ctx: &StageCtx<'_>,
+    log: &crate::log::Log,
+    root: &Path,
+    base: usize,
+    chunk: &[Found],
+    seen: &mut std::collections::HashSet<u128>,
+    hasher: &mut PlanHasher,
+) -> Result<Staged, Error> {
+    // A serial for every CSR: the few a refusal or a rerun leaves unused are random and never
+    // appear anywhere.
+    let serials = home::fresh_serials(ctx.token, log, chunk.len())?;
+    let now = ctx.clock.now();
+    let jobs: Vec<_> = chunk.iter().zip(serials).collect();
+    let profiles = (ctx.issuers, ctx.unusable);
+    let judged = parallel(&jobs, |((file, profile, validity, out), serial)| {
+        let mut item = Item {
+            file: file.clone(),
+            sha256: String::new(),
+            profile: profile.clone(),
+            requested_validity: validity.clone(),
+            out: out.clone(),
+            verdict: Verdict::Skip {
+                reason: String::new(),
+            },
+        };
+        let (verdict, prepared) = match std::fs::read(root.join(file)) {
+            Ok(bytes) => {
+                item.sha256 = keys::sha256_hex(&bytes);
+                decide_and_prepare(profiles, &item, &bytes, now, serial)
             }
-            (Verdict::Refuse { refusals }, None) => {
-                staged.done.insert(index, Done::Refused { file, refusals });
+            Err(e) => {
+                let (rule, error) = ("csr.read".into(), e.to_string());
+                (Verdict::Fail { rule, error }, None)
             }
-            (Verdict::Fail { rule, error }, None) => {
-                staged
-                    .done
-                    .insert(index, Done::Failed { file, rule, error });
-            }
-            (Verdict::Issue { .. } | Verdict::Skip { .. }, None) => {
-                let error = "decided to issue without a decision (bug)".into();
-                staged.done.insert(
-                    index,
-                    Done::Failed {
-                        file,
-                        rule: "internal".into(),
-                        error,
-                    },
-                );
-            }
+        };
+        item.verdict = verdict;
+        (item, prepared)
+    })?;
+    let mut staged = Staged::new();
+    for (offset, (item, prepared)) in judged.into_iter().enumerate() {
+        hasher.push(&item);
+        let index = base + offset;
+        if let Some(Ok((_, csr_sha))) = &prepared
+            && staged.settle(ctx, log, index, &item, csr_sha, seen)?
+        {
+            continue;
         }
+        let verdict = item.verdict.clone();
+        staged.file(index, item, verdict, prepared);
     }
     Ok(staged)
 }
@@ -1361,15 +1574,14 @@ fn stage<'p>(
 /// input with the certificate and the CA embedded.
 fn output_bytes(
     home: &Home,
-    plan: &Plan,
-    inputs: &Inputs,
+    batch: &Batch<'_>,
     item: &str,
     issuer: &str,
     path: &Path,
     der: &[u8],
 ) -> Vec<u8> {
     let pem = home::pem("CERTIFICATE", der);
-    if let Inputs::Objects(objects) = inputs {
+    if let Inputs::Objects(objects) = batch.inputs {
         // Leaf first, then the intermediates; the cluster already trusts the root.
         let root = home
             .root()
@@ -1391,7 +1603,7 @@ fn output_bytes(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let template = std::fs::read_to_string(plan.input.join(&name)).unwrap_or_default();
+    let template = std::fs::read_to_string(batch.input.join(&name)).unwrap_or_default();
     let ca = home
         .issuer("kubernetes-ca")
         .map(|(c, _)| home::pem("CERTIFICATE", &c.der))

@@ -293,18 +293,6 @@ pub fn der_of(input: &[u8]) -> Option<Vec<u8>> {
 
 /// Parses and verifies a CSR from PEM or DER bytes. Pure.
 pub fn parse(input: &[u8]) -> Result<VerifiedCsr, CsrError> {
-    parse_with(input, None)
-}
-
-/// [`parse`], except that the proof of possession is not checked a second time when `input`
-/// is, by SHA-256, exactly the bytes whose signature this process already verified
-/// (`verified_sha256`, lowercase hex): `sign-dir INPUT` plans, then signs the same files, and a
-/// second P-256 verification per CSR would be a third of the host's work for no assurance.
-/// Any other bytes are verified as usual.
-pub(crate) fn parse_with(
-    input: &[u8],
-    verified_sha256: Option<&str>,
-) -> Result<VerifiedCsr, CsrError> {
     if input.len() > MAX_CSR_BYTES {
         return Err(CsrError::TooLarge(input.len()));
     }
@@ -330,11 +318,9 @@ pub(crate) fn parse_with(
     let public_key = PublicKey::from_spki(&req.info.public_key)?;
     let (verification, signature_algorithm) = signature_verification(&req, public_key.key_type)?;
     let signature = req.signature.as_bytes().ok_or(CsrError::BadSignature)?;
-    if verified_sha256.is_none_or(|h| keys::sha256_hex(input) != h) {
-        ring::signature::UnparsedPublicKey::new(verification, &public_key.raw)
-            .verify(cri, signature)
-            .map_err(|_| CsrError::BadSignature)?;
-    }
+    ring::signature::UnparsedPublicKey::new(verification, &public_key.raw)
+        .verify(cri, signature)
+        .map_err(|_| CsrError::BadSignature)?;
 
     let mut subject = Vec::new();
     for atv in req.info.subject.iter() {
@@ -620,23 +606,6 @@ mod tests {
         let at = der.windows(5).position(|w| w == b"node1").unwrap();
         der[at + 4] = b'2';
         assert_eq!(parse(&der).unwrap_err(), CsrError::BadSignature);
-    }
-
-    #[test]
-    fn only_the_very_bytes_verified_earlier_skip_the_signature_check() {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let good = csr_with(&key, |_| {});
-        let good_sha = keys::sha256_hex(&good);
-        assert!(parse_with(&good, Some(&good_sha)).is_ok());
-        let mut bad = good.clone();
-        let at = bad.windows(5).position(|w| w == b"node1").unwrap();
-        bad[at + 4] = b'2';
-        // A hash of other bytes (the plan's, before the file was swapped) proves nothing.
-        assert_eq!(
-            parse_with(&bad, Some(&good_sha)).unwrap_err(),
-            CsrError::BadSignature
-        );
-        assert_eq!(parse_with(&bad, None).unwrap_err(), CsrError::BadSignature);
     }
 
     #[test]

@@ -666,7 +666,6 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 profile.as_deref(),
                 manifest.as_deref(),
                 &clock,
-                true,
             )?;
             let bytes =
                 serde_json::to_vec_pretty(&plan).map_err(|e| Error::Internal(e.to_string()))?;
@@ -696,20 +695,14 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             json,
         } => {
             let home = Home::open(&home)?;
-            let plan = match (plan, input) {
+            let plan = match (plan, &input) {
                 (Some(path), _) => {
                     let text = std::fs::read_to_string(&path)?;
-                    serde_json::from_str(&text)
-                        .map_err(|e| Error::Usage(format!("{}: not a plan: {e}", path.display())))?
+                    Some(serde_json::from_str::<batch::Plan>(&text).map_err(|e| {
+                        Error::Usage(format!("{}: not a plan: {e}", path.display()))
+                    })?)
                 }
-                (None, Some(input)) => batch::plan(
-                    &home,
-                    &input,
-                    profile.as_deref(),
-                    manifest.as_deref(),
-                    &clock,
-                    false,
-                )?,
+                (None, Some(_)) => None,
                 (None, None) => {
                     return Err(Error::Usage(
                         "give --plan PLAN.json or an INPUT directory".into(),
@@ -718,20 +711,38 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             };
             let token = open_home_token(&home, &token_opts)?;
             // The report streams: one JSON line per CSR into OUTDIR, and one line each on stdout.
+            // It is named after the plan's hash, which `sign-dir INPUT` knows only at the end.
             std::fs::create_dir_all(&dir)?;
-            let report_file = dir.join(format!("hsmca-report-{}.jsonl", &plan.hash[..16]));
-            let tmp = dir.join(format!(".hsmca-report-{}.jsonl.tmp", &plan.hash[..16]));
+            let tmp = dir.join(format!(".hsmca-report-{}.jsonl.tmp", std::process::id()));
             let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            let r = batch::sign(&home, &plan, &dir, &token, sessions, &clock, &mut |d| {
+            let mut done = |d: &batch::Done| {
                 serde_json::to_writer(&mut file, d)?;
                 writeln!(file)?;
                 report::done(&mut out, d, json)
-            })?;
+            };
+            let r = match (&plan, &input) {
+                (Some(plan), _) => {
+                    batch::sign(&home, plan, &dir, &token, sessions, &clock, &mut done)?
+                }
+                (None, Some(input)) => batch::sign_input(
+                    &home,
+                    input,
+                    profile.as_deref(),
+                    manifest.as_deref(),
+                    &dir,
+                    &token,
+                    sessions,
+                    &clock,
+                    &mut done,
+                )?,
+                (None, None) => return Err(Error::Internal("no plan and no input".into())),
+            };
             serde_json::to_writer(&mut file, &r).map_err(|e| Error::Internal(e.to_string()))?;
             writeln!(file)?;
             file.into_inner()
                 .map_err(|e| Error::Internal(e.to_string()))?
                 .sync_all()?;
+            let report_file = dir.join(format!("hsmca-report-{}.jsonl", &r.plan[..16]));
             std::fs::rename(&tmp, &report_file)?;
             report::sign_dir(&mut out, &r, &report_file, json)?;
             Ok(if r.refused == 0 { 0 } else { 1 })

@@ -199,7 +199,8 @@ fn key(s: &str) -> u128 {
     u128::from_be_bytes(b)
 }
 
-fn issued_key(csr_sha256: &str, profile: &str) -> u128 {
+/// The log's index key for a (CSR, profile) pair.
+pub(crate) fn issued_key(csr_sha256: &str, profile: &str) -> u128 {
     key(&format!("{csr_sha256}\n{profile}"))
 }
 
