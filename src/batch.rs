@@ -493,16 +493,7 @@ pub fn plan(
                 error: format!("no profile {p:?}"),
             },
             (Ok(bytes), Some(Ok((profile, issuer)))) => {
-                judge(
-                    profile,
-                    issuer,
-                    bytes,
-                    v.as_deref(),
-                    now,
-                    vec![0; 16],
-                    true,
-                )
-                .0
+                judge(profile, issuer, bytes, v.as_deref(), now, vec![0; 16], true).0
             }
         };
         Item {
@@ -744,7 +735,10 @@ pub fn sign(
 /// decided once, while the previous chunk is being signed, and the plan's hash (over the same
 /// items a plan file would hold, without the review columns) is logged after the last
 /// certificate.
-#[allow(clippy::too_many_arguments, reason = "the sign-dir command line, passed through")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the sign-dir command line, passed through"
+)]
 pub fn sign_input(
     home: &Home,
     input: &Path,
@@ -838,7 +832,10 @@ impl PlanHasher {
 }
 
 /// The signing pipeline shared by both forms of `sign-dir`.
-#[allow(clippy::too_many_arguments, reason = "one private function behind the two entry points")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private function behind the two entry points"
+)]
 fn run<'a>(
     home: &Home,
     batch: &Batch<'_>,
@@ -945,7 +942,9 @@ fn run<'a>(
                 // Each session moves to its own thread (sessions are Send, not Sync).
                 std::thread::Builder::new()
                     .name("hsmca-sign".into())
-                    .spawn_scoped(scope, move || sign_worker(&*key, &jobs, &results_tx, issuers))?;
+                    .spawn_scoped(scope, move || {
+                        sign_worker(&*key, &jobs, &results_tx, issuers)
+                    })?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
         }
@@ -956,9 +955,13 @@ fn run<'a>(
             let range = k * CHUNK..((k + 1) * CHUNK).min(batch.source.len());
             let staged = match (&batch.source, k < chunks) {
                 (_, false) => None,
-                (Source::Plan(plan), true) => {
-                    Some(stage(&ctx, &log, range.start, &plan.items[range], &mut seen)?)
-                }
+                (Source::Plan(plan), true) => Some(stage(
+                    &ctx,
+                    &log,
+                    range.start,
+                    &plan.items[range],
+                    &mut seen,
+                )?),
                 (Source::Found(found), true) => Some(stage_found(
                     &ctx,
                     &log,
@@ -1390,13 +1393,7 @@ impl Staged {
     }
 
     /// Files a decided CSR: ready for the token, or its refusal or failure.
-    fn file(
-        &mut self,
-        index: usize,
-        item: Item,
-        verdict: Verdict,
-        prepared: Option<Built>,
-    ) {
+    fn file(&mut self, index: usize, item: Item, verdict: Verdict, prepared: Option<Built>) {
         let file = item.file.clone();
         let done = match (verdict, prepared) {
             (_, Some(Ok((prepared, csr_sha256)))) => {
@@ -1515,7 +1512,10 @@ fn stage(
 
 /// [`stage`] for `sign-dir INPUT`: reads, hashes, verifies and decides each found CSR once, in
 /// parallel, feeding the plan hash in order.
-#[allow(clippy::too_many_arguments, reason = "one private helper of the pipeline")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private helper of the pipeline"
+)]
 fn stage_found(
     ctx: &StageCtx<'_>,
     log: &crate::log::Log,

@@ -738,3 +738,88 @@ fn the_same_csr_twice_in_one_batch_is_issued_once() {
     let (per_csr, _) = issued(&home);
     assert_eq!(per_csr.values().sum::<usize>(), 1);
 }
+
+#[test]
+fn sign_dir_input_decides_as_it_signs_and_logs_its_plan_last() {
+    let env = Env::new("stream");
+    let home = env.init("ca", "stream", "ecdsa-p256");
+    env.p256_csr("in/good-1.csr", "/CN=good-1");
+    env.p256_csr("in/good-2.csr", "/CN=good-2");
+    env.p256_csr("in/orphan.csr", "/CN=orphan");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/csr/bad");
+    std::fs::copy(
+        corpus.join("tampered-subject.csr"),
+        env.path("in/tampered.csr"),
+    )
+    .unwrap();
+    let manifest = env.path("manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"good-1.csr": "test-any-key", "good-2.csr": "test-any-key",
+            "tampered.csr": "test-any-key", "orphan.csr": "no-such-profile"}"#,
+    )
+    .unwrap();
+    let out = env.path("out");
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&env.path("in")),
+        "--manifest",
+        s(&manifest),
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    run.code_is(1);
+    let (done, report) = sign_dir_json(&run.stdout());
+    let outcome = |file: &str| {
+        done.iter()
+            .find(|d| d["file"] == file)
+            .unwrap_or_else(|| panic!("{file} not reported: {done:?}"))
+            .clone()
+    };
+    assert_eq!(report["issued"], 2, "{report}");
+    assert_eq!(outcome("good-1.csr")["outcome"], "issued");
+    assert_eq!(outcome("good-2.csr")["outcome"], "issued");
+    // The signature is checked as the CSR is signed, and refuses only that CSR.
+    assert_eq!(outcome("tampered.csr")["rule"], "csr.signature");
+    // A profile that cannot be loaded fails its CSRs, not the batch.
+    assert_eq!(outcome("orphan.csr")["rule"], "profile");
+    assert!(
+        outcome("orphan.csr")["error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-profile")
+    );
+    // The plan's hash is logged once everything is decided: after the last certificate.
+    let hash = report["plan"].as_str().unwrap();
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let plan_at = lines
+        .iter()
+        .position(|l| l.contains(&format!("\"plan_sha256\":\"{hash}\"")))
+        .expect("the plan's hash is logged");
+    let last_cert = lines
+        .iter()
+        .rposition(|l| l.contains("\"type\":\"cert\""))
+        .unwrap();
+    assert!(plan_at > last_cert, "plan logged before its certificates");
+    assert!(
+        lines[plan_at].contains("\"to_issue\":2"),
+        "{}",
+        lines[plan_at]
+    );
+    // The report is named after that hash, and no temporary report is left.
+    assert!(
+        out.join(format!("hsmca-report-{}.jsonl", &hash[..16]))
+            .is_file()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
