@@ -177,8 +177,61 @@ impl Plan {
     }
 }
 
-/// A CSR found in the input: relative file, profile, requested validity, relative output.
-type Found = (String, String, Option<String>, String);
+/// A CSR found in the input. Held for every CSR of a batch, so kept small: the profile name
+/// is shared, and the output name is stored only where it is not the input's with `.crt`.
+#[derive(Debug)]
+struct Found {
+    /// Path relative to the input root.
+    file: String,
+    /// Profile.
+    profile: std::sync::Arc<str>,
+    /// Validity asked for by the manifest.
+    validity: Option<String>,
+    /// Output path relative to the output directory, if not [`crt`] of `file`.
+    out: Option<String>,
+}
+
+impl Found {
+    /// The plan item for this CSR, with the verdict `decide` gives over the file's bytes (or a
+    /// `csr.read` failure).
+    fn item<R>(
+        &self,
+        root: &Path,
+        decide: impl FnOnce(&Item, &[u8]) -> (Verdict, Option<R>),
+    ) -> (Item, Option<R>) {
+        let mut item = Item {
+            file: self.file.clone(),
+            sha256: String::new(),
+            profile: self.profile.to_string(),
+            requested_validity: self.validity.clone(),
+            out: self.out.clone().unwrap_or_else(|| crt(&self.file)),
+            verdict: Verdict::Skip {
+                reason: String::new(),
+            },
+        };
+        let (verdict, r) = match std::fs::read(root.join(&self.file)) {
+            Ok(bytes) => {
+                item.sha256 = keys::sha256_hex(&bytes);
+                decide(&item, &bytes)
+            }
+            Err(e) => {
+                let (rule, error) = ("csr.read".into(), e.to_string());
+                (Verdict::Fail { rule, error }, None)
+            }
+        };
+        item.verdict = verdict;
+        (item, r)
+    }
+}
+
+/// The default output name: the input's with `.crt` for `.csr`/`.req`.
+fn crt(rel: &str) -> String {
+    let stem = rel
+        .strip_suffix(".csr")
+        .or_else(|| rel.strip_suffix(".req"))
+        .unwrap_or(rel);
+    format!("{stem}.crt")
+}
 
 /// Finds the CSRs under `root`: from the manifest, kubeadm's layout, or every `*.csr`/`*.req`
 /// with one `profile`. Returns (relative file, profile, validity, relative output).
@@ -187,13 +240,6 @@ fn discover(
     profile: Option<&str>,
     manifest: Option<&Path>,
 ) -> Result<(Vec<Found>, bool), Error> {
-    let crt = |rel: &str| {
-        let stem = rel
-            .strip_suffix(".csr")
-            .or_else(|| rel.strip_suffix(".req"))
-            .unwrap_or(rel);
-        format!("{stem}.crt")
-    };
     if let Some(path) = manifest {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
@@ -202,12 +248,16 @@ fn discover(
         let items = map
             .into_iter()
             .map(|(file, e)| {
-                let (p, v) = match e {
+                let (p, validity) = match e {
                     ManifestEntry::Profile(p) => (p, None),
                     ManifestEntry::Full { profile, validity } => (profile, validity),
                 };
-                let out = crt(&file);
-                (file, p, v, out)
+                Found {
+                    file,
+                    profile: p.into(),
+                    validity,
+                    out: None,
+                }
             })
             .collect();
         return Ok((items, false));
@@ -219,11 +269,13 @@ fn discover(
     if profile.is_none() && !kubeadm.is_empty() {
         let items = kubeadm
             .iter()
-            .map(|(f, p)| {
-                let out = f
+            .map(|(f, p)| Found {
+                file: (*f).to_owned(),
+                profile: (*p).into(),
+                validity: None,
+                out: f
                     .strip_suffix(".conf.csr")
-                    .map_or_else(|| crt(f), |base| format!("{base}.conf"));
-                ((*f).to_owned(), (*p).to_owned(), None, out)
+                    .map(|base| format!("{base}.conf")),
             })
             .collect();
         return Ok((items, true));
@@ -237,10 +289,16 @@ fn discover(
     let mut files = Vec::new();
     walk(root, root, &mut files)?;
     files.sort();
+    let profile: std::sync::Arc<str> = profile.into();
     Ok((
         files
             .into_iter()
-            .map(|f| (f.clone(), profile.to_owned(), None, crt(&f)))
+            .map(|file| Found {
+                file,
+                profile: profile.clone(),
+                validity: None,
+                out: None,
+            })
             .collect(),
         false,
     ))
@@ -461,49 +519,38 @@ pub fn plan(
     }
     let (found, kubeadm) = discover(input, profile, manifest)?;
     let mut profiles: BTreeMap<String, Result<(Profile, IssuerCert), String>> = BTreeMap::new();
-    for (_, p, _, _) in &found {
+    for f in &found {
+        let p = &*f.profile;
         if !profiles.contains_key(p) {
             let loaded = home
                 .profile(p)
                 .and_then(|prof| Ok((home.issuer(&prof.issuer)?.0, prof)));
             profiles.insert(
-                p.clone(),
+                p.to_owned(),
                 loaded.map(|(i, p)| (p, i)).map_err(|e| e.to_string()),
             );
         }
     }
     let now = clock.now();
-    let items = parallel(&found, |(file, p, v, out)| {
-        let bytes = std::fs::read(input.join(file));
-        let sha256 = bytes
-            .as_ref()
-            .map(|b| keys::sha256_hex(b))
-            .unwrap_or_default();
-        let verdict = match (&bytes, profiles.get(p)) {
-            (Err(e), _) => Verdict::Fail {
-                rule: "csr.read".into(),
-                error: e.to_string(),
-            },
-            (_, Some(Err(e))) => Verdict::Fail {
-                rule: "profile".into(),
-                error: e.clone(),
-            },
-            (_, None) => Verdict::Fail {
-                rule: "profile".into(),
-                error: format!("no profile {p:?}"),
-            },
-            (Ok(bytes), Some(Ok((profile, issuer)))) => {
-                judge(profile, issuer, bytes, v.as_deref(), now, vec![0; 16], true).0
-            }
+    let items = parallel(&found, |f| {
+        let decide = |item: &Item, bytes: &[u8]| {
+            let verdict = match profiles.get(&item.profile) {
+                Some(Err(e)) => Verdict::Fail {
+                    rule: "profile".into(),
+                    error: e.clone(),
+                },
+                None => Verdict::Fail {
+                    rule: "profile".into(),
+                    error: format!("no profile {:?}", item.profile),
+                },
+                Some(Ok((profile, issuer))) => {
+                    let validity = item.requested_validity.as_deref();
+                    judge(profile, issuer, bytes, validity, now, vec![0; 16], true).0
+                }
+            };
+            (verdict, None::<()>)
         };
-        Item {
-            file: file.clone(),
-            sha256,
-            profile: p.clone(),
-            requested_validity: v.clone(),
-            out: out.clone(),
-            verdict,
-        }
+        f.item(input, decide).0
     })?;
     let hash = Plan::content_hash(&items);
     Ok(Plan {
@@ -764,7 +811,7 @@ pub fn sign_input(
         inputs: &inputs,
         source: Source::Found(&found),
     };
-    let profiles = found.iter().map(|(_, p, _, _)| p.as_str());
+    let profiles = found.iter().map(|f| &*f.profile);
     run(home, &batch, profiles, out, token, sessions, clock, on_done)
 }
 
@@ -943,7 +990,7 @@ fn run<'a>(
                 std::thread::Builder::new()
                     .name("hsmca-sign".into())
                     .spawn_scoped(scope, move || {
-                        sign_worker(&*key, &jobs, &results_tx, issuers)
+                        sign_worker(&*key, &jobs, &results_tx, issuers);
                     })?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
@@ -1531,29 +1578,10 @@ fn stage_found(
     let now = ctx.clock.now();
     let jobs: Vec<_> = chunk.iter().zip(serials).collect();
     let profiles = (ctx.issuers, ctx.unusable);
-    let judged = parallel(&jobs, |((file, profile, validity, out), serial)| {
-        let mut item = Item {
-            file: file.clone(),
-            sha256: String::new(),
-            profile: profile.clone(),
-            requested_validity: validity.clone(),
-            out: out.clone(),
-            verdict: Verdict::Skip {
-                reason: String::new(),
-            },
-        };
-        let (verdict, prepared) = match std::fs::read(root.join(file)) {
-            Ok(bytes) => {
-                item.sha256 = keys::sha256_hex(&bytes);
-                decide_and_prepare(profiles, &item, &bytes, now, serial)
-            }
-            Err(e) => {
-                let (rule, error) = ("csr.read".into(), e.to_string());
-                (Verdict::Fail { rule, error }, None)
-            }
-        };
-        item.verdict = verdict;
-        (item, prepared)
+    let judged = parallel(&jobs, |(found, serial)| {
+        found.item(root, |item, bytes| {
+            decide_and_prepare(profiles, item, bytes, now, serial)
+        })
     })?;
     let mut staged = Staged::new();
     for (offset, (item, prepared)) in judged.into_iter().enumerate() {
