@@ -980,22 +980,31 @@ fn run<'a>(
         // One long-lived thread per token session, fed from one queue per issuer: a session
         // never waits for a chunk boundary, only for work.
         let (results_tx, results) = std::sync::mpsc::channel::<SignResult>();
+        let (signed_tx, signed) = std::sync::mpsc::channel::<Signed>();
+        let signed = std::sync::Arc::new(std::sync::Mutex::new(signed));
+        for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
+            let (signed, results_tx, issuers) = (signed.clone(), results_tx.clone(), &issuers);
+            std::thread::Builder::new()
+                .name("hsmca-verify".into())
+                .spawn_scoped(scope, move || verify_worker(&signed, &results_tx, issuers))?;
+        }
+        drop(results_tx);
         let mut queues = BTreeMap::new();
         for (issuer_name, keys) in &mut workers {
             let (jobs_tx, jobs) = std::sync::mpsc::channel::<Job>();
             let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs));
             for key in keys.iter_mut() {
-                let (jobs, results_tx, issuers) = (jobs.clone(), results_tx.clone(), &issuers);
+                let (jobs, signed_tx) = (jobs.clone(), signed_tx.clone());
                 // Each session moves to its own thread (sessions are Send, not Sync).
                 std::thread::Builder::new()
                     .name("hsmca-sign".into())
                     .spawn_scoped(scope, move || {
-                        sign_worker(&*key, &jobs, &results_tx, issuers);
+                        sign_worker(&*key, &jobs, &signed_tx);
                     })?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
         }
-        drop(results_tx);
+        drop(signed_tx);
         let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
         for k in 0..=chunks {
             // Stage the next chunk while the sessions sign what is in flight.
@@ -1231,7 +1240,14 @@ impl Ready {
 /// Certificates for a session to sign: chunk number, positions in it, the chunk.
 type Job = (usize, Vec<usize>, std::sync::Arc<Vec<Ready>>);
 
-/// A session's answers: chunk number, and per position the verified certificate or why not.
+/// A session's answers: chunk number, per position the token's signature or why not, the chunk.
+type Signed = (
+    usize,
+    Vec<(usize, Result<Vec<u8>, issue::IssueError>)>,
+    std::sync::Arc<Vec<Ready>>,
+);
+
+/// A verifier's answers: chunk number, and per position the verified certificate or why not.
 type SignResult = (usize, Vec<(usize, Result<Vec<u8>, issue::IssueError>)>);
 
 /// Counts for the report.
@@ -1243,12 +1259,37 @@ struct Tally {
     refused: usize,
 }
 
-/// One token session's thread: signs and verifies jobs until the queue closes.
+/// The verified certificate for a position of a chunk, from the token's signature.
+fn finish_one(
+    r: &Ready,
+    signature: &[u8],
+    issuers: &BTreeMap<String, (Profile, IssuerCert)>,
+) -> Result<Vec<u8>, issue::IssueError> {
+    match issuers.get(&r.item.profile) {
+        // A panic must not lose a certificate's outcome: it becomes a failure of this
+        // certificate, logged as abandoned.
+        Some((_, issuer)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            issue::finish(&r.prepared, issuer, signature)
+        }))
+        .unwrap_or_else(|_| {
+            Err(issue::IssueError::Build(
+                "internal error while verifying".into(),
+            ))
+        }),
+        None => Err(issue::IssueError::Build(format!(
+            "no issuer for profile {}",
+            r.item.profile
+        ))),
+    }
+}
+
+/// One token session's thread: signs jobs until the queue closes. It only drives the token;
+/// certificates are assembled and verified elsewhere, so a session is never idle while its
+/// last signature is checked.
 fn sign_worker(
     key: &dyn CaSigner,
     jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
-    results: &std::sync::mpsc::Sender<SignResult>,
-    issuers: &BTreeMap<String, (Profile, IssuerCert)>,
+    signed: &std::sync::mpsc::Sender<Signed>,
 ) {
     loop {
         // The lock is held only while waiting for the next job.
@@ -1259,37 +1300,44 @@ fn sign_worker(
         let Ok((chunk, positions, ready)) = job else {
             return;
         };
-        let signed = positions
+        let signatures = positions
             .into_iter()
-            .map(|pos| (pos, sign_one(key, &ready[pos], issuers)))
+            .map(|pos| {
+                let tbs = &ready[pos].prepared.tbs;
+                (pos, key.sign(tbs).map_err(issue::IssueError::Sign))
+            })
             .collect();
-        if results.send((chunk, signed)).is_err() {
+        if signed.send((chunk, signatures, ready)).is_err() {
             return;
         }
     }
 }
 
-/// Signs and verifies one certificate on a session.
-fn sign_one(
-    key: &dyn CaSigner,
-    r: &Ready,
+/// A verifier thread: turns the sessions' signatures into verified certificates until the
+/// sessions stop, alongside everything else the host does.
+fn verify_worker(
+    signed: &std::sync::Mutex<std::sync::mpsc::Receiver<Signed>>,
+    results: &std::sync::mpsc::Sender<SignResult>,
     issuers: &BTreeMap<String, (Profile, IssuerCert)>,
-) -> Result<Vec<u8>, issue::IssueError> {
-    match issuers.get(&r.item.profile) {
-        // A panic must not lose a job (the chunk would never complete): it becomes a failure
-        // of this certificate, logged as abandoned.
-        Some((_, issuer)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            issue::sign(&r.prepared, issuer, key)
-        }))
-        .unwrap_or_else(|_| {
-            Err(issue::IssueError::Build(
-                "internal error while signing".into(),
-            ))
-        }),
-        None => Err(issue::IssueError::Build(format!(
-            "no issuer for profile {}",
-            r.item.profile
-        ))),
+) {
+    loop {
+        let next = match signed.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok((chunk, signatures, ready)) = next else {
+            return;
+        };
+        let checked = signatures
+            .into_iter()
+            .map(|(pos, sig)| {
+                let r = sig.and_then(|sig| finish_one(&ready[pos], &sig, issuers));
+                (pos, r)
+            })
+            .collect();
+        if results.send((chunk, checked)).is_err() {
+            return;
+        }
     }
 }
 

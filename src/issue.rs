@@ -137,7 +137,18 @@ pub fn sign(
 ) -> Result<Vec<u8>, IssueError> {
     // The token signs the very bytes logged in the intent; rcgen built them once, in prepare.
     let signature = signer.sign(&prepared.tbs).map_err(IssueError::Sign)?;
-    let der = crate::asn1::signed(&prepared.tbs, &signature)
+    finish(prepared, issuer, &signature)
+}
+
+/// The certificate around a prepared TBS and the token's signature over it, verified: the
+/// second half of [`sign`], for callers that keep the token's sessions busy with signing
+/// alone and verify on other threads.
+pub fn finish(
+    prepared: &Prepared,
+    issuer: &IssuerCert,
+    signature: &[u8],
+) -> Result<Vec<u8>, IssueError> {
+    let der = crate::asn1::signed(&prepared.tbs, signature)
         .ok_or_else(|| IssueError::Build("the prepared TBSCertificate is not DER".into()))?;
     verify::issued(
         &der,
