@@ -2,11 +2,14 @@
 //! `generate-csr` layout), planned without the token, reviewed, then signed in one sitting.
 //!
 //! Planning parses, verifies and decides every CSR in parallel and writes a plan with a
-//! content hash. Signing refuses a plan whose inputs changed, logs the plan's hash, and then
-//! works in chunks: decide and build every TBS in parallel, append all intents with one fsync,
-//! sign on several token sessions at once, verify, append all results with one fsync, sign one
-//! checkpoint, and only then write the chunk's files. A refused CSR never stops the rest, and a
-//! rerun writes out what the log already holds instead of issuing it again.
+//! content hash. Signing refuses a plan whose inputs changed and logs the plan's hash (or, for
+//! `sign-dir INPUT`, decides each chunk as it goes and logs the hash at the end). Then a
+//! pipeline, in chunks: while the token sessions sign one chunk, the next is decided and its
+//! TBSs built on every core; one append (one fsync) commits the finished chunk's results with
+//! the next chunk's intents, one checkpoint follows, and only then are the finished chunk's
+//! files written. Sessions only sign; verifier threads check each certificate before its
+//! result is logged. A refused CSR never stops the rest, and a rerun writes out what the log
+//! already holds instead of issuing it again.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
