@@ -251,7 +251,8 @@ enum Command {
         /// Output directory (mirrors the input layout; kubeadm's names for kubeadm input).
         #[arg(long, value_name = "OUTDIR")]
         out: PathBuf,
-        /// Token sessions to sign on in parallel.
+        /// Token sessions to sign on in parallel (SoftHSM on 2 cores: 2 for RSA keys; 1 is as
+        /// fast for ECDSA. A network HSM may want more.)
         #[arg(long, default_value_t = 2)]
         sessions: usize,
         #[command(flatten)]
