@@ -823,3 +823,55 @@ fn sign_dir_input_decides_as_it_signs_and_logs_its_plan_last() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+#[test]
+fn sign_dir_input_crashed_mid_batch_reruns_without_issuing_twice() {
+    let env = Env::new("streamkill");
+    let home = env.init("ca", "streamkill", "ecdsa-p256");
+    let input = env.path("in");
+    let n = 1100; // three chunks: the crash lands after the first chunk's results
+    csrs(&input, n);
+    let out = env.path("out");
+    let args = [
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&input),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&out),
+        "--json",
+    ];
+    let run = env.hsmca_env(&args, &[("HSMCA_DANGER_CRASH_AT", "after-checkpoint")]);
+    assert!(!run.0.status.success(), "did not crash");
+    check_after_crash(&env, &home, &out);
+    let (before, _) = issued(&home);
+    assert!(
+        !before.is_empty() && before.len() < n,
+        "the crash should leave a part done: {} of {n}",
+        before.len()
+    );
+    // The rerun re-decides everything, writes the logged part again and issues only the rest.
+    let run = env.hsmca(&args);
+    run.ok();
+    let (done, report) = sign_dir_json(&run.stdout());
+    assert_eq!(done.len(), n);
+    let again = done.iter().filter(|d| d["already_issued"] == true).count();
+    assert_eq!(again, before.len(), "{report}");
+    assert_eq!(
+        report["issued"].as_u64().unwrap() as usize,
+        n - before.len()
+    );
+    check_after_crash(&env, &home, &out);
+    let (per_csr, serials) = issued(&home);
+    assert_eq!(per_csr.len(), n, "every CSR issued");
+    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
+    assert_eq!(serials.len(), n);
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert_eq!(
+        log.matches("\"type\":\"plan\"").count(),
+        1,
+        "only the finished run logs its plan"
+    );
+}
