@@ -716,10 +716,24 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             std::fs::create_dir_all(&dir)?;
             let tmp = dir.join(format!(".hsmca-report-{}.jsonl.tmp", std::process::id()));
             let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            // A line per CSR: at once on a terminal, in blocks into a pipe or file (10,000
+            // CSRs were 10,000 writes).
+            let mut lines: Box<dyn Write> = if std::io::IsTerminal::is_terminal(&std::io::stdout())
+            {
+                Box::new(&mut out)
+            } else {
+                Box::new(std::io::BufWriter::with_capacity(1 << 16, &mut out))
+            };
             let mut done = |d: &batch::Done| {
-                serde_json::to_writer(&mut file, d)?;
+                let line = serde_json::to_vec(d)?;
+                file.write_all(&line)?;
                 writeln!(file)?;
-                report::done(&mut out, d, json)
+                if json {
+                    lines.write_all(&line)?;
+                    writeln!(lines)
+                } else {
+                    report::done(&mut lines, d, false)
+                }
             };
             let r = match (&plan, &input) {
                 (Some(plan), _) => {
@@ -738,6 +752,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 )?,
                 (None, None) => return Err(Error::Internal("no plan and no input".into())),
             };
+            lines.flush()?;
+            drop(lines);
             serde_json::to_writer(&mut file, &r).map_err(|e| Error::Internal(e.to_string()))?;
             writeln!(file)?;
             file.into_inner()
