@@ -137,9 +137,10 @@ pub enum Body {
         /// The CRL, base64 DER.
         crl: String,
     },
-    /// `hsmca sign-dir` starts signing a reviewed plan.
+    /// A batch's plan: logged before `hsmca sign-dir --plan` signs anything, or after the last
+    /// certificate of `hsmca sign-dir INPUT`, which decides as it signs.
     Plan {
-        /// The plan's content hash, as shown to the operators at review.
+        /// The plan's content hash (for a reviewed plan, as shown to the operators).
         plan_sha256: String,
         /// CSRs the plan would issue.
         to_issue: u64,
