@@ -611,6 +611,12 @@ fn finish_one(
     }
 }
 
+/// The next item of a queue shared by several threads; `None` once every sender is gone. The
+/// lock is held only while waiting.
+fn next<T>(queue: &std::sync::Mutex<std::sync::mpsc::Receiver<T>>) -> Option<T> {
+    queue.lock().ok()?.recv().ok()
+}
+
 /// One token session's thread: signs jobs until the queue closes. It only drives the token;
 /// certificates are assembled and verified elsewhere, so a session is never idle while its
 /// last signature is checked.
@@ -619,15 +625,7 @@ fn sign_worker(
     jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
     signed: &std::sync::mpsc::Sender<Signed>,
 ) {
-    loop {
-        // The lock is held only while waiting for the next job.
-        let job = match jobs.lock() {
-            Ok(queue) => queue.recv(),
-            Err(_) => return,
-        };
-        let Ok((chunk, positions, ready)) = job else {
-            return;
-        };
+    while let Some((chunk, positions, ready)) = next(jobs) {
         let signatures = positions
             .into_iter()
             .map(|pos| {
@@ -648,14 +646,7 @@ fn verify_worker(
     results: &std::sync::mpsc::Sender<SignResult>,
     issuers: &BTreeMap<String, (Profile, IssuerCert)>,
 ) {
-    loop {
-        let next = match signed.lock() {
-            Ok(queue) => queue.recv(),
-            Err(_) => return,
-        };
-        let Ok((chunk, signatures, ready)) = next else {
-            return;
-        };
+    while let Some((chunk, signatures, ready)) = next(signed) {
         let checked = signatures
             .into_iter()
             .map(|(pos, sig)| {
