@@ -309,8 +309,14 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Error> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
     for e in entries {
-        let path = e?.path();
-        if path.is_dir() {
+        let e = e?;
+        let path = e.path();
+        // The entry's type comes with the directory listing; only a symlink costs a stat.
+        let is_dir = match e.file_type()? {
+            t if t.is_symlink() => path.is_dir(),
+            t => t.is_dir(),
+        };
+        if is_dir {
             walk(root, &path, out)?;
         } else if path.extension().is_some_and(|x| x == "csr" || x == "req") {
             let rel = path
