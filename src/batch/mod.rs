@@ -34,6 +34,22 @@ pub use pipeline::{sign, sign_input};
 /// at most three chunks are held at a time.
 pub const CHUNK: usize = 512;
 
+/// The first chunk's size. Chunks double from here up to [`CHUNK`], so the token starts
+/// signing after a few CSRs are decided instead of waiting for a whole chunk.
+const FIRST_CHUNK: usize = 32;
+
+/// The ranges of a batch of `len` CSRs that are staged, logged and signed together.
+fn chunk_ranges(len: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut start, mut size) = (0, FIRST_CHUNK);
+    while start < len {
+        let end = (start + size).min(len);
+        ranges.push(start..end);
+        (start, size) = (end, (size * 2).min(CHUNK));
+    }
+    ranges
+}
+
 /// How many certificates a token session takes from its queue at a time.
 const JOB: usize = 16;
 
@@ -727,4 +743,23 @@ pub fn fill_kubeconfig(template: &str, cert_b64: &str, ca_b64: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_ramp_up_then_cover_the_batch_in_order() {
+        assert!(chunk_ranges(0).is_empty());
+        assert_eq!(chunk_ranges(5), vec![0..5]);
+        let ranges = chunk_ranges(10_000);
+        let sizes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+        assert_eq!(sizes[..6], [32, 64, 128, 256, 512, 512]);
+        assert!(sizes.iter().all(|s| *s <= CHUNK));
+        // Contiguous, in order, nothing left out.
+        assert_eq!(ranges[0].start, 0);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(ranges.last().map(|r| r.end), Some(10_000));
+    }
 }

@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use super::{
-    CHUNK, Done, Found, Inputs, Item, JOB, KUBEADM_CAS, Plan, Report, Verdict, discover,
+    Done, Found, Inputs, Item, JOB, KUBEADM_CAS, Plan, Report, Verdict, chunk_ranges, discover,
     fill_kubeconfig, judge, parallel, plan_objects,
 };
 use crate::clock::{Clock, rfc3339};
@@ -293,7 +293,7 @@ fn run<'a>(
             }
             failed
         })?;
-    let chunks = batch.source.len().div_ceil(CHUNK);
+    let ranges = chunk_ranges(batch.source.len());
     let mut seen = std::collections::HashSet::new();
     let mut hasher = PlanHasher::new();
     let ctx = StageCtx {
@@ -334,19 +334,18 @@ fn run<'a>(
         }
         drop(signed_tx);
         let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
-        for k in 0..=chunks {
+        for k in 0..=ranges.len() {
             // Stage the next chunk while the sessions sign what is in flight.
-            let range = k * CHUNK..((k + 1) * CHUNK).min(batch.source.len());
-            let staged = match (&batch.source, k < chunks) {
-                (_, false) => None,
-                (Source::Plan(plan), true) => Some(stage(
+            let staged = match (&batch.source, ranges.get(k).cloned()) {
+                (_, None) => None,
+                (Source::Plan(plan), Some(range)) => Some(stage(
                     &ctx,
                     &log,
                     range.start,
                     &plan.items[range],
                     &mut seen,
                 )?),
-                (Source::Found(found), true) => Some(stage_found(
+                (Source::Found(found), Some(range)) => Some(stage_found(
                     &ctx,
                     &log,
                     batch.input,
