@@ -58,11 +58,7 @@ pub fn write_new(path: &Path, bytes: &[u8]) -> Result<Written, FileError> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temp_path(path, "");
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -103,11 +99,7 @@ pub fn write_new_all(files: &[(PathBuf, Vec<u8>)]) -> Vec<Result<Written, FileEr
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp-{}-{i}", std::process::id()));
+        let tmp = temp_path(path, &format!("-{i}"));
         let ready = if made.as_ref() == Some(&dir) {
             Ok(())
         } else {
@@ -197,12 +189,63 @@ pub fn write_new_all(files: &[(PathBuf, Vec<u8>)]) -> Vec<Result<Written, FileEr
 /// that are derived and re-creatable, such as the latest checkpoint.
 pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    let tmp = temp_path(path, "");
+    let written = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(io_err(&tmp))
+        .and_then(|()| fs::rename(&tmp, path).map_err(io_err(path)));
+    if written.is_err() {
+        // A full disk must not leave a torn temporary behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(dir)
+}
+
+/// The temporary name a file is written under before it appears as `path`: hidden, beside it,
+/// and tagged with this process's id so that a later run can tell a killed run's leftover
+/// ([`sweep_temporaries`]) from a file another live process is still writing.
+pub fn temp_path(path: &Path, tag: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}{tag}", std::process::id()))
+}
+
+/// The process id in a [`temp_path`] name, if it is one.
+fn temp_owner(name: &str) -> Option<u32> {
+    let (_, after) = name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    after.split('-').next()?.parse().ok()
+}
+
+/// Removes, under `dir`, the temporary files of runs that were killed before they could clean
+/// up (their process is gone); returns how many. A rerun calls this so that an interrupted
+/// batch leaves nothing half-written behind once it is finished.
+pub fn sweep_temporaries(dir: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(e.path());
+                continue;
+            }
+            let name = e.file_name();
+            let Some(pid) = temp_owner(&name.to_string_lossy()) else {
+                continue;
+            };
+            let alive = Path::new("/proc").join(pid.to_string()).exists();
+            if !alive && fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// fsyncs a directory so that a created or renamed entry in it survives a power cut.
@@ -240,6 +283,32 @@ mod tests {
             1,
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn sweep_removes_only_a_dead_processes_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        fs::create_dir_all(&sub).unwrap();
+        // No process has an id above the kernel's pid_max (at most 2^22).
+        let dead = 1 << 23;
+        let stale = [
+            sub.join(format!(".c.crt.tmp-{dead}-7")),
+            dir.path().join(format!(".hsmca-report.jsonl.tmp-{dead}")),
+        ];
+        let live = temp_path(&sub.join("d.crt"), "-1");
+        let kept = [
+            live.clone(),
+            sub.join("c.crt"),
+            sub.join(".hidden"),
+            sub.join(".x.tmp-notapid"),
+        ];
+        for p in stale.iter().chain(&kept) {
+            fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(sweep_temporaries(dir.path()), 2);
+        assert!(stale.iter().all(|p| !p.exists()));
+        assert!(kept.iter().all(|p| p.exists()), "{live:?}");
     }
 
     #[test]
