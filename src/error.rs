@@ -59,6 +59,11 @@ impl Error {
 
     /// What to do next, when there is something useful to say.
     pub fn hint(&self) -> Option<&'static str> {
+        if self.disk_full() {
+            return Some(
+                "the disk is full: free space (or choose another --out), then run the same command again; it finishes the work, and nothing already in the log is issued twice",
+            );
+        }
         match self {
             Self::Token(e) => e.hint(),
             Self::Log(e) => e.hint(),
@@ -76,6 +81,25 @@ impl Error {
             ),
             _ => None,
         }
+    }
+}
+
+impl Error {
+    /// Whether a full disk (ENOSPC or a quota) is among the causes.
+    fn disk_full(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            }) {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
     }
 }
 

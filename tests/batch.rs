@@ -534,10 +534,16 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         let _ = child.wait();
         check_after_crash(&env, &home, &out);
     }
-    // The rerun finishes the batch: every CSR exactly once in the log, every file written.
+    // The rerun finishes the batch: every CSR exactly once in the log, every file written, and
+    // what the killed runs left half-written is gone.
+    assert!(
+        !temporaries(&out).is_empty(),
+        "a killed run cannot clean up after itself; the rerun has to"
+    );
     let run = env.hsmca(&args);
     run.ok();
     check_after_crash(&env, &home, &out);
+    assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
     let (per_csr, serials) = issued(&home);
     assert_eq!(per_csr.len(), n, "every CSR issued");
     assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
@@ -874,4 +880,145 @@ fn sign_dir_input_crashed_mid_batch_reruns_without_issuing_twice() {
         1,
         "only the finished run logs its plan"
     );
+}
+
+/// Every file under `dir` whose name marks it temporary: what an interrupted write leaves.
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.starts_with('.') || name.contains(".tmp") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_full_disk_under_the_log_stops_the_batch_cleanly_and_the_rerun_finishes() {
+    let env = Env::new("fulllog");
+    let disk = common::SmallFs::mount(&env.path("small"), 16 << 20);
+    let home = env.init("small/ca", "fulllog", "ecdsa-p256");
+    let input = env.path("in");
+    let n = 600;
+    csrs(&input, n);
+    let out = env.path("out");
+    let args = [
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&input),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&out),
+        "--json",
+    ];
+    // Room for the log entries of roughly a quarter of the batch.
+    disk.resize(disk.used() + (256 << 10));
+    let run = env.hsmca(&args);
+    assert_ne!(run.code(), 0, "the batch cannot finish on a full disk");
+    assert!(
+        run.stderr().contains("No space left on device")
+            && run.stderr().contains("hint: the disk is full"),
+        "the operator is told why and what to do:\n{}",
+        run.all()
+    );
+    // Nothing torn: the log verifies as it is, every file released is in it, no temporary
+    // file is left behind, in the home or in the output.
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    check_after_crash(&env, &home, &out);
+    let leftovers = [temporaries(&home), temporaries(&out)].concat();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let (before, _) = issued(&home);
+    assert!(
+        !before.is_empty() && before.len() < n,
+        "the disk should fill part way: {} of {n}",
+        before.len()
+    );
+    // Space is freed; the rerun writes the logged part again and issues only the rest.
+    disk.resize(16 << 20);
+    let run = env.hsmca(&args);
+    run.ok();
+    let (done, report) = sign_dir_json(&run.stdout());
+    assert_eq!(done.len(), n);
+    let again = done.iter().filter(|d| d["already_issued"] == true).count();
+    assert_eq!(again, before.len(), "{report}");
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    check_after_crash(&env, &home, &out);
+    let (per_csr, serials) = issued(&home);
+    assert_eq!(per_csr.len(), n, "every CSR issued");
+    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
+    assert_eq!(serials.len(), n);
+}
+
+#[test]
+fn a_full_output_disk_stops_the_batch_cleanly_and_the_rerun_writes_every_file() {
+    let env = Env::new("fullout");
+    let home = env.init("ca", "fullout", "ecdsa-p256");
+    let input = env.path("in");
+    let n = 100;
+    csrs(&input, n);
+    let out = env.path("out");
+    // tmpfs charges a page per file: room for a few dozen certificates, not a hundred.
+    let disk = common::SmallFs::mount(&out, 160 << 10);
+    let args = [
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&input),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&out),
+        "--json",
+    ];
+    let run = env.hsmca(&args);
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert!(
+        run.stderr().contains("No space left on device")
+            && run.stderr().contains("hint: the disk is full"),
+        "{}",
+        run.all()
+    );
+    // What was issued is logged; what reached the disk is whole and logged; no temporary file
+    // (certificate or report) is left.
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    check_after_crash(&env, &home, &out);
+    assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
+    let (before, _) = issued(&home);
+    assert!(!before.is_empty());
+    // With room on the disk, the rerun writes the logged part again and issues only the rest.
+    disk.resize(16 << 20);
+    let run = env.hsmca(&args);
+    run.ok();
+    let (done, report) = sign_dir_json(&run.stdout());
+    assert_eq!(done.len(), n);
+    let again = done.iter().filter(|d| d["already_issued"] == true).count();
+    assert_eq!(again, before.len(), "{report}");
+    assert_eq!(
+        report["issued"].as_u64().unwrap() as usize,
+        n - before.len()
+    );
+    let (per_csr, serials) = issued(&home);
+    assert_eq!(per_csr.len(), n, "every CSR issued");
+    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
+    assert_eq!(serials.len(), n);
+    for i in 0..n {
+        let cert = out
+            .join(if i % 2 == 0 { "a" } else { "b" })
+            .join(format!("c-{i}.crt"));
+        assert!(cert.is_file(), "{} missing", cert.display());
+    }
+    assert!(openssl_verifies(
+        &home.join("root.pem"),
+        &out.join("a/c-0.crt")
+    ));
+    assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
 }

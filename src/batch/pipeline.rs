@@ -68,7 +68,7 @@ pub fn sign(
     token: &Token,
     sessions: usize,
     clock: &dyn Clock,
-    on_done: &mut dyn FnMut(&Done) -> std::io::Result<()>,
+    on_done: &mut dyn FnMut(&Done) -> Result<(), Error>,
 ) -> Result<Report, Error> {
     if Plan::content_hash(&plan.items) != plan.hash {
         return Err(Error::Usage(
@@ -123,7 +123,7 @@ pub fn sign_input(
     token: &Token,
     sessions: usize,
     clock: &dyn Clock,
-    on_done: &mut dyn FnMut(&Done) -> std::io::Result<()>,
+    on_done: &mut dyn FnMut(&Done) -> Result<(), Error>,
 ) -> Result<Report, Error> {
     if input.is_file() {
         // Kubernetes objects: one small JSON file, planned whole.
@@ -219,7 +219,7 @@ fn run<'a>(
     token: &Token,
     sessions: usize,
     clock: &dyn Clock,
-    on_done: &mut dyn FnMut(&Done) -> std::io::Result<()>,
+    on_done: &mut dyn FnMut(&Done) -> Result<(), Error>,
 ) -> Result<Report, Error> {
     let start = Instant::now();
     let log_key = token.key(&home.config.log_key.label)?;

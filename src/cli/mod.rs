@@ -712,10 +712,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             };
             let token = open_home_token(&home, &token_opts)?;
             // The report streams: one JSON line per CSR into OUTDIR, and one line each on stdout.
-            // It is named after the plan's hash, which `sign-dir INPUT` knows only at the end.
-            std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join(format!(".hsmca-report-{}.jsonl.tmp", std::process::id()));
-            let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let mut file = batch::ReportFile::create(&dir)?;
             // A line per CSR: at once on a terminal, in blocks into a pipe or file (10,000
             // CSRs were 10,000 writes).
             let mut lines: Box<dyn Write> = if std::io::IsTerminal::is_terminal(&std::io::stdout())
@@ -724,16 +721,16 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             } else {
                 Box::new(std::io::BufWriter::with_capacity(1 << 16, &mut out))
             };
-            let mut done = |d: &batch::Done| {
-                let line = serde_json::to_vec(d)?;
-                file.write_all(&line)?;
-                writeln!(file)?;
+            let mut done = |d: &batch::Done| -> Result<(), Error> {
+                let line = serde_json::to_vec(d).map_err(|e| Error::Internal(e.to_string()))?;
+                file.line(&line)?;
                 if json {
                     lines.write_all(&line)?;
-                    writeln!(lines)
+                    writeln!(lines)?;
                 } else {
-                    report::done(&mut lines, d, false)
+                    report::done(&mut lines, d, false)?;
                 }
+                Ok(())
             };
             let r = match (&plan, &input) {
                 (Some(plan), _) => {
@@ -754,13 +751,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             };
             lines.flush()?;
             drop(lines);
-            serde_json::to_writer(&mut file, &r).map_err(|e| Error::Internal(e.to_string()))?;
-            writeln!(file)?;
-            file.into_inner()
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .sync_all()?;
-            let report_file = dir.join(format!("hsmca-report-{}.jsonl", &r.plan[..16]));
-            std::fs::rename(&tmp, &report_file)?;
+            let report_file = file.finish(&r)?;
             report::sign_dir(&mut out, &r, &report_file, json)?;
             Ok(if r.refused == 0 { 0 } else { 1 })
         }

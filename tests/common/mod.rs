@@ -248,3 +248,53 @@ impl Run {
         self
     }
 }
+
+/// A small tmpfs mounted at a directory, to fill the disk on purpose; unmounted when dropped
+/// (declare it after the [`Env`] that holds the directory). Mounting needs root, as the test
+/// command runs; anything else fails the test, it never skips.
+pub struct SmallFs(PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: &Path, bytes: u64) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            mounted.status.success(),
+            "mounting a {bytes}-byte tmpfs at {} failed (the full-disk tests need root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&mounted.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+
+    /// Bytes in use on it.
+    pub fn used(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=used"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+
+    /// Grows (or shrinks) the file system in place: the disk was freed.
+    pub fn resize(&self, bytes: u64) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remounting {} failed", self.0.display());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
