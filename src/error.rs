@@ -60,9 +60,14 @@ impl Error {
     /// What to do next, when there is something useful to say.
     pub fn hint(&self) -> Option<&'static str> {
         if self.disk_full() {
-            return Some(
-                "the disk is full: free space (or choose another --out), then run the same command again; it finishes the work, and nothing already in the log is issued twice",
-            );
+            return Some(match self {
+                Self::Log(_) => {
+                    "the disk under the CA home is full: free space there, then run the same command again; it finishes the work and issues nothing twice"
+                }
+                _ => {
+                    "the disk is full: free space (or write to another --out), then run the same command again; it finishes the work and issues nothing twice"
+                }
+            });
         }
         match self {
             Self::Token(e) => e.hint(),
@@ -82,9 +87,7 @@ impl Error {
             _ => None,
         }
     }
-}
 
-impl Error {
     /// Whether a full disk (ENOSPC or a quota) is among the causes.
     fn disk_full(&self) -> bool {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
@@ -118,5 +121,31 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Self::Internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn a_full_disk_anywhere_in_the_causes_gets_its_hint() {
+        let full = || io::Error::from(io::ErrorKind::StorageFull);
+        let log = Error::Log(LogError::Io {
+            path: "log/entries.jsonl".into(),
+            source: full(),
+        });
+        assert!(log.hint().unwrap().contains("under the CA home is full"));
+        let out = Error::File(FileError::Io {
+            path: "out/a.crt".into(),
+            source: full(),
+        });
+        assert!(out.hint().unwrap().contains("another --out"));
+        let other = Error::File(FileError::Io {
+            path: "out/a.crt".into(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        });
+        assert_eq!(other.hint(), None);
     }
 }

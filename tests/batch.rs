@@ -926,7 +926,9 @@ fn a_full_disk_under_the_log_stops_the_batch_cleanly_and_the_rerun_finishes() {
     assert_ne!(run.code(), 0, "the batch cannot finish on a full disk");
     assert!(
         run.stderr().contains("No space left on device")
-            && run.stderr().contains("hint: the disk is full"),
+            && run
+                .stderr()
+                .contains("hint: the disk under the CA home is full"),
         "the operator is told why and what to do:\n{}",
         run.all()
     );
