@@ -830,25 +830,57 @@ fn sign_dir_input_decides_as_it_signs_and_logs_its_plan_last() {
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
 
+/// `sign-dir INPUT` of every CSR under `test-any-key`, with `--json` lines.
+fn sign_dir_input<'a>(home: &'a Path, input: &'a Path, out: &'a Path) -> [&'a str; 9] {
+    [
+        "sign-dir",
+        "--home",
+        s(home),
+        s(input),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(out),
+        "--json",
+    ]
+}
+
+/// After a batch of `n` CSRs stopped with `before` of them issued: the rerun writes those
+/// again and issues only the rest; the log verifies and holds every CSR exactly once, and
+/// every file on disk is in it. Returns the rerun's summary.
+fn rerun_finishes(
+    env: &Env,
+    home: &Path,
+    out: &Path,
+    args: &[&str],
+    n: usize,
+    before: usize,
+) -> serde_json::Value {
+    let run = env.hsmca(args);
+    run.ok();
+    let (done, report) = sign_dir_json(&run.stdout());
+    assert_eq!(done.len(), n);
+    let again = done.iter().filter(|d| d["already_issued"] == true).count();
+    assert_eq!(again, before, "{report}");
+    assert_eq!(report["issued"].as_u64().unwrap() as usize, n - before);
+    env.hsmca(&["log", "verify", "--home", s(home)]).ok();
+    check_after_crash(env, home, out);
+    let (per_csr, serials) = issued(home);
+    assert_eq!(per_csr.len(), n, "every CSR issued");
+    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
+    assert_eq!(serials.len(), n);
+    report
+}
+
 #[test]
 fn sign_dir_input_crashed_mid_batch_reruns_without_issuing_twice() {
     let env = Env::new("streamkill");
     let home = env.init("ca", "streamkill", "ecdsa-p256");
     let input = env.path("in");
-    let n = 1100; // three chunks: the crash lands after the first chunk's results
+    let n = 1100; // several chunks: the crash lands after the first chunk's results
     csrs(&input, n);
     let out = env.path("out");
-    let args = [
-        "sign-dir",
-        "--home",
-        s(&home),
-        s(&input),
-        "--profile",
-        "test-any-key",
-        "--out",
-        s(&out),
-        "--json",
-    ];
+    let args = sign_dir_input(&home, &input, &out);
     let run = env.hsmca_env(&args, &[("HSMCA_DANGER_CRASH_AT", "after-checkpoint")]);
     assert!(!run.0.status.success(), "did not crash");
     check_after_crash(&env, &home, &out);
@@ -859,21 +891,7 @@ fn sign_dir_input_crashed_mid_batch_reruns_without_issuing_twice() {
         before.len()
     );
     // The rerun re-decides everything, writes the logged part again and issues only the rest.
-    let run = env.hsmca(&args);
-    run.ok();
-    let (done, report) = sign_dir_json(&run.stdout());
-    assert_eq!(done.len(), n);
-    let again = done.iter().filter(|d| d["already_issued"] == true).count();
-    assert_eq!(again, before.len(), "{report}");
-    assert_eq!(
-        report["issued"].as_u64().unwrap() as usize,
-        n - before.len()
-    );
-    check_after_crash(&env, &home, &out);
-    let (per_csr, serials) = issued(&home);
-    assert_eq!(per_csr.len(), n, "every CSR issued");
-    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
-    assert_eq!(serials.len(), n);
+    rerun_finishes(&env, &home, &out, &args, n, before.len());
     let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
     assert_eq!(
         log.matches("\"type\":\"plan\"").count(),
@@ -909,17 +927,7 @@ fn a_full_disk_under_the_log_stops_the_batch_cleanly_and_the_rerun_finishes() {
     let n = 600;
     csrs(&input, n);
     let out = env.path("out");
-    let args = [
-        "sign-dir",
-        "--home",
-        s(&home),
-        s(&input),
-        "--profile",
-        "test-any-key",
-        "--out",
-        s(&out),
-        "--json",
-    ];
+    let args = sign_dir_input(&home, &input, &out);
     // Room for the log entries of roughly a quarter of the batch.
     disk.resize(disk.used() + (256 << 10));
     let run = env.hsmca(&args);
@@ -944,20 +952,9 @@ fn a_full_disk_under_the_log_stops_the_batch_cleanly_and_the_rerun_finishes() {
         "the disk should fill part way: {} of {n}",
         before.len()
     );
-    // Space is freed; the rerun writes the logged part again and issues only the rest.
+    // Space is freed; the rerun finishes.
     disk.resize(16 << 20);
-    let run = env.hsmca(&args);
-    run.ok();
-    let (done, report) = sign_dir_json(&run.stdout());
-    assert_eq!(done.len(), n);
-    let again = done.iter().filter(|d| d["already_issued"] == true).count();
-    assert_eq!(again, before.len(), "{report}");
-    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
-    check_after_crash(&env, &home, &out);
-    let (per_csr, serials) = issued(&home);
-    assert_eq!(per_csr.len(), n, "every CSR issued");
-    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
-    assert_eq!(serials.len(), n);
+    rerun_finishes(&env, &home, &out, &args, n, before.len());
 }
 
 #[test]
@@ -970,17 +967,7 @@ fn a_full_output_disk_stops_the_batch_cleanly_and_the_rerun_writes_every_file() 
     let out = env.path("out");
     // tmpfs charges a page per file: room for a few dozen certificates, not a hundred.
     let disk = common::SmallFs::mount(&out, 160 << 10);
-    let args = [
-        "sign-dir",
-        "--home",
-        s(&home),
-        s(&input),
-        "--profile",
-        "test-any-key",
-        "--out",
-        s(&out),
-        "--json",
-    ];
+    let args = sign_dir_input(&home, &input, &out);
     let run = env.hsmca(&args);
     assert_ne!(run.code(), 0, "{}", run.all());
     assert!(
@@ -996,22 +983,9 @@ fn a_full_output_disk_stops_the_batch_cleanly_and_the_rerun_writes_every_file() 
     assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
     let (before, _) = issued(&home);
     assert!(!before.is_empty());
-    // With room on the disk, the rerun writes the logged part again and issues only the rest.
+    // With room on the disk, the rerun writes every file.
     disk.resize(16 << 20);
-    let run = env.hsmca(&args);
-    run.ok();
-    let (done, report) = sign_dir_json(&run.stdout());
-    assert_eq!(done.len(), n);
-    let again = done.iter().filter(|d| d["already_issued"] == true).count();
-    assert_eq!(again, before.len(), "{report}");
-    assert_eq!(
-        report["issued"].as_u64().unwrap() as usize,
-        n - before.len()
-    );
-    let (per_csr, serials) = issued(&home);
-    assert_eq!(per_csr.len(), n, "every CSR issued");
-    assert!(per_csr.values().all(|c| *c == 1), "a CSR was issued twice");
-    assert_eq!(serials.len(), n);
+    rerun_finishes(&env, &home, &out, &args, n, before.len());
     for i in 0..n {
         let cert = out
             .join(if i % 2 == 0 { "a" } else { "b" })
