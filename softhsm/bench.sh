@@ -123,16 +123,18 @@ done
 sign_input ecdsa-p256 2 "$work/big"
 bigrate=$rate; bigrss=$rss
 
-printf '\nwhole-process rates, %s CSRs per run, median of %s rounds; %% = better hsmca / better raw rate\n' "$n" "$rounds"
-printf '%-11s %-5s %10s %10s %12s %12s %6s %14s %9s %9s %9s\n' "issuer key" "CSRs" "raw 1 sess" "raw 2 sess" \
-  "hsmca 1 sess" "hsmca 2 sess" "%" "--plan 2 sess" "peak RSS" "openssl" "x openssl"
+printf '\nwhole-process rates, %s CSRs per run, median of %s rounds; %% = better hsmca / better raw rate;\n' "$n" "$rounds"
+printf '1:1 = hsmca on 1 session / raw 1 session (the token busy on one core, the host on the other)\n'
+printf '%-11s %-5s %10s %10s %12s %12s %6s %5s %14s %9s %9s %9s\n' "issuer key" "CSRs" "raw 1 sess" "raw 2 sess" \
+  "hsmca 1 sess" "hsmca 2 sess" "%" "1:1" "--plan 2 sess" "peak RSS" "openssl" "x openssl"
 for row in "${rows[@]}"; do
   IFS='|' read -r kt csrs raw1 raw2 rate1 rate2 planned rss ossl <<<"$row"
   best=$(py "print(max($rate1, $rate2))")
   pct=$(py "print('%.0f%%' % (100.0 * $best / max($raw1, $raw2)))")
+  one=$(py "print('%.0f%%' % (100.0 * $rate1 / $raw1))")
   times=$(py "print('%.0fx' % ($best / $ossl))")
-  printf '%-11s %-5s %8s/s %8s/s %10s/s %10s/s %6s %12s/s %5s MiB %7s/s %9s\n' "$kt" "$csrs" "$raw1" "$raw2" \
-    "$rate1" "$rate2" "$pct" "$planned" "$((rss / 1024))" "$ossl" "$times"
+  printf '%-11s %-5s %8s/s %8s/s %10s/s %10s/s %6s %5s %12s/s %5s MiB %7s/s %9s\n' "$kt" "$csrs" "$raw1" "$raw2" \
+    "$rate1" "$rate2" "$pct" "$one" "$planned" "$((rss / 1024))" "$ossl" "$times"
 done
 printf 'ranges: %s\n' "${ranges[@]}"
 printf '\n%s P-256 CSRs (ecdsa-p256 issuer, 2 sessions): %s/s, peak RSS %s MiB\n' "$big" "$bigrate" "$((bigrss / 1024))"
