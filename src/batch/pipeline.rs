@@ -277,22 +277,7 @@ fn run<'a>(
         terminal: std::io::stderr().is_terminal(),
     };
     let mut tally = Tally::default();
-    // Bounded: if files are written slower than certificates are signed, signing waits
-    // instead of holding ever more certificates in memory.
-    let (writer, queue) = std::sync::mpsc::sync_channel::<Vec<(PathBuf, Vec<u8>)>>(2);
-    let write_thread = std::thread::Builder::new()
-        .name("hsmca-write".into())
-        .spawn(move || {
-            let mut failed = Vec::new();
-            for outputs in queue {
-                for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
-                    if let Err(e) = written {
-                        failed.push((path.clone(), e.to_string()));
-                    }
-                }
-            }
-            failed
-        })?;
+    let writer = Writer::spawn()?;
     let ranges = chunk_ranges(batch.source.len());
     let mut seen = std::collections::HashSet::new();
     let mut hasher = PlanHasher::new();
@@ -409,9 +394,7 @@ fn run<'a>(
                         (path.clone(), bytes)
                     })
                     .collect();
-                if writer.send(outputs).is_err() {
-                    return Err(Error::Internal("the output writer stopped".into()));
-                }
+                writer.send(outputs)?;
                 for d in chunk.done.into_values() {
                     if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
                         tally.refused += 1;
@@ -485,10 +468,7 @@ fn run<'a>(
             plan_sha256
         }
     };
-    drop(writer);
-    let failed = write_thread
-        .join()
-        .map_err(|_| Error::Internal("the output writer panicked".into()))?;
+    let failed = writer.finish()?;
     // A file that could not be written is reported again, as failed: its certificate is in
     // the log, and a rerun with another --out writes it.
     for (path, error) in failed {
@@ -525,6 +505,69 @@ fn run<'a>(
         seconds: start.elapsed().as_secs_f64(),
         commands,
     })
+}
+
+/// Files to write: destination and bytes.
+type Outputs = Vec<(PathBuf, Vec<u8>)>;
+
+/// The thread that writes released files, a chunk at a time. Every file it is handed is
+/// already durable in the log. Dropping it waits for what it was handed: a run that stops on
+/// an error (a full disk, say) must not exit while a file is half-written, or its temporary
+/// would be left behind.
+struct Writer {
+    queue: Option<std::sync::mpsc::SyncSender<Outputs>>,
+    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, String)>>>,
+}
+
+impl Writer {
+    fn spawn() -> Result<Self, Error> {
+        // Bounded: if files are written slower than certificates are signed, signing waits
+        // instead of holding ever more certificates in memory.
+        let (queue, outputs) = std::sync::mpsc::sync_channel::<Outputs>(2);
+        let thread = std::thread::Builder::new()
+            .name("hsmca-write".into())
+            .spawn(move || {
+                let mut failed = Vec::new();
+                for outputs in outputs {
+                    for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
+                        if let Err(e) = written {
+                            failed.push((path.clone(), e.to_string()));
+                        }
+                    }
+                }
+                failed
+            })?;
+        Ok(Self {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, outputs: Outputs) -> Result<(), Error> {
+        match &self.queue {
+            Some(q) if q.send(outputs).is_ok() => Ok(()),
+            _ => Err(Error::Internal("the output writer stopped".into())),
+        }
+    }
+
+    /// Waits for every file; returns those that could not be written, and why.
+    fn finish(mut self) -> Result<Vec<(PathBuf, String)>, Error> {
+        self.queue.take();
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(failed)) => Ok(failed),
+            Some(Err(_)) => Err(Error::Internal("the output writer panicked".into())),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What every stage of a `sign-dir` run shares.
