@@ -27,6 +27,7 @@ pub mod home;
 pub mod issue;
 pub mod k8s;
 pub mod keys;
+pub mod kubeadm;
 pub mod lifecycle;
 pub mod log;
 pub mod pin;

@@ -10,16 +10,15 @@ use std::time::Instant;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use super::{
-    Done, Found, Inputs, Item, JOB, KUBEADM_CAS, Plan, Report, Verdict, chunk_ranges, discover,
-    fill_kubeconfig, judge, parallel, plan_objects,
-};
+use super::plan::{Found, Inputs, discover, judge, parallel, plan_objects};
+use super::{Done, Item, JOB, Plan, Report, Verdict, chunk_ranges};
 use crate::clock::{Clock, rfc3339};
 use crate::error::Error;
 use crate::files;
 use crate::home::{self, Home};
 use crate::issue::{self, IssuerCert};
 use crate::keys;
+use crate::kubeadm::{KUBEADM_CAS, fill_kubeconfig};
 use crate::log::Body;
 use crate::profile::Profile;
 use crate::signer::CaSigner;
