@@ -2,13 +2,13 @@
 //! under which profile, the built-in signers' own rules, and the `/status` object to upload.
 //! Pure: JSON in, values out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 
-use crate::policy::Refusal;
+use crate::policy::{Refusal, SignerRequest};
 
 /// One CertificateSigningRequest object.
 #[derive(Debug, Clone)]
@@ -29,6 +29,18 @@ pub struct CsrObject {
     pub skip: Option<String>,
     /// The object as read, for the `/status` upload.
     pub raw: Value,
+}
+
+impl CsrObject {
+    /// What the object asks for besides its PKCS#10 request, as the policy judges it.
+    pub fn signer_request(&self) -> SignerRequest {
+        SignerRequest {
+            signer: self.signer.clone(),
+            usages: self.usages.clone(),
+            username: self.username.clone(),
+            expiration_seconds: self.expiration_seconds,
+        }
+    }
 }
 
 /// Reads a `List` of objects, or one object.
@@ -168,74 +180,6 @@ pub fn profile_for(
     }
 }
 
-/// The built-in signers' own rules (usages compared as sets; the requester's name), and the
-/// validity: `expirationSeconds` honoured up to `max_seconds`, at least 600.
-pub fn signer_rules(
-    obj: &CsrObject,
-    cn: Option<&str>,
-    max_seconds: u64,
-) -> (Vec<Refusal>, Option<u64>) {
-    let mut out = Vec::new();
-    let usages: BTreeSet<&str> = obj.usages.iter().map(String::as_str).collect();
-    let set = |u: &[&'static str]| u.iter().copied().collect::<BTreeSet<&str>>();
-    let node_signer = |purpose: &'static str| {
-        [
-            set(&["digital signature", "key encipherment", purpose]),
-            set(&["digital signature", purpose]),
-        ]
-    };
-    let allowed: Option<Vec<BTreeSet<&str>>> = match obj.signer.as_str() {
-        "kubernetes.io/kube-apiserver-client-kubelet" => Some(node_signer("client auth").to_vec()),
-        "kubernetes.io/kubelet-serving" => Some(node_signer("server auth").to_vec()),
-        _ => None,
-    };
-    match allowed {
-        Some(sets) if !sets.contains(&usages) => {
-            out.push(refusal(
-                "k8s.usages",
-                "{digital signature, [key encipherment,] client/server auth}",
-                obj.usages.join(", "),
-            ));
-        }
-        None if obj.signer == "kubernetes.io/kube-apiserver-client" => {
-            let ok = set(&["digital signature", "key encipherment", "client auth"]);
-            if !usages.contains("client auth") || !usages.is_subset(&ok) {
-                out.push(refusal(
-                    "k8s.usages",
-                    "client auth, with only digital signature and key encipherment besides",
-                    obj.usages.join(", "),
-                ));
-            }
-        }
-        _ => {}
-    }
-    // A node may only ask for its own name; the kubelet's first client certificate comes
-    // from a bootstrap token (system:bootstrap:...), as Kubernetes' own approver allows.
-    let node_cn = cn.is_some_and(|c| c.starts_with("system:node:"));
-    let bootstrap = obj.signer == "kubernetes.io/kube-apiserver-client-kubelet"
-        && obj.username.starts_with("system:bootstrap:");
-    if node_cn && !bootstrap && Some(obj.username.as_str()) != cn {
-        out.push(refusal(
-            "k8s.username",
-            format!("the requester to be {:?}", cn.unwrap_or_default()),
-            obj.username.clone(),
-        ));
-    }
-    let validity = match obj.expiration_seconds {
-        Some(s) if s < 600 => {
-            out.push(refusal(
-                "k8s.expiration",
-                "expirationSeconds of at least 600",
-                s.to_string(),
-            ));
-            None
-        }
-        Some(s) => Some(s.min(max_seconds)),
-        None => None,
-    };
-    (out, validity)
-}
-
 /// The object to PUT to `/status`: as read, with `status.certificate` set to the base64 of the
 /// PEM chain (leaf first, then intermediates) and its conditions untouched.
 pub fn status_object(obj: &CsrObject, chain_pem: &str) -> Value {
@@ -257,6 +201,7 @@ pub fn replace_command(name: &str, file: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::signer_rules;
 
     fn obj(signer: &str, usages: &[&str], username: &str, cond: &str) -> CsrObject {
         let v = serde_json::json!({"kind": "CertificateSigningRequest", "metadata": {"name": "csr-1"},
@@ -294,7 +239,7 @@ mod tests {
             "system:node:n1",
             "Approved",
         );
-        assert!(signer_rules(&ok, cn, 86_400).0.is_empty());
+        assert!(signer_rules(&ok.signer_request(), cn, 86_400).0.is_empty());
         let wrong_user = obj(
             "kubernetes.io/kubelet-serving",
             &["digital signature", "server auth"],
@@ -302,7 +247,7 @@ mod tests {
             "Approved",
         );
         assert_eq!(
-            signer_rules(&wrong_user, cn, 86_400).0[0].rule,
+            signer_rules(&wrong_user.signer_request(), cn, 86_400).0[0].rule,
             "k8s.username"
         );
         let bootstrap = obj(
@@ -311,16 +256,26 @@ mod tests {
             "system:bootstrap:abc",
             "Approved",
         );
-        assert!(signer_rules(&bootstrap, cn, 86_400).0.is_empty());
+        assert!(
+            signer_rules(&bootstrap.signer_request(), cn, 86_400)
+                .0
+                .is_empty()
+        );
         let usages = obj(
             "kubernetes.io/kube-apiserver-client-kubelet",
             &["digital signature", "server auth"],
             "system:node:n1",
             "Approved",
         );
-        assert_eq!(signer_rules(&usages, cn, 86_400).0[0].rule, "k8s.usages");
+        assert_eq!(
+            signer_rules(&usages.signer_request(), cn, 86_400).0[0].rule,
+            "k8s.usages"
+        );
         let mut long = ok.clone();
         long.expiration_seconds = Some(10 * 86_400);
-        assert_eq!(signer_rules(&long, cn, 86_400).1, Some(86_400));
+        assert_eq!(
+            signer_rules(&long.signer_request(), cn, 86_400).1,
+            Some(86_400)
+        );
     }
 }

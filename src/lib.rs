@@ -17,10 +17,12 @@
 
 pub mod asn1;
 pub mod batch;
+pub mod ceremony;
 pub mod cfssl;
 pub mod clock;
 pub mod crl;
 pub mod csr;
+pub mod engine;
 pub mod error;
 pub mod files;
 pub mod home;
@@ -33,6 +35,7 @@ pub mod log;
 pub mod pin;
 pub mod policy;
 pub mod profile;
+pub mod sign;
 pub mod signer;
 pub mod token;
 pub mod verify;

@@ -67,6 +67,20 @@ pub struct Report {
     /// For Kubernetes objects: the commands that upload each signed object's status.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub commands: Vec<String>,
+    /// Why the run stopped before its end; the command exits with the stop's code after the
+    /// report is written.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
+    pub halt: Option<crate::engine::Halt>,
+}
+
+fn display<S: serde::Serializer>(
+    halt: &Option<crate::engine::Halt>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match halt {
+        Some(h) => s.serialize_str(&h.to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 /// The report file of a `sign-dir` run in its output directory: one JSON line per CSR as the

@@ -14,7 +14,7 @@ use crate::home::Home;
 use crate::issue::IssuerCert;
 use crate::keys;
 use crate::kubeadm::KUBEADM;
-use crate::policy::{self, Context, Refusal};
+use crate::policy::{self, Context, Purpose, Refusal, SignerRequest};
 use crate::profile::{Duration, Profile};
 
 /// A manifest entry: which profile (and validity) a file is signed under.
@@ -322,6 +322,18 @@ impl Inputs {
     }
 }
 
+impl Inputs {
+    /// The Kubernetes object's own request for `item`, when the input is kubectl objects.
+    pub(super) fn signer_request(&self, item: &Item) -> Option<SignerRequest> {
+        match self {
+            Self::Dir(_) => None,
+            Self::Objects(map) => map
+                .get(&item.file)
+                .map(crate::k8s::CsrObject::signer_request),
+        }
+    }
+}
+
 fn object_digest(o: &crate::k8s::CsrObject) -> String {
     keys::sha256_hex(&serde_json::to_vec(&o.raw).unwrap_or_default())
 }
@@ -405,26 +417,21 @@ pub(super) fn plan_objects(
                 continue;
             }
         };
-        let (mut refusals, validity) =
-            crate::k8s::signer_rules(obj, cn.as_deref(), profile.validity.max.0);
-        item.requested_validity = validity.map(|s| format!("{s}s"));
-        let (verdict, _) = judge(
+        // The signer's own rules are part of the decision (policy::decide), so signing this
+        // plan later re-decides it by exactly the rules that made it.
+        let judged = judge(
             &profile,
             &issuer,
             &obj.request,
-            item.requested_validity.as_deref(),
+            &Request {
+                validity: None,
+                kubernetes: Some(obj.signer_request()),
+            },
             now,
             vec![0; 16],
             true,
         );
-        item.verdict = match verdict {
-            Verdict::Refuse { refusals: more } => {
-                refusals.extend(more);
-                Verdict::Refuse { refusals }
-            }
-            other if refusals.is_empty() => other,
-            _ => Verdict::Refuse { refusals },
-        };
+        item.verdict = judged.verdict;
         items.push(item);
     }
     let hash = Plan::content_hash(&items);
@@ -508,8 +515,11 @@ pub fn plan(
                     error: format!("no profile {:?}", item.profile),
                 },
                 Some(Ok((profile, issuer))) => {
-                    let validity = item.requested_validity.as_deref();
-                    judge(profile, issuer, bytes, validity, now, vec![0; 16], true).0
+                    let request = Request {
+                        validity: item.requested_validity.as_deref(),
+                        kubernetes: None,
+                    };
+                    judge(profile, issuer, bytes, &request, now, vec![0; 16], true).verdict
                 }
             };
             (verdict, None::<()>)
@@ -529,75 +539,95 @@ pub fn plan(
     })
 }
 
-/// Parses, verifies and decides one CSR. Returns the verdict and, if issued, the decision.
+/// What a batch item asks for besides its CSR.
+pub(super) struct Request<'a> {
+    /// Validity from the manifest, e.g. `90d`.
+    pub(super) validity: Option<&'a str>,
+    /// The Kubernetes object's own request, for CSRs from `kubectl get csr -o json`.
+    pub(super) kubernetes: Option<SignerRequest>,
+}
+
+/// One CSR judged: the verdict, the CSR's digest once it parsed (the key of "already issued"),
+/// and the decision if it is to be issued.
+pub(super) struct Judged {
+    pub(super) verdict: Verdict,
+    pub(super) csr_sha256: Option<String>,
+    pub(super) decision: Option<policy::Decision>,
+}
+
+/// Parses, verifies and decides one CSR as a leaf (a CA profile is refused by the policy).
 pub(super) fn judge(
     profile: &Profile,
     issuer: &IssuerCert,
     bytes: &[u8],
-    validity: Option<&str>,
+    request: &Request<'_>,
     now: time::OffsetDateTime,
     serial: Vec<u8>,
     detail: bool,
-) -> (Verdict, Option<(policy::Decision, String)>) {
-    let requested = match validity.map(|v| Duration::parse(v).ok_or(v)) {
-        Some(Err(v)) => {
-            return (
-                Verdict::Fail {
-                    rule: "validity".into(),
-                    error: format!("{v:?} is not a duration"),
-                },
-                None,
-            );
-        }
+) -> Judged {
+    let fail = |rule: &str, error: String| Judged {
+        verdict: Verdict::Fail {
+            rule: rule.into(),
+            error,
+        },
+        csr_sha256: None,
+        decision: None,
+    };
+    let requested = match request.validity.map(|v| Duration::parse(v).ok_or(v)) {
+        Some(Err(v)) => return fail("validity", format!("{v:?} is not a duration")),
         Some(Ok(d)) => Some(d),
         None => None,
     };
     let csr = match crate::csr::parse(bytes) {
         Ok(c) => c,
-        Err(e) => {
-            return (
-                Verdict::Fail {
-                    rule: e.rule().into(),
-                    error: e.to_string(),
-                },
-                None,
-            );
-        }
+        Err(e) => return fail(e.rule(), e.to_string()),
     };
     let ctx = Context {
+        purpose: Purpose::Leaf,
+        kubernetes: request.kubernetes.clone(),
         now,
         serial,
         requested_validity: requested,
         issuer_not_after: issuer.not_after,
     };
-    match policy::decide(profile, &csr, &ctx) {
-        Err(refusals) => (Verdict::Refuse { refusals }, None),
-        Ok(d) => {
-            if !detail {
-                let verdict = Verdict::Issue {
-                    subject: String::new(),
-                    sans: Vec::new(),
-                    usages: Vec::new(),
-                    validity: String::new(),
-                    issuer: String::new(),
-                };
-                return (verdict, Some((d, csr.sha256)));
-            }
-            let usages = d
-                .key_usage
-                .iter()
-                .map(|u| u.name().to_owned())
-                .chain(d.extended_key_usage.iter().map(|e| e.name().to_owned()))
-                .collect();
-            let verdict = Verdict::Issue {
-                subject: d.subject_string(),
-                sans: d.san_strings(),
-                usages,
-                validity: Duration(u64::try_from((d.not_after - now).whole_seconds()).unwrap_or(0))
-                    .to_string(),
-                issuer: profile.issuer.clone(),
+    let csr_sha256 = Some(csr.sha256.clone());
+    let d = match policy::decide(profile, &csr, &ctx) {
+        Err(refusals) => {
+            return Judged {
+                verdict: Verdict::Refuse { refusals },
+                csr_sha256,
+                decision: None,
             };
-            (verdict, Some((d, csr.sha256)))
         }
+        Ok(d) => d,
+    };
+    let verdict = if detail {
+        let usages = d
+            .key_usage
+            .iter()
+            .map(|u| u.name().to_owned())
+            .chain(d.extended_key_usage.iter().map(|e| e.name().to_owned()))
+            .collect();
+        Verdict::Issue {
+            subject: d.subject_string(),
+            sans: d.san_strings(),
+            usages,
+            validity: Duration(u64::try_from((d.not_after - now).whole_seconds()).unwrap_or(0))
+                .to_string(),
+            issuer: profile.issuer.clone(),
+        }
+    } else {
+        Verdict::Issue {
+            subject: String::new(),
+            sans: Vec::new(),
+            usages: Vec::new(),
+            validity: String::new(),
+            issuer: String::new(),
+        }
+    };
+    Judged {
+        verdict,
+        csr_sha256,
+        decision: Some(d),
     }
 }

@@ -6,8 +6,9 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use hsmca::batch::{self, Plan, Verdict};
+use hsmca::ceremony::{CaReport, InitReport};
 use hsmca::cfssl::Imported;
-use hsmca::home::{CaReport, InitReport, Outcome};
+use hsmca::engine::Outcome;
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
 use hsmca::profile::Duration;
