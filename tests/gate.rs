@@ -3,6 +3,7 @@
 //! `sign-dir --plan`, a kubectl custom signer mapped to a CA profile, and `renew` of an
 //! intermediate; afterwards the log and the output directories hold no CA certificate but the
 //! three `ca create` made.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
 
 mod common;
 

@@ -360,7 +360,8 @@ fn intermediates_sign_their_own_profiles_and_the_chain_is_written_on_request() {
     let run = env.sign(&home, "etcd-ca", &[&csr]);
     run.code_is(1);
     assert!(
-        run.stdout().contains("rule profile.ca expects a leaf profile"),
+        run.stdout()
+            .contains("rule profile.ca expects a leaf profile"),
         "{}",
         run.all()
     );
