@@ -24,6 +24,7 @@ pub mod csr;
 pub mod error;
 pub mod files;
 pub mod home;
+pub mod input;
 pub mod issue;
 pub mod k8s;
 pub mod keys;
