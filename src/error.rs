@@ -6,6 +6,7 @@
 
 use crate::files::FileError;
 use crate::home::HomeError;
+use crate::input::InputError;
 use crate::issue::IssueError;
 use crate::log::LogError;
 use crate::pin::PinError;
@@ -39,6 +40,9 @@ pub enum Error {
     /// Writing an output file.
     #[error(transparent)]
     File(#[from] FileError),
+    /// Reading the input (a plan, a manifest, `kubectl` JSON, the input directory itself).
+    #[error("{err} (rule {rule})", err = .0, rule = .0.rule())]
+    Input(#[from] InputError),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -48,7 +52,7 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) => 2,
+            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
             Self::Log(_) => 4,
             Self::Issue(IssueError::Sign(_)) => 3,

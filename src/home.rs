@@ -600,7 +600,7 @@ pub(crate) fn issuer_name(root: &IssuerCert) -> String {
 
 fn load_csr(path: &Path) -> Result<VerifiedCsr, (String, String)> {
     csr::load(path).map_err(|e| match e {
-        csr::CsrLoadError::Read(io) => ("csr.read".to_owned(), format!("cannot read: {io}")),
+        csr::CsrLoadError::Read(e) => (e.rule().to_owned(), crate::error::chain(&e)),
         csr::CsrLoadError::Csr(c) => (c.rule().to_owned(), c.to_string()),
     })
 }

@@ -95,7 +95,6 @@ pub fn sign(
         .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
         .map(|i| i.profile.as_str());
     let batch = Batch {
-        input: &plan.input,
         kubeadm: plan.kubeadm,
         kubernetes: plan.kubernetes,
         inputs: &inputs,
@@ -129,10 +128,10 @@ pub fn sign_input(
         let plan = plan_objects(home, input, manifest, clock)?;
         return sign(home, &plan, out, token, sessions, clock, on_done);
     }
-    let (found, kubeadm) = discover(input, profile, manifest)?;
-    let inputs = Inputs::Dir(input.to_path_buf());
+    let root = crate::input::Root::open(input)?;
+    let (found, kubeadm) = discover(&root, profile, manifest)?;
+    let inputs = Inputs::Dir(root);
     let batch = Batch {
-        input,
         kubeadm,
         kubernetes: false,
         inputs: &inputs,
@@ -144,7 +143,6 @@ pub fn sign_input(
 
 /// What a `sign-dir` run signs.
 struct Batch<'a> {
-    input: &'a Path,
     kubeadm: bool,
     kubernetes: bool,
     inputs: &'a Inputs,
@@ -270,6 +268,7 @@ fn run<'a>(
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
     // holds at most three chunks at a time.
     let mut commands = Vec::new();
+    let mut unreleased = Vec::new();
     let progress = Progress {
         start,
         total: batch.source.len(),
@@ -332,7 +331,6 @@ fn run<'a>(
                 (Source::Found(found), Some(range)) => Some(stage_found(
                     &ctx,
                     &log,
-                    batch.input,
                     range.start,
                     &found[range],
                     &mut seen,
@@ -382,17 +380,16 @@ fn run<'a>(
                 home::danger_crash_point("after-checkpoint");
             }
             for chunk in finished {
-                let outputs = chunk
-                    .release
-                    .iter()
-                    .map(|(path, der, file, profile)| {
-                        let issuer = issuers
-                            .get(profile)
-                            .map_or("root", |(p, _)| p.issuer.as_str());
-                        let bytes = output_bytes(home, batch, file, issuer, path, der);
-                        (path.clone(), bytes)
-                    })
-                    .collect();
+                let mut outputs = Vec::with_capacity(chunk.release.len());
+                for (path, der, file, profile) in &chunk.release {
+                    let issuer = issuers
+                        .get(profile)
+                        .map_or("root", |(p, _)| p.issuer.as_str());
+                    match output_bytes(home, batch, file, issuer, path, der) {
+                        Ok(bytes) => outputs.push((path.clone(), bytes)),
+                        Err(e) => unreleased.push((path.clone(), e)),
+                    }
+                }
                 writer.send(outputs)?;
                 for d in chunk.done.into_values() {
                     if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
@@ -468,6 +465,19 @@ fn run<'a>(
         }
     };
     let failed = writer.finish()?;
+    // A file whose input (a kubeconfig template) was refused at release is reported again, as
+    // failed: its certificate is in the log.
+    for (path, e) in unreleased {
+        on_done(&Done::Failed {
+            file: path.display().to_string(),
+            rule: e.rule().into(),
+            error: format!(
+                "issued and logged, but not released: {}",
+                crate::error::chain(&e)
+            ),
+        })?;
+        refused += 1;
+    }
     // A file that could not be written is reported again, as failed: its certificate is in
     // the log, and a rerun with another --out writes it.
     for (path, error) in failed {
@@ -940,7 +950,16 @@ fn stage(
             staged.file(index, item.clone(), item.verdict.clone(), None);
             continue;
         }
-        let (bytes, digest) = ctx.inputs.read(item)?;
+        // A file that became a symlink, FIFO or something too large since planning fails its
+        // item; the rest of the batch goes on.
+        let (bytes, digest) = match ctx.inputs.read(item) {
+            Ok(read) => read,
+            Err(e) => {
+                let (rule, error) = (e.rule().to_owned(), crate::error::chain(&e));
+                staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
+                continue;
+            }
+        };
         if digest != item.sha256 {
             let error = "changed since planning; not signed (plan again and review)".into();
             let rule = "input.changed".into();
@@ -974,12 +993,16 @@ fn stage(
 fn stage_found(
     ctx: &StageCtx<'_>,
     log: &crate::log::Log,
-    root: &Path,
     base: usize,
     chunk: &[Found],
     seen: &mut std::collections::HashSet<u128>,
     hasher: &mut PlanHasher,
 ) -> Result<Staged, Error> {
+    let Inputs::Dir(root) = ctx.inputs else {
+        return Err(Error::Internal(
+            "files found without an input directory".into(),
+        ));
+    };
     // A serial for every CSR: the few a refusal or a rerun leaves unused are random and never
     // appear anywhere.
     let serials = home::fresh_serials(ctx.token, log, chunk.len())?;
@@ -1007,7 +1030,9 @@ fn stage_found(
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
-/// input with the certificate and the CA embedded.
+/// input with the certificate and the CA embedded. The template is read again through
+/// `input` (it was checked when the batch was planned, but the stick is live): if it is now
+/// refused, the item fails with that rule; it never becomes an empty or foreign file.
 fn output_bytes(
     home: &Home,
     batch: &Batch<'_>,
@@ -1015,34 +1040,40 @@ fn output_bytes(
     issuer: &str,
     path: &Path,
     der: &[u8],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, crate::input::InputError> {
     let pem = home::pem("CERTIFICATE", der);
-    if let Inputs::Objects(objects) = batch.inputs {
-        // Leaf first, then the intermediates; the cluster already trusts the root.
-        let root = home
-            .root()
-            .map(|r| home::pem("CERTIFICATE", &r.der))
-            .unwrap_or_default();
-        let chain = home
-            .chain_pem(issuer)
-            .unwrap_or_default()
-            .replace(&root, "");
-        let status = objects
-            .get(item)
-            .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
-        return serde_json::to_vec_pretty(&status).unwrap_or_default();
-    }
+    let root = match batch.inputs {
+        Inputs::Objects(objects) => {
+            // Leaf first, then the intermediates; the cluster already trusts the root.
+            let root = home
+                .root()
+                .map(|r| home::pem("CERTIFICATE", &r.der))
+                .unwrap_or_default();
+            let chain = home
+                .chain_pem(issuer)
+                .unwrap_or_default()
+                .replace(&root, "");
+            let status = objects
+                .get(item)
+                .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
+            return Ok(serde_json::to_vec_pretty(&status).unwrap_or_default());
+        }
+        Inputs::Dir(root) => root,
+    };
     if path.extension().is_none_or(|e| e != "conf") {
-        return pem.into_bytes();
+        return Ok(pem.into_bytes());
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let template = std::fs::read_to_string(batch.input.join(&name)).unwrap_or_default();
+    // The template is the CSR's own name without `.csr` (`kubelet.conf.csr` -> `kubelet.conf`),
+    // beneath the input: never a name taken from the output path.
+    let name = item.strip_suffix(".csr").unwrap_or(item);
+    let template = root.read(name, crate::input::KUBECONFIG_CAP)?;
+    let template = String::from_utf8(template).map_err(|_| crate::input::InputError::Read {
+        path: name.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })?;
     let ca = home
         .issuer("kubernetes-ca")
         .map(|(c, _)| home::pem("CERTIFICATE", &c.der))
         .unwrap_or_default();
-    fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes()
+    Ok(fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes())
 }

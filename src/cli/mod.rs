@@ -697,12 +697,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
         } => {
             let home = Home::open(&home)?;
             let plan = match (plan, &input) {
-                (Some(path), _) => {
-                    let text = std::fs::read_to_string(&path)?;
-                    Some(serde_json::from_str::<batch::Plan>(&text).map_err(|e| {
-                        Error::Usage(format!("{}: not a plan: {e}", path.display()))
-                    })?)
-                }
+                (Some(path), _) => Some(batch::read_plan(&path)?),
                 (None, Some(_)) => None,
                 (None, None) => {
                     return Err(Error::Usage(
