@@ -281,6 +281,15 @@ impl Root {
         })
     }
 
+    /// A root over a directory already held open (the output directory, for the sweep of
+    /// stale temporaries, which walks it by the same rules).
+    pub(crate) fn from_fd(fd: OwnedFd, path: &Path) -> Self {
+        Self {
+            fd,
+            path: path.to_path_buf(),
+        }
+    }
+
     /// The directory as given.
     pub fn path(&self) -> &Path {
         &self.path

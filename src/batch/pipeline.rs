@@ -275,7 +275,7 @@ fn run<'a>(
         terminal: std::io::stderr().is_terminal(),
     };
     let mut tally = Tally::default();
-    let writer = Writer::spawn()?;
+    let writer = Writer::spawn(files::OutDir::open(out)?)?;
     let ranges = chunk_ranges(batch.source.len());
     let mut seen = std::collections::HashSet::new();
     let mut hasher = PlanHasher::new();
@@ -483,18 +483,16 @@ fn run<'a>(
     for (path, error) in failed {
         on_done(&Done::Failed {
             file: path.display().to_string(),
-            rule: "output.write".into(),
-            error: format!("issued and logged, but {error}"),
+            rule: error.rule().into(),
+            error: format!("issued and logged, but {}", crate::error::chain(&error)),
         })?;
         refused += 1;
     }
+    let out_dir = files::OutDir::open(out)?;
     if batch.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
             if let Ok((cert, _)) = home.issuer(ca) {
-                files::write_new(
-                    &out.join(rel),
-                    home::pem("CERTIFICATE", &cert.der).as_bytes(),
-                )?;
+                out_dir.write_new(rel, home::pem("CERTIFICATE", &cert.der).as_bytes())?;
             }
         }
     }
@@ -503,7 +501,7 @@ fn run<'a>(
             "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
             commands.join("\n")
         );
-        files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
+        out_dir.replace("apply-status.sh", script.as_bytes())?;
     }
     Ok(Report {
         plan: hash,
@@ -525,11 +523,13 @@ type Outputs = Vec<(PathBuf, Vec<u8>)>;
 /// would be left behind.
 struct Writer {
     queue: Option<std::sync::mpsc::SyncSender<Outputs>>,
-    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, String)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, files::FileError)>>>,
 }
 
 impl Writer {
-    fn spawn() -> Result<Self, Error> {
+    /// Starts the writer for files beneath `out`: each path handed to it must be beneath
+    /// `out` by a plain relative name (checked again here), never through a symlink.
+    fn spawn(out: files::OutDir) -> Result<Self, Error> {
         // Bounded: if files are written slower than certificates are signed, signing waits
         // instead of holding ever more certificates in memory.
         let (queue, outputs) = std::sync::mpsc::sync_channel::<Outputs>(2);
@@ -538,9 +538,22 @@ impl Writer {
             .spawn(move || {
                 let mut failed = Vec::new();
                 for outputs in outputs {
-                    for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
+                    // The relative name beneath OUT; an output path outside it (an absolute
+                    // or `..` name from a plan) gets a name the writer refuses.
+                    let rel: Vec<(String, Vec<u8>)> = outputs
+                        .into_iter()
+                        .map(|(path, bytes)| {
+                            let rel = path
+                                .strip_prefix(out.path())
+                                .ok()
+                                .and_then(Path::to_str)
+                                .map_or_else(|| path.display().to_string(), str::to_owned);
+                            (rel, bytes)
+                        })
+                        .collect();
+                    for ((rel, _), written) in rel.iter().zip(out.write_new_all(&rel)) {
                         if let Err(e) = written {
-                            failed.push((path.clone(), e.to_string()));
+                            failed.push((out.path().join(rel), e));
                         }
                     }
                 }
@@ -560,7 +573,7 @@ impl Writer {
     }
 
     /// Waits for every file; returns those that could not be written, and why.
-    fn finish(mut self) -> Result<Vec<(PathBuf, String)>, Error> {
+    fn finish(mut self) -> Result<Vec<(PathBuf, files::FileError)>, Error> {
         self.queue.take();
         match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(failed)) => Ok(failed),
@@ -948,6 +961,13 @@ fn stage(
         let index = base + offset;
         if !matches!(item.verdict, Verdict::Issue { .. }) {
             staged.file(index, item.clone(), item.verdict.clone(), None);
+            continue;
+        }
+        // A plan's output name is data from the stick too: beneath OUT, or the item fails
+        // before anything is issued for it.
+        if let Err(e) = crate::input::components(&item.out) {
+            let (rule, error) = ("output.path".to_owned(), e.to_string());
+            staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
             continue;
         }
         // A file that became a symlink, FIFO or something too large since planning fails its
