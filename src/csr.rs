@@ -259,7 +259,13 @@ pub struct VerifiedCsr {
 /// Reads a CSR file (PEM or DER) named on the command line, through [`crate::input`]: a
 /// regular file of at most [`crate::input::CSR_CAP`] bytes, never a symlink or FIFO.
 pub fn load(path: &Path) -> Result<VerifiedCsr, CsrLoadError> {
-    let bytes = crate::input::read_file(path, crate::input::CSR_CAP).map_err(CsrLoadError::Read)?;
+    let bytes = crate::input::read_file(path, crate::input::CSR_CAP).map_err(|e| match e {
+        // Too large is the CSR's own rule (`csr.size`), as for bytes handed to `parse`.
+        crate::input::InputError::Size { size, .. } => CsrLoadError::Csr(CsrError::TooLarge(
+            usize::try_from(size).unwrap_or(usize::MAX),
+        )),
+        e => CsrLoadError::Read(e),
+    })?;
     parse(&bytes).map_err(CsrLoadError::Csr)
 }
 
