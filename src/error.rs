@@ -7,6 +7,7 @@
 use crate::engine::{EngineError, Halt};
 use crate::files::FileError;
 use crate::home::HomeError;
+use crate::input::InputError;
 use crate::issue::IssueError;
 use crate::log::LogError;
 use crate::pin::PinError;
@@ -40,6 +41,9 @@ pub enum Error {
     /// Writing an output file.
     #[error(transparent)]
     File(#[from] FileError),
+    /// Reading the input (a plan, a manifest, `kubectl` JSON, the input directory itself).
+    #[error("{err} (rule {rule})", err = .0, rule = .0.rule())]
+    Input(#[from] InputError),
     /// A bug.
     /// The issuance engine stopped a run, or the token's generator failed it.
     #[error(transparent)]
@@ -53,7 +57,7 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) => 2,
+            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
             Self::Log(_) => 4,
             Self::Issue(IssueError::Sign(_)) => 3,

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod home;
+pub mod input;
 pub mod issue;
 pub mod k8s;
 pub mod keys;

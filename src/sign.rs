@@ -47,7 +47,7 @@ pub struct Signed {
 fn load_csr(path: &Path) -> Result<VerifiedCsr, Box<Outcome>> {
     csr::load(path).map_err(|e| {
         let (rule, error) = match e {
-            csr::CsrLoadError::Read(io) => ("csr.read".to_owned(), format!("cannot read: {io}")),
+            csr::CsrLoadError::Read(e) => (e.rule().to_owned(), crate::error::chain(&e)),
             csr::CsrLoadError::Csr(c) => (c.rule().to_owned(), c.to_string()),
         };
         Box::new(Outcome::Failed {

@@ -96,7 +96,6 @@ pub fn sign(
         .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
         .map(|i| i.profile.as_str());
     let batch = Batch {
-        input: &plan.input,
         kubeadm: plan.kubeadm,
         kubernetes: plan.kubernetes,
         inputs: &inputs,
@@ -130,10 +129,10 @@ pub fn sign_input(
         let plan = plan_objects(home, input, manifest, clock)?;
         return sign(home, &plan, out, keys, sessions, clock, on_done);
     }
-    let (found, kubeadm) = discover(input, profile, manifest)?;
-    let inputs = Inputs::Dir(input.to_path_buf());
+    let root = crate::input::Root::open(input)?;
+    let (found, kubeadm) = discover(&root, profile, manifest)?;
+    let inputs = Inputs::Dir(root);
     let batch = Batch {
-        input,
         kubeadm,
         kubernetes: false,
         inputs: &inputs,
@@ -145,7 +144,6 @@ pub fn sign_input(
 
 /// What a `sign-dir` run signs.
 struct Batch<'a> {
-    input: &'a Path,
     kubeadm: bool,
     kubernetes: bool,
     inputs: &'a Inputs,
@@ -267,13 +265,14 @@ fn run<'a>(
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
     // holds at most three chunks at a time.
     let mut commands = Vec::new();
+    let mut unreleased = Vec::new();
     let progress = Progress {
         start,
         total: batch.source.len(),
         terminal: std::io::stderr().is_terminal(),
     };
     let mut tally = Tally::default();
-    let writer = Writer::spawn()?;
+    let writer = Writer::spawn(files::OutDir::open(out)?)?;
     let ranges = chunk_ranges(batch.source.len());
     let mut seen = std::collections::HashSet::new();
     let mut hasher = PlanHasher::new();
@@ -335,7 +334,6 @@ fn run<'a>(
                 (Source::Found(found), Some(range)) => Some(stage_found(
                     &ctx,
                     &session,
-                    batch.input,
                     range.start,
                     &found[range],
                     &mut seen,
@@ -388,17 +386,16 @@ fn run<'a>(
                 engine::danger_crash_point("after-checkpoint");
             }
             for chunk in finished {
-                let outputs = chunk
-                    .release
-                    .iter()
-                    .map(|r| {
-                        let issuer = issuers
-                            .get(&r.profile)
-                            .map_or("root", |(p, _)| p.issuer.as_str());
-                        let bytes = output_bytes(home, batch, &r.file, issuer, &r.path, &r.der);
-                        (r.path.clone(), bytes)
-                    })
-                    .collect();
+                let mut outputs = Vec::with_capacity(chunk.release.len());
+                for r in &chunk.release {
+                    let issuer = issuers
+                        .get(&r.profile)
+                        .map_or("root", |(p, _)| p.issuer.as_str());
+                    match output_bytes(home, batch, &r.file, issuer, &r.path, &r.der) {
+                        Ok(bytes) => outputs.push((r.path.clone(), bytes)),
+                        Err(e) => unreleased.push((r.path.clone(), e)),
+                    }
+                }
                 writer.send(outputs)?;
                 for d in chunk.done.into_values() {
                     if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
@@ -474,23 +471,34 @@ fn run<'a>(
         }
     };
     let failed = writer.finish()?;
+    // A file whose input (a kubeconfig template) was refused at release is reported again, as
+    // failed: its certificate is in the log.
+    for (path, e) in unreleased {
+        on_done(&Done::Failed {
+            file: path.display().to_string(),
+            rule: e.rule().into(),
+            error: format!(
+                "issued and logged, but not released: {}",
+                crate::error::chain(&e)
+            ),
+        })?;
+        refused += 1;
+    }
     // A file that could not be written is reported again, as failed: its certificate is in
     // the log, and a rerun with another --out writes it.
     for (path, error) in failed {
         on_done(&Done::Failed {
             file: path.display().to_string(),
-            rule: "output.write".into(),
-            error: format!("issued and logged, but {error}"),
+            rule: error.rule().into(),
+            error: format!("issued and logged, but {}", crate::error::chain(&error)),
         })?;
         refused += 1;
     }
+    let out_dir = files::OutDir::open(out)?;
     if batch.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
             if let Ok((cert, _)) = home.issuer(ca) {
-                files::write_new(
-                    &out.join(rel),
-                    engine::pem("CERTIFICATE", &cert.der).as_bytes(),
-                )?;
+                out_dir.write_new(rel, engine::pem("CERTIFICATE", &cert.der).as_bytes())?;
             }
         }
     }
@@ -499,7 +507,7 @@ fn run<'a>(
             "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
             commands.join("\n")
         );
-        files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
+        out_dir.replace("apply-status.sh", script.as_bytes())?;
     }
     Ok(Report {
         plan: hash,
@@ -522,11 +530,13 @@ type Outputs = Vec<(PathBuf, Vec<u8>)>;
 /// would be left behind.
 struct Writer {
     queue: Option<std::sync::mpsc::SyncSender<Outputs>>,
-    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, String)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, files::FileError)>>>,
 }
 
 impl Writer {
-    fn spawn() -> Result<Self, Error> {
+    /// Starts the writer for files beneath `out`: each path handed to it must be beneath
+    /// `out` by a plain relative name (checked again here), never through a symlink.
+    fn spawn(out: files::OutDir) -> Result<Self, Error> {
         // Bounded: if files are written slower than certificates are signed, signing waits
         // instead of holding ever more certificates in memory.
         let (queue, outputs) = std::sync::mpsc::sync_channel::<Outputs>(2);
@@ -535,9 +545,22 @@ impl Writer {
             .spawn(move || {
                 let mut failed = Vec::new();
                 for outputs in outputs {
-                    for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
+                    // The relative name beneath OUT; an output path outside it (an absolute
+                    // or `..` name from a plan) gets a name the writer refuses.
+                    let rel: Vec<(String, Vec<u8>)> = outputs
+                        .into_iter()
+                        .map(|(path, bytes)| {
+                            let rel = path
+                                .strip_prefix(out.path())
+                                .ok()
+                                .and_then(Path::to_str)
+                                .map_or_else(|| path.display().to_string(), str::to_owned);
+                            (rel, bytes)
+                        })
+                        .collect();
+                    for ((rel, _), written) in rel.iter().zip(out.write_new_all(&rel)) {
                         if let Err(e) = written {
-                            failed.push((path.clone(), e.to_string()));
+                            failed.push((out.path().join(rel), e));
                         }
                     }
                 }
@@ -557,7 +580,7 @@ impl Writer {
     }
 
     /// Waits for every file; returns those that could not be written, and why.
-    fn finish(mut self) -> Result<Vec<(PathBuf, String)>, Error> {
+    fn finish(mut self) -> Result<Vec<(PathBuf, files::FileError)>, Error> {
         self.queue.take();
         match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(failed)) => Ok(failed),
@@ -927,7 +950,23 @@ fn stage(
             staged.file(index, item.clone(), item.verdict.clone(), None);
             continue;
         }
-        let (bytes, digest) = ctx.inputs.read(item)?;
+        // A plan's output name is data from the stick too: beneath OUT, or the item fails
+        // before anything is issued for it.
+        if let Err(e) = crate::input::components(&item.out) {
+            let (rule, error) = ("output.path".to_owned(), e.to_string());
+            staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
+            continue;
+        }
+        // A file that became a symlink, FIFO or something too large since planning fails its
+        // item; the rest of the batch goes on.
+        let (bytes, digest) = match ctx.inputs.read(item) {
+            Ok(read) => read,
+            Err(e) => {
+                let (rule, error) = (e.rule().to_owned(), crate::error::chain(&e));
+                staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
+                continue;
+            }
+        };
         if digest != item.sha256 {
             let error = "changed since planning; not signed (plan again and review)".into();
             let rule = "input.changed".into();
@@ -962,12 +1001,16 @@ fn stage(
 fn stage_found(
     ctx: &StageCtx<'_>,
     session: &CaSession<'_>,
-    root: &Path,
     base: usize,
     chunk: &[Found],
     seen: &mut std::collections::HashSet<u128>,
     hasher: &mut PlanHasher,
 ) -> Result<Staged, Error> {
+    let Inputs::Dir(root) = ctx.inputs else {
+        return Err(Error::Internal(
+            "files found without an input directory".into(),
+        ));
+    };
     // A serial for every CSR: the few a refusal or a rerun leaves unused are random and never
     // appear anywhere.
     let serials = session.serials(chunk.len())?;
@@ -998,7 +1041,9 @@ fn stage_found(
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
-/// input with the certificate and the CA embedded.
+/// input with the certificate and the CA embedded. The template is read again through
+/// `input` (it was checked when the batch was planned, but the stick is live): if it is now
+/// refused, the item fails with that rule; it never becomes an empty or foreign file.
 fn output_bytes(
     home: &Home,
     batch: &Batch<'_>,
@@ -1006,34 +1051,40 @@ fn output_bytes(
     issuer: &str,
     path: &Path,
     der: &[u8],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, crate::input::InputError> {
     let pem = engine::pem("CERTIFICATE", der);
-    if let Inputs::Objects(objects) = batch.inputs {
-        // Leaf first, then the intermediates; the cluster already trusts the root.
-        let root = home
-            .root()
-            .map(|r| engine::pem("CERTIFICATE", &r.der))
-            .unwrap_or_default();
-        let chain = home
-            .chain_pem(issuer)
-            .unwrap_or_default()
-            .replace(&root, "");
-        let status = objects
-            .get(item)
-            .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
-        return serde_json::to_vec_pretty(&status).unwrap_or_default();
-    }
+    let root = match batch.inputs {
+        Inputs::Objects(objects) => {
+            // Leaf first, then the intermediates; the cluster already trusts the root.
+            let root = home
+                .root()
+                .map(|r| engine::pem("CERTIFICATE", &r.der))
+                .unwrap_or_default();
+            let chain = home
+                .chain_pem(issuer)
+                .unwrap_or_default()
+                .replace(&root, "");
+            let status = objects
+                .get(item)
+                .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
+            return Ok(serde_json::to_vec_pretty(&status).unwrap_or_default());
+        }
+        Inputs::Dir(root) => root,
+    };
     if path.extension().is_none_or(|e| e != "conf") {
-        return pem.into_bytes();
+        return Ok(pem.into_bytes());
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let template = std::fs::read_to_string(batch.input.join(&name)).unwrap_or_default();
+    // The template is the CSR's own name without `.csr` (`kubelet.conf.csr` -> `kubelet.conf`),
+    // beneath the input: never a name taken from the output path.
+    let name = item.strip_suffix(".csr").unwrap_or(item);
+    let template = root.read(name, crate::input::KUBECONFIG_CAP)?;
+    let template = String::from_utf8(template).map_err(|_| crate::input::InputError::Read {
+        path: name.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })?;
     let ca = home
         .issuer("kubernetes-ca")
         .map(|(c, _)| engine::pem("CERTIFICATE", &c.der))
         .unwrap_or_default();
-    fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes()
+    Ok(fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes())
 }

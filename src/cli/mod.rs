@@ -465,7 +465,8 @@ fn token_ref(s: &str) -> Result<TokenRef, Error> {
 /// Runs one command; returns the exit code for a finished run.
 pub(crate) fn run(args: Args) -> Result<u8, Error> {
     let clock = SystemClock;
-    let mut out = std::io::stdout().lock();
+    // Everything printed passes the terminal-safety net (see `report::Terminal`).
+    let mut out = report::Terminal::new(std::io::stdout().lock());
     match args.command {
         Command::Init {
             home,
@@ -695,12 +696,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
         } => {
             let home = Home::open(&home)?;
             let plan = match (plan, &input) {
-                (Some(path), _) => {
-                    let text = std::fs::read_to_string(&path)?;
-                    Some(serde_json::from_str::<batch::Plan>(&text).map_err(|e| {
-                        Error::Usage(format!("{}: not a plan: {e}", path.display()))
-                    })?)
-                }
+                (Some(path), _) => Some(batch::read_plan(&path)?),
                 (None, Some(_)) => None,
                 (None, None) => {
                     return Err(Error::Usage(
@@ -861,7 +857,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Args::command(), "hsmca", &mut out);
+            // A shell script, not text from the input: written as it is.
+            clap_complete::generate(shell, &mut Args::command(), "hsmca", out.get_mut());
             Ok(0)
         }
         Command::Man { out: dir } => {
