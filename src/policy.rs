@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 
 use crate::csr::{AttrType, RequestedExtension, San, VerifiedCsr};
 use crate::keys::PublicKey;
+use crate::names::is_dns_name;
 use crate::profile::{Cidr, Duration, ExtKeyUsage, KeyUsage, Profile};
 
 /// How far `notBefore` is set in the past, for clocks that run a little behind ours.
@@ -606,22 +607,6 @@ fn one_of<'a>(items: impl Iterator<Item = &'a str>) -> String {
         1 => v.concat(),
         _ => format!("one of {}", v.join(", ")),
     }
-}
-
-/// Whether `name` is a lowercase LDH hostname: labels of 1-63 letters, digits and inner hyphens,
-/// at most 253 characters, no empty label, no trailing dot, ASCII only.
-pub fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
 }
 
 /// `allowed` is an exact name, a pattern with one `{part}`, or `*.suffix`, which matches one
