@@ -33,6 +33,7 @@ pub mod log;
 pub mod pin;
 pub mod policy;
 pub mod profile;
+pub mod rng;
 pub mod signer;
 pub mod token;
 pub mod verify;
