@@ -1,0 +1,166 @@
+//! A misbehaving token (issue 17): hsmca runs against SoftHSM2 through the fault-injecting
+//! shim in `tests/shim/`, which zeroes or freezes `C_GenerateRandom` and fails `C_Login` and
+//! `C_Sign` on demand. Every run has a time limit: a hang fails the test. Each fault ends with
+//! exit 3, a message naming the test or the `CKR_` code, and a log that still verifies.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, s};
+
+/// Long enough for a debug build on a busy 2-core machine; a spinning loop never finishes.
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn init_args<'a>(home: &'a str, label: &'a str) -> Vec<&'a str> {
+    vec![
+        "init",
+        "--home",
+        home,
+        "--token",
+        "dev",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=hsmca Fault Root",
+        "--key-label",
+        label,
+    ]
+}
+
+#[test]
+fn the_shim_passes_a_healthy_token_through() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca_faulty(&init_args(s(&home), "root"), &[], LIMIT)
+        .ok();
+    let csr = env.p256_csr("csr/a.csr", "/CN=a");
+    env.hsmca_faulty(
+        &[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ],
+        &[],
+        LIMIT,
+    )
+    .ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn issue_17_init_with_an_all_zero_rng_stops_with_exit_3_and_no_home() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    let run = env.hsmca_faulty(
+        &init_args(s(&home), "root"),
+        &[("HSMCA_SHIM_RNG", "zero")],
+        LIMIT,
+    );
+    run.fails_with(3, "failed the RNG health check");
+    assert!(run.stderr().contains("all-zero test"), "{}", run.all());
+    assert!(!home.exists(), "a CA home was made from zero bytes");
+    // Nothing went into the token either: the same label works once the RNG is healthy.
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn issue_17_init_with_a_stuck_rng_stops_with_exit_3_and_no_home() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    let run = env.hsmca_faulty(
+        &init_args(s(&home), "root"),
+        &[("HSMCA_SHIM_RNG", "stuck")],
+        LIMIT,
+    );
+    run.fails_with(3, "failed the RNG health check");
+    assert!(run.stderr().contains("repeat test"), "{}", run.all());
+    assert!(
+        run.stderr()
+            .contains("hint: the token's random number generator is failing")
+    );
+    assert!(!home.exists());
+}
+
+#[test]
+fn issue_17_sign_with_a_stuck_rng_exits_3_instead_of_spinning() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    let a = env.p256_csr("csr/a.csr", "/CN=a");
+    let b = env.p256_csr("csr/b.csr", "/CN=b");
+    let args = [
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&a),
+        s(&b),
+    ];
+    // The first draw of a stuck RNG looks random; the second repeats it.
+    let run = env.hsmca_faulty(&args, &[("HSMCA_SHIM_RNG", "stuck")], LIMIT);
+    run.fails_with(3, "failed the RNG health check");
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    // A healthy token finishes the job, issuing each CSR once.
+    env.hsmca(&args).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    assert!(a.with_extension("crt").exists() && b.with_extension("crt").exists());
+}
+
+#[test]
+fn issue_17_login_and_sign_errors_name_the_function_and_ckr_code() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    let csr = env.p256_csr("csr/a.csr", "/CN=a");
+    let args = [
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ];
+    let run = env.hsmca_faulty(
+        &args,
+        &[("HSMCA_SHIM_LOGIN", "fail:CKR_DEVICE_ERROR")],
+        LIMIT,
+    );
+    run.fails_with(3, "C_Login returned CKR_DEVICE_ERROR");
+    assert!(run.stderr().contains("hint: the token reported a failure"));
+
+    let run = env.hsmca_faulty(
+        &args,
+        &[("HSMCA_SHIM_SIGN", "fail:CKR_DEVICE_ERROR")],
+        LIMIT,
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert!(
+        run.all().contains("C_Sign returned CKR_DEVICE_ERROR"),
+        "{}",
+        run.all()
+    );
+    assert!(!csr.with_extension("crt").exists());
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    env.hsmca(&args).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn a_misspelt_shim_setting_fails_loudly_instead_of_running_healthy() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    let run = env.hsmca_faulty(
+        &init_args(s(&home), "root"),
+        &[("HSMCA_SHIM_SIGN", "corupt")],
+        LIMIT,
+    );
+    run.fails_with(3, "cannot load PKCS#11 module");
+    assert!(run.stderr().contains("hsmca_shim: HSMCA_SHIM_SIGN: corupt"));
+}
