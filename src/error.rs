@@ -72,9 +72,7 @@ impl Error {
         match self {
             Self::Token(e) => e.hint(),
             Self::Log(e) => e.hint(),
-            Self::Pin(_) => Some(
-                "the PIN comes from HSMCA_PIN, --pin-file FILE, or the prompt; never from the command line",
-            ),
+            Self::Pin(e) => Some(e.hint()),
             Self::Home(HomeError::Missing(_)) => {
                 Some("create a CA home with `hsmca init`, or check --home")
             }

@@ -1,7 +1,8 @@
 //! A misbehaving token (issue 17): hsmca runs against SoftHSM2 through the fault-injecting
 //! shim in `tests/shim/`, which zeroes or freezes `C_GenerateRandom` and fails `C_Login` and
 //! `C_Sign` on demand. Every run has a time limit: a hang fails the test. Each fault ends with
-//! exit 3, a message naming the test or the `CKR_` code, and a log that still verifies.
+//! exit 3, a message naming the test or the `CKR_` code, and a log that still verifies. The
+//! shim also reports what it sees of the PIN's hygiene at `C_Login` (issue 13).
 #![allow(clippy::unwrap_used, reason = "tests panic on failure")]
 
 mod common;
@@ -163,4 +164,58 @@ fn a_misspelt_shim_setting_fails_loudly_instead_of_running_healthy() {
     );
     run.fails_with(3, "cannot load PKCS#11 module");
     assert!(run.stderr().contains("hsmca_shim: HSMCA_SHIM_SIGN: corupt"));
+}
+
+#[test]
+fn issue_13_at_login_the_pin_is_out_of_the_environment_and_the_process_not_dumpable() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    let csr = env.p256_csr("csr/a.csr", "/CN=a");
+    let report = env.path("login.txt");
+    env.hsmca_faulty(
+        &[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ],
+        &[("HSMCA_SHIM_REPORT", s(&report))],
+        LIMIT,
+    )
+    .ok();
+    // Written by the shim inside hsmca's process, at C_Login (HSMCA_PIN was set for it).
+    let seen = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(seen, "pin_env=absent dumpable=0 core=0\n");
+}
+
+#[test]
+fn issue_13_a_pin_file_others_can_read_is_refused_with_exit_3_and_the_chmod() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    let csr = env.p256_csr("csr/a.csr", "/CN=a");
+    let pin = env.path("pin");
+    std::fs::write(&pin, format!("{}\n", common::PIN)).unwrap();
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = [
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        "--pin-file",
+        s(&pin),
+        s(&csr),
+    ];
+    let run = env.hsmca_env(&args, &[("HSMCA_PIN", "")]);
+    run.fails_with(3, &format!("run `chmod 600 {}`", pin.display()));
+    assert!(run.stderr().contains("mode 0644"), "{}", run.all());
+    assert!(!csr.with_extension("crt").exists());
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+    env.hsmca_env(&args, &[("HSMCA_PIN", "")]).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }

@@ -14,6 +14,10 @@
  *   HSMCA_SHIM_SIGN=delay:200ms     C_Sign sleeps that long (ms or s), then signs
  *   HSMCA_SHIM_LOGIN=fail:CKR_NAME  C_Login returns that code
  *
+ * HSMCA_SHIM_REPORT=FILE makes C_Login append one line to FILE describing the process at the
+ * moment it logs in, for the PIN-hygiene tests (issue 13):
+ *   pin_env=absent|present dumpable=0|1 core=SOFT_LIMIT
+ *
  * HSMCA_SHIM_AFTER=N lets the first N calls of each faulted function through untouched;
  * HSMCA_SHIM_RNG_AFTER, HSMCA_SHIM_SIGN_AFTER and HSMCA_SHIM_LOGIN_AFTER override it per
  * function. Counts are per process. C_Sign's length query (a NULL signature buffer) is never
@@ -33,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <time.h>
 
 typedef unsigned long CK_ULONG;
@@ -190,8 +196,25 @@ static int due(struct fault *f)
     return hit;
 }
 
+/* Appends the process's PIN hygiene as seen from inside the module to HSMCA_SHIM_REPORT. */
+static void report_login(void)
+{
+    const char *path = getenv("HSMCA_SHIM_REPORT");
+    if (!path || !*path)
+        return;
+    FILE *f = fopen(path, "a");
+    if (!f)
+        return;
+    struct rlimit core = {0, 0};
+    getrlimit(RLIMIT_CORE, &core);
+    fprintf(f, "pin_env=%s dumpable=%d core=%llu\n", getenv("HSMCA_PIN") ? "present" : "absent",
+            prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), (unsigned long long)core.rlim_cur);
+    fclose(f);
+}
+
 static CK_RV shim_login(CK_SESSION_HANDLE s, CK_USER_TYPE u, CK_BYTE *pin, CK_ULONG len)
 {
+    report_login();
     if (due(&login))
         return login.code;
     return ((login_t)real->fn[IDX_LOGIN])(s, u, pin, len);
