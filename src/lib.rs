@@ -34,6 +34,7 @@ pub mod pin;
 pub mod policy;
 pub mod profile;
 pub mod rng;
+pub mod signals;
 pub mod signer;
 pub mod token;
 pub mod verify;
