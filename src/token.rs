@@ -857,13 +857,10 @@ impl CaSigner for TokenKey<'_> {
     }
 }
 
-/// A token error as a [`SignError`]: the token's label, the message with its causes (the
-/// `C_` function and `CKR_` code), and its [`FaultKind`].
+/// A token error as a [`SignError`]: the token's label, the message (with the `C_` function
+/// and `CKR_` code; cryptoki's prose for the code is left out), and its [`FaultKind`].
 fn sign_error(token: &str, e: &TokenError) -> SignError {
-    SignError::new(
-        e.kind(),
-        format!("token {token:?}: {}", crate::error::chain(e)),
-    )
+    SignError::new(e.kind(), format!("token {token:?}: {e}"))
 }
 
 /// RSA uses CKM_SHA256_RSA_PKCS (the token hashes). ECDSA hashes here (SHA-256 for P-256,

@@ -136,19 +136,18 @@ fn issue_17_login_and_sign_errors_name_the_function_and_ckr_code() {
     run.fails_with(3, "C_Login returned CKR_DEVICE_ERROR");
     assert!(run.stderr().contains("hint: the token reported a failure"));
 
-    let run = env.hsmca_faulty(
-        &args,
-        &[("HSMCA_SHIM_SIGN", "fail:CKR_DEVICE_ERROR")],
-        LIMIT,
-    );
-    assert_ne!(run.code(), 0, "{}", run.all());
-    assert!(
-        run.all().contains("C_Sign returned CKR_DEVICE_ERROR"),
-        "{}",
-        run.all()
-    );
-    assert!(!csr.with_extension("crt").exists());
-    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    // Which C_Sign fails first (the certificate's or a checkpoint's) and the exit code that
+    // follows are the issuance engine's business; the code is named either way.
+    for (fault, code) in [
+        ("fail:CKR_DEVICE_ERROR", "C_Sign returned CKR_DEVICE_ERROR"),
+        ("session-lost", "C_Sign returned CKR_SESSION_HANDLE_INVALID"),
+    ] {
+        let run = env.hsmca_faulty(&args, &[("HSMCA_SHIM_SIGN", fault)], LIMIT);
+        assert_ne!(run.code(), 0, "{}", run.all());
+        assert!(run.all().contains(code), "{fault}: {}", run.all());
+        assert!(!csr.with_extension("crt").exists());
+        env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    }
     env.hsmca(&args).ok();
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
@@ -217,5 +216,94 @@ fn issue_13_a_pin_file_others_can_read_is_refused_with_exit_3_and_the_chmod() {
     assert!(!csr.with_extension("crt").exists());
     std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
     env.hsmca_env(&args, &[("HSMCA_PIN", "")]).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn issue_17_sign_dir_with_a_stuck_rng_exits_3_instead_of_spinning() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    for name in ["a", "b", "c", "d"] {
+        env.p256_csr(&format!("in/{name}.csr"), &format!("/CN={name}"));
+    }
+    let (input, out) = (env.path("in"), env.path("out"));
+    let args = [
+        "sign-dir",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&input),
+        "--out",
+        s(&out),
+    ];
+    // One draw for four serials: a stuck RNG repeats its 32 bytes inside it.
+    let run = env.hsmca_faulty(&args, &[("HSMCA_SHIM_RNG", "stuck")], LIMIT);
+    run.fails_with(3, "failed the RNG health check");
+    assert!(
+        run.stderr().contains("repeated-block test"),
+        "{}",
+        run.all()
+    );
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    env.hsmca(&args).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    for name in ["a", "b", "c", "d"] {
+        assert!(out.join(format!("{name}.crt")).exists(), "{name}.crt");
+    }
+}
+
+#[test]
+fn the_shim_flips_a_signature_bit_and_hsmca_withholds_the_certificate() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    let csr = env.p256_csr("csr/a.csr", "/CN=a");
+    let args = [
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ];
+    let run = env.hsmca_faulty(&args, &[("HSMCA_SHIM_SIGN", "corrupt")], LIMIT);
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert!(
+        !csr.with_extension("crt").exists(),
+        "a corrupt signature was released"
+    );
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    env.hsmca(&args).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
+
+#[test]
+fn the_shim_slows_c_sign_down_on_request() {
+    let env = Env::new("dev");
+    let home = env.path("ca");
+    env.hsmca(&init_args(s(&home), "root")).ok();
+    let csr = env.p256_csr("csr/a.csr", "/CN=a");
+    let start = std::time::Instant::now();
+    env.hsmca_faulty(
+        &[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&csr),
+        ],
+        &[("HSMCA_SHIM_SIGN", "delay:300ms")],
+        LIMIT,
+    )
+    .ok();
+    // At least the certificate and the checkpoint were signed, 300 ms each.
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        start.elapsed()
+    );
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
