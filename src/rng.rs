@@ -13,8 +13,9 @@
 //! of α = 2⁻⁶⁴ per application (per run of bytes, per window, per draw):
 //!
 //! - **all zero**: a draw of 8 or more bytes that is all zero (chance 2⁻⁶⁴ or less);
-//! - **repeat of the previous draw**: the first min(16, both lengths) bytes, at least 8, equal
-//!   those of the token's previous draw (a stuck RNG; chance 2⁻⁶⁴ or less);
+//! - **repeat of an earlier draw**: the first min(16, both lengths) bytes, at least 8, equal
+//!   those of one of the token's last [`HISTORY`] draws (a stuck RNG, or one cycling through a
+//!   few values; chance 2⁻⁶⁴ or less a pair);
 //! - **repeated block**: two aligned 16-byte blocks of one draw are equal (chance 2⁻¹²⁸ a pair);
 //! - **repetition count** (§4.4.1): a run of C = 1 + ⌈64 / H⌉ = 9 equal bytes;
 //! - **adaptive proportion** (§4.4.2): in each window of W = 512 bytes (the last, shorter window
@@ -26,7 +27,8 @@
 //! count test to 8,192 runs and the proportion test to 16 windows, so a healthy token fails a
 //! draw with a probability below 2⁻⁵⁰: a failure means the token, not bad luck.
 //!
-//! Pure: no token, file system or clock; the OS bytes come in as an argument of [`mix`].
+//! Pure: no token, file system or clock; the OS bytes come in as an argument of [`mix`], and
+//! the token keeps its own [`Monitor`] (the memory of earlier draws).
 
 use ring::digest::{Context, SHA256};
 
@@ -42,7 +44,9 @@ pub const APT_WINDOW: usize = 512;
 pub const APT_MIN_WINDOW: usize = 16;
 /// Size of the blocks compared by the repeated-block test (one serial).
 pub const BLOCK: usize = 16;
-/// Fewest bytes the all-zero and previous-draw tests look at (2⁻⁶⁴ false alarms).
+/// How many earlier draws the repeat test remembers (their first 16 bytes each).
+pub const HISTORY: usize = 1024;
+/// Fewest bytes the all-zero and repeat tests look at (2⁻⁶⁴ false alarms).
 const MIN_COMPARED: usize = 8;
 /// Serial length in bytes: positive 16-byte DER INTEGERs.
 pub const SERIAL_LEN: usize = 16;
@@ -61,11 +65,15 @@ pub enum HealthFailure {
         /// Bytes drawn.
         len: usize,
     },
-    /// The draw began with the same bytes as the previous one.
-    #[error("repeat test: the draw begins with the same {compared} bytes as the previous draw")]
-    RepeatOfPrevious {
+    /// The draw began with the same bytes as an earlier one.
+    #[error(
+        "repeat test: the draw begins with the same {compared} bytes as the draw {back} before it"
+    )]
+    RepeatOfEarlier {
         /// Bytes compared.
         compared: usize,
+        /// How many draws back the repeated one was (1: the previous draw).
+        back: usize,
     },
     /// Two aligned 16-byte blocks were equal.
     #[error("repeated-block test: 16-byte blocks {first} and {second} are equal")]
@@ -107,17 +115,45 @@ pub enum HealthFailure {
     },
 }
 
-/// Checks one draw from the token's RNG; `previous` is the token's previous draw, if any.
-/// Returns the first test that fails.
-pub fn check(bytes: &[u8], previous: Option<&[u8]>) -> Result<(), HealthFailure> {
+/// The health of one token's RNG over its draws: remembers the start of the last [`HISTORY`]
+/// draws for the repeat test.
+#[derive(Debug, Default)]
+pub struct Monitor {
+    /// First bytes of earlier draws, most recent last.
+    recent: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl Monitor {
+    /// Checks one draw ([`check`] against the remembered draws) and, if it passes,
+    /// remembers it.
+    pub fn check(&mut self, bytes: &[u8]) -> Result<(), HealthFailure> {
+        check(bytes, self.recent.iter().rev().map(Vec::as_slice))?;
+        if self.recent.len() == HISTORY {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back(bytes[..bytes.len().min(BLOCK)].to_vec());
+        Ok(())
+    }
+}
+
+/// Checks one draw from the token's RNG; `earlier` are earlier draws (or their first 16
+/// bytes), most recent first. Returns the first test that fails.
+pub fn check<'a>(
+    bytes: &[u8],
+    earlier: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(), HealthFailure> {
     let len = bytes.len();
     if len >= MIN_COMPARED && bytes.iter().all(|&b| b == 0) {
         return Err(HealthFailure::AllZero { len });
     }
-    if let Some(prev) = previous {
+    for (i, prev) in earlier.into_iter().enumerate() {
         let compared = BLOCK.min(len).min(prev.len());
         if compared >= MIN_COMPARED && bytes[..compared] == prev[..compared] {
-            return Err(HealthFailure::RepeatOfPrevious { compared });
+            return Err(HealthFailure::RepeatOfEarlier {
+                compared,
+                back: i + 1,
+            });
         }
     }
     repeated_block(bytes)?;
@@ -306,7 +342,7 @@ mod tests {
     fn healthy_bytes_pass_at_every_size_hsmca_draws() {
         for (i, len) in [8, 16, 32, 160, 512, 513, 8192].into_iter().enumerate() {
             let prev = good(16, 200);
-            check(&good(len, i as u8), Some(&prev)).unwrap();
+            check(&good(len, i as u8), [prev.as_slice()]).unwrap();
         }
     }
 
@@ -354,7 +390,13 @@ mod tests {
             let got = check(&bytes, previous).unwrap_err();
             let ok = match (name, &got) {
                 ("zero" | "zero8", HealthFailure::AllZero { .. }) => true,
-                ("stuck", HealthFailure::RepeatOfPrevious { compared: 16 }) => true,
+                (
+                    "stuck",
+                    HealthFailure::RepeatOfEarlier {
+                        compared: 16,
+                        back: 1,
+                    },
+                ) => true,
                 ("run", HealthFailure::RepetitionCount { run, .. }) => *run >= 9,
                 (
                     "block",
@@ -376,9 +418,32 @@ mod tests {
     fn a_run_just_below_the_cutoff_and_short_zero_draws_pass() {
         let mut b = good(64, 5);
         b[20..28].fill(7);
-        check(&b, None).unwrap();
+        check(&b, []).unwrap();
         // Fewer than 8 bytes say too little to call all-zero a fault.
-        check(&[0; 4], None).unwrap();
+        check(&[0; 4], []).unwrap();
+    }
+
+    #[test]
+    fn the_monitor_catches_an_rng_cycling_through_a_few_values() {
+        let mut m = Monitor::default();
+        let (a, b, c) = (good(16, 1), good(16, 2), good(16, 3));
+        m.check(&a).unwrap();
+        m.check(&b).unwrap();
+        m.check(&c).unwrap();
+        assert_eq!(
+            m.check(&a),
+            Err(HealthFailure::RepeatOfEarlier {
+                compared: 16,
+                back: 3
+            })
+        );
+        // An 8-byte key id that starts like an earlier serial draw is caught too.
+        assert!(m.check(&b[..8]).is_err());
+        // A draw that failed is not remembered; memory is bounded.
+        for i in 0..HISTORY + 10 {
+            m.check(&mix(&i.to_be_bytes(), &[0; 32], 16)).unwrap();
+        }
+        assert_eq!(m.recent.len(), HISTORY);
     }
 
     #[test]
@@ -390,7 +455,7 @@ mod tests {
         assert_ne!(a, mix(&[0; 16], &[8u8; 32], 16));
         assert_ne!(a, mix(&[1; 16], &os, 16));
         assert_eq!(mix(&[0; 16], &os, 8200).len(), 8200);
-        check(&mix(&[0; 8192], &os, 8192), None).unwrap();
+        check(&mix(&[0; 8192], &os, 8192), []).unwrap();
     }
 
     #[test]

@@ -449,8 +449,8 @@ pub struct Token {
     _ctx: Pkcs11,
     slot: Slot,
     session: Session,
-    /// The start of the previous draw from the token's RNG, for the repeat test.
-    last_draw: RefCell<Option<Vec<u8>>>,
+    /// The health of the token's RNG over this session's draws.
+    rng: RefCell<rng::Monitor>,
 }
 
 impl std::fmt::Debug for Token {
@@ -521,7 +521,7 @@ impl Token {
             _ctx: ctx,
             slot,
             session,
-            last_draw: RefCell::new(None),
+            rng: RefCell::new(rng::Monitor::default()),
         })
     }
 
@@ -539,13 +539,14 @@ impl Token {
         self.session
             .generate_random_slice(&mut raw)
             .map_err(p11("drawing random bytes"))?;
-        let mut last = self.last_draw.borrow_mut();
-        rng::check(&raw, last.as_deref()).map_err(|failure| TokenError::RngHealth {
-            token: self.label.clone(),
-            len,
-            failure,
-        })?;
-        *last = Some(raw[..len.min(rng::BLOCK)].to_vec());
+        self.rng
+            .borrow_mut()
+            .check(&raw)
+            .map_err(|failure| TokenError::RngHealth {
+                token: self.label.clone(),
+                len,
+                failure,
+            })?;
         let mut os = zeroize::Zeroizing::new([0u8; 32]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), os.as_mut())
             .map_err(|_| TokenError::OsRandom)?;
@@ -1100,7 +1101,7 @@ mod tests {
         let e = TokenError::RngHealth {
             token: "dev".into(),
             len: 8,
-            failure: rng::check(&[0; 8], None).unwrap_err(),
+            failure: rng::check(&[0; 8], []).unwrap_err(),
         };
         let text = crate::error::chain(&e);
         assert!(text.contains("RNG health check"), "{text}");
