@@ -66,12 +66,16 @@ pub enum FileError {
 }
 
 impl FileError {
-    /// The stable rule id of this failure: `output.exists`, `output.symlink` (anything in the
-    /// way), `output.path` or `output.write`.
+    /// The stable rule id of this failure: `output.exists`, `output.symlink`,
+    /// `output.not_regular` (a FIFO, device, socket or directory in the way), `output.path` or
+    /// `output.write`.
     pub fn rule(&self) -> &'static str {
         match self {
             Self::Exists(_) => "output.exists",
-            Self::InTheWay { .. } => "output.symlink",
+            Self::InTheWay {
+                what: "symlink", ..
+            } => "output.symlink",
+            Self::InTheWay { .. } => "output.not_regular",
             Self::Name { .. } => "output.path",
             Self::Io { .. } => "output.write",
         }
@@ -605,7 +609,7 @@ mod tests {
         let rule = |r: Result<Written, FileError>| r.unwrap_err().rule();
         assert_eq!(rule(out.write_new("a.crt", b"x")), "output.symlink");
         assert_eq!(rule(out.write_new("sub/victim", b"x")), "output.symlink");
-        assert_eq!(rule(out.write_new("f.crt", b"x")), "output.symlink");
+        assert_eq!(rule(out.write_new("f.crt", b"x")), "output.not_regular");
         assert_eq!(rule(out.write_new("/etc/x", b"x")), "output.path");
         let replaced = out.replace("apply-status.sh", b"x").unwrap_err();
         assert_eq!(replaced.rule(), "output.symlink");
