@@ -105,15 +105,7 @@ fn dir_flags() -> OFlag {
 
 /// What a file type is called in messages.
 fn what(mode: u32) -> &'static str {
-    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
-        SFlag::S_IFREG => "regular file",
-        SFlag::S_IFDIR => "directory",
-        SFlag::S_IFLNK => "symlink",
-        SFlag::S_IFIFO => "FIFO",
-        SFlag::S_IFSOCK => "socket",
-        SFlag::S_IFCHR | SFlag::S_IFBLK => "device",
-        _ => "special file",
-    }
+    crate::input::kind_of(mode)
 }
 
 /// The type of the entry `name` in `dir`, without following it; `None` if there is none.

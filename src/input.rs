@@ -142,8 +142,8 @@ fn file_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC
 }
 
-/// What a file type is called in messages.
-fn kind_of(mode: u32) -> &'static str {
+/// What a file type is called in messages (also for `files`).
+pub(crate) fn kind_of(mode: u32) -> &'static str {
     match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFREG => "regular file",
         SFlag::S_IFDIR => "directory",

@@ -33,6 +33,14 @@ fn hsmca_within(env: &Env, secs: u64, args: &[&str]) -> Run {
     run
 }
 
+/// `sign-dir --home HOME ARGS --out OUT --json`, killed after `secs` seconds.
+fn sign_dir(env: &Env, secs: u64, home: &Path, args: &[&str], out: &Path) -> Run {
+    let mut all = vec!["sign-dir", "--home", s(home)];
+    all.extend_from_slice(args);
+    all.extend(["--out", s(out), "--json"]);
+    hsmca_within(env, secs, &all)
+}
+
 /// A P-256 CSR with CN `cn` at `path` (made with rcgen).
 fn csr_at(path: &Path, cn: &str) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -133,20 +141,12 @@ fn issue_12_an_output_dir_full_of_planted_links_leaves_the_ca_home_untouched() {
     let before = snapshot(&home);
     let log_before = std::fs::read(&entries).unwrap();
 
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         120,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--profile",
-            "test-any-key",
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--profile", "test-any-key"],
+        &out,
     );
     run.code_is(1);
     let done = outcomes(&run);
@@ -209,19 +209,7 @@ fn issue_12_a_kubeconfig_template_linked_to_a_secret_never_reaches_the_output() 
     symlink(&secret, input.join("kubelet.conf")).unwrap();
     let out = env.path("back");
     let logged = certs_logged(&home);
-    let run = hsmca_within(
-        &env,
-        60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--out",
-            s(&out),
-            "--json",
-        ],
-    );
+    let run = sign_dir(&env, 60, &home, &[s(&input)], &out);
     run.code_is(1);
     let done = outcomes(&run);
     assert_eq!(rule(&done["kubelet.conf.csr"]), "input.symlink", "{done:?}");
@@ -261,20 +249,12 @@ fn issue_12_manifest_paths_outside_the_input_are_refused_and_nothing_is_written_
     )
     .unwrap();
     let out = env.path("usb/certs");
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--manifest",
-            s(&manifest),
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--manifest", s(&manifest)],
+        &out,
     );
     run.code_is(1);
     let done = outcomes(&run);
@@ -311,20 +291,7 @@ fn issue_12_manifest_paths_outside_the_input_are_refused_and_nothing_is_written_
     plan.items[0].out = "../../escaped.crt".into();
     plan.hash = hsmca::batch::Plan::content_hash(&plan.items);
     std::fs::write(&plan_file, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let run = hsmca_within(
-        &env,
-        60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            "--plan",
-            s(&plan_file),
-            "--out",
-            s(&out),
-            "--json",
-        ],
-    );
+    let run = sign_dir(&env, 60, &home, &["--plan", s(&plan_file)], &out);
     run.code_is(1);
     assert_eq!(rule(&outcomes(&run)["later.csr"]), "output.path");
     assert!(!env.path("escaped.crt").exists());
@@ -360,20 +327,12 @@ fn issue_12_fifos_devices_loops_and_deep_trees_are_refused_in_seconds() {
     let out = env.path("out");
     mkfifo(&out.join("a/c-3.crt"));
     let started = std::time::Instant::now();
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--profile",
-            "test-any-key",
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--profile", "test-any-key"],
+        &out,
     );
     assert!(
         started.elapsed().as_secs() < 30,
@@ -521,19 +480,7 @@ fn issue_12_one_malformed_kubectl_object_is_one_refused_item() {
     std::fs::write(&input, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
     let out = env.path("status");
     let logged = certs_logged(&home);
-    let run = hsmca_within(
-        &env,
-        60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--out",
-            s(&out),
-            "--json",
-        ],
-    );
+    let run = sign_dir(&env, 60, &home, &[s(&input)], &out);
     run.code_is(1);
     let done = outcomes(&run);
     assert_eq!(done["csr-good"]["outcome"], "issued", "{done:?}");
