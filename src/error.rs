@@ -85,6 +85,9 @@ impl Error {
             Self::Profile(ProfileError::NotFound { .. }) => {
                 Some("list profiles with `ls HOME/profiles`, or pick one of those named above")
             }
+            Self::Input(_) => Some(
+                "hsmca reads only regular files beneath the input, never through a symlink: replace what is named above with a regular file (or remove it), then run again",
+            ),
             Self::Issue(IssueError::Verify(_)) => Some(
                 "the certificate was withheld and the intent abandoned in the log; report this as a bug",
             ),

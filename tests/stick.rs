@@ -296,6 +296,28 @@ fn issue_12_manifest_paths_outside_the_input_are_refused_and_nothing_is_written_
     assert_eq!(rule(&outcomes(&run)["later.csr"]), "output.path");
     assert!(!env.path("escaped.crt").exists());
     assert_eq!(certs_logged(&home), 1);
+
+    // A manifest that is a FIFO, and a plan that is a symlink, are refused at once (exit 2).
+    let fifo = env.path("usb/fifo.json");
+    mkfifo(&fifo);
+    let plan_args = [
+        "plan",
+        "--home",
+        s(&home),
+        s(&input),
+        "--out",
+        s(&plan_file),
+    ];
+    let run = hsmca_within(
+        &env,
+        30,
+        &[&plan_args[..], &["--manifest", s(&fifo)]].concat(),
+    );
+    run.fails_with(2, "input.not_regular");
+    let linked = env.path("usb/linked-plan.json");
+    symlink(&plan_file, &linked).unwrap();
+    let run = sign_dir(&env, 30, &home, &["--plan", s(&linked)], &out);
+    run.fails_with(2, "input.symlink");
 }
 
 /// Makes `depth` nested directories of long names under `dir`, beyond PATH_MAX in total,
