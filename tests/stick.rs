@@ -174,6 +174,14 @@ fn issue_12_an_output_dir_full_of_planted_links_leaves_the_ca_home_untouched() {
             assert_eq!(after.get(path), Some(bytes), "{} changed", path.display());
         }
     }
+    // Nothing new in the CA home but this run's numbered checkpoints.
+    for path in after.keys().filter(|p| !before.contains_key(*p)) {
+        assert!(
+            path.starts_with(home.join("log/checkpoints")),
+            "{} appeared in the CA home",
+            path.display()
+        );
+    }
     assert_eq!(certs_logged(&home), 4);
     // Every planted link is still there, still a link.
     let planted = out.join(format!(".hsmca-report.jsonl.tmp-{dead}"));
