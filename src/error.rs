@@ -97,6 +97,9 @@ impl Error {
             Self::Engine(EngineError::Halt(Halt::BadCertificate { .. })) => Some(
                 "the token produced a certificate that does not verify: it was withheld and the run stopped so the token is not used further; what was issued before is written and logged. Check the token and the CA's key before signing again",
             ),
+            Self::Input(_) => Some(
+                "hsmca reads only regular files beneath the input, never through a symlink: replace what is named above with a regular file (or remove it), then run again",
+            ),
             Self::Issue(IssueError::Verify(_)) => Some(
                 "the certificate was withheld and the intent abandoned in the log; report this as a bug",
             ),

@@ -185,6 +185,28 @@ impl Env {
     }
 }
 
+/// A CertificateSigningRequest object as `kubectl get csr -o json` shows it, with the request
+/// read from `csr`.
+pub fn object(
+    name: &str,
+    csr: &Path,
+    signer: &str,
+    usages: &[&str],
+    username: &str,
+    status: serde_json::Value,
+    expiration: Option<u64>,
+) -> serde_json::Value {
+    use base64::Engine;
+    let request = base64::engine::general_purpose::STANDARD.encode(std::fs::read(csr).unwrap());
+    let mut spec = serde_json::json!({"request": request, "signerName": signer, "usages": usages, "username": username,
+        "groups": ["system:nodes", "system:authenticated"]});
+    if let Some(e) = expiration {
+        spec["expirationSeconds"] = e.into();
+    }
+    serde_json::json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": name, "resourceVersion": "42"}, "spec": spec, "status": status})
+}
+
 /// A path as `&str`, for argument lists.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
