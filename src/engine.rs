@@ -57,6 +57,13 @@ pub enum Halt {
         /// What the check found.
         cause: String,
     },
+    /// SIGINT or SIGTERM asked the run to stop: the certificates in flight were finished or
+    /// abandoned as on a crash, and nothing more was signed.
+    #[error("stopped by {}", .signal.name())]
+    Interrupted {
+        /// The signal.
+        signal: crate::signals::Signal,
+    },
     /// Several signatures in a row failed in the token.
     #[error("the token failed {count} signatures in a row; the last: {cause}")]
     TokenFailing {
@@ -386,8 +393,8 @@ impl<'t> CaSession<'t> {
         let mut bodies = Vec::with_capacity(ready.len());
         let mut results = Vec::with_capacity(ready.len());
         for (r, intent_seq) in ready.into_iter().zip(seqs) {
-            let result = match health.halt() {
-                Some(halt) => Err(Withheld::stopped(halt)),
+            let result = match health.halt().cloned() {
+                Some(halt) => Err(Withheld::stopped(&halt)),
                 None => {
                     let issuer = self.issuer(&r.prepared.decision.issuer)?;
                     let signed = sign_and_check(&r, &issuer.cert, &*issuer.key);
@@ -618,8 +625,14 @@ impl Health {
         }
     }
 
-    /// Why the run must stop, if it must.
-    pub fn halt(&self) -> Option<&Halt> {
+    /// Why the run must stop, if it must. A stop signal (SIGINT, SIGTERM) received since the
+    /// handlers were installed stops it too, unless it is already stopping for a worse reason.
+    pub fn halt(&mut self) -> Option<&Halt> {
+        if self.halt.is_none()
+            && let Some(signal) = crate::signals::requested()
+        {
+            self.halt = Some(Halt::Interrupted { signal });
+        }
         self.halt.as_ref()
     }
 }

@@ -59,9 +59,12 @@ impl Error {
         match self {
             Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
+            Self::Log(LogError::CheckpointSign(_)) => 3,
+            Self::Log(LogError::CheckpointBad(_)) => 5,
             Self::Log(_) => 4,
             Self::Issue(IssueError::Sign(_)) => 3,
             Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => 3,
+            Self::Engine(EngineError::Halt(Halt::Interrupted { signal })) => signal.exit_code(),
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
             Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
@@ -91,6 +94,9 @@ impl Error {
             Self::Profile(ProfileError::NotFound { .. }) => {
                 Some("list profiles with `ls HOME/profiles`, or pick one of those named above")
             }
+            Self::Engine(EngineError::Halt(Halt::Interrupted { .. })) => Some(
+                "what was issued before the stop is written and logged, and nothing after it was signed; run the same command again: it finishes the rest and issues nothing twice",
+            ),
             Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => Some(
                 "what was issued before the stop is written and logged; check the token (is it plugged in, logged in, healthy?) and run the same command again: it finishes the rest and issues nothing twice",
             ),

@@ -106,6 +106,12 @@ pub enum LogError {
     /// A checkpoint could not be made or read.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The token failed to sign a checkpoint: a token fault, not a log fault.
+    #[error("checkpoint: the token failed to sign it")]
+    CheckpointSign(#[source] crate::signer::SignError),
+    /// The token's signature over a checkpoint does not verify: a token that signs wrongly.
+    #[error("checkpoint: the token's signature over it does not verify: {0}")]
+    CheckpointBad(String),
     /// The writer hit an fsync failure earlier.
     #[error("the log writer stopped after an earlier fsync failure")]
     Poisoned,
@@ -993,10 +999,12 @@ impl Log {
             return Ok(());
         }
         let note = translog::sign_checkpoint(&self.root.origin, size, self.scan.tree.root(), key)
-            .map_err(LogError::Checkpoint)?;
-        translog::open_checkpoint(&note, &self.root.vkey).map_err(|e| {
-            LogError::Checkpoint(format!("the token's checkpoint does not verify: {e}"))
+            .map_err(|e| match key.take_error() {
+            Some(token) => LogError::CheckpointSign(token),
+            None => LogError::Checkpoint(e),
         })?;
+        translog::open_checkpoint(&note, &self.root.vkey)
+            .map_err(|e| LogError::CheckpointBad(e))?;
         let numbered = self.paths.checkpoints().join(format!("{size:012}"));
         match files::write_new(&numbered, &note) {
             Ok(_) | Err(files::FileError::Exists(_)) => {}

@@ -145,6 +145,9 @@ pub struct NoteKey<'a> {
     name: String,
     key_id: u32,
     signer: &'a dyn CaSigner,
+    /// The token's own error from the last failed signature: the note library only passes on a
+    /// boxed error, and the caller must know it was the token (exit 3), not the log.
+    failed: std::cell::RefCell<Option<crate::signer::SignError>>,
 }
 
 impl<'a> NoteKey<'a> {
@@ -155,7 +158,13 @@ impl<'a> NoteKey<'a> {
             name: origin.to_owned(),
             key_id,
             signer,
+            failed: std::cell::RefCell::new(None),
         })
+    }
+
+    /// The token's error from the last failed signature, if the last signature failed there.
+    pub fn take_error(&self) -> Option<crate::signer::SignError> {
+        self.failed.borrow_mut().take()
     }
 }
 
@@ -169,7 +178,10 @@ impl signed_note::Signer for NoteKey<'_> {
     }
 
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
-        self.signer.sign(msg).map_err(signature::Error::from_source)
+        self.signer.sign(msg).map_err(|e| {
+            *self.failed.borrow_mut() = Some(e.clone());
+            signature::Error::from_source(e)
+        })
     }
 }
 
