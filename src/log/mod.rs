@@ -1003,8 +1003,7 @@ impl Log {
             Some(token) => LogError::CheckpointSign(token),
             None => LogError::Checkpoint(e),
         })?;
-        translog::open_checkpoint(&note, &self.root.vkey)
-            .map_err(|e| LogError::CheckpointBad(e))?;
+        translog::open_checkpoint(&note, &self.root.vkey).map_err(LogError::CheckpointBad)?;
         let numbered = self.paths.checkpoints().join(format!("{size:012}"));
         match files::write_new(&numbered, &note) {
             Ok(_) | Err(files::FileError::Exists(_)) => {}
