@@ -8,7 +8,51 @@
 use std::cell::RefCell;
 
 use crate::keys::PublicKey;
-use crate::token::FaultKind;
+
+/// Whose fault a token or signing error is: decides exit codes and when a batch stops. All are
+/// exit 3 except [`FaultKind::BadSignature`], treated like a certificate failing its
+/// post-signing check (exit 5: a token that signs wrongly must not be used further).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Setup or operator problem: module, token label, PIN, key label, missing mechanism.
+    /// Retrying the same thing fails the same way.
+    Setup,
+    /// The token failed an operation (`CKR_DEVICE_ERROR`, `CKR_GENERAL_ERROR`, a failed RNG
+    /// health check, ...).
+    Token,
+    /// The session or the token went away (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`,
+    /// `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_USER_NOT_LOGGED_IN`, ...): a token
+    /// fault too, but one a reconnect may cure.
+    SessionLost,
+    /// The token returned a signature that is malformed or does not verify.
+    BadSignature,
+}
+
+impl FaultKind {
+    /// The exit code for a run stopped by this fault: 5 for a bad signature, else 3.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::BadSignature => 5,
+            Self::Setup | Self::Token | Self::SessionLost => 3,
+        }
+    }
+
+    /// What the operator can do next, for the faults that are the token's.
+    pub fn hint(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Setup => return None,
+            Self::Token => {
+                "the token reported a failure (look the CKR_ code up in its manual); check it, then run the same command again; it finishes the work and issues nothing twice"
+            }
+            Self::SessionLost => {
+                "the token or its session went away (unplugged, reset or timed out): reconnect it and run the same command again; it finishes the work and issues nothing twice"
+            }
+            Self::BadSignature => {
+                "the token signs wrongly: stop using it, have it checked or replaced; nothing it signed this way was released"
+            }
+        })
+    }
+}
 
 /// A signing failure, with the PKCS#11 function and return value where there is one, and
 /// whose fault it is ([`FaultKind`]) so a batch can stop on a failing token and pick the exit

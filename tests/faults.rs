@@ -146,19 +146,32 @@ fn issue_17_login_and_sign_errors_name_the_function_and_ckr_code() {
     run.fails_with(3, "C_Login returned CKR_DEVICE_ERROR");
     assert!(run.stderr().contains("hint: the token reported a failure"));
 
-    // Which C_Sign fails first (the certificate's or a checkpoint's) and the exit code that
-    // follows are the issuance engine's business; the code is named either way, nothing is
-    // released, and the log verifies.
-    for (fault, code) in [
-        ("fail:CKR_DEVICE_ERROR", "C_Sign returned CKR_DEVICE_ERROR"),
-        ("session-lost", "C_Sign returned CKR_SESSION_HANDLE_INVALID"),
-        ("corrupt", ""),
-    ] {
-        let run = env.hsmca_faulty(&args, &[("HSMCA_SHIM_SIGN", fault)], LIMIT);
-        assert_ne!(run.code(), 0, "{fault}: {}", run.all());
-        assert!(run.all().contains(code), "{fault}: {}", run.all());
-        assert!(!csr.with_extension("crt").exists(), "{fault}: released");
-        log_verifies(&env, &home);
+    // Every C_Sign fails, or only the checkpoint's (the certificate's passes): a token error
+    // is exit 3 wherever it happens, a wrong signature exit 5; nothing is released (a
+    // certificate is released only under a checkpoint), and the log verifies.
+    for after in ["0", "1"] {
+        for (fault, exit, says) in [
+            (
+                "fail:CKR_DEVICE_ERROR",
+                3,
+                "C_Sign returned CKR_DEVICE_ERROR",
+            ),
+            (
+                "session-lost",
+                3,
+                "C_Sign returned CKR_SESSION_HANDLE_INVALID",
+            ),
+            ("corrupt", 5, "does not verify"),
+        ] {
+            // A CSR of its own: a rerun releases what an earlier drill logged.
+            let name = format!("{}{after}", &fault[..4]);
+            let csr = env.p256_csr(&format!("csr/{name}.csr"), &format!("/CN={name}"));
+            let faults = [("HSMCA_SHIM_SIGN", fault), ("HSMCA_SHIM_SIGN_AFTER", after)];
+            let run = env.hsmca_faulty(&sign_args(&home, &[&csr]), &faults, LIMIT);
+            run.fails_with(exit, says);
+            assert!(!csr.with_extension("crt").exists(), "{name}: released");
+            log_verifies(&env, &home);
+        }
     }
     env.hsmca(&args).ok();
     log_verifies(&env, &home);
