@@ -54,6 +54,39 @@ impl FaultKind {
     }
 }
 
+/// Consecutive [`FaultKind::Token`] failures after which a batch stops: one failure may be a
+/// hiccup worth an abandoned intent and a retry on the next certificate; three in a row is a
+/// failing token, and signing on would only turn every remaining CSR into an intent and an
+/// abandon entry.
+pub const MAX_CONSECUTIVE_FAULTS: usize = 3;
+
+/// Decides when a run of signing failures stops a batch (the engine feeds it every signature's
+/// outcome, in the order they finish). A lost session, a wrong signature or a setup problem
+/// stops at once; token faults stop at the [`MAX_CONSECUTIVE_FAULTS`]th in a row; a success
+/// resets the count.
+#[derive(Debug, Default)]
+pub struct FaultStreak {
+    consecutive: usize,
+}
+
+impl FaultStreak {
+    /// Records one signature's outcome; returns the fault that must stop the batch, if any
+    /// (its [`FaultKind::exit_code`] is the run's exit code).
+    pub fn record(&mut self, outcome: Result<(), &SignError>) -> Option<FaultKind> {
+        let Err(e) = outcome else {
+            self.consecutive = 0;
+            return None;
+        };
+        match e.kind() {
+            FaultKind::Token => {
+                self.consecutive += 1;
+                (self.consecutive >= MAX_CONSECUTIVE_FAULTS).then_some(FaultKind::Token)
+            }
+            kind => Some(kind),
+        }
+    }
+}
+
 /// A signing failure, with the PKCS#11 function and return value where there is one, and
 /// whose fault it is ([`FaultKind`]) so a batch can stop on a failing token and pick the exit
 /// code without reading the message.
@@ -156,6 +189,32 @@ impl rcgen::SigningKey for RcgenKey<'_> {
                 *self.error.borrow_mut() = Some(e);
                 rcgen::Error::RemoteKeyError
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streak_of_token_faults_stops_the_batch_and_other_faults_stop_it_at_once() {
+        let fault = |kind| SignError::new(kind, "C_Sign returned CKR_X");
+        let token = fault(FaultKind::Token);
+        let mut streak = FaultStreak::default();
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Ok(())), None);
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Err(&token)), Some(FaultKind::Token));
+        for kind in [
+            FaultKind::SessionLost,
+            FaultKind::BadSignature,
+            FaultKind::Setup,
+        ] {
+            let mut streak = FaultStreak::default();
+            assert_eq!(streak.record(Err(&fault(kind))), Some(kind));
         }
     }
 }
