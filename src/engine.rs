@@ -35,12 +35,7 @@ use crate::log::translog::{self, NoteKey};
 use crate::log::{Body, Log};
 use crate::policy::{Decision, Refusal};
 use crate::profile::Profile;
-use crate::signer::{CaSigner, Keystore};
-
-/// How many signatures in a row may fail before a run stops as a token fault (exit 3). One
-/// failure is reported and the run goes on (a transient error); three in a row is a token that
-/// has gone away or broken, and every further CSR would only add an intent and an abandon.
-pub const TOKEN_FAILURES_IN_A_ROW: usize = 3;
+use crate::signer::{CaSigner, FaultKind, FaultStreak, Keystore};
 
 /// Why a run stopped before its end. The work logged before the stop is released (or
 /// reported) as usual; a rerun of the same command finishes the rest.
@@ -64,8 +59,9 @@ pub enum Halt {
         /// The signal.
         signal: crate::signals::Signal,
     },
-    /// Several signatures in a row failed in the token.
-    #[error("the token failed {count} signatures in a row; the last: {cause}")]
+    /// Signatures failed in the token: several in a row, or one that leaves it unusable (a
+    /// lost session, a setup problem).
+    #[error("the token is failing ({count} failed signature(s) in a row); the last: {cause}")]
     TokenFailing {
         /// Failures in a row.
         count: usize,
@@ -592,10 +588,12 @@ pub fn abandon(intent_seq: u64, reason: &str) -> Body {
 }
 
 /// Watches a run's signatures and says when it must stop: at the first certificate that fails
-/// its post-signing check (exit 5), or after [`TOKEN_FAILURES_IN_A_ROW`] token failures in a
-/// row (exit 3).
+/// its post-signing check, or a signature the token got wrong (exit 5); when the token fails
+/// [`crate::signer::MAX_CONSECUTIVE_FAULTS`] signatures in a row, or once in a way that leaves
+/// it unusable (exit 3). [`crate::signer::FaultStreak`] decides which token faults stop it.
 #[derive(Debug, Default)]
 pub struct Health {
+    streak: FaultStreak,
     failures_in_a_row: usize,
     halt: Option<Halt>,
 }
@@ -603,26 +601,37 @@ pub struct Health {
 impl Health {
     /// Records one certificate's outcome.
     pub fn note(&mut self, ready: &Ready, result: &Result<Vec<u8>, IssueError>) {
-        match result {
-            Ok(_) => self.failures_in_a_row = 0,
+        let stop = match result {
+            Ok(_) => {
+                self.failures_in_a_row = 0;
+                self.streak.record(Ok(()))
+            }
             Err(IssueError::Sign(e)) => {
                 self.failures_in_a_row += 1;
-                if self.failures_in_a_row >= TOKEN_FAILURES_IN_A_ROW && self.halt.is_none() {
-                    self.halt = Some(Halt::TokenFailing {
-                        count: self.failures_in_a_row,
-                        cause: e.to_string(),
-                    });
-                }
+                self.streak.record(Err(e))
             }
             Err(e) => {
-                if self.halt.is_none() || matches!(self.halt, Some(Halt::TokenFailing { .. })) {
-                    self.halt = Some(Halt::BadCertificate {
-                        serial: ready.serial(),
-                        cause: crate::error::chain(e),
-                    });
-                }
+                self.halt = Some(Halt::BadCertificate {
+                    serial: ready.serial(),
+                    cause: crate::error::chain(e),
+                });
+                return;
             }
+        };
+        if self.halt.is_some() {
+            return;
         }
+        self.halt = match (stop, result) {
+            (Some(FaultKind::BadSignature), Err(e)) => Some(Halt::BadCertificate {
+                serial: ready.serial(),
+                cause: crate::error::chain(e),
+            }),
+            (Some(_), Err(e)) => Some(Halt::TokenFailing {
+                count: self.failures_in_a_row,
+                cause: crate::error::chain(e),
+            }),
+            _ => None,
+        };
     }
 
     /// Why the run must stop, if it must. A stop signal (SIGINT, SIGTERM) received since the

@@ -59,10 +59,11 @@ impl Error {
         match self {
             Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
-            Self::Log(LogError::CheckpointSign(_)) => 3,
-            Self::Log(LogError::CheckpointBad(_)) => 5,
+            // A token fault while signing a checkpoint is the token's, not the log's.
+            Self::Log(LogError::CheckpointSign(e)) | Self::Issue(IssueError::Sign(e)) => {
+                e.kind().exit_code()
+            }
             Self::Log(_) => 4,
-            Self::Issue(IssueError::Sign(_)) => 3,
             Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => 3,
             Self::Engine(EngineError::Halt(Halt::Interrupted { signal })) => signal.exit_code(),
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
@@ -86,6 +87,9 @@ impl Error {
         }
         match self {
             Self::Token(e) => e.hint(),
+            Self::Log(LogError::CheckpointSign(e)) | Self::Issue(IssueError::Sign(e)) => {
+                e.kind().hint()
+            }
             Self::Log(e) => e.hint(),
             Self::Pin(e) => Some(e.hint()),
             Self::Home(HomeError::Missing(_)) => {
@@ -178,5 +182,21 @@ mod tests {
             source: io::Error::from(io::ErrorKind::PermissionDenied),
         });
         assert_eq!(other.hint(), None);
+    }
+
+    #[test]
+    fn a_token_fault_while_signing_is_exit_3_and_a_wrong_signature_exit_5() {
+        use crate::signer::{FaultKind, SignError};
+        for (kind, code) in [
+            (FaultKind::Token, 3),
+            (FaultKind::SessionLost, 3),
+            (FaultKind::BadSignature, 5),
+        ] {
+            let e = || SignError::new(kind, "C_Sign returned CKR_X");
+            let checkpoint = Error::Log(LogError::CheckpointSign(e()));
+            assert_eq!(checkpoint.exit_code(), code, "{kind:?}");
+            assert_eq!(checkpoint.hint(), kind.hint());
+            assert_eq!(Error::Issue(IssueError::Sign(e())).exit_code(), code);
+        }
     }
 }

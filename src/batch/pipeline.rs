@@ -671,9 +671,9 @@ fn sign_worker(
     signed: &std::sync::mpsc::Sender<Signed>,
     stop: &AtomicBool,
 ) {
-    // A session that fails this many signatures in a row stops the others at once: a token
-    // that has gone away can take seconds per failed call.
-    let mut failures = 0;
+    // A session whose token faults must stop the run stops the others at once: a token that
+    // has gone away can take seconds per failed call.
+    let mut streak = crate::signer::FaultStreak::default();
     while let Some((chunk, positions, ready)) = next(jobs) {
         let signatures = positions
             .into_iter()
@@ -682,12 +682,11 @@ fn sign_worker(
                     return (pos, None);
                 }
                 let tbs = &ready[pos].ready.prepared.tbs;
-                let signed = key.sign(tbs).map_err(issue::IssueError::Sign);
-                failures = if signed.is_ok() { 0 } else { failures + 1 };
-                if failures >= engine::TOKEN_FAILURES_IN_A_ROW {
+                let signed = key.sign(tbs);
+                if streak.record(signed.as_ref().map(|_| ())).is_some() {
                     stop.store(true, Ordering::SeqCst);
                 }
-                (pos, Some(signed))
+                (pos, Some(signed.map_err(issue::IssueError::Sign)))
             })
             .collect();
         if signed.send((chunk, signatures, ready)).is_err() {

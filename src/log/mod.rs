@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use crate::clock::rfc3339;
 use crate::files;
 use crate::keys::{self, PublicKey};
+use crate::signer::{FaultKind, SignError};
 pub use entry::{Body, Entry};
 use translog::{NoteKey, Tree};
 
@@ -106,12 +107,10 @@ pub enum LogError {
     /// A checkpoint could not be made or read.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    /// The token failed to sign a checkpoint: a token fault, not a log fault.
-    #[error("checkpoint: the token failed to sign it")]
-    CheckpointSign(#[source] crate::signer::SignError),
-    /// The token's signature over a checkpoint does not verify: a token that signs wrongly.
-    #[error("checkpoint: the token's signature over it does not verify: {0}")]
-    CheckpointBad(String),
+    /// The token failed to sign a checkpoint, or signed it wrongly: a token fault, not a log
+    /// problem (its [`SignError::kind`] decides the exit code).
+    #[error("checkpoint: {0}")]
+    CheckpointSign(SignError),
     /// The writer hit an fsync failure earlier.
     #[error("the log writer stopped after an earlier fsync failure")]
     Poisoned,
@@ -1000,10 +999,15 @@ impl Log {
         }
         let note = translog::sign_checkpoint(&self.root.origin, size, self.scan.tree.root(), key)
             .map_err(|e| match key.take_error() {
-            Some(token) => LogError::CheckpointSign(token),
+            Some(sign) => LogError::CheckpointSign(sign),
             None => LogError::Checkpoint(e),
         })?;
-        translog::open_checkpoint(&note, &self.root.vkey).map_err(LogError::CheckpointBad)?;
+        translog::open_checkpoint(&note, &self.root.vkey).map_err(|e| {
+            LogError::CheckpointSign(SignError::new(
+                FaultKind::BadSignature,
+                format!("the token's checkpoint does not verify: {e}"),
+            ))
+        })?;
         let numbered = self.paths.checkpoints().join(format!("{size:012}"));
         match files::write_new(&numbered, &note) {
             Ok(_) | Err(files::FileError::Exists(_)) => {}
