@@ -382,6 +382,12 @@ impl<'t> CaSession<'t> {
     /// (see [`Health`]) abandons the intents it did not sign and says why in `halt`; what was
     /// issued before is returned for release as usual.
     pub fn issue(&mut self, ready: Vec<Ready>) -> Result<Issued, Error> {
+        if ready.is_empty() {
+            return Ok(Issued {
+                certificates: Vec::new(),
+                halt: None,
+            });
+        }
         let intents = ready.iter().map(Ready::intent).collect();
         let seqs = self.append(intents)?;
         danger_crash_point("after-intent");
@@ -770,8 +776,9 @@ mod tests {
             })?;
             let pair = rcgen::KeyPair::try_from(der.as_slice())
                 .map_err(|e| crate::Error::Internal(e.to_string()))?;
-            let public = PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
-                .map_err(|e| crate::Error::Internal(e.to_string()))?;
+            let public =
+                PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
+                    .map_err(|e| crate::Error::Internal(e.to_string()))?;
             let fault = match self.fault.get() {
                 Some(f) if !label.ends_with("-log") => f,
                 _ => Fault::Healthy,
@@ -819,8 +826,9 @@ mod tests {
             );
             let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
                 .map_err(|e| crate::Error::Internal(e.to_string()))?;
-            let public = PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
-                .map_err(|e| crate::Error::Internal(e.to_string()))?;
+            let public =
+                PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
+                    .map_err(|e| crate::Error::Internal(e.to_string()))?;
             self.keys
                 .borrow_mut()
                 .insert(label.to_owned(), pair.serialize_der());

@@ -362,14 +362,7 @@ pub fn renew(
             },
         }
     }
-    let issued = if ready.is_empty() {
-        engine::Issued {
-            certificates: Vec::new(),
-            halt: None,
-        }
-    } else {
-        session.issue(ready)?
-    };
+    let issued = session.issue(ready)?;
     for ((r, result), (index, csr)) in issued
         .certificates
         .into_iter()

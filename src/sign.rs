@@ -191,14 +191,7 @@ pub fn sign(
             },
         }
     }
-    let issued = if ready.is_empty() {
-        engine::Issued {
-            certificates: Vec::new(),
-            halt: None,
-        }
-    } else {
-        session.issue(ready)?
-    };
+    let issued = session.issue(ready)?;
     for ((r, result), index) in issued
         .certificates
         .into_iter()

@@ -186,6 +186,17 @@ fn open_regular(opts: &mut OpenOptions, path: &Path) -> Result<File, LogError> {
     Ok(file)
 }
 
+/// The whole of a small CA-home file (a checkpoint, the verifier key), read without following a
+/// symlink and only if it is a regular file.
+fn read_regular(path: &Path) -> Result<Vec<u8>, LogError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(OpenOptions::new().read(true), path)?
+        .read_to_end(&mut bytes)
+        .map_err(io_at(path))?;
+    Ok(bytes)
+}
+
 /// The root entry's facts the rest of the log is checked against.
 #[derive(Debug, Clone)]
 pub struct RootInfo {
@@ -585,7 +596,7 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
     let mut last_good = 0u64;
     let mut reported = false;
     for (n, path) in &sizes {
-        let bytes = fs::read(path).map_err(io_at(path))?;
+        let bytes = read_regular(path)?;
         let origin = scan
             .root
             .as_ref()
@@ -635,7 +646,7 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
         }
     }
     let latest = paths.checkpoint();
-    let bytes = fs::read(&latest).map_err(io_at(&latest))?;
+    let bytes = read_regular(&latest)?;
     match translog::open_checkpoint(&bytes, vkey) {
         Err(e) => {
             scan.problem(None, format!("latest checkpoint: {e}"));
@@ -715,8 +726,8 @@ pub fn verify_with(
         scan.problem(Some(0), "the first entry is not the root entry");
         return Ok(report(scan, None, String::new()));
     };
-    if let Ok(file_vkey) = fs::read_to_string(paths.vkey())
-        && file_vkey.trim() != recorded
+    if let Ok(file_vkey) = read_regular(&paths.vkey())
+        && String::from_utf8_lossy(&file_vkey).trim() != recorded
     {
         scan.problem(
             None,
