@@ -585,6 +585,15 @@ pub fn settle(
     (body, result)
 }
 
+/// The entry that records a batch's plan: the hash reviewers saw (or, for `sign-dir INPUT`, of
+/// the items it decided) and how many certificates it was to issue.
+pub fn plan(hash: &str, to_issue: u64) -> Body {
+    Body::Plan {
+        plan_sha256: hash.to_owned(),
+        to_issue,
+    }
+}
+
 /// The entry that closes an intent with nothing released.
 pub fn abandon(intent_seq: u64, reason: &str) -> Body {
     Body::Abandon {

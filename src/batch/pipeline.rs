@@ -227,10 +227,7 @@ fn run<'a>(
             .iter()
             .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
             .count() as u64;
-        session.append(vec![Body::Plan {
-            plan_sha256: plan.hash.clone(),
-            to_issue,
-        }])?;
+        session.append(vec![engine::plan(&plan.hash, to_issue)])?;
     }
 
     // Every profile and issuer of the batch, and one set of token sessions per issuer, up
@@ -465,10 +462,7 @@ fn run<'a>(
         Source::Found(_) if health.halt().is_some() => String::new(),
         Source::Found(_) => {
             let (plan_sha256, to_issue) = hasher.finish();
-            session.append(vec![Body::Plan {
-                plan_sha256: plan_sha256.clone(),
-                to_issue,
-            }])?;
+            session.append(vec![engine::plan(&plan_sha256, to_issue)])?;
             session.checkpoint()?;
             plan_sha256
         }
