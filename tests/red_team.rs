@@ -777,3 +777,108 @@ fn directories_swapped_for_symlinks_mid_run_never_lead_outside_the_input_or_the_
     assert_eq!(items, n, "{done:?}");
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+#[test]
+fn kubectl_objects_not_plainly_approved_or_asking_for_forever_are_not_signed_as_asked() {
+    let env = Env::new("objects");
+    let home = env.init("ca", "objects", "ecdsa-p256");
+    use base64::Engine;
+    let approved = serde_json::json!({"type": "Approved", "status": "True"});
+    let object = |name: &str, status: serde_json::Value, expiration: Option<u64>| {
+        let path = env.path(&format!("usb/{name}.csr"));
+        csr(&path, &format!("/CN={name}.test.internal"), &[]);
+        let request =
+            base64::engine::general_purpose::STANDARD.encode(std::fs::read(&path).unwrap());
+        let mut spec = serde_json::json!({"request": request, "signerName": "example.com/test",
+            "usages": ["digital signature", "client auth"], "username": "mallory"});
+        if let Some(e) = expiration {
+            spec["expirationSeconds"] = e.into();
+        }
+        serde_json::json!({"apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest", "metadata": {"name": name},
+            "spec": spec, "status": status})
+    };
+    let items = vec![
+        object(
+            "approved-false",
+            serde_json::json!({"conditions": [{"type": "Approved", "status": "False"}]}),
+            None,
+        ),
+        object(
+            "approved-then-denied",
+            serde_json::json!({"conditions": [approved, {"type": "Denied", "status": "True"}]}),
+            None,
+        ),
+        object(
+            "approved-then-failed",
+            serde_json::json!({"conditions": [approved, {"type": "Failed", "status": "True"}]}),
+            None,
+        ),
+        object(
+            "has-certificate",
+            serde_json::json!({"conditions": [approved], "certificate": "eA=="}),
+            None,
+        ),
+        object(
+            "forever",
+            serde_json::json!({"conditions": [approved]}),
+            Some(u64::MAX),
+        ),
+        object("twice", serde_json::json!({"conditions": [approved]}), None),
+        object("twice", serde_json::json!({"conditions": [approved]}), None),
+    ];
+    let objects = env.path("usb/csrs.json");
+    std::fs::write(
+        &objects,
+        serde_json::to_vec(&serde_json::json!({"kind": "List", "items": items})).unwrap(),
+    )
+    .unwrap();
+    let signers = env.path("usb/signers.json");
+    std::fs::write(&signers, r#"{"example.com/test": "test-any-key"}"#).unwrap();
+    let out = env.path("usb/status");
+    let run = hsmca_within(
+        &env,
+        60,
+        &[
+            "sign-dir",
+            "--home",
+            s(&home),
+            s(&objects),
+            "--manifest",
+            s(&signers),
+            "--out",
+            s(&out),
+            "--json",
+        ],
+    );
+    run.code_is(1);
+    let done = outcomes(&run);
+    for name in [
+        "approved-false",
+        "approved-then-denied",
+        "approved-then-failed",
+        "has-certificate",
+    ] {
+        assert_eq!(done[name]["outcome"], "skipped", "{name}: {done:?}");
+        assert!(!out.join(format!("{name}.status.json")).exists());
+    }
+    assert_eq!(done["forever"]["outcome"], "issued", "{done:?}");
+    assert_eq!(done["twice"]["outcome"], "issued", "{done:?}");
+    assert_eq!(rule(&done["items[6]"]), "k8s.name", "{done:?}");
+    assert_eq!(certs_logged(&home).len(), 2);
+    // expirationSeconds of u64::MAX is capped by the profile (test-any-key: at most 90 days).
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("forever.status.json")).unwrap()).unwrap();
+    let chain = base64::engine::general_purpose::STANDARD
+        .decode(status["status"]["certificate"].as_str().unwrap())
+        .unwrap();
+    let pem = env.path("forever.pem");
+    std::fs::write(&pem, chain).unwrap();
+    // `-checkend N` fails when the certificate expires within N seconds (90 days and 10 min).
+    let end = Command::new("openssl")
+        .args(["x509", "-in", s(&pem), "-noout", "-checkend", "7776600"])
+        .output()
+        .unwrap();
+    assert!(!end.status.success(), "{end:?}");
+    assert!(String::from_utf8_lossy(&end.stdout).contains("will expire"));
+}
