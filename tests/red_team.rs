@@ -882,3 +882,51 @@ fn kubectl_objects_not_plainly_approved_or_asking_for_forever_are_not_signed_as_
     assert!(!end.status.success(), "{end:?}");
     assert!(String::from_utf8_lossy(&end.stdout).contains("will expire"));
 }
+
+#[test]
+fn export_and_crl_outputs_planted_as_links_into_the_ca_home_leave_it_untouched() {
+    let env = Env::new("exportlinks");
+    let home = env.init("ca", "exportlinks", "ecdsa-p256");
+    let export = env.path("usb/export");
+    std::fs::create_dir_all(export.join("proofs")).unwrap();
+    std::os::unix::fs::symlink(home.join("log/entries.jsonl"), export.join("entries.jsonl"))
+        .unwrap();
+    std::os::unix::fs::symlink(home.join("root.pem"), export.join("log.vkey")).unwrap();
+    std::os::unix::fs::symlink(home.join("hsmca.json"), export.join("proofs/1.tlog-proof"))
+        .unwrap();
+    let before: Vec<Vec<u8>> = ["log/entries.jsonl", "root.pem", "hsmca.json"]
+        .iter()
+        .map(|f| std::fs::read(home.join(f)).unwrap())
+        .collect();
+    let run = hsmca_within(
+        &env,
+        60,
+        &["log", "export", "--home", s(&home), "--out", s(&export)],
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    let crl = export.join("log.vkey");
+    let run = hsmca_within(
+        &env,
+        60,
+        &[
+            "crl",
+            "--home",
+            s(&home),
+            "--issuer",
+            "root",
+            "--next-update",
+            "30d",
+            "--out",
+            s(&crl),
+        ],
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    let log = std::fs::read(home.join("log/entries.jsonl")).unwrap();
+    assert!(log.starts_with(&before[0]), "the log was rewritten");
+    assert_eq!(std::fs::read(home.join("root.pem")).unwrap(), before[1]);
+    assert_eq!(std::fs::read(home.join("hsmca.json")).unwrap(), before[2]);
+    for link in ["entries.jsonl", "log.vkey", "proofs/1.tlog-proof"] {
+        assert!(export.join(link).symlink_metadata().unwrap().is_symlink());
+    }
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}
