@@ -24,6 +24,14 @@ fn hsmca_within(env: &Env, secs: u64, args: &[&str]) -> Run {
     run_within(cmd, Duration::from_secs(secs))
 }
 
+/// `sign-dir --home HOME ARGS --out OUT --json`, killed after `secs` seconds.
+fn sign_dir(env: &Env, secs: u64, home: &Path, args: &[&str], out: &Path) -> Run {
+    let mut all = vec!["sign-dir", "--home", s(home)];
+    all.extend_from_slice(args);
+    all.extend(["--out", s(out), "--json"]);
+    hsmca_within(env, secs, &all)
+}
+
 /// A P-256 CSR made by `openssl req` with `subj` (and `extra` arguments) at `path`.
 fn csr(path: &Path, subj: &str, extra: &[&str]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -136,20 +144,12 @@ fn output_names_hard_linked_into_the_ca_home_or_taken_by_directories_fail_only_t
     let log_before = std::fs::read(home.join("log/entries.jsonl")).unwrap();
     let config_before = std::fs::read(home.join("hsmca.json")).unwrap();
 
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--profile",
-            "test-any-key",
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--profile", "test-any-key"],
+        &out,
     );
     run.code_is(1);
     let done = outcomes(&run);
@@ -189,20 +189,12 @@ fn a_csr_hard_linked_to_a_secret_never_shows_the_secret() {
     csr(&input.join("good.csr"), "/CN=good.test.internal", &[]);
     let out = env.path("usb/certs");
     let runs = [
-        hsmca_within(
+        sign_dir(
             &env,
             60,
-            &[
-                "sign-dir",
-                "--home",
-                s(&home),
-                s(&input),
-                "--profile",
-                "test-any-key",
-                "--out",
-                s(&out),
-                "--json",
-            ],
+            &home,
+            &[s(&input), "--profile", "test-any-key"],
+            &out,
         ),
         hsmca_within(
             &env,
@@ -241,20 +233,12 @@ fn sparse_terabyte_inputs_are_refused_in_seconds() {
     }
     let out = env.path("usb/certs");
     let started = std::time::Instant::now();
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--profile",
-            "test-any-key",
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--profile", "test-any-key"],
+        &out,
     );
     run.code_is(1);
     let done = outcomes(&run);
@@ -363,20 +347,7 @@ fn a_plan_edited_to_issue_what_was_refused_is_refused_again() {
     std::fs::write(&plan_file, serde_json::to_vec(&plan).unwrap()).unwrap();
     let before = certs_logged(&home).len();
     let out = env.path("usb/certs");
-    let run = hsmca_within(
-        &env,
-        60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            "--plan",
-            s(&plan_file),
-            "--out",
-            s(&out),
-            "--json",
-        ],
-    );
+    let run = sign_dir(&env, 60, &home, &["--plan", s(&plan_file)], &out);
     run.code_is(1);
     let done = outcomes(&run);
     assert_eq!(done["masters.csr"]["outcome"], "refused", "{done:?}");
@@ -420,20 +391,12 @@ fn repeated_or_multi_valued_organizations_and_ca_requests_are_refused_on_every_b
         r#"{"repeated.csr": "admin", "multi.csr": "admin", "ca.csr": "admin"}"#,
     )
     .unwrap();
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--manifest",
-            s(&manifest),
-            "--out",
-            s(&env.path("usb/certs")),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--manifest", s(&manifest)],
+        &env.path("usb/certs"),
     );
     run.code_is(1);
     let done = outcomes(&run);
@@ -472,19 +435,7 @@ fn repeated_or_multi_valued_organizations_and_ca_requests_are_refused_on_every_b
         serde_json::to_vec(&serde_json::json!({"kind": "List", "items": items})).unwrap(),
     )
     .unwrap();
-    let run = hsmca_within(
-        &env,
-        60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&objects),
-            "--out",
-            s(&env.path("usb/status")),
-            "--json",
-        ],
-    );
+    let run = sign_dir(&env, 60, &home, &[s(&objects)], &env.path("usb/status"));
     run.code_is(1);
     let done = outcomes(&run);
     for item in ["repeated", "multi", "ca"] {
@@ -512,21 +463,7 @@ fn a_rerun_under_a_profile_that_refuses_the_csr_does_not_release_the_old_certifi
     ])
     .ok();
     let second = env.path("usb/second");
-    let run = hsmca_within(
-        &env,
-        60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--profile",
-            "admin",
-            "--out",
-            s(&second),
-            "--json",
-        ],
-    );
+    let run = sign_dir(&env, 60, &home, &[s(&input), "--profile", "admin"], &second);
     run.code_is(1);
     assert_eq!(outcomes(&run)["r.csr"]["outcome"], "refused");
     assert!(!second.join("r.crt").exists());
@@ -743,20 +680,12 @@ fn directories_swapped_for_symlinks_mid_run_never_lead_outside_the_input_or_the_
             swaps
         })
     };
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         120,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&input),
-            "--manifest",
-            s(&manifest_file),
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&input), "--manifest", s(&manifest_file)],
+        &out,
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let swaps = swapper.join().unwrap();
@@ -836,20 +765,12 @@ fn kubectl_objects_not_plainly_approved_or_asking_for_forever_are_not_signed_as_
     let signers = env.path("usb/signers.json");
     std::fs::write(&signers, r#"{"example.com/test": "test-any-key"}"#).unwrap();
     let out = env.path("usb/status");
-    let run = hsmca_within(
+    let run = sign_dir(
         &env,
         60,
-        &[
-            "sign-dir",
-            "--home",
-            s(&home),
-            s(&objects),
-            "--manifest",
-            s(&signers),
-            "--out",
-            s(&out),
-            "--json",
-        ],
+        &home,
+        &[s(&objects), "--manifest", s(&signers)],
+        &out,
     );
     run.code_is(1);
     let done = outcomes(&run);
