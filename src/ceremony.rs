@@ -159,7 +159,12 @@ pub fn init_with(
         subject: req.subject.clone(),
         serial: serial(token)?,
         not_before: now - policy::BACKDATE,
-        not_after: now + req.validity.to_time(),
+        not_after: now.checked_add(req.validity.to_time()).ok_or_else(|| {
+            Error::Usage(format!(
+                "--validity {} is past the end of time",
+                req.validity
+            ))
+        })?,
     };
     let root_der = issue::self_signed_root(&spec, root_key)?;
     let origin = match &req.origin {

@@ -171,6 +171,8 @@ impl OutDir {
     /// must not be a symlink: an output directory on the stick that points elsewhere (into the
     /// CA home, say) is refused.
     pub fn open(dir: &Path) -> Result<Self, FileError> {
+        let dir = crate::input::without_trailing_slash(dir);
+        let dir = dir.as_path();
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let fd = nix::fcntl::open(dir, dir_flags(), Mode::empty()).map_err(|e| match e {
             Errno::ELOOP | Errno::ENOTDIR => FileError::InTheWay {

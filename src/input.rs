@@ -263,6 +263,8 @@ pub type Problem = (String, InputError);
 impl Root {
     /// Opens the input directory `dir`. Its last component must not be a symlink either.
     pub fn open(dir: &Path) -> Result<Self, InputError> {
+        let dir = without_trailing_slash(dir);
+        let dir = dir.as_path();
         let shown = dir.display().to_string();
         let fd = nix::fcntl::open(dir, dir_flags(), Mode::empty()).map_err(|e| match e {
             // With O_DIRECTORY a symlink comes back as ENOTDIR.
@@ -484,6 +486,18 @@ impl Root {
     }
 }
 
+/// `dir` without a trailing slash. A trailing slash makes the kernel resolve the last
+/// component as a directory even under `O_NOFOLLOW`, so `usb/in/` would follow a symlink
+/// `usb/in` that `usb/in` is refused for (shells add the slash on tab completion).
+pub(crate) fn without_trailing_slash(dir: &Path) -> std::path::PathBuf {
+    let trimmed: std::path::PathBuf = dir.components().collect();
+    if trimmed.as_os_str().is_empty() {
+        dir.to_path_buf()
+    } else {
+        trimmed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,5 +619,14 @@ mod tests {
         assert!(Root::open(&dir.path().join("real")).is_ok());
         let e = Root::open(&dir.path().join("link")).unwrap_err();
         assert_eq!(e.rule(), "input.symlink");
+        // A trailing slash (tab completion adds one) does not make the kernel follow it.
+        let slashed = std::path::PathBuf::from(format!("{}/", dir.path().join("link").display()));
+        let e = Root::open(&slashed).unwrap_err();
+        assert_eq!(e.rule(), "input.symlink");
+        let out = crate::files::OutDir::open(&slashed);
+        assert!(
+            out.is_err(),
+            "an output directory that is a symlink is refused too"
+        );
     }
 }

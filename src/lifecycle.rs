@@ -181,7 +181,11 @@ pub fn crl(
     let spec = crate::crl::Spec {
         number: session.log().last_crl_number(issuer_name) + 1,
         this_update: now,
-        next_update: now + next_update.to_time(),
+        next_update: now.checked_add(next_update.to_time()).ok_or_else(|| {
+            Error::Usage(format!(
+                "--next-update {next_update} is past the end of time"
+            ))
+        })?,
         revoked: entries,
     };
     let prepared = crate::crl::prepare(&spec, &issuer)?;
@@ -264,7 +268,9 @@ pub struct Expiring {
 /// certificate already renewed is left out: its successor is what matters.
 pub fn expiring(home: &Home, within: Duration, clock: &dyn Clock) -> Result<Vec<Expiring>, Error> {
     let now = clock.now();
-    let horizon = now + within.to_time();
+    let horizon = now
+        .checked_add(within.to_time())
+        .ok_or_else(|| Error::Usage(format!("--within {within} is past the end of time")))?;
     let root = home.root()?;
     let mut out = Vec::new();
     let mut push = |serial: String, profile: String, facts: &verify::CertFacts, ca: bool| {

@@ -361,6 +361,20 @@ pub fn decide(
         }
     }
     subject.sort_by_key(|(a, _)| SUBJECT_ORDER.iter().position(|o| o == a));
+    // system:masters bypasses every RBAC rule. Whatever a profile's patterns or the site's
+    // lists let through, only a profile marked danger_system_masters may put it in a
+    // certificate (the profile loader checks the literal values; this checks the result).
+    if !profile.danger_system_masters
+        && subject
+            .iter()
+            .any(|(a, v)| *a == AttrType::O && v.eq_ignore_ascii_case("system:masters"))
+    {
+        refuse(
+            "subject.O.system_masters",
+            "no system:masters unless the profile is marked danger_system_masters".into(),
+            "system:masters".into(),
+        );
+    }
 
     // Subject alternative names.
     let mut dns_names = Vec::new();
@@ -489,16 +503,19 @@ pub fn decide(
         );
     }
     let not_before = ctx.now - BACKDATE;
-    let not_after = ctx.now + validity.to_time();
-    if not_after > ctx.issuer_not_after {
-        refuse(
+    // A validity from the stick (a manifest, expirationSeconds) can be absurd: past the end of
+    // time is a refusal like any other, never an overflow.
+    let not_after = ctx.now.checked_add(validity.to_time());
+    match not_after {
+        Some(t) if t <= ctx.issuer_not_after => {}
+        _ => refuse(
             "validity.issuer",
             format!(
                 "notAfter no later than the issuer's {}",
                 crate::clock::rfc3339(ctx.issuer_not_after)
             ),
-            crate::clock::rfc3339(not_after),
-        );
+            not_after.map_or_else(|| validity.to_string(), crate::clock::rfc3339),
+        ),
     }
 
     if !refusals.is_empty() {
@@ -516,7 +533,7 @@ pub fn decide(
         issuer: profile.issuer.clone(),
         ca: profile.ca.clone(),
         not_before,
-        not_after,
+        not_after: not_after.unwrap_or(ctx.issuer_not_after),
         serial: ctx.serial.clone(),
         public_key: csr.public_key.clone(),
         csr_sha256: csr.sha256.clone(),
@@ -743,6 +760,50 @@ mod tests {
             got.contains(&("profile.ca".to_owned(), "kubelet".to_owned())),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn system_masters_needs_a_danger_profile_whatever_its_patterns_allow() {
+        use rcgen::DnType::*;
+        let mut loose = profile();
+        loose.subject.get_mut("O").unwrap().values = vec![];
+        loose.subject.get_mut("O").unwrap().forbidden = vec![];
+        loose.subject.get_mut("O").unwrap().patterns = vec!["system:{node}".into()];
+        let masters = csr(
+            &[
+                (CommonName, "system:node:n1"),
+                (OrganizationName, "system:masters"),
+            ],
+            &[],
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        );
+        let got = rules(decide(&loose, &masters, &ctx()));
+        assert_eq!(
+            got,
+            vec![(
+                "subject.O.system_masters".to_owned(),
+                "system:masters".to_owned()
+            )]
+        );
+        loose.danger_system_masters = true;
+        assert!(decide(&loose, &masters, &ctx()).is_ok());
+    }
+
+    #[test]
+    fn an_absurd_validity_is_a_refusal_not_an_overflow() {
+        let max = Context {
+            requested_validity: Some(Duration(u64::MAX)),
+            ..ctx()
+        };
+        let got = rules(decide(&profile(), &node(&[]), &max));
+        assert!(got.iter().any(|(r, _)| r == "validity.issuer"), "{got:?}");
+        assert!(got.iter().any(|(r, _)| r == "validity.max"), "{got:?}");
+        let huge = Duration::parse("9999999999d").unwrap();
+        let huge = Context {
+            requested_validity: Some(huge),
+            ..ctx()
+        };
+        assert!(decide(&profile(), &node(&[]), &huge).is_err());
     }
 
     #[test]

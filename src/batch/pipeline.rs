@@ -495,7 +495,17 @@ fn run<'a>(
     if batch.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
             if let Ok((cert, _)) = home.issuer(ca) {
-                out_dir.write_new(rel, engine::pem("CERTIFICATE", &cert.der).as_bytes())?;
+                // Something planted at a CA file's name fails that file, not the batch: every
+                // certificate is already issued and written.
+                let pem = engine::pem("CERTIFICATE", &cert.der);
+                if let Err(e) = out_dir.write_new(rel, pem.as_bytes()) {
+                    on_done(&Done::Failed {
+                        file: rel.to_owned(),
+                        rule: e.rule().into(),
+                        error: crate::error::chain(&e),
+                    })?;
+                    refused += 1;
+                }
             }
         }
     }
