@@ -18,7 +18,7 @@ use crate::files;
 use crate::home::{self, Home};
 use crate::issue::{self, IssuerCert};
 use crate::keys;
-use crate::kubeadm::{KUBEADM_CAS, fill_kubeconfig};
+use crate::kubeadm::{self, KUBEADM_CAS, KubeconfigError};
 use crate::log::Body;
 use crate::profile::Profile;
 use crate::signer::CaSigner;
@@ -381,18 +381,19 @@ fn run<'a>(
                 log.checkpoint(&note_key)?;
                 home::danger_crash_point("after-checkpoint");
             }
-            for chunk in finished {
-                let outputs = chunk
-                    .release
-                    .iter()
-                    .map(|(path, der, file, profile)| {
-                        let issuer = issuers
-                            .get(profile)
-                            .map_or("root", |(p, _)| p.issuer.as_str());
-                        let bytes = output_bytes(home, batch, file, issuer, path, der);
-                        (path.clone(), bytes)
-                    })
-                    .collect();
+            for mut chunk in finished {
+                let mut outputs = Vec::with_capacity(chunk.release.len());
+                for (path, der, file, profile) in &chunk.release {
+                    let issuer = issuers
+                        .get(profile)
+                        .map_or("root", |(p, _)| p.issuer.as_str());
+                    match output_bytes(home, batch, file, issuer, path, der) {
+                        Ok(bytes) => outputs.push((path.clone(), bytes)),
+                        // Logged but not releasable (a kubeconfig template that cannot be
+                        // completed): this item fails with the rule; nothing is written.
+                        Err(e) => withhold(&mut chunk.done, path, &e),
+                    }
+                }
                 writer.send(outputs)?;
                 for d in chunk.done.into_values() {
                     if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
@@ -1007,7 +1008,7 @@ fn stage_found(
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
-/// input with the certificate and the CA embedded.
+/// input with the certificate and the CA embedded (and checked against each other and the key).
 fn output_bytes(
     home: &Home,
     batch: &Batch<'_>,
@@ -1015,7 +1016,7 @@ fn output_bytes(
     issuer: &str,
     path: &Path,
     der: &[u8],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, KubeconfigError> {
     let pem = home::pem("CERTIFICATE", der);
     if let Inputs::Objects(objects) = batch.inputs {
         // Leaf first, then the intermediates; the cluster already trusts the root.
@@ -1030,19 +1031,32 @@ fn output_bytes(
         let status = objects
             .get(item)
             .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
-        return serde_json::to_vec_pretty(&status).unwrap_or_default();
+        return Ok(serde_json::to_vec_pretty(&status).unwrap_or_default());
     }
     if path.extension().is_none_or(|e| e != "conf") {
-        return pem.into_bytes();
+        return Ok(pem.into_bytes());
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let template = std::fs::read_to_string(batch.input.join(&name)).unwrap_or_default();
-    let ca = home
-        .issuer("kubernetes-ca")
-        .map(|(c, _)| home::pem("CERTIFICATE", &c.der))
-        .unwrap_or_default();
-    fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes()
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let template = kubeadm::read_template(&batch.input.join(&*name))?;
+    let (ca, _) = home.issuer(issuer).map_err(|e| KubeconfigError::Ca {
+        file: name.to_string(),
+        reason: crate::error::chain(&e),
+    })?;
+    kubeadm::fill_kubeconfig(&name, &template, der, &ca.der).map(String::into_bytes)
+}
+
+/// Turns the outcome of an issued item whose file cannot be released into a failure with the
+/// rule that stopped it. Its certificate is in the log; a rerun after fixing the input writes it.
+fn withhold(done: &mut BTreeMap<usize, Done>, path: &Path, e: &KubeconfigError) {
+    for d in done.values_mut() {
+        if let Done::Issued { file, out, .. } = d
+            && out == path
+        {
+            *d = Done::Failed {
+                file: std::mem::take(file),
+                rule: e.rule().into(),
+                error: format!("issued and logged, but not released: {e}"),
+            };
+        }
+    }
 }
