@@ -1055,7 +1055,10 @@ fn withhold(done: &mut BTreeMap<usize, Done>, path: &Path, e: &KubeconfigError) 
             *d = Done::Failed {
                 file: std::mem::take(file),
                 rule: e.rule().into(),
-                error: format!("issued and logged, but not released: {e}"),
+                error: format!(
+                    "issued and logged, but not released: {}",
+                    crate::error::chain(e)
+                ),
             };
         }
     }
