@@ -632,8 +632,59 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
     ]);
     assert!(dates.contains("TLS Web Server Authentication"), "{dates}");
     let script = std::fs::read_to_string(out.join("apply-status.sh")).unwrap();
-    assert!(script.contains("kubectl replace --raw /apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status -f"), "{script}");
+    assert!(script.contains("kubectl replace --raw '/apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status' -f"), "{script}");
     assert_eq!(script.matches("kubectl replace").count(), 4);
+    // The script runs from any directory, after the stick is mounted somewhere else (here a
+    // path with a space), with whatever kubectl is on PATH: a fake one records its arguments.
+    let mounted = env.path("media/usb stick");
+    std::fs::create_dir_all(&mounted).unwrap();
+    let moved = mounted.join("status");
+    std::fs::rename(&out, &moved).unwrap();
+    let bin = env.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = env.path("kubectl-calls");
+    std::fs::write(
+        bin.join("kubectl"),
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\" >> '{}'; done\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("kubectl"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let ran = Command::new("sh")
+        .arg(moved.join("apply-status.sh"))
+        .current_dir(&elsewhere)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(ran.status.success(), "{ran:?}");
+    let args = std::fs::read_to_string(&calls).unwrap();
+    let files: Vec<&str> = args
+        .lines()
+        .zip(args.lines().skip(1))
+        .filter(|(flag, _)| *flag == "-f")
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(files.len(), 4, "{args}");
+    for f in files {
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(Path::new(f)).unwrap()).unwrap();
+        assert!(
+            f.starts_with(s(&moved)) && status["status"]["certificate"].is_string(),
+            "{f}"
+        );
+    }
+    assert!(
+        args.contains(
+            "/apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status\n"
+        ),
+        "{args}"
+    );
     // expirationSeconds shortened the serving certificate to a day (the profile allows 398).
     let expires_within = |secs: &str| {
         !Command::new("openssl")

@@ -400,10 +400,7 @@ fn run<'a>(
                         tally.refused += 1;
                     }
                     if let (true, Done::Issued { file, out, .. }) = (batch.kubernetes, &d) {
-                        commands.push(crate::k8s::replace_command(
-                            file,
-                            &out.display().to_string(),
-                        ));
+                        commands.push((file.clone(), out.clone()));
                     }
                     tally.handled += 1;
                     on_done(&d)?;
@@ -490,12 +487,18 @@ fn run<'a>(
         }
     }
     if batch.kubernetes && !commands.is_empty() {
-        let script = format!(
-            "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
-            commands.join("\n")
-        );
-        files::replace(&out.join("apply-status.sh"), script.as_bytes())?;
+        files::replace(
+            &out.join("apply-status.sh"),
+            crate::k8s::apply_status_script(out, &commands).as_bytes(),
+        )?;
     }
+    let commands = commands
+        .iter()
+        .map(|(name, file)| {
+            let file = crate::k8s::shell_quote(&file.display().to_string());
+            crate::k8s::replace_command(name, &file)
+        })
+        .collect();
     Ok(Report {
         plan: hash,
         handled,
