@@ -102,7 +102,7 @@ fn revocation_and_crls_are_checked_by_openssl_and_pkilint() {
         "--cert",
         s(&bad_cert),
         "--reason",
-        "key-compromise",
+        "keyCompromise", // the RFC 5280 / OpenSSL spelling
         "--invalidity-date",
         "2026-01-02T03:04:05Z",
     ]);
@@ -111,6 +111,11 @@ fn revocation_and_crls_are_checked_by_openssl_and_pkilint() {
         run.stdout().contains(&format!("revoked serial {bad}")),
         "{}",
         run.all()
+    );
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert!(
+        log.contains(r#""reason":"key-compromise""#),
+        "logged under hsmca's name: {log}"
     );
     env.hsmca(&["revoke", "--home", s(&home), &bad, "--reason", "superseded"])
         .fails_with(2, "already revoked");
