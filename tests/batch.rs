@@ -188,41 +188,7 @@ fn plan_review_then_sign_exactly_that_plan() {
 #[test]
 fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
     let env = Env::new("kubeadm");
-    let site = env.path("site.json");
-    std::fs::write(
-        &site,
-        r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
-    )
-    .unwrap();
-    let home = env.path("ca");
-    env.hsmca(&[
-        "init",
-        "--home",
-        s(&home),
-        "--token",
-        "kubeadm",
-        "--key-type",
-        "ecdsa-p384",
-        "--subject",
-        "CN=Root",
-        "--site",
-        s(&site),
-    ])
-    .ok();
-    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
-        env.hsmca(&[
-            "ca",
-            "create",
-            ca,
-            "--home",
-            s(&home),
-            "--profile",
-            ca,
-            "--subject",
-            &format!("CN={ca}"),
-        ])
-        .ok();
-    }
+    let home = env.init_kubeadm("kubeadm");
     // Exactly as `kubeadm certs generate-csr` writes it: kubeconfigs without
     // client-certificate-data or certificate-authority-data lines.
     let k = "kubeadm-out";

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -15,47 +15,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use common::{Env, KUBEADM_CONFS, Procs, free_port, openssl, require, s, wait_until};
-
-/// A CA home with the shipped intermediates, under a site that accepts kubeadm's single-label
-/// names for node `node1`.
-fn kubeadm_home(env: &Env, token: &str) -> PathBuf {
-    let site = env.path("site.json");
-    std::fs::write(
-        &site,
-        r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
-    )
-    .unwrap();
-    let home = env.path("ca");
-    env.hsmca(&[
-        "init",
-        "--home",
-        s(&home),
-        "--token",
-        token,
-        "--key-type",
-        "ecdsa-p384",
-        "--subject",
-        "CN=Root",
-        "--site",
-        s(&site),
-    ])
-    .ok();
-    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
-        env.hsmca(&[
-            "ca",
-            "create",
-            ca,
-            "--home",
-            s(&home),
-            "--profile",
-            ca,
-            "--subject",
-            &format!("CN={ca}"),
-        ])
-        .ok();
-    }
-    home
-}
 
 /// `kubectl ARGS` with a private HOME (no cache or config of the machine's user is read).
 fn kubectl(home: &Path, args: &[&str]) -> Output {
@@ -102,7 +61,7 @@ fn kubeadm_tree_comes_back_with_kubeconfigs_kubectl_uses_over_mutual_tls() {
         require(tool);
     }
     let env = Env::new("kubectl");
-    let home = kubeadm_home(&env, "kubectl");
+    let home = env.init_kubeadm("kubectl");
     let port = free_port();
     let endpoint = format!("https://127.0.0.1:{port}");
     // kubeadm with --apiserver-advertise-address 127.0.0.1: the apiserver CSR carries that IP.
@@ -295,7 +254,7 @@ fn kubeadm_tree_comes_back_with_kubeconfigs_kubectl_uses_over_mutual_tls() {
 #[test]
 fn a_kubeconfig_template_that_cannot_be_completed_fails_its_item_with_the_rule() {
     let env = Env::new("badconf");
-    let home = kubeadm_home(&env, "badconf");
+    let home = env.init_kubeadm("badconf");
     let tree = env.kubeadm_tree("kubeadm", "node1", "10.0.0.11", "https://10.0.0.11:6443");
     // admin.conf: its context names a user the file does not have.
     let admin = tree.join("admin.conf");

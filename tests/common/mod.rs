@@ -234,6 +234,47 @@ pub const KUBEADM_CONFS: [(&str, &str); 5] = [
 ];
 
 impl Env {
+    /// A CA home at `ca` with the three shipped intermediates under a site that accepts
+    /// kubeadm's single-label names (`kubernetes`, `localhost`, the node name) for node `node1`.
+    pub fn init_kubeadm(&self, token: &str) -> PathBuf {
+        let site = self.path("site.json");
+        std::fs::write(
+            &site,
+            r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
+        )
+        .unwrap();
+        let home = self.path("ca");
+        self.hsmca(&[
+            "init",
+            "--home",
+            s(&home),
+            "--token",
+            token,
+            "--key-type",
+            "ecdsa-p384",
+            "--subject",
+            "CN=Root",
+            "--site",
+            s(&site),
+        ])
+        .ok();
+        for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+            self.hsmca(&[
+                "ca",
+                "create",
+                ca,
+                "--home",
+                s(&home),
+                "--profile",
+                ca,
+                "--subject",
+                &format!("CN={ca}"),
+            ])
+            .ok();
+        }
+        home
+    }
+
     /// The tree `kubeadm certs generate-csr --cert-dir ROOT/pki --kubeconfig-dir ROOT` writes
     /// for node `node` with advertise address `ip`, cluster `kubernetes`, API server URL
     /// `server`. As kubeadm does it (`phases/certs/certlist.go`, `pkiutil.NewCSR`,
