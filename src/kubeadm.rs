@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use ring::signature::{self as sig, KeyPair};
 use yaml_serde::{Mapping, Value};
 
 use crate::keys::{KeyType, PublicKey};
@@ -335,7 +336,6 @@ fn check_key(file: &str, data: Option<&Value>, cert_der: &[u8]) -> Result<(), Ku
         ))
     };
     let rng = ring::rand::SystemRandom::new();
-    use ring::signature::{self as sig, KeyPair};
     let private_public: Vec<u8> = match (cert_key.key_type, label) {
         (KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096, "RSA PRIVATE KEY") => {
             sig::RsaKeyPair::from_der(&der)
