@@ -256,24 +256,25 @@ pub struct VerifiedCsr {
     pub der: Vec<u8>,
 }
 
-/// Reads a CSR file (PEM or DER).
+/// Reads a CSR file (PEM or DER) named on the command line, through [`crate::input`]: a
+/// regular file of at most [`crate::input::CSR_CAP`] bytes, never a symlink or FIFO.
 pub fn load(path: &Path) -> Result<VerifiedCsr, CsrLoadError> {
-    let meta = std::fs::metadata(path).map_err(CsrLoadError::Read)?;
-    if meta.len() > MAX_CSR_BYTES as u64 {
-        return Err(CsrLoadError::Csr(CsrError::TooLarge(
-            usize::try_from(meta.len()).unwrap_or(usize::MAX),
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(CsrLoadError::Read)?;
+    let bytes = crate::input::read_file(path, crate::input::CSR_CAP).map_err(|e| match e {
+        // Too large is the CSR's own rule (`csr.size`), as for bytes handed to `parse`.
+        crate::input::InputError::Size { size, .. } => CsrLoadError::Csr(CsrError::TooLarge(
+            usize::try_from(size).unwrap_or(usize::MAX),
+        )),
+        e => CsrLoadError::Read(e),
+    })?;
     parse(&bytes).map_err(CsrLoadError::Csr)
 }
 
-/// Failure to load a CSR file: unreadable, or not an acceptable CSR.
+/// Failure to load a CSR file: unreadable or refused (rule `input.*`), or not an acceptable CSR.
 #[derive(Debug, thiserror::Error)]
 pub enum CsrLoadError {
-    /// The file could not be read.
-    #[error("cannot read file")]
-    Read(#[source] std::io::Error),
+    /// The file could not be read, or is not a regular file of a CSR's size.
+    #[error(transparent)]
+    Read(crate::input::InputError),
     /// The contents are not an acceptable CSR.
     #[error(transparent)]
     Csr(CsrError),

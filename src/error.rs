@@ -4,8 +4,10 @@
 //! profile or CA-home error (nothing signed); 3 token or PIN problem; 4 issuance log
 //! unwritable or failing verification; 5 a signed certificate failed verification, or a bug.
 
+use crate::engine::{EngineError, Halt};
 use crate::files::FileError;
 use crate::home::HomeError;
+use crate::input::InputError;
 use crate::issue::IssueError;
 use crate::log::LogError;
 use crate::pin::PinError;
@@ -43,7 +45,13 @@ pub enum Error {
     /// so its kind can be asked (a closed pipe is not an error: [`Error::is_broken_pipe`]).
     #[error("internal error: an I/O error with no file named")]
     Io(#[source] std::io::Error),
-    /// A bug.
+    /// Reading the input (a plan, a manifest, `kubectl` JSON, the input directory itself).
+    #[error("{err} (rule {rule})", err = .0, rule = .0.rule())]
+    Input(#[from] InputError),
+    /// The issuance engine stopped a run, or the token's generator failed it.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A bug: something the code assumed cannot happen did.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -52,10 +60,15 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) => 2,
+            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
             Self::Log(_) => 4,
             Self::Issue(IssueError::Sign(_)) => 3,
+            Self::Engine(
+                EngineError::Serials { .. } | EngineError::Halt(Halt::TokenFailing { .. }),
+            ) => 3,
+            Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
+            Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
             Self::Issue(_) | Self::Io(_) | Self::Internal(_) => 5,
         }
@@ -85,6 +98,15 @@ impl Error {
             Self::Profile(ProfileError::NotFound { .. }) => {
                 Some("list profiles with `ls HOME/profiles`, or pick one of those named above")
             }
+            Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => Some(
+                "what was issued before the stop is written and logged; check the token (is it plugged in, logged in, healthy?) and run the same command again: it finishes the rest and issues nothing twice",
+            ),
+            Self::Engine(EngineError::Halt(Halt::BadCertificate { .. })) => Some(
+                "the token produced a certificate that does not verify: it was withheld and the run stopped so the token is not used further; what was issued before is written and logged. Check the token and the CA's key before signing again",
+            ),
+            Self::Engine(EngineError::Serials { .. }) => Some(
+                "the token's random number generator repeats itself: do not sign with this token until it is checked",
+            ),
             Self::Issue(IssueError::Verify(_)) => Some(
                 "the certificate was withheld and the intent abandoned in the log; report this as a bug",
             ),

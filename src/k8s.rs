@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 
-use crate::policy::Refusal;
+use crate::policy::{Refusal, SignerRequest};
 
 /// One CertificateSigningRequest object.
 #[derive(Debug, Clone)]
@@ -27,12 +27,38 @@ pub struct CsrObject {
     pub request: Vec<u8>,
     /// Why it is not to be signed (not approved, denied, failed, already issued), if so.
     pub skip: Option<String>,
+    /// Why the object itself is malformed (rules `k8s.name`, `k8s.request`, `k8s.expiration`),
+    /// if so: refused as one item, the rest of the List goes on.
+    pub invalid: Option<Refusal>,
     /// The object as read, for the `/status` upload.
     pub raw: Value,
 }
 
-/// Reads a `List` of objects, or one object.
-pub fn objects(json: &Value) -> Result<Vec<CsrObject>, String> {
+impl CsrObject {
+    /// What the object asks for besides its PKCS#10 request, as the policy judges it.
+    pub fn signer_request(&self) -> SignerRequest {
+        SignerRequest {
+            signer: self.signer.clone(),
+            usages: self.usages.clone(),
+            username: self.username.clone(),
+            expiration_seconds: self.expiration_seconds,
+        }
+    }
+}
+
+/// Why `kubectl get csr -o json` output could not be read at all (one bad object is not this:
+/// it becomes one refused object, see [`CsrObject::invalid`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectsError {
+    /// Not a List of CertificateSigningRequest objects nor one such object.
+    #[error("expected a List of CertificateSigningRequest objects, found kind {0:?}")]
+    Kind(Option<String>),
+}
+
+/// Reads a `List` of objects, or one object. A malformed object (bad name, request that is not
+/// base64, bad `expirationSeconds`) does not stop the List: it comes back with
+/// [`CsrObject::invalid`] set, named `items[N]` if its own name is unusable.
+pub fn objects(json: &Value) -> Result<Vec<CsrObject>, ObjectsError> {
     let items: Vec<&Value> = match json.get("kind").and_then(Value::as_str) {
         Some("List" | "CertificateSigningRequestList") => json
             .get("items")
@@ -40,35 +66,80 @@ pub fn objects(json: &Value) -> Result<Vec<CsrObject>, String> {
             .map(|a| a.iter().collect())
             .unwrap_or_default(),
         Some("CertificateSigningRequest") => vec![json],
-        other => {
-            return Err(format!(
-                "expected a List of CertificateSigningRequest objects, found kind {other:?}"
-            ));
-        }
+        other => return Err(ObjectsError::Kind(other.map(str::to_owned))),
     };
-    items.into_iter().map(object).collect()
+    let mut seen = BTreeSet::new();
+    let mut out: Vec<CsrObject> = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| object(i, v))
+        .collect();
+    // Objects are keyed by name (and their status files named after it): a second object of
+    // the same name is refused rather than silently replacing the first.
+    for (i, o) in out.iter_mut().enumerate() {
+        if !seen.insert(o.name.clone()) {
+            let value = std::mem::replace(&mut o.name, format!("items[{i}]"));
+            o.invalid
+                .get_or_insert_with(|| refusal("k8s.name", "a name used once in the List", value));
+        }
+    }
+    Ok(out)
 }
 
-fn object(v: &Value) -> Result<CsrObject, String> {
+/// Whether `name` can be an object name here (and so a file name in the output).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn object(index: usize, v: &Value) -> CsrObject {
     let s = |p: &str| {
         v.pointer(p)
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned()
     };
-    let name = s("/metadata/name");
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-    {
-        return Err(format!(
-            "object name {name:?} is not a Kubernetes object name"
+    let mut invalid = None;
+    let mut name = s("/metadata/name");
+    if !is_object_name(&name) {
+        let bad = std::mem::replace(&mut name, format!("items[{index}]"));
+        invalid = Some(refusal(
+            "k8s.name",
+            "a Kubernetes object name (letters, digits, '-', '.', '_'; at most 253)",
+            bad,
         ));
     }
-    let request = B64
-        .decode(s("/spec/request"))
-        .map_err(|e| format!("{name}: spec.request is not base64: {e}"))?;
+    let request = match B64.decode(s("/spec/request")) {
+        Ok(r) => r,
+        Err(e) => {
+            invalid.get_or_insert_with(|| {
+                refusal("k8s.request", "spec.request in base64", e.to_string())
+            });
+            Vec::new()
+        }
+    };
+    // Absent means the signer's default; anything but a whole, non-negative number is refused,
+    // never silently replaced by the default.
+    let expiration_seconds = match v.pointer("/spec/expirationSeconds") {
+        None | Some(Value::Null) => None,
+        Some(x) => match x.as_u64() {
+            Some(n) => Some(n),
+            None => {
+                invalid.get_or_insert_with(|| {
+                    refusal(
+                        "k8s.expiration",
+                        "spec.expirationSeconds as a whole number of seconds >= 0",
+                        x.to_string(),
+                    )
+                });
+                None
+            }
+        },
+    };
     let conditions = v
         .pointer("/status/conditions")
         .and_then(Value::as_array)
@@ -97,7 +168,7 @@ fn object(v: &Value) -> Result<CsrObject, String> {
     } else {
         None
     };
-    Ok(CsrObject {
+    CsrObject {
         signer: s("/spec/signerName"),
         usages: v
             .pointer("/spec/usages")
@@ -110,12 +181,13 @@ fn object(v: &Value) -> Result<CsrObject, String> {
             })
             .unwrap_or_default(),
         username: s("/spec/username"),
-        expiration_seconds: v.pointer("/spec/expirationSeconds").and_then(Value::as_u64),
+        expiration_seconds,
         request,
         skip,
+        invalid,
         raw: v.clone(),
         name,
-    })
+    }
 }
 
 /// Profiles for `kube-apiserver-client` requests, by the CSR's CN.
@@ -168,74 +240,6 @@ pub fn profile_for(
     }
 }
 
-/// The built-in signers' own rules (usages compared as sets; the requester's name), and the
-/// validity: `expirationSeconds` honoured up to `max_seconds`, at least 600.
-pub fn signer_rules(
-    obj: &CsrObject,
-    cn: Option<&str>,
-    max_seconds: u64,
-) -> (Vec<Refusal>, Option<u64>) {
-    let mut out = Vec::new();
-    let usages: BTreeSet<&str> = obj.usages.iter().map(String::as_str).collect();
-    let set = |u: &[&'static str]| u.iter().copied().collect::<BTreeSet<&str>>();
-    let node_signer = |purpose: &'static str| {
-        [
-            set(&["digital signature", "key encipherment", purpose]),
-            set(&["digital signature", purpose]),
-        ]
-    };
-    let allowed: Option<Vec<BTreeSet<&str>>> = match obj.signer.as_str() {
-        "kubernetes.io/kube-apiserver-client-kubelet" => Some(node_signer("client auth").to_vec()),
-        "kubernetes.io/kubelet-serving" => Some(node_signer("server auth").to_vec()),
-        _ => None,
-    };
-    match allowed {
-        Some(sets) if !sets.contains(&usages) => {
-            out.push(refusal(
-                "k8s.usages",
-                "{digital signature, [key encipherment,] client/server auth}",
-                obj.usages.join(", "),
-            ));
-        }
-        None if obj.signer == "kubernetes.io/kube-apiserver-client" => {
-            let ok = set(&["digital signature", "key encipherment", "client auth"]);
-            if !usages.contains("client auth") || !usages.is_subset(&ok) {
-                out.push(refusal(
-                    "k8s.usages",
-                    "client auth, with only digital signature and key encipherment besides",
-                    obj.usages.join(", "),
-                ));
-            }
-        }
-        _ => {}
-    }
-    // A node may only ask for its own name; the kubelet's first client certificate comes
-    // from a bootstrap token (system:bootstrap:...), as Kubernetes' own approver allows.
-    let node_cn = cn.is_some_and(|c| c.starts_with("system:node:"));
-    let bootstrap = obj.signer == "kubernetes.io/kube-apiserver-client-kubelet"
-        && obj.username.starts_with("system:bootstrap:");
-    if node_cn && !bootstrap && Some(obj.username.as_str()) != cn {
-        out.push(refusal(
-            "k8s.username",
-            format!("the requester to be {:?}", cn.unwrap_or_default()),
-            obj.username.clone(),
-        ));
-    }
-    let validity = match obj.expiration_seconds {
-        Some(s) if s < 600 => {
-            out.push(refusal(
-                "k8s.expiration",
-                "expirationSeconds of at least 600",
-                s.to_string(),
-            ));
-            None
-        }
-        Some(s) => Some(s.min(max_seconds)),
-        None => None,
-    };
-    (out, validity)
-}
-
 /// The object to PUT to `/status`: as read, with `status.certificate` set to the base64 of the
 /// PEM chain (leaf first, then intermediates) and its conditions untouched.
 pub fn status_object(obj: &CsrObject, chain_pem: &str) -> Value {
@@ -284,6 +288,7 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::signer_rules;
 
     #[test]
     fn apply_status_finds_its_files_beside_itself_and_quotes_every_word() {
@@ -305,7 +310,46 @@ mod tests {
         let v = serde_json::json!({"kind": "CertificateSigningRequest", "metadata": {"name": "csr-1"},
             "spec": {"request": "", "signerName": signer, "usages": usages, "username": username},
             "status": {"conditions": [{"type": cond, "status": "True"}]}});
-        object(&v).unwrap()
+        object(0, &v)
+    }
+
+    #[test]
+    fn one_malformed_object_is_one_refusal_not_a_stopped_list() {
+        let good = |name: &str| {
+            serde_json::json!({"metadata": {"name": name},
+                "spec": {"request": "", "signerName": "s", "expirationSeconds": 600}})
+        };
+        let mut bad_b64 = good("b64");
+        bad_b64["spec"]["request"] = "***".into();
+        let mut negative = good("neg");
+        negative["spec"]["expirationSeconds"] = (-5).into();
+        let mut fraction = good("frac");
+        fraction["spec"]["expirationSeconds"] = 601.5.into();
+        let mut text = good("text");
+        text["spec"]["expirationSeconds"] = "600".into();
+        let list = serde_json::json!({"kind": "List", "items": [
+            good("ok"), good("../../etc/x"), good("\u{1b}[2K"), bad_b64, negative, fraction,
+            text, good("ok")]});
+        let objs = objects(&list).unwrap();
+        let got: Vec<(&str, Option<&str>)> = objs
+            .iter()
+            .map(|o| (o.name.as_str(), o.invalid.as_ref().map(|r| r.rule.as_str())))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ok", None),
+                ("items[1]", Some("k8s.name")),
+                ("items[2]", Some("k8s.name")),
+                ("b64", Some("k8s.request")),
+                ("neg", Some("k8s.expiration")),
+                ("frac", Some("k8s.expiration")),
+                ("text", Some("k8s.expiration")),
+                ("items[7]", Some("k8s.name")),
+            ]
+        );
+        assert_eq!(objs[0].expiration_seconds, Some(600));
+        assert!(objects(&serde_json::json!({"kind": "Pod"})).is_err());
     }
 
     #[test]
@@ -337,7 +381,7 @@ mod tests {
             "system:node:n1",
             "Approved",
         );
-        assert!(signer_rules(&ok, cn, 86_400).0.is_empty());
+        assert!(signer_rules(&ok.signer_request(), cn, 86_400).0.is_empty());
         let wrong_user = obj(
             "kubernetes.io/kubelet-serving",
             &["digital signature", "server auth"],
@@ -345,7 +389,7 @@ mod tests {
             "Approved",
         );
         assert_eq!(
-            signer_rules(&wrong_user, cn, 86_400).0[0].rule,
+            signer_rules(&wrong_user.signer_request(), cn, 86_400).0[0].rule,
             "k8s.username"
         );
         let bootstrap = obj(
@@ -354,16 +398,26 @@ mod tests {
             "system:bootstrap:abc",
             "Approved",
         );
-        assert!(signer_rules(&bootstrap, cn, 86_400).0.is_empty());
+        assert!(
+            signer_rules(&bootstrap.signer_request(), cn, 86_400)
+                .0
+                .is_empty()
+        );
         let usages = obj(
             "kubernetes.io/kube-apiserver-client-kubelet",
             &["digital signature", "server auth"],
             "system:node:n1",
             "Approved",
         );
-        assert_eq!(signer_rules(&usages, cn, 86_400).0[0].rule, "k8s.usages");
+        assert_eq!(
+            signer_rules(&usages.signer_request(), cn, 86_400).0[0].rule,
+            "k8s.usages"
+        );
         let mut long = ok.clone();
         long.expiration_seconds = Some(10 * 86_400);
-        assert_eq!(signer_rules(&long, cn, 86_400).1, Some(86_400));
+        assert_eq!(
+            signer_rules(&long.signer_request(), cn, 86_400).1,
+            Some(86_400)
+        );
     }
 }

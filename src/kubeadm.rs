@@ -17,10 +17,9 @@
 //! over a year, and `saphyr`'s serde layer has no `Value` type to edit a document in place). Its
 //! `Mapping` keeps insertion order, so every key the template had stays where it was.
 //!
-//! Pure but for [`read_template`], which reads one file from the stick.
-
-use std::io::Read;
-use std::path::{Path, PathBuf};
+//! Pure: the templates are read from the stick by `input` (regular files only, no symlinks,
+//! size-capped). [`check_template`] runs when the batch is planned, before anything is issued;
+//! [`fill_kubeconfig`] when the certificate is released.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -55,24 +54,14 @@ pub(crate) const KUBEADM_CAS: [(&str, &str); 3] = [
     ("front-proxy-ca", "pki/front-proxy-ca.crt"),
 ];
 
-/// The largest kubeconfig template read: kubeadm's are about 3 KiB (one RSA-4096 key).
-pub const TEMPLATE_MAX_BYTES: u64 = 256 * 1024;
-
 /// Why a kubeconfig template could not be completed. Each variant has a stable rule id
 /// ([`KubeconfigError::rule`]); the item fails with it and no kubeconfig is written.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
-    /// The template could not be read (missing, a symlink, not a regular file, too large).
-    #[error("{}: cannot read the kubeconfig template: rule kubeconfig.read: {reason}", .path.display())]
-    Read {
-        /// The template.
-        path: PathBuf,
-        /// What was wrong with it.
-        reason: String,
-        /// The I/O error, if there was one.
-        #[source]
-        source: Option<std::io::Error>,
-    },
+    /// The template could not be read from the input (missing, a symlink, not a regular file,
+    /// too large); the rule is the input's (`input.symlink`, ...).
+    #[error(transparent)]
+    Input(#[from] crate::input::InputError),
     /// Not YAML or JSON, or not a mapping at the top.
     #[error("{file}: not a kubeconfig: rule kubeconfig.syntax: {reason}")]
     Syntax {
@@ -145,7 +134,7 @@ impl KubeconfigError {
     /// The stable rule id, as in the message and the report.
     pub fn rule(&self) -> &'static str {
         match self {
-            Self::Read { .. } => "kubeconfig.read",
+            Self::Input(e) => e.rule(),
             Self::Syntax { .. } => "kubeconfig.syntax",
             Self::Context { .. } => "kubeconfig.context",
             Self::Cluster { .. } => "kubeconfig.cluster",
@@ -155,48 +144,6 @@ impl KubeconfigError {
             Self::Ca { .. } => "kubeconfig.ca",
         }
     }
-}
-
-/// Reads a kubeconfig template from the input: a regular file, opened without following a
-/// symlink (`O_NOFOLLOW`), at most [`TEMPLATE_MAX_BYTES`].
-///
-/// For the lead: a stand-in for the stick's one reading function (`src/input.rs`, branch
-/// `stick`); replace this body with it when that lands.
-pub fn read_template(path: &Path) -> Result<Vec<u8>, KubeconfigError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |reason: &str, source: Option<std::io::Error>| KubeconfigError::Read {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
-                fail("it is a symbolic link", None)
-            } else {
-                fail("cannot open it", Some(e))
-            }
-        })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| fail("cannot stat it", Some(e)))?;
-    if !meta.is_file() {
-        return Err(fail("not a regular file", None));
-    }
-    let mut bytes = Vec::new();
-    file.take(TEMPLATE_MAX_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| fail("cannot read it", Some(e)))?;
-    if bytes.len() as u64 > TEMPLATE_MAX_BYTES {
-        return Err(fail(
-            &format!("larger than {TEMPLATE_MAX_BYTES} bytes"),
-            None,
-        ));
-    }
-    Ok(bytes)
 }
 
 /// Completes kubeadm's partial kubeconfig `template` (YAML or JSON) named `file`: sets
@@ -211,30 +158,9 @@ pub fn fill_kubeconfig(
     cert_der: &[u8],
     ca_der: &[u8],
 ) -> Result<String, KubeconfigError> {
-    let syntax = |reason: String| KubeconfigError::Syntax {
-        file: file.to_owned(),
-        reason,
-    };
-    let text = std::str::from_utf8(template).map_err(|e| syntax(e.to_string()))?;
-    let mut doc: Value = yaml_serde::from_str(text).map_err(|e| syntax(e.to_string()))?;
-    let root = doc
-        .as_mapping_mut()
-        .ok_or_else(|| syntax("the top level is not a mapping".into()))?;
-    let current = root
-        .get("current-context")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let no_context = || KubeconfigError::Context {
-        file: file.to_owned(),
-        value: current.clone(),
-    };
-    let context = named(root, "contexts", "context", &current).ok_or_else(no_context)?;
-    let field = |k: &str| context.get(k).and_then(Value::as_str).map(str::to_owned);
-    let (Some(cluster_name), Some(user_name)) = (field("cluster"), field("user")) else {
-        return Err(no_context());
-    };
-
+    let mut doc = parse(file, template)?;
+    let root = top(file, &mut doc)?;
+    let (cluster_name, user_name) = targets(file, root)?;
     let user =
         named_mut(root, "users", "user", &user_name).ok_or_else(|| KubeconfigError::User {
             file: file.to_owned(),
@@ -254,7 +180,73 @@ pub fn fill_kubeconfig(
     put(cluster, "certificate-authority-data", &pem_b64(ca_der));
     cluster.shift_remove("certificate-authority");
 
-    yaml_serde::to_string(&doc).map_err(|e| syntax(e.to_string()))
+    yaml_serde::to_string(&doc).map_err(|e| KubeconfigError::Syntax {
+        file: file.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Checks, before its certificate is issued, that a template can be completed: it parses, its
+/// current context names a cluster and a user that are there, and the user's
+/// `client-key-data` is a PEM private key. (Whether that key is the certificate's is known
+/// only once the certificate exists: [`fill_kubeconfig`] checks it.)
+pub fn check_template(file: &str, template: &[u8]) -> Result<(), KubeconfigError> {
+    let mut doc = parse(file, template)?;
+    let root = top(file, &mut doc)?;
+    let (cluster, user) = targets(file, root)?;
+    if named(root, "clusters", "cluster", &cluster).is_none() {
+        return Err(KubeconfigError::Cluster {
+            file: file.to_owned(),
+            name: cluster,
+        });
+    }
+    let Some(user_map) = named(root, "users", "user", &user) else {
+        return Err(KubeconfigError::User {
+            file: file.to_owned(),
+            name: user,
+        });
+    };
+    private_key(file, user_map.get("client-key-data")).map(|_| ())
+}
+
+/// The template as a YAML value (JSON is YAML too).
+fn parse(file: &str, template: &[u8]) -> Result<Value, KubeconfigError> {
+    let syntax = |reason: String| KubeconfigError::Syntax {
+        file: file.to_owned(),
+        reason,
+    };
+    let text = std::str::from_utf8(template).map_err(|e| syntax(e.to_string()))?;
+    yaml_serde::from_str(text).map_err(|e| syntax(e.to_string()))
+}
+
+/// The top-level mapping.
+fn top<'a>(file: &str, doc: &'a mut Value) -> Result<&'a mut Mapping, KubeconfigError> {
+    doc.as_mapping_mut().ok_or_else(|| KubeconfigError::Syntax {
+        file: file.to_owned(),
+        reason: "the top level is not a mapping".into(),
+    })
+}
+
+/// The cluster and user names of the current context.
+fn targets(file: &str, root: &Mapping) -> Result<(String, String), KubeconfigError> {
+    let current = root
+        .get("current-context")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let context = named(root, "contexts", "context", current);
+    let field = |k: &str| {
+        context
+            .and_then(|c| c.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    match (field("cluster"), field("user")) {
+        (Some(cluster), Some(user)) => Ok((cluster, user)),
+        _ => Err(KubeconfigError::Context {
+            file: file.to_owned(),
+            value: current.to_owned(),
+        }),
+    }
 }
 
 /// The `inner` mapping of the entry of list `list` whose `name` is `name`
@@ -307,7 +299,7 @@ fn put(map: &mut Mapping, key: &str, value: &str) {
 
 /// Base64 of the PEM `CERTIFICATE` block, as kubeconfig `*-data` fields hold it.
 fn pem_b64(der: &[u8]) -> String {
-    B64.encode(crate::home::pem("CERTIFICATE", der))
+    B64.encode(crate::engine::pem("CERTIFICATE", der))
 }
 
 /// Checks that `client-key-data` holds the private key of the certificate's public key. The
@@ -319,15 +311,8 @@ fn check_key(file: &str, data: Option<&Value>, cert_der: &[u8]) -> Result<(), Ku
         file: file.to_owned(),
         reason: reason.to_owned(),
     };
-    let b64 = data
-        .and_then(Value::as_str)
-        .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| bad("client-key-data is missing or empty"))?;
-    let pem = B64
-        .decode(b64.trim())
-        .map_err(|_| bad("client-key-data is not base64"))?;
-    let (label, der) = x509_cert::der::pem::decode_vec(&pem)
-        .map_err(|_| bad("client-key-data is not a PEM block"))?;
+    let (label, der) = private_key(file, data)?;
+    let label = label.as_str();
     let (cert_key, _) = crate::verify::key_and_expiry(cert_der).map_err(|e| bad(&e.to_string()))?;
     let unreadable = |_| {
         bad(&format!(
@@ -388,6 +373,29 @@ fn check_key(file: &str, data: Option<&Value>, cert_der: &[u8]) -> Result<(), Ku
     } else {
         Err(mismatch(file, &cert_key))
     }
+}
+
+/// The PEM label and DER of `client-key-data` (base64 of a PEM private key block).
+fn private_key(file: &str, data: Option<&Value>) -> Result<(String, Vec<u8>), KubeconfigError> {
+    let bad = |reason: &str| KubeconfigError::Key {
+        file: file.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let b64 = data
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| bad("client-key-data is missing or empty"))?;
+    let pem = B64
+        .decode(b64.trim())
+        .map_err(|_| bad("client-key-data is not base64"))?;
+    let (label, der) = x509_cert::der::pem::decode_vec(&pem)
+        .map_err(|_| bad("client-key-data is not a PEM block"))?;
+    if !label.ends_with("PRIVATE KEY") {
+        return Err(bad(&format!(
+            "client-key-data holds a {label}, not a private key"
+        )));
+    }
+    Ok((label.to_owned(), der))
 }
 
 fn mismatch(file: &str, cert_key: &PublicKey) -> KubeconfigError {
@@ -526,11 +534,14 @@ users:
             let cert = B64
                 .decode(user["client-certificate-data"].as_str().unwrap())
                 .unwrap();
-            assert_eq!(cert, crate::home::pem("CERTIFICATE", &p.leaf).into_bytes());
+            assert_eq!(
+                cert,
+                crate::engine::pem("CERTIFICATE", &p.leaf).into_bytes()
+            );
             let ca = B64
                 .decode(cluster["certificate-authority-data"].as_str().unwrap())
                 .unwrap();
-            assert_eq!(ca, crate::home::pem("CERTIFICATE", &p.ca).into_bytes());
+            assert_eq!(ca, crate::engine::pem("CERTIFICATE", &p.ca).into_bytes());
             assert_eq!(
                 user["client-key-data"].as_str(),
                 Some(B64.encode(&p.key_pem).as_str()),
@@ -620,31 +631,13 @@ users:
             let e = fill_kubeconfig("admin.conf", template.as_bytes(), leaf, ca).unwrap_err();
             assert_eq!(e.rule(), rule, "{e}");
             assert!(e.to_string().starts_with("admin.conf: "), "{e}");
+            // Before issuance, everything but the pairing with the certificate is checked.
+            let early = check_template("admin.conf", template.as_bytes());
+            if rule == "kubeconfig.key_mismatch" || rule == "kubeconfig.ca" {
+                assert!(early.is_ok(), "{rule}: {early:?}");
+            } else {
+                assert_eq!(early.unwrap_err().rule(), rule);
+            }
         }
-    }
-
-    #[test]
-    fn templates_are_read_only_as_small_regular_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real.conf");
-        std::fs::write(&real, "kind: Config\n").unwrap();
-        assert_eq!(read_template(&real).unwrap(), b"kind: Config\n");
-        let link = dir.path().join("admin.conf");
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let e = read_template(&link).unwrap_err();
-        assert!(e.to_string().contains("symbolic link"), "{e}");
-        assert_eq!(e.rule(), "kubeconfig.read");
-        let e = read_template(dir.path()).unwrap_err();
-        assert!(e.to_string().contains("not a regular file"), "{e}");
-        let big = dir.path().join("big.conf");
-        std::fs::write(&big, vec![b'#'; 300 * 1024]).unwrap();
-        assert!(
-            read_template(&big)
-                .unwrap_err()
-                .to_string()
-                .contains("larger than")
-        );
-        let e = read_template(&dir.path().join("missing.conf")).unwrap_err();
-        assert_eq!(e.rule(), "kubeconfig.read");
     }
 }

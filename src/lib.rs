@@ -17,22 +17,27 @@
 
 pub mod asn1;
 pub mod batch;
+pub mod ceremony;
 pub mod cfssl;
 pub mod clock;
 pub mod crl;
 pub mod csr;
+pub mod engine;
 pub mod error;
 pub mod files;
 pub mod home;
+pub mod input;
 pub mod issue;
 pub mod k8s;
 pub mod keys;
 pub mod kubeadm;
 pub mod lifecycle;
 pub mod log;
+pub mod names;
 pub mod pin;
 pub mod policy;
 pub mod profile;
+pub mod sign;
 pub mod signer;
 pub mod token;
 pub mod verify;

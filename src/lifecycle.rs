@@ -12,15 +12,15 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::clock::{Clock, rfc3339};
 use crate::csr::VerifiedCsr;
+use crate::engine::{self, CaSession, CertSummary, Outcome, Ready, Withheld};
 use crate::error::Error;
 use crate::files;
-use crate::home::{self, Home, Outcome};
+use crate::home::Home;
 use crate::keys;
 use crate::log::{self, Body, Record};
-use crate::policy::{self, Context};
+use crate::policy::{self, Context, Purpose};
 use crate::profile::Duration;
-use crate::signer::CaSigner;
-use crate::token::Token;
+use crate::signer::Keystore;
 use crate::verify;
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, Error> {
@@ -71,7 +71,7 @@ pub fn revoke(
     serial: &str,
     reason: &str,
     invalidity_date: Option<&str>,
-    token: &Token,
+    keys: &dyn Keystore,
     clock: &dyn Clock,
 ) -> Result<Revoked, Error> {
     // Recorded under hsmca's name whatever the spelling given (`keyCompromise`, ...).
@@ -84,8 +84,8 @@ pub fn revoke(
     };
     let invalidity = invalidity_date.map(parse_time).transpose()?;
     let serial = normalise_serial(serial);
-    let log_key = token.key(&home.config.log_key.label)?;
-    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
+    let mut session = CaSession::open(home, keys, clock)?;
+    let log = session.log();
     if !log.has_cert(&serial) {
         return Err(Error::Usage(format!(
             "serial {serial} was never issued by this CA (see `hsmca log list`)"
@@ -107,8 +107,8 @@ pub fn revoke(
         revocation_time: rfc3339(clock.now()),
         invalidity_date: invalidity.map(rfc3339),
     };
-    let seq = log.append(vec![body], clock.now())?[0];
-    log.checkpoint(&note_key)?;
+    let seq = session.append(vec![body])?[0];
+    session.checkpoint()?;
     Ok(Revoked {
         serial,
         subject,
@@ -154,21 +154,19 @@ pub fn crl(
     issuer_name: &str,
     next_update: Duration,
     out: &Path,
-    token: &Token,
+    keys: &dyn Keystore,
     clock: &dyn Clock,
 ) -> Result<CrlReport, Error> {
     if out.exists() {
         return Err(Error::File(files::FileError::Exists(out.to_path_buf())));
     }
-    let (issuer, label) = home.issuer(issuer_name)?;
+    let mut session = CaSession::open(home, keys, clock)?;
+    let issuer = session.issuer(issuer_name)?.cert.clone();
     let (_, issuer_subject, _, _) =
         verify::names(&issuer.der).map_err(|e| Error::Internal(e.to_string()))?;
-    let log_key = token.key(&home.config.log_key.label)?;
-    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
-    let key = token.key_matching(&label, &issuer.public_key)?;
     let now = clock.now();
     let mut entries = Vec::new();
-    for r in log::records(log.paths())? {
+    for r in log::records(session.log().paths())? {
         let Some(rev) = &r.revoked else { continue };
         let facts = verify::describe(&r.der).map_err(|e| Error::Internal(e.to_string()))?;
         if facts.issuer_der != issuer_subject {
@@ -182,7 +180,7 @@ pub fn crl(
         });
     }
     let spec = crate::crl::Spec {
-        number: log.last_crl_number(issuer_name) + 1,
+        number: session.log().last_crl_number(issuer_name) + 1,
         this_update: now,
         next_update: now + next_update.to_time(),
         revoked: entries,
@@ -197,18 +195,17 @@ pub fn crl(
         revoked: revoked.clone(),
         tbs_sha256: prepared.tbs_sha256.clone(),
     };
-    let intent_seq = log.append(vec![intent], now)?[0];
-    let der = match crate::crl::sign(&prepared, &issuer, &key) {
+    let intent_seq = session.append(vec![intent])?[0];
+    let signed = {
+        let key = session.issuer(issuer_name)?;
+        crate::crl::sign(&prepared, &issuer, key.signer())
+    };
+    let der = match signed {
         Ok(der) => der,
         Err(e) => {
-            log.append(
-                vec![Body::Abandon {
-                    intent_seq,
-                    reason: format!("not released: {e}"),
-                }],
-                clock.now(),
-            )?;
-            log.checkpoint(&note_key)?;
+            let reason = format!("not released: {}", crate::error::chain(&e));
+            session.append(vec![engine::abandon(intent_seq, &reason)])?;
+            session.checkpoint()?;
             return Err(e.into());
         }
     };
@@ -219,9 +216,9 @@ pub fn crl(
         crl_sha256: keys::sha256_hex(&der),
         crl: B64.encode(&der),
     };
-    let seq = log.append(vec![body], clock.now())?[0];
-    log.checkpoint(&note_key)?;
-    files::write_new(out, home::pem("X509 CRL", &der).as_bytes())?;
+    let seq = session.append(vec![body])?[0];
+    session.checkpoint()?;
+    files::write_new(out, engine::pem("X509 CRL", &der).as_bytes())?;
     Ok(CrlReport {
         issuer: issuer_name.to_owned(),
         number: spec.number,
@@ -299,28 +296,31 @@ pub fn expiring(home: &Home, within: Duration, clock: &dyn Clock) -> Result<Vec<
 }
 
 /// `hsmca renew`: re-issues each certificate for the same subject, SANs and public key under
-/// its profile as it stands today (refused if the profile no longer allows it), linking the new
-/// serial to the old one in the log. Certificates go to `out/<new serial>.crt`.
+/// its profile as it stands today (refused if the profile no longer allows it, and always for a
+/// CA profile), linking the new serial to the old one in the log. Certificates go to
+/// `out/<new serial>.crt`. A run that stops early still writes what it issued before the stop.
 pub fn renew(
     home: &Home,
     serials: &[String],
     validity: Option<Duration>,
     out: &Path,
-    token: &Token,
+    keys: &dyn Keystore,
     clock: &dyn Clock,
-) -> Result<Vec<Outcome>, Error> {
-    let log_key = token.key(&home.config.log_key.label)?;
-    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
-    let records = log::records(log.paths())?;
-    let mut outcomes = Vec::new();
-    let mut release = Vec::new();
+) -> Result<crate::sign::Signed, Error> {
+    let mut session = CaSession::open(home, keys, clock)?;
+    let records = log::records(session.log().paths())?;
+    let mut outcomes: Vec<Option<Outcome>> = Vec::new();
+    let mut ready = Vec::new();
+    let mut ready_at = Vec::new();
     for given in serials {
         let serial = normalise_serial(given);
         let csr_label = PathBuf::from(format!("serial:{serial}"));
-        let failed = |rule: &str, error: String| Outcome::Failed {
-            csr: csr_label.clone(),
-            rule: rule.into(),
-            error,
+        let failed = |rule: &str, error: String| {
+            Some(Outcome::Failed {
+                csr: csr_label.clone(),
+                rule: rule.into(),
+                error,
+            })
         };
         let Some(old) = records.iter().find(|r| r.serial == serial) else {
             outcomes.push(failed(
@@ -336,66 +336,79 @@ pub fn renew(
             ));
             continue;
         }
-        let profile = home.profile(&old.profile)?;
-        if profile.ca.is_some() {
-            outcomes.push(failed(
-                "renew.ca",
-                "intermediates are renewed with `hsmca ca create` and a new key".into(),
-            ));
-            continue;
-        }
+        let profile = session.profile(&old.profile)?;
         let facts = verify::describe(&old.der).map_err(|e| Error::Internal(e.to_string()))?;
         let request = request_from(&facts, old);
-        let (issuer_cert, issuer_label) = home.issuer(&profile.issuer)?;
-        let key = token.key_matching(&issuer_label, &issuer_cert.public_key)?;
+        let issuer = session.issuer(&profile.issuer)?.cert.clone();
         let ctx = Context {
+            purpose: Purpose::Renewal,
+            kubernetes: None,
             now: clock.now(),
-            serial: home::fresh_serial(token, &log)?,
+            serial: session.serial()?,
             requested_validity: validity,
-            issuer_not_after: issuer_cert.not_after,
+            issuer_not_after: issuer.not_after,
         };
-        let decision = match policy::decide(&profile, &request, &ctx) {
-            Ok(d) => d,
-            Err(refusals) => {
-                outcomes.push(Outcome::Refused {
-                    csr: csr_label,
-                    refusals,
-                });
-                continue;
-            }
-        };
-        let issuer_subject = home::issuer_name(&issuer_cert);
-        let cert = home::summary(&decision, &issuer_subject);
-        match home::issue_logged(
-            &mut log,
-            decision,
-            &issuer_cert,
-            &key as &dyn CaSigner,
-            &old.csr_sha256,
-            Some(&serial),
-            clock,
-        )? {
+        match policy::decide(&profile, &request, &ctx) {
+            Err(refusals) => outcomes.push(Some(Outcome::Refused {
+                csr: csr_label,
+                refusals,
+            })),
+            Ok(d) => match Ready::new(d, &issuer, old.csr_sha256.clone(), Some(serial.clone())) {
+                Ok(r) => {
+                    ready_at.push((outcomes.len(), csr_label));
+                    outcomes.push(None);
+                    ready.push(r);
+                }
+                Err(e) => outcomes.push(failed("build", crate::error::chain(&e))),
+            },
+        }
+    }
+    let issued = if ready.is_empty() {
+        engine::Issued {
+            certificates: Vec::new(),
+            halt: None,
+        }
+    } else {
+        session.issue(ready)?
+    };
+    for ((r, result), (index, csr)) in issued
+        .certificates
+        .into_iter()
+        .map(|m| (m.ready, m.result))
+        .zip(ready_at)
+    {
+        let issuer = session.issuer(&r.prepared.decision.issuer)?.subject.clone();
+        outcomes[index] = Some(match result {
             Ok((seq, der)) => {
+                let cert = CertSummary::of(&r.prepared.decision, &issuer);
                 let file = out.join(format!("{}.crt", cert.serial));
-                release.push((outcomes.len(), der));
-                outcomes.push(Outcome::Issued {
-                    csr: csr_label,
-                    cert,
-                    file,
-                    log_entry: seq,
-                    already_issued: false,
-                });
+                let text = engine::pem("CERTIFICATE", &der);
+                match engine::release(&file, text.as_bytes(), &cert.serial) {
+                    Ok(()) => Outcome::Issued {
+                        csr,
+                        cert,
+                        file,
+                        log_entry: seq,
+                        already_issued: false,
+                    },
+                    Err(Withheld { rule, error }) => Outcome::Failed {
+                        csr,
+                        rule: rule.into(),
+                        error,
+                    },
+                }
             }
-            Err(e) => outcomes.push(failed("token.sign", crate::error::chain(&e))),
-        }
+            Err(Withheld { rule, error }) => Outcome::Failed {
+                csr,
+                rule: rule.into(),
+                error,
+            },
+        });
     }
-    log.checkpoint(&note_key)?;
-    for (i, der) in release {
-        if let Outcome::Issued { file, .. } = &outcomes[i] {
-            files::write_new(file, home::pem("CERTIFICATE", &der).as_bytes())?;
-        }
-    }
-    Ok(outcomes)
+    Ok(crate::sign::Signed {
+        outcomes: outcomes.into_iter().flatten().collect(),
+        halt: issued.halt,
+    })
 }
 
 /// The request a renewal is judged as: the old certificate's subject, SANs and key, asking for
@@ -495,7 +508,7 @@ pub fn list(home: &Home, filter: &Filter, clock: &dyn Clock) -> Result<Vec<Liste
             sans: facts.sans.clone(),
             not_after: rfc3339(facts.not_after),
             status,
-            pem: home::pem("CERTIFICATE", &r.der),
+            pem: engine::pem("CERTIFICATE", &r.der),
             record: r,
         });
     }
@@ -577,7 +590,7 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
             .map_err(|e| Error::Internal(e.to_string()))?;
         files::write_new(
             &out.join(format!("{name}.pem")),
-            home::pem(label, &der).as_bytes(),
+            engine::pem(label, &der).as_bytes(),
         )?;
         proofs += 1;
     }

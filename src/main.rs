@@ -14,11 +14,12 @@ fn main() -> ExitCode {
         // A closed pipe (`hsmca log list | head`) is the reader's choice, not an error.
         Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "error: {e}");
+            // Errors quote file names and values from the input: escaped, one line each.
+            let mut err = cli::report::Terminal::new(std::io::stderr().lock());
+            let _ = writeln!(err, "error: {}", cli::report::safe(&e.to_string()));
             let mut source = std::error::Error::source(&e);
             while let Some(cause) = source {
-                let _ = writeln!(err, "caused by: {cause}");
+                let _ = writeln!(err, "caused by: {}", cli::report::safe(&cause.to_string()));
                 source = cause.source();
             }
             if let Some(hint) = e.hint() {

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 
 use crate::csr::{AttrType, RequestedExtension, San, VerifiedCsr};
 use crate::keys::PublicKey;
+use crate::names::is_dns_name;
 use crate::profile::{Cidr, Duration, ExtKeyUsage, KeyUsage, Profile};
 
 /// How far `notBefore` is set in the past, for clocks that run a little behind ours.
@@ -39,9 +40,43 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// Why a certificate is being made. Only `hsmca ca create`, which generates the CA key inside
+/// the token, may make a CA certificate: a CA profile reached from any CSR path (a manifest, a
+/// plan, a kubectl custom signer, a renewal) would hand the stick's own key a certificate that
+/// can mint anything, so it is refused here, once, for every path (rule `profile.ca`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// An intermediate CA certificate for a key `ca create` generated in the token.
+    Intermediate,
+    /// A leaf certificate for a CSR (`check`, `plan`, `sign`, `sign-dir`, kubectl objects).
+    Leaf,
+    /// A leaf certificate re-issued for a logged one (`renew`).
+    Renewal,
+}
+
+/// What a Kubernetes CertificateSigningRequest object asks for besides its PKCS#10 request:
+/// the built-in signers' own rules are judged with the profile's, so a reviewed plan is
+/// re-decided by exactly the rules that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignerRequest {
+    /// spec.signerName.
+    pub signer: String,
+    /// spec.usages.
+    pub usages: Vec<String>,
+    /// spec.username (set by the API server: who asked).
+    pub username: String,
+    /// spec.expirationSeconds.
+    pub expiration_seconds: Option<u64>,
+}
+
 /// Everything the decision needs that does not come from the profile or the CSR.
 #[derive(Debug, Clone)]
 pub struct Context {
+    /// Why the certificate is made; a CA profile is refused for every purpose but
+    /// [`Purpose::Intermediate`].
+    pub purpose: Purpose,
+    /// The Kubernetes object's own request, when the CSR came in one.
+    pub kubernetes: Option<SignerRequest>,
     /// The time of issuance.
     pub now: OffsetDateTime,
     /// The serial to use (random, from the token; unique in the log).
@@ -132,6 +167,42 @@ pub fn decide(
     ctx: &Context,
 ) -> Result<Decision, Vec<Refusal>> {
     let mut refusals = Vec::new();
+    let mut refuse = |rule: &str, expected: String, value: String| {
+        refusals.push(Refusal {
+            rule: rule.to_owned(),
+            expected,
+            value,
+        });
+    };
+
+    match (ctx.purpose, &profile.ca) {
+        (Purpose::Intermediate, Some(_)) | (Purpose::Leaf | Purpose::Renewal, None) => {}
+        (Purpose::Intermediate, None) => refuse(
+            "profile.ca",
+            "a CA profile (one with a \"ca\" section)".into(),
+            profile.name.clone(),
+        ),
+        (Purpose::Leaf | Purpose::Renewal, Some(_)) => refuse(
+            "profile.ca",
+            "a leaf profile: CA certificates are made only by `hsmca ca create`, for a key it \
+             generates in the token"
+                .into(),
+            profile.name.clone(),
+        ),
+    }
+    let mut requested_validity = ctx.requested_validity;
+    if let Some(request) = &ctx.kubernetes {
+        let cn = csr
+            .subject
+            .iter()
+            .find(|(a, _)| *a == AttrType::Cn)
+            .map(|(_, v)| v.as_str());
+        let (more, seconds) = signer_rules(request, cn, profile.validity.max.0);
+        refusals.extend(more);
+        if let Some(seconds) = seconds {
+            requested_validity = Some(Duration(seconds));
+        }
+    }
     let mut refuse = |rule: &str, expected: String, value: String| {
         refusals.push(Refusal {
             rule: rule.to_owned(),
@@ -409,7 +480,7 @@ pub fn decide(
     }
 
     // Validity.
-    let validity = ctx.requested_validity.unwrap_or(profile.validity.default);
+    let validity = requested_validity.unwrap_or(profile.validity.default);
     if validity > profile.validity.max {
         refuse(
             "validity.max",
@@ -453,6 +524,82 @@ pub fn decide(
     })
 }
 
+/// The built-in signers' own rules (usages compared as sets; the requester's name), and the
+/// validity: `expirationSeconds` honoured up to `max_seconds`, at least 600.
+pub fn signer_rules(
+    obj: &SignerRequest,
+    cn: Option<&str>,
+    max_seconds: u64,
+) -> (Vec<Refusal>, Option<u64>) {
+    let mut out = Vec::new();
+    let usages: BTreeSet<&str> = obj.usages.iter().map(String::as_str).collect();
+    let set = |u: &[&'static str]| u.iter().copied().collect::<BTreeSet<&str>>();
+    let node_signer = |purpose: &'static str| {
+        [
+            set(&["digital signature", "key encipherment", purpose]),
+            set(&["digital signature", purpose]),
+        ]
+    };
+    let allowed: Option<Vec<BTreeSet<&str>>> = match obj.signer.as_str() {
+        "kubernetes.io/kube-apiserver-client-kubelet" => Some(node_signer("client auth").to_vec()),
+        "kubernetes.io/kubelet-serving" => Some(node_signer("server auth").to_vec()),
+        _ => None,
+    };
+    match allowed {
+        Some(sets) if !sets.contains(&usages) => {
+            out.push(k8s_refusal(
+                "k8s.usages",
+                "{digital signature, [key encipherment,] client/server auth}",
+                obj.usages.join(", "),
+            ));
+        }
+        None if obj.signer == "kubernetes.io/kube-apiserver-client" => {
+            let ok = set(&["digital signature", "key encipherment", "client auth"]);
+            if !usages.contains("client auth") || !usages.is_subset(&ok) {
+                out.push(k8s_refusal(
+                    "k8s.usages",
+                    "client auth, with only digital signature and key encipherment besides",
+                    obj.usages.join(", "),
+                ));
+            }
+        }
+        _ => {}
+    }
+    // A node may only ask for its own name; the kubelet's first client certificate comes
+    // from a bootstrap token (system:bootstrap:...), as Kubernetes' own approver allows.
+    let node_cn = cn.is_some_and(|c| c.starts_with("system:node:"));
+    let bootstrap = obj.signer == "kubernetes.io/kube-apiserver-client-kubelet"
+        && obj.username.starts_with("system:bootstrap:");
+    if node_cn && !bootstrap && Some(obj.username.as_str()) != cn {
+        out.push(k8s_refusal(
+            "k8s.username",
+            format!("the requester to be {:?}", cn.unwrap_or_default()),
+            obj.username.clone(),
+        ));
+    }
+    let validity = match obj.expiration_seconds {
+        Some(s) if s < 600 => {
+            out.push(k8s_refusal(
+                "k8s.expiration",
+                "expirationSeconds of at least 600",
+                s.to_string(),
+            ));
+            None
+        }
+        Some(s) => Some(s.min(max_seconds)),
+        None => None,
+    };
+    (out, validity)
+}
+
+fn k8s_refusal(rule: &str, expected: impl Into<String>, value: impl Into<String>) -> Refusal {
+    Refusal {
+        rule: rule.into(),
+        expected: expected.into(),
+        value: value.into(),
+    }
+}
+
 fn one_of<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let v: Vec<String> = items.map(|s| format!("{s:?}")).collect();
     match v.len() {
@@ -460,22 +607,6 @@ fn one_of<'a>(items: impl Iterator<Item = &'a str>) -> String {
         1 => v.concat(),
         _ => format!("one of {}", v.join(", ")),
     }
-}
-
-/// Whether `name` is a lowercase LDH hostname: labels of 1-63 letters, digits and inner hyphens,
-/// at most 253 characters, no empty label, no trailing dot, ASCII only.
-pub fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
 }
 
 /// `allowed` is an exact name, a pattern with one `{part}`, or `*.suffix`, which matches one
@@ -526,6 +657,8 @@ mod tests {
     fn ctx() -> Context {
         let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         Context {
+            purpose: Purpose::Leaf,
+            kubernetes: None,
             now,
             serial: vec![1, 2, 3],
             requested_validity: None,
@@ -572,6 +705,86 @@ mod tests {
             .into_iter()
             .map(|r| (r.rule, r.value))
             .collect()
+    }
+
+    fn ca_profile() -> Profile {
+        serde_json::from_str(
+            r#"{"name":"kubernetes-ca","key_types":["ecdsa-p256"],"ca":{"path_len":0},
+            "subject":{"CN":{"required":true,"values":["kubernetes-ca"]}},
+            "key_usage":["digital_signature","key_cert_sign","crl_sign"],
+            "validity":{"default":"30d","max":"365d"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_an_intermediate_ceremony_may_use_a_ca_profile() {
+        use rcgen::DnType::*;
+        let rogue = csr(
+            &[(CommonName, "kubernetes-ca")],
+            &[],
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        );
+        let with = |purpose| Context { purpose, ..ctx() };
+        // A CSR from any path (a manifest, a plan, a kubectl signer, a renewal) is refused.
+        for purpose in [Purpose::Leaf, Purpose::Renewal] {
+            let got = rules(decide(&ca_profile(), &rogue, &with(purpose)));
+            assert_eq!(
+                got,
+                vec![("profile.ca".to_owned(), "kubernetes-ca".to_owned())],
+                "{purpose:?}"
+            );
+        }
+        let d = decide(&ca_profile(), &rogue, &with(Purpose::Intermediate)).unwrap();
+        assert!(d.ca.is_some());
+        // And a ceremony cannot make an intermediate under a leaf profile.
+        let got = rules(decide(&profile(), &node(&[]), &with(Purpose::Intermediate)));
+        assert!(
+            got.contains(&("profile.ca".to_owned(), "kubelet".to_owned())),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn kubernetes_signer_rules_are_part_of_the_decision() {
+        let request = |usages: &[&str], username: &str, expiration| SignerRequest {
+            signer: "kubernetes.io/kube-apiserver-client-kubelet".into(),
+            usages: usages.iter().map(|u| (*u).to_owned()).collect(),
+            username: username.into(),
+            expiration_seconds: expiration,
+        };
+        let with = |r: SignerRequest| Context {
+            kubernetes: Some(r),
+            ..ctx()
+        };
+        let good = request(
+            &["digital signature", "client auth"],
+            "system:node:n1",
+            None,
+        );
+        assert!(decide(&profile(), &node(&[]), &with(good)).is_ok());
+        let usages = request(
+            &["digital signature", "server auth"],
+            "system:node:n1",
+            None,
+        );
+        let got = rules(decide(&profile(), &node(&[]), &with(usages)));
+        assert_eq!(got[0].0, "k8s.usages");
+        let impostor = request(
+            &["digital signature", "client auth"],
+            "system:node:n2",
+            None,
+        );
+        let got = rules(decide(&profile(), &node(&[]), &with(impostor)));
+        assert_eq!(got[0].0, "k8s.username");
+        // expirationSeconds sets the validity, clipped to the profile's maximum.
+        let short = request(
+            &["digital signature", "client auth"],
+            "system:node:n1",
+            Some(3_600),
+        );
+        let d = decide(&profile(), &node(&[]), &with(short)).unwrap();
+        assert_eq!(d.not_after, ctx().now + time::Duration::hours(1));
     }
 
     #[test]

@@ -101,8 +101,8 @@ impl PartRule {
     /// Whether `value` may fill this part.
     pub fn allows(&self, value: &str) -> bool {
         let shaped = match self.kind {
-            PartKind::DnsLabel => !value.contains('.') && crate::policy::is_dns_name(value),
-            PartKind::DnsName => crate::policy::is_dns_name(value),
+            PartKind::DnsLabel => !value.contains('.') && crate::names::is_dns_name(value),
+            PartKind::DnsName => crate::names::is_dns_name(value),
         };
         shaped && (self.values.is_empty() || self.values.iter().any(|v| v == value))
     }
@@ -480,7 +480,7 @@ impl Profile {
                     }
                 }
                 for name in ca.permitted_dns.iter().chain(&ca.excluded_dns) {
-                    if !crate::policy::is_dns_name(name.trim_start_matches('.')) {
+                    if !crate::names::is_dns_name(name.trim_start_matches('.')) {
                         return err("ca.permitted_dns", format!("{name:?} is not a DNS name"));
                     }
                 }
@@ -579,12 +579,12 @@ impl Profile {
             let bare = name.strip_prefix("*.").unwrap_or(name);
             if bare.contains('{') {
                 used_parts.insert(self.check_pattern("san.dns", bare)?);
-            } else if !crate::policy::is_dns_name(bare) {
+            } else if !crate::names::is_dns_name(bare) {
                 return err("san.dns", format!("{name:?} is not a DNS name or *.suffix"));
             }
         }
         for name in &self.san.required_dns {
-            if !crate::policy::is_dns_name(name) {
+            if !crate::names::is_dns_name(name) {
                 return err("san.required_dns", format!("{name:?} is not a DNS name"));
             }
         }

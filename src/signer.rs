@@ -94,3 +94,77 @@ impl rcgen::SigningKey for RcgenKey<'_> {
         }
     }
 }
+
+/// What the issuance engine needs of a token: random bytes, the keys it signs with, and new
+/// key pairs for intermediates. `token::Token` is the real one; tests use software keys, so the
+/// engine's refusals, stop rules and crash points run in-process.
+pub trait Keystore {
+    /// `len` random bytes.
+    fn random(&self, len: usize) -> Result<Vec<u8>, crate::Error>;
+    /// The private key labelled `label`, with its public key.
+    fn key(&self, label: &str) -> Result<Box<dyn CaSigner + '_>, crate::Error>;
+    /// The key labelled `label`, refused unless its public key is `expected` (the CA
+    /// certificate's).
+    fn key_matching(
+        &self,
+        label: &str,
+        expected: &PublicKey,
+    ) -> Result<Box<dyn CaSigner + '_>, crate::Error>;
+    /// A new key pair, generated inside the token (sensitive, never extractable).
+    fn generate_key_pair(
+        &self,
+        key_type: crate::keys::KeyType,
+        label: &str,
+        id: &[u8],
+    ) -> Result<PublicKey, crate::Error>;
+    /// `count` keys for `label` on sessions of their own, one per signing thread.
+    fn workers(
+        &self,
+        label: &str,
+        expected: &PublicKey,
+        count: usize,
+    ) -> Result<Vec<Box<dyn CaSigner + Send>>, crate::Error>;
+}
+
+impl Keystore for crate::token::Token {
+    fn random(&self, len: usize) -> Result<Vec<u8>, crate::Error> {
+        Ok(crate::token::Token::random(self, len)?)
+    }
+
+    fn key(&self, label: &str) -> Result<Box<dyn CaSigner + '_>, crate::Error> {
+        Ok(Box::new(crate::token::Token::key(self, label)?))
+    }
+
+    fn key_matching(
+        &self,
+        label: &str,
+        expected: &PublicKey,
+    ) -> Result<Box<dyn CaSigner + '_>, crate::Error> {
+        Ok(Box::new(crate::token::Token::key_matching(
+            self, label, expected,
+        )?))
+    }
+
+    fn generate_key_pair(
+        &self,
+        key_type: crate::keys::KeyType,
+        label: &str,
+        id: &[u8],
+    ) -> Result<PublicKey, crate::Error> {
+        Ok(crate::token::Token::generate_key_pair(
+            self, key_type, label, id,
+        )?)
+    }
+
+    fn workers(
+        &self,
+        label: &str,
+        expected: &PublicKey,
+        count: usize,
+    ) -> Result<Vec<Box<dyn CaSigner + Send>>, crate::Error> {
+        Ok(crate::token::Token::workers(self, label, expected, count)?
+            .into_iter()
+            .map(|k| Box::new(k) as Box<dyn CaSigner + Send>)
+            .collect())
+    }
+}

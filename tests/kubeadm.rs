@@ -286,11 +286,17 @@ fn a_kubeconfig_template_that_cannot_be_completed_fails_its_item_with_the_rule()
     let run = env.hsmca(&["sign-dir", "--home", s(&home), s(&tree), "--out", s(&out)]);
     run.code_is(1);
     let stdout = run.stdout();
-    for (csr, rule) in [
-        ("admin.conf.csr", "kubeconfig.user"),
-        ("scheduler.conf.csr", "kubeconfig.read"),
-        ("kubelet.conf.csr", "kubeconfig.read"),
-        ("controller-manager.conf.csr", "kubeconfig.key_mismatch"),
+    // Refused before issuance where the template alone tells (no certificate is spent); the
+    // key that is not the certificate's is known only after signing: logged, not released.
+    for (csr, rule, issued) in [
+        ("admin.conf.csr", "kubeconfig.user", false),
+        ("scheduler.conf.csr", "input.symlink", false),
+        ("kubelet.conf.csr", "input.read", false),
+        (
+            "controller-manager.conf.csr",
+            "kubeconfig.key_mismatch",
+            true,
+        ),
     ] {
         let line = stdout
             .lines()
@@ -300,9 +306,11 @@ fn a_kubeconfig_template_that_cannot_be_completed_fails_its_item_with_the_rule()
             line.contains("FAILED") && line.contains(&format!("(rule {rule})")),
             "{line}"
         );
+        assert_eq!(line.contains("issued and logged"), issued, "{line}");
         let conf = csr.trim_end_matches(".csr");
         assert!(!out.join(conf).exists(), "{conf} must not be released");
     }
+    assert!(stdout.contains(": 9 issued, "), "{stdout}");
     // The rest came back complete.
     let good = std::fs::read_to_string(out.join("super-admin.conf")).unwrap();
     assert!(good.contains("client-certificate-data: LS0t"), "{good}");

@@ -356,8 +356,15 @@ fn intermediates_sign_their_own_profiles_and_the_chain_is_written_on_request() {
         "CN=etcd-ca",
     ]);
     again.fails_with(2, "already has a CA named \"etcd-ca\"");
-    env.sign(&home, "etcd-ca", &[&csr])
-        .fails_with(2, "use `hsmca ca create`");
+    // A CA profile is refused per CSR by the policy, like every other rule.
+    let run = env.sign(&home, "etcd-ca", &[&csr]);
+    run.code_is(1);
+    assert!(
+        run.stdout()
+            .contains("rule profile.ca expects a leaf profile"),
+        "{}",
+        run.all()
+    );
     let refused = env.hsmca(&[
         "ca",
         "create",

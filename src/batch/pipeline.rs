@@ -7,22 +7,21 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::plan::{Found, Inputs, discover, judge, parallel, plan_objects};
+use super::plan::{Found, Inputs, Request, discover, judge, parallel, plan_objects};
 use super::{Done, Item, JOB, Plan, Report, Verdict, chunk_ranges};
-use crate::clock::{Clock, rfc3339};
+use crate::clock::Clock;
+use crate::engine::{self, CaSession, Health, Ready, Withheld};
 use crate::error::Error;
 use crate::files;
-use crate::home::{self, Home};
+use crate::home::Home;
 use crate::issue::{self, IssuerCert};
 use crate::keys;
 use crate::kubeadm::{self, KUBEADM_CAS, KubeconfigError};
 use crate::log::Body;
 use crate::profile::Profile;
-use crate::signer::CaSigner;
-use crate::token::Token;
+use crate::signer::{CaSigner, Keystore};
 
 /// Counts and rate on stderr: a bar on a terminal, a plain line per chunk otherwise.
 struct Progress {
@@ -64,7 +63,7 @@ pub fn sign(
     home: &Home,
     plan: &Plan,
     out: &Path,
-    token: &Token,
+    keys: &dyn Keystore,
     sessions: usize,
     clock: &dyn Clock,
     on_done: &mut dyn FnMut(&Done) -> Result<(), Error>,
@@ -95,13 +94,12 @@ pub fn sign(
         .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
         .map(|i| i.profile.as_str());
     let batch = Batch {
-        input: &plan.input,
         kubeadm: plan.kubeadm,
         kubernetes: plan.kubernetes,
         inputs: &inputs,
         source: Source::Plan(plan),
     };
-    run(home, &batch, profiles, out, token, sessions, clock, on_done)
+    run(home, &batch, profiles, out, keys, sessions, clock, on_done)
 }
 
 /// `hsmca sign-dir INPUT`: decides and signs in one go, chunk by chunk, for scripts. Nobody
@@ -119,7 +117,7 @@ pub fn sign_input(
     profile: Option<&str>,
     manifest: Option<&Path>,
     out: &Path,
-    token: &Token,
+    keys: &dyn Keystore,
     sessions: usize,
     clock: &dyn Clock,
     on_done: &mut dyn FnMut(&Done) -> Result<(), Error>,
@@ -127,24 +125,23 @@ pub fn sign_input(
     if input.is_file() {
         // Kubernetes objects: one small JSON file, planned whole.
         let plan = plan_objects(home, input, manifest, clock)?;
-        return sign(home, &plan, out, token, sessions, clock, on_done);
+        return sign(home, &plan, out, keys, sessions, clock, on_done);
     }
-    let (found, kubeadm) = discover(input, profile, manifest)?;
-    let inputs = Inputs::Dir(input.to_path_buf());
+    let root = crate::input::Root::open(input)?;
+    let (found, kubeadm) = discover(&root, profile, manifest)?;
+    let inputs = Inputs::Dir(root);
     let batch = Batch {
-        input,
         kubeadm,
         kubernetes: false,
         inputs: &inputs,
         source: Source::Found(&found),
     };
     let profiles = found.iter().map(|f| &*f.profile);
-    run(home, &batch, profiles, out, token, sessions, clock, on_done)
+    run(home, &batch, profiles, out, keys, sessions, clock, on_done)
 }
 
 /// What a `sign-dir` run signs.
 struct Batch<'a> {
-    input: &'a Path,
     kubeadm: bool,
     kubernetes: bool,
     inputs: &'a Inputs,
@@ -215,41 +212,38 @@ fn run<'a>(
     batch: &Batch<'_>,
     profile_names: impl Iterator<Item = &'a str>,
     out: &Path,
-    token: &Token,
+    keys: &dyn Keystore,
     sessions: usize,
     clock: &dyn Clock,
     on_done: &mut dyn FnMut(&Done) -> Result<(), Error>,
 ) -> Result<Report, Error> {
     let start = Instant::now();
-    let log_key = token.key(&home.config.log_key.label)?;
-    let (mut log, note_key) = home::open_log(home, &log_key, clock)?;
+    let mut session = CaSession::open(home, keys, clock)?;
     if let Source::Plan(plan) = batch.source {
         let to_issue = plan
             .items
             .iter()
             .filter(|i| matches!(i.verdict, Verdict::Issue { .. }))
             .count() as u64;
-        log.append(
-            vec![Body::Plan {
-                plan_sha256: plan.hash.clone(),
-                to_issue,
-            }],
-            clock.now(),
-        )?;
+        session.append(vec![Body::Plan {
+            plan_sha256: plan.hash.clone(),
+            to_issue,
+        }])?;
     }
 
     // Every profile and issuer of the batch, and one set of token sessions per issuer, up
     // front. A profile that cannot be loaded fails its CSRs, not the batch.
     let mut issuers: BTreeMap<String, (Profile, IssuerCert)> = BTreeMap::new();
     let mut unusable: BTreeMap<String, String> = BTreeMap::new();
-    let mut workers: BTreeMap<String, Vec<crate::token::WorkerKey>> = BTreeMap::new();
+    let mut workers: BTreeMap<String, Vec<Box<dyn CaSigner + Send>>> = BTreeMap::new();
     for name in profile_names {
         if issuers.contains_key(name) || unusable.contains_key(name) {
             continue;
         }
-        let loaded = home
-            .profile(name)
-            .and_then(|p| Ok((home.issuer(&p.issuer)?, p)));
+        let loaded = session.profile(name).and_then(|p| {
+            let issuer = session.issuer(&p.issuer)?;
+            Ok(((issuer.cert.clone(), issuer.label.clone()), p))
+        });
         let ((cert, label), profile) = match (loaded, &batch.source) {
             (Ok(x), _) => x,
             (Err(e), Source::Found(_)) => {
@@ -259,10 +253,9 @@ fn run<'a>(
             (Err(e), Source::Plan(_)) => return Err(e),
         };
         if !workers.contains_key(&profile.issuer) {
-            token.key_matching(&label, &cert.public_key)?;
             workers.insert(
                 profile.issuer.clone(),
-                token.workers(&label, &cert.public_key, sessions.max(1))?,
+                keys.workers(&label, &cert.public_key, sessions.max(1))?,
             );
         }
         issuers.insert(name.to_owned(), (profile, cert));
@@ -276,17 +269,19 @@ fn run<'a>(
         terminal: std::io::stderr().is_terminal(),
     };
     let mut tally = Tally::default();
-    let writer = Writer::spawn()?;
+    let writer = Writer::spawn(files::OutDir::open(out)?)?;
     let ranges = chunk_ranges(batch.source.len());
     let mut seen = std::collections::HashSet::new();
     let mut hasher = PlanHasher::new();
+    let mut health = Health::default();
+    // Set when the run must stop: the sessions sign nothing more, and what is in flight is
+    // abandoned in the log.
+    let stop = AtomicBool::new(false);
     let ctx = StageCtx {
         inputs: batch.inputs,
-        token,
         issuers: &issuers,
         unusable: &unusable,
         out,
-        clock,
     };
     std::thread::scope(|scope| -> Result<(), Error> {
         // One long-lived thread per token session, fed from one queue per issuer: a session
@@ -308,10 +303,11 @@ fn run<'a>(
             for key in keys.iter_mut() {
                 let (jobs, signed_tx) = (jobs.clone(), signed_tx.clone());
                 // Each session moves to its own thread (sessions are Send, not Sync).
+                let stop = &stop;
                 std::thread::Builder::new()
                     .name("hsmca-sign".into())
                     .spawn_scoped(scope, move || {
-                        sign_worker(&*key, &jobs, &signed_tx);
+                        sign_worker(&**key, &jobs, &signed_tx, stop);
                     })?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
@@ -319,20 +315,22 @@ fn run<'a>(
         drop(signed_tx);
         let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
         for k in 0..=ranges.len() {
-            // Stage the next chunk while the sessions sign what is in flight.
-            let staged = match (&batch.source, ranges.get(k).cloned()) {
+            // Stage the next chunk while the sessions sign what is in flight; after a stop,
+            // only collect what is in flight.
+            let halted = health.halt().is_some();
+            let next = if halted { None } else { ranges.get(k).cloned() };
+            let staged = match (&batch.source, next) {
                 (_, None) => None,
                 (Source::Plan(plan), Some(range)) => Some(stage(
                     &ctx,
-                    &log,
+                    &session,
                     range.start,
                     &plan.items[range],
                     &mut seen,
                 )?),
                 (Source::Found(found), Some(range)) => Some(stage_found(
                     &ctx,
-                    &log,
-                    batch.input,
+                    &session,
                     range.start,
                     &found[range],
                     &mut seen,
@@ -360,38 +358,42 @@ fn run<'a>(
             // intents; one checkpoint; only then may the finished chunks' files appear.
             let mut bodies = Vec::new();
             for chunk in &mut finished {
-                bodies.extend(chunk.results(out, &mut tally));
+                bodies.extend(chunk.results(out, &mut tally, &mut health));
+            }
+            if health.halt().is_some() {
+                stop.store(true, Ordering::SeqCst);
             }
             let results_len = bodies.len();
             if let Some(s) = &staged {
-                bodies.extend(s.ready.iter().map(Ready::intent));
+                bodies.extend(s.ready.iter().map(|p| p.ready.intent()));
             }
             let seqs = if bodies.is_empty() {
                 Vec::new()
             } else {
-                log.append(bodies, clock.now())?
+                session.append(bodies)?
             };
             if results_len > 0 {
-                home::danger_crash_point("after-cert");
+                engine::danger_crash_point("after-cert");
             }
             if seqs.len() > results_len {
-                home::danger_crash_point("after-intent");
+                engine::danger_crash_point("after-intent");
             }
             if results_len > 0 {
-                log.checkpoint(&note_key)?;
-                home::danger_crash_point("after-checkpoint");
+                session.checkpoint()?;
+                engine::danger_crash_point("after-checkpoint");
             }
             for mut chunk in finished {
                 let mut outputs = Vec::with_capacity(chunk.release.len());
-                for (path, der, file, profile) in &chunk.release {
+                for r in &chunk.release {
                     let issuer = issuers
-                        .get(profile)
+                        .get(&r.profile)
                         .map_or("root", |(p, _)| p.issuer.as_str());
-                    match output_bytes(home, batch, file, issuer, path, der) {
-                        Ok(bytes) => outputs.push((path.clone(), bytes)),
-                        // Logged but not releasable (a kubeconfig template that cannot be
-                        // completed): this item fails with the rule; nothing is written.
-                        Err(e) => withhold(&mut chunk.done, path, &e),
+                    match output_bytes(home, batch, &r.file, issuer, &r.path, &r.der) {
+                        Ok(bytes) => outputs.push((r.path.clone(), bytes)),
+                        // Logged but not releasable (a kubeconfig template refused or that
+                        // cannot be completed): this item fails with the rule; nothing is
+                        // written. A rerun after fixing the input writes it from the log.
+                        Err(e) => withhold(&mut chunk.done, &r.path, &e),
                     }
                 }
                 writer.send(outputs)?;
@@ -407,6 +409,9 @@ fn run<'a>(
                 }
                 progress.show(tally.handled, tally.issued + tally.reissued, tally.refused);
             }
+            if halted && in_flight.is_empty() {
+                break;
+            }
             // The staged chunk's intents are durable: the sessions may sign it.
             if let Some(s) = staged {
                 tally.reissued += s.reissued;
@@ -415,9 +420,7 @@ fn run<'a>(
                 // measurable share of the host's work.
                 let mut by_issuer: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
                 for (pos, r) in ready.iter().enumerate() {
-                    let issuer = issuers
-                        .get(&r.item.profile)
-                        .map_or("", |(p, _)| p.issuer.as_str());
+                    let issuer = r.ready.prepared.decision.issuer.as_str();
                     by_issuer.entry(issuer).or_default().push(pos);
                 }
                 for (issuer, positions) in by_issuer {
@@ -452,16 +455,15 @@ fn run<'a>(
     // A plan decided while signing is logged once it is complete.
     let hash = match batch.source {
         Source::Plan(plan) => plan.hash.clone(),
+        // A run that stopped early has not seen the whole input: no plan hash is logged.
+        Source::Found(_) if health.halt().is_some() => String::new(),
         Source::Found(_) => {
             let (plan_sha256, to_issue) = hasher.finish();
-            log.append(
-                vec![Body::Plan {
-                    plan_sha256: plan_sha256.clone(),
-                    to_issue,
-                }],
-                clock.now(),
-            )?;
-            log.checkpoint(&note_key)?;
+            session.append(vec![Body::Plan {
+                plan_sha256: plan_sha256.clone(),
+                to_issue,
+            }])?;
+            session.checkpoint()?;
             plan_sha256
         }
     };
@@ -471,24 +473,22 @@ fn run<'a>(
     for (path, error) in failed {
         on_done(&Done::Failed {
             file: path.display().to_string(),
-            rule: "output.write".into(),
-            error: format!("issued and logged, but {error}"),
+            rule: error.rule().into(),
+            error: format!("issued and logged, but {}", crate::error::chain(&error)),
         })?;
         refused += 1;
     }
+    let out_dir = files::OutDir::open(out)?;
     if batch.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
             if let Ok((cert, _)) = home.issuer(ca) {
-                files::write_new(
-                    &out.join(rel),
-                    home::pem("CERTIFICATE", &cert.der).as_bytes(),
-                )?;
+                out_dir.write_new(rel, engine::pem("CERTIFICATE", &cert.der).as_bytes())?;
             }
         }
     }
     if batch.kubernetes && !commands.is_empty() {
-        files::replace(
-            &out.join("apply-status.sh"),
+        out_dir.replace(
+            "apply-status.sh",
             crate::k8s::apply_status_script(out, &commands).as_bytes(),
         )?;
     }
@@ -507,6 +507,7 @@ fn run<'a>(
         refused,
         seconds: start.elapsed().as_secs_f64(),
         commands,
+        halt: health.halt().cloned(),
     })
 }
 
@@ -519,11 +520,13 @@ type Outputs = Vec<(PathBuf, Vec<u8>)>;
 /// would be left behind.
 struct Writer {
     queue: Option<std::sync::mpsc::SyncSender<Outputs>>,
-    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, String)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<(PathBuf, files::FileError)>>>,
 }
 
 impl Writer {
-    fn spawn() -> Result<Self, Error> {
+    /// Starts the writer for files beneath `out`: each path handed to it must be beneath
+    /// `out` by a plain relative name (checked again here), never through a symlink.
+    fn spawn(out: files::OutDir) -> Result<Self, Error> {
         // Bounded: if files are written slower than certificates are signed, signing waits
         // instead of holding ever more certificates in memory.
         let (queue, outputs) = std::sync::mpsc::sync_channel::<Outputs>(2);
@@ -532,9 +535,22 @@ impl Writer {
             .spawn(move || {
                 let mut failed = Vec::new();
                 for outputs in outputs {
-                    for ((path, _), written) in outputs.iter().zip(files::write_new_all(&outputs)) {
+                    // The relative name beneath OUT; an output path outside it (an absolute
+                    // or `..` name from a plan) gets a name the writer refuses.
+                    let rel: Vec<(String, Vec<u8>)> = outputs
+                        .into_iter()
+                        .map(|(path, bytes)| {
+                            let rel = path
+                                .strip_prefix(out.path())
+                                .ok()
+                                .and_then(Path::to_str)
+                                .map_or_else(|| path.display().to_string(), str::to_owned);
+                            (rel, bytes)
+                        })
+                        .collect();
+                    for ((rel, _), written) in rel.iter().zip(out.write_new_all(&rel)) {
                         if let Err(e) = written {
-                            failed.push((path.clone(), e.to_string()));
+                            failed.push((out.path().join(rel), e));
                         }
                     }
                 }
@@ -554,7 +570,7 @@ impl Writer {
     }
 
     /// Waits for every file; returns those that could not be written, and why.
-    fn finish(mut self) -> Result<Vec<(PathBuf, String)>, Error> {
+    fn finish(mut self) -> Result<Vec<(PathBuf, files::FileError)>, Error> {
         self.queue.take();
         match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(failed)) => Ok(failed),
@@ -576,52 +592,32 @@ impl Drop for Writer {
 /// What every stage of a `sign-dir` run shares.
 struct StageCtx<'a> {
     inputs: &'a Inputs,
-    token: &'a Token,
     issuers: &'a BTreeMap<String, (Profile, IssuerCert)>,
     /// Profiles that could not be loaded, and why.
     unusable: &'a BTreeMap<String, String>,
     out: &'a Path,
-    clock: &'a dyn Clock,
 }
 
-/// A certificate decided and built, waiting for the token.
-struct Ready {
+/// A certificate of the batch decided and built, waiting for the token.
+struct Pending {
     index: usize,
     item: Item,
-    prepared: issue::Prepared,
-    csr_sha256: String,
-}
-
-impl Ready {
-    /// The intent entry, logged (durably) before the token is asked to sign.
-    fn intent(&self) -> Body {
-        let d = &self.prepared.decision;
-        Body::IssueIntent {
-            serial: keys::hex(&d.serial),
-            profile: d.profile.clone(),
-            subject: d.subject_string(),
-            sans: d.san_strings(),
-            not_before: rfc3339(d.not_before),
-            not_after: rfc3339(d.not_after),
-            csr_sha256: self.csr_sha256.clone(),
-            tbs_sha256: self.prepared.tbs_sha256.clone(),
-            renews: None,
-        }
-    }
+    ready: Ready,
 }
 
 /// Certificates for a session to sign: chunk number, positions in it, the chunk.
-type Job = (usize, Vec<usize>, std::sync::Arc<Vec<Ready>>);
+type Job = (usize, Vec<usize>, std::sync::Arc<Vec<Pending>>);
+
+/// What a session did with one certificate: its signature, why the token failed, or nothing
+/// because the run is stopping.
+type Signature = Option<Result<Vec<u8>, issue::IssueError>>;
 
 /// A session's answers: chunk number, per position the token's signature or why not, the chunk.
-type Signed = (
-    usize,
-    Vec<(usize, Result<Vec<u8>, issue::IssueError>)>,
-    std::sync::Arc<Vec<Ready>>,
-);
+type Signed = (usize, Vec<(usize, Signature)>, std::sync::Arc<Vec<Pending>>);
 
-/// A verifier's answers: chunk number, and per position the verified certificate or why not.
-type SignResult = (usize, Vec<(usize, Result<Vec<u8>, issue::IssueError>)>);
+/// A verifier's answers: chunk number, and per position the checked certificate or why not
+/// (`None`: not signed, the run is stopping).
+type SignResult = (usize, Vec<(usize, Signature)>);
 
 /// Counts for the report.
 #[derive(Default)]
@@ -632,26 +628,17 @@ struct Tally {
     refused: usize,
 }
 
-/// The verified certificate for a position of a chunk, from the token's signature.
+/// The checked certificate for a position of a chunk, from the token's signature.
 fn finish_one(
-    r: &Ready,
+    p: &Pending,
     signature: &[u8],
     issuers: &BTreeMap<String, (Profile, IssuerCert)>,
 ) -> Result<Vec<u8>, issue::IssueError> {
-    match issuers.get(&r.item.profile) {
-        // A panic must not lose a certificate's outcome: it becomes a failure of this
-        // certificate, logged as abandoned.
-        Some((_, issuer)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            issue::finish(&r.prepared, issuer, signature)
-        }))
-        .unwrap_or_else(|_| {
-            Err(issue::IssueError::Build(
-                "internal error while verifying".into(),
-            ))
-        }),
+    match issuers.get(&p.item.profile) {
+        Some((_, issuer)) => engine::check(&p.ready, issuer, signature),
         None => Err(issue::IssueError::Build(format!(
             "no issuer for profile {}",
-            r.item.profile
+            p.item.profile
         ))),
     }
 }
@@ -669,13 +656,17 @@ fn sign_worker(
     key: &dyn CaSigner,
     jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
     signed: &std::sync::mpsc::Sender<Signed>,
+    stop: &AtomicBool,
 ) {
     while let Some((chunk, positions, ready)) = next(jobs) {
         let signatures = positions
             .into_iter()
             .map(|pos| {
-                let tbs = &ready[pos].prepared.tbs;
-                (pos, key.sign(tbs).map_err(issue::IssueError::Sign))
+                if stop.load(Ordering::SeqCst) {
+                    return (pos, None);
+                }
+                let tbs = &ready[pos].ready.prepared.tbs;
+                (pos, Some(key.sign(tbs).map_err(issue::IssueError::Sign)))
             })
             .collect();
         if signed.send((chunk, signatures, ready)).is_err() {
@@ -695,7 +686,7 @@ fn verify_worker(
         let checked = signatures
             .into_iter()
             .map(|(pos, sig)| {
-                let r = sig.and_then(|sig| finish_one(&ready[pos], &sig, issuers));
+                let r = sig.map(|sig| sig.and_then(|sig| finish_one(&ready[pos], &sig, issuers)));
                 (pos, r)
             })
             .collect();
@@ -708,12 +699,12 @@ fn verify_worker(
 /// A chunk whose intents are durable and whose certificates the sessions are signing.
 struct InFlight {
     id: usize,
-    ready: std::sync::Arc<Vec<Ready>>,
+    ready: std::sync::Arc<Vec<Pending>>,
     intent_seqs: Vec<u64>,
-    signed: Vec<Option<Result<Vec<u8>, issue::IssueError>>>,
+    signed: Vec<Option<Signature>>,
     remaining: usize,
     done: BTreeMap<usize, Done>,
-    release: Vec<(PathBuf, Vec<u8>, String, String)>,
+    release: Vec<Release>,
 }
 
 impl InFlight {
@@ -732,71 +723,72 @@ impl InFlight {
         }
     }
 
-    /// The log entries for a finished chunk (certificate or abandonment per intent), and its
-    /// outcomes and files to release once they are durable.
-    fn results(&mut self, out: &Path, tally: &mut Tally) -> Vec<Body> {
+    /// The log entries for a finished chunk (certificate or abandonment per intent, built by
+    /// the engine), and its outcomes and files to release once they are durable.
+    fn results(&mut self, out: &Path, tally: &mut Tally, health: &mut Health) -> Vec<Body> {
         let mut bodies = Vec::with_capacity(self.ready.len());
         let signed = std::mem::take(&mut self.signed);
-        for ((r, intent_seq), result) in self.ready.iter().zip(&self.intent_seqs).zip(signed) {
-            let serial = keys::hex(&r.prepared.decision.serial);
-            let result = result.unwrap_or_else(|| {
-                Err(issue::IssueError::Build(
-                    "no result from the token session".into(),
-                ))
-            });
-            match result {
+        for ((p, intent_seq), result) in self.ready.iter().zip(&self.intent_seqs).zip(signed) {
+            let result = match (result.flatten(), health.halt()) {
+                (Some(r), _) => {
+                    health.note(&p.ready, &r);
+                    r.map_err(|e| Withheld::from_error(&e))
+                }
+                (None, Some(halt)) => Err(Withheld::stopped(halt)),
+                (None, None) => Err(Withheld {
+                    rule: "token.sign",
+                    error: "no result from the token session".into(),
+                }),
+            };
+            let (body, result) = engine::settle(&p.ready, *intent_seq, result);
+            bodies.push(body);
+            let file = p.item.file.clone();
+            let done = match result {
                 Ok(der) => {
-                    bodies.push(Body::Cert {
-                        intent_seq: *intent_seq,
-                        serial: serial.clone(),
-                        profile: r.prepared.decision.profile.clone(),
-                        csr_sha256: r.csr_sha256.clone(),
-                        cert_sha256: keys::sha256_hex(&der),
-                        cert: B64.encode(&der),
-                    });
-                    let path = out.join(&r.item.out);
-                    self.release.push((
-                        path.clone(),
+                    let path = out.join(&p.item.out);
+                    self.release.push(Release {
+                        path: path.clone(),
                         der,
-                        r.item.file.clone(),
-                        r.item.profile.clone(),
-                    ));
-                    self.done.insert(
-                        r.index,
-                        Done::Issued {
-                            file: r.item.file.clone(),
-                            serial,
-                            out: path,
-                            already_issued: false,
-                        },
-                    );
-                    tally.issued += 1;
-                }
-                Err(e) => {
-                    bodies.push(Body::Abandon {
-                        intent_seq: *intent_seq,
-                        reason: format!("not released: {e}"),
+                        file: file.clone(),
+                        profile: p.item.profile.clone(),
                     });
-                    self.done.insert(
-                        r.index,
-                        Done::Failed {
-                            file: r.item.file.clone(),
-                            rule: "token.sign".into(),
-                            error: crate::error::chain(&e),
-                        },
-                    );
+                    tally.issued += 1;
+                    Done::Issued {
+                        file,
+                        serial: p.ready.serial(),
+                        out: path,
+                        already_issued: false,
+                    }
                 }
-            }
+                Err(Withheld { rule, error }) => Done::Failed {
+                    file,
+                    rule: rule.into(),
+                    error,
+                },
+            };
+            self.done.insert(p.index, done);
         }
         bodies
     }
 }
 
+/// A certificate to write once its log entry is durable.
+struct Release {
+    /// Where it goes.
+    path: PathBuf,
+    /// The certificate.
+    der: Vec<u8>,
+    /// The input it answers (a file or a Kubernetes object's name).
+    file: String,
+    /// Its profile.
+    profile: String,
+}
+
 /// One chunk made ready for signing: outcomes already known, files to release, TBSs to sign.
 struct Staged {
     done: BTreeMap<usize, Done>,
-    release: Vec<(PathBuf, Vec<u8>, String, String)>,
-    ready: Vec<Ready>,
+    release: Vec<Release>,
+    ready: Vec<Pending>,
     reissued: usize,
 }
 
@@ -816,7 +808,7 @@ impl Staged {
     fn settle(
         &mut self,
         ctx: &StageCtx<'_>,
-        log: &crate::log::Log,
+        session: &CaSession<'_>,
         index: usize,
         item: &Item,
         csr_sha256: &str,
@@ -828,16 +820,25 @@ impl Staged {
             self.done.insert(index, Done::Skipped { file, reason });
             return Ok(true);
         }
-        let Some(prior) = log.issued(csr_sha256, &item.profile)? else {
+        let Some(prior) = session.prior(csr_sha256, &item.profile)? else {
             return Ok(false);
         };
+        if prior.revoked {
+            let error = format!(
+                "this CSR's certificate (serial {}) was revoked; it is not issued again",
+                prior.serial
+            );
+            let rule = "revoked".into();
+            self.done.insert(index, Done::Failed { file, rule, error });
+            return Ok(true);
+        }
         let path = ctx.out.join(&item.out);
-        self.release.push((
-            path.clone(),
-            prior.cert_der,
-            file.clone(),
-            item.profile.clone(),
-        ));
+        self.release.push(Release {
+            path: path.clone(),
+            der: prior.der,
+            file: file.clone(),
+            profile: item.profile.clone(),
+        });
         self.done.insert(
             index,
             Done::Issued {
@@ -855,13 +856,8 @@ impl Staged {
     fn file(&mut self, index: usize, item: Item, verdict: Verdict, prepared: Option<Built>) {
         let file = item.file.clone();
         let done = match (verdict, prepared) {
-            (_, Some(Ok((prepared, csr_sha256)))) => {
-                self.ready.push(Ready {
-                    index,
-                    item,
-                    prepared,
-                    csr_sha256,
-                });
+            (_, Some(Ok(ready))) => {
+                self.ready.push(Pending { index, item, ready });
                 return;
             }
             (_, Some(Err(error))) => Done::Failed {
@@ -882,56 +878,56 @@ impl Staged {
     }
 }
 
-/// The profiles of a batch that loaded (with their issuers), and why the others did not.
-type Profiles<'a> = (
-    &'a BTreeMap<String, (Profile, IssuerCert)>,
-    &'a BTreeMap<String, String>,
-);
-
-/// A TBS built for a decided CSR, with the CSR's SHA-256; or why it could not be built.
-type Built = Result<(issue::Prepared, String), String>;
+/// A TBS built for a decided CSR; or why it could not be built.
+type Built = Result<Ready, String>;
 
 /// Judges one CSR under its profile and builds its TBS: what staging does per CSR, on every
-/// core.
+/// core. Returns the verdict, the CSR's digest once it parsed, and the built certificate.
 fn decide_and_prepare(
-    profiles: Profiles<'_>,
+    ctx: &StageCtx<'_>,
     item: &Item,
     bytes: &[u8],
     now: time::OffsetDateTime,
     serial: &[u8],
-) -> (Verdict, Option<Built>) {
-    let (issuers, unusable) = profiles;
-    let Some((profile, issuer)) = issuers.get(&item.profile) else {
-        let error = unusable
+) -> (Verdict, Option<String>, Option<Built>) {
+    let Some((profile, issuer)) = ctx.issuers.get(&item.profile) else {
+        let error = ctx
+            .unusable
             .get(&item.profile)
             .cloned()
             .unwrap_or_else(|| format!("no profile {:?}", item.profile));
         let rule = "profile".into();
-        return (Verdict::Fail { rule, error }, None);
+        return (Verdict::Fail { rule, error }, None, None);
     };
-    let (verdict, decision) = judge(
+    let request = Request {
+        validity: item.requested_validity.as_deref(),
+        kubernetes: ctx.inputs.signer_request(item),
+    };
+    let judged = judge(
         profile,
         issuer,
         bytes,
-        item.requested_validity.as_deref(),
+        &request,
         now,
         serial.to_vec(),
         false,
     );
-    let prepared = decision.map(|(d, sha)| {
-        issue::prepare(d, issuer)
-            .map(|p| (p, sha))
-            .map_err(|e| e.to_string())
-    });
-    (verdict, prepared)
+    let built = match (judged.decision, &judged.csr_sha256) {
+        (Some(d), Some(sha)) => {
+            Some(Ready::new(d, issuer, sha.clone(), None).map_err(|e| e.to_string()))
+        }
+        _ => None,
+    };
+    (judged.verdict, judged.csr_sha256, built)
 }
 
 /// Prepares a chunk of a plan without touching the log: what the plan already refused, what
 /// the log already holds (written again), and for the rest serials, decisions and TBSs, in
-/// parallel. Each CSR is read, checked against the plan's digest and verified again.
+/// parallel. Each CSR is read, checked against the plan's digest and judged again by the
+/// same rules that made the plan.
 fn stage(
     ctx: &StageCtx<'_>,
-    log: &crate::log::Log,
+    session: &CaSession<'_>,
     base: usize,
     chunk: &[Item],
     seen: &mut std::collections::HashSet<u128>,
@@ -944,27 +940,44 @@ fn stage(
             staged.file(index, item.clone(), item.verdict.clone(), None);
             continue;
         }
-        let (bytes, digest) = ctx.inputs.read(item)?;
+        // A plan's output name is data from the stick too: beneath OUT, or the item fails
+        // before anything is issued for it.
+        if let Err(e) = crate::input::components(&item.out) {
+            let (rule, error) = ("output.path".to_owned(), e.to_string());
+            staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
+            continue;
+        }
+        // A file that became a symlink, FIFO or something too large since planning fails its
+        // item; the rest of the batch goes on.
+        let (bytes, digest) = match ctx.inputs.read(item) {
+            Ok(read) => read,
+            Err(e) => {
+                let (rule, error) = (e.rule().to_owned(), crate::error::chain(&e));
+                staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
+                continue;
+            }
+        };
         if digest != item.sha256 {
             let error = "changed since planning; not signed (plan again and review)".into();
             let rule = "input.changed".into();
             staged.file(index, item.clone(), Verdict::Fail { rule, error }, None);
             continue;
         }
-        let csr_sha = keys::sha256_hex(&crate::csr::der_of(&bytes).unwrap_or_default());
-        if !staged.settle(ctx, log, index, item, &csr_sha, seen)? {
-            fresh.push((index, item, bytes));
-        }
+        fresh.push((index, item, bytes));
     }
-    let serials = home::fresh_serials(ctx.token, log, fresh.len())?;
-    let now = ctx.clock.now();
+    let serials = session.serials(fresh.len())?;
+    let now = session.clock().now();
     let jobs: Vec<_> = fresh.into_iter().zip(serials).collect();
-    let profiles = (ctx.issuers, ctx.unusable);
     let judged = parallel(&jobs, |((_, item, bytes), serial)| {
-        decide_and_prepare(profiles, item, bytes, now, serial)
+        decide_and_prepare(ctx, item, bytes, now, serial)
     })?;
-    for (((index, item, _), _), (verdict, prepared)) in jobs.into_iter().zip(judged) {
-        staged.file(index, item.clone(), verdict, prepared);
+    for (((index, item, _), _), (verdict, csr_sha, built)) in jobs.into_iter().zip(judged) {
+        if let Some(csr_sha) = &csr_sha
+            && staged.settle(ctx, session, index, item, csr_sha, seen)?
+        {
+            continue;
+        }
+        staged.file(index, item.clone(), verdict, built);
     }
     Ok(staged)
 }
@@ -977,41 +990,51 @@ fn stage(
 )]
 fn stage_found(
     ctx: &StageCtx<'_>,
-    log: &crate::log::Log,
-    root: &Path,
+    session: &CaSession<'_>,
     base: usize,
     chunk: &[Found],
     seen: &mut std::collections::HashSet<u128>,
     hasher: &mut PlanHasher,
 ) -> Result<Staged, Error> {
+    let Inputs::Dir(root) = ctx.inputs else {
+        return Err(Error::Internal(
+            "files found without an input directory".into(),
+        ));
+    };
     // A serial for every CSR: the few a refusal or a rerun leaves unused are random and never
     // appear anywhere.
-    let serials = home::fresh_serials(ctx.token, log, chunk.len())?;
-    let now = ctx.clock.now();
+    let serials = session.serials(chunk.len())?;
+    let now = session.clock().now();
     let jobs: Vec<_> = chunk.iter().zip(serials).collect();
-    let profiles = (ctx.issuers, ctx.unusable);
     let judged = parallel(&jobs, |(found, serial)| {
         found.item(root, |item, bytes| {
-            decide_and_prepare(profiles, item, bytes, now, serial)
+            let (verdict, csr_sha, built) = decide_and_prepare(ctx, item, bytes, now, serial);
+            (verdict, Some((csr_sha, built)))
         })
     })?;
     let mut staged = Staged::new();
-    for (offset, (item, prepared)) in judged.into_iter().enumerate() {
+    for (offset, (item, judged)) in judged.into_iter().enumerate() {
         hasher.push(&item);
         let index = base + offset;
-        if let Some(Ok((_, csr_sha))) = &prepared
-            && staged.settle(ctx, log, index, &item, csr_sha, seen)?
+        let (csr_sha, built) = judged.unwrap_or((None, None));
+        // The rule for every rerun: what the log holds is written again, whatever today's
+        // verdict (the certificate exists either way).
+        if let Some(csr_sha) = &csr_sha
+            && staged.settle(ctx, session, index, &item, csr_sha, seen)?
         {
             continue;
         }
         let verdict = item.verdict.clone();
-        staged.file(index, item, verdict, prepared);
+        staged.file(index, item, verdict, built);
     }
     Ok(staged)
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
 /// input with the certificate and the CA embedded (and checked against each other and the key).
+/// The template is read again through `input` (it was checked when the batch was planned, but
+/// the stick is live): if it is now refused, the item fails with that rule; it never becomes
+/// an empty or unchanged kubeconfig.
 fn output_bytes(
     home: &Home,
     batch: &Batch<'_>,
@@ -1020,32 +1043,37 @@ fn output_bytes(
     path: &Path,
     der: &[u8],
 ) -> Result<Vec<u8>, KubeconfigError> {
-    let pem = home::pem("CERTIFICATE", der);
-    if let Inputs::Objects(objects) = batch.inputs {
-        // Leaf first, then the intermediates; the cluster already trusts the root.
-        let root = home
-            .root()
-            .map(|r| home::pem("CERTIFICATE", &r.der))
-            .unwrap_or_default();
-        let chain = home
-            .chain_pem(issuer)
-            .unwrap_or_default()
-            .replace(&root, "");
-        let status = objects
-            .get(item)
-            .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
-        return Ok(serde_json::to_vec_pretty(&status).unwrap_or_default());
-    }
+    let pem = engine::pem("CERTIFICATE", der);
+    let root = match batch.inputs {
+        Inputs::Objects(objects) => {
+            // Leaf first, then the intermediates; the cluster already trusts the root.
+            let root = home
+                .root()
+                .map(|r| engine::pem("CERTIFICATE", &r.der))
+                .unwrap_or_default();
+            let chain = home
+                .chain_pem(issuer)
+                .unwrap_or_default()
+                .replace(&root, "");
+            let status = objects
+                .get(item)
+                .map(|o| crate::k8s::status_object(o, &format!("{pem}{chain}")));
+            return Ok(serde_json::to_vec_pretty(&status).unwrap_or_default());
+        }
+        Inputs::Dir(root) => root,
+    };
     if path.extension().is_none_or(|e| e != "conf") {
         return Ok(pem.into_bytes());
     }
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let template = kubeadm::read_template(&batch.input.join(&*name))?;
+    // The template is the CSR's own name without `.csr` (`kubelet.conf.csr` -> `kubelet.conf`),
+    // beneath the input: never a name taken from the output path.
+    let name = item.strip_suffix(".csr").unwrap_or(item);
+    let template = root.read(name, crate::input::KUBECONFIG_CAP)?;
     let (ca, _) = home.issuer(issuer).map_err(|e| KubeconfigError::Ca {
-        file: name.to_string(),
+        file: name.to_owned(),
         reason: crate::error::chain(&e),
     })?;
-    kubeadm::fill_kubeconfig(&name, &template, der, &ca.der).map(String::into_bytes)
+    kubeadm::fill_kubeconfig(name, &template, der, &ca.der).map(String::into_bytes)
 }
 
 /// Turns the outcome of an issued item whose file cannot be released into a failure with the

@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, rfc3339};
 use crate::error::Error;
 use crate::home::Home;
+use crate::input::{self, InputError, Root};
 use crate::issue::IssuerCert;
 use crate::keys;
 use crate::kubeadm::KUBEADM;
-use crate::policy::{self, Context, Refusal};
+use crate::policy::{self, Context, Purpose, Refusal, SignerRequest};
 use crate::profile::{Duration, Profile};
 
 /// A manifest entry: which profile (and validity) a file is signed under.
@@ -144,14 +145,18 @@ pub(super) struct Found {
     pub(super) validity: Option<String>,
     /// Output path relative to the output directory, if not [`crt`] of `file`.
     pub(super) out: Option<String>,
+    /// Why the input refused this entry before it was read (rule id, message), if it did: a
+    /// symlink, FIFO or too deep a directory found by the walk, or a missing kubeconfig
+    /// template.
+    pub(super) refused: Option<(&'static str, String)>,
 }
 
 impl Found {
-    /// The plan item for this CSR, with the verdict `decide` gives over the file's bytes (or a
-    /// `csr.read` failure).
+    /// The plan item for this CSR, with the verdict `decide` gives over the file's bytes (or
+    /// the input's refusal, rule `input.*`).
     pub(super) fn item<R>(
         &self,
-        root: &Path,
+        root: &Root,
         decide: impl FnOnce(&Item, &[u8]) -> (Verdict, Option<R>),
     ) -> (Item, Option<R>) {
         let mut item = Item {
@@ -164,15 +169,18 @@ impl Found {
                 reason: String::new(),
             },
         };
-        let (verdict, r) = match std::fs::read(root.join(&self.file)) {
+        let read = match &self.refused {
+            Some((rule, error)) => Err(((*rule).to_owned(), error.clone())),
+            None => root
+                .read(&self.file, input::CSR_CAP)
+                .map_err(|e| (e.rule().to_owned(), crate::error::chain(&e))),
+        };
+        let (verdict, r) = match read {
             Ok(bytes) => {
                 item.sha256 = keys::sha256_hex(&bytes);
                 decide(&item, &bytes)
             }
-            Err(e) => {
-                let (rule, error) = ("csr.read".into(), e.to_string());
-                (Verdict::Fail { rule, error }, None)
-            }
+            Err((rule, error)) => (Verdict::Fail { rule, error }, None),
         };
         item.verdict = verdict;
         (item, r)
@@ -191,15 +199,13 @@ fn crt(rel: &str) -> String {
 /// Finds the CSRs under `root`: from the manifest, kubeadm's layout, or every `*.csr`/`*.req`
 /// with one `profile`. Returns (relative file, profile, validity, relative output).
 pub(super) fn discover(
-    root: &Path,
+    root: &Root,
     profile: Option<&str>,
     manifest: Option<&Path>,
 ) -> Result<(Vec<Found>, bool), Error> {
     if let Some(path) = manifest {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
-        let map: BTreeMap<String, ManifestEntry> = serde_json::from_str(&text)
-            .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+        // Each key is checked (relative, beneath the input) when its file is read.
+        let map = read_manifest(path)?;
         let items = map
             .into_iter()
             .map(|(file, e)| {
@@ -212,25 +218,36 @@ pub(super) fn discover(
                     profile: p.into(),
                     validity,
                     out: None,
+                    refused: None,
                 }
             })
             .collect();
         return Ok((items, false));
     }
-    let kubeadm: Vec<_> = KUBEADM
-        .iter()
-        .filter(|(f, _)| root.join(f).is_file())
-        .collect();
+    // Anything at a kubeadm name counts (a symlink there is refused as that item, not skipped).
+    let kubeadm: Vec<_> = KUBEADM.iter().filter(|(f, _)| root.exists(f)).collect();
     if profile.is_none() && !kubeadm.is_empty() {
         let items = kubeadm
             .iter()
-            .map(|(f, p)| Found {
-                file: (*f).to_owned(),
-                profile: (*p).into(),
-                validity: None,
-                out: f
-                    .strip_suffix(".conf.csr")
-                    .map(|base| format!("{base}.conf")),
+            .map(|(f, p)| {
+                let template = f.strip_suffix(".csr").filter(|t| t.ends_with(".conf"));
+                // A kubeconfig's template must be readable before its certificate is issued:
+                // an unreadable one fails the item, it never becomes an empty file.
+                // The same for one that cannot be completed (no such user, no key, ...).
+                let refused = template.and_then(|t| {
+                    root.read(t, input::KUBECONFIG_CAP)
+                        .map_err(crate::kubeadm::KubeconfigError::from)
+                        .and_then(|bytes| crate::kubeadm::check_template(t, &bytes))
+                        .err()
+                        .map(|e| (e.rule(), crate::error::chain(&e)))
+                });
+                Found {
+                    file: (*f).to_owned(),
+                    profile: (*p).into(),
+                    validity: None,
+                    out: template.map(str::to_owned),
+                    refused,
+                }
             })
             .collect();
         return Ok((items, true));
@@ -238,69 +255,72 @@ pub(super) fn discover(
     let Some(profile) = profile else {
         return Err(Error::Usage(format!(
             "{}: not kubeadm's generate-csr layout; give --profile for all CSRs or --manifest FILE",
-            root.display()
+            root.path().display()
         )));
     };
-    let mut files = Vec::new();
-    walk(root, root, &mut files)?;
-    files.sort();
+    let (files, problems) = root.walk(|name| name.ends_with(".csr") || name.ends_with(".req"));
     let profile: std::sync::Arc<str> = profile.into();
+    // What the walk refused (symlinks, FIFOs, too deep) is reported as failed items in order.
+    let refused = problems
+        .into_iter()
+        .map(|(file, e)| (file, Some((e.rule(), crate::error::chain(&e)))));
+    let mut all: Vec<_> = files
+        .into_iter()
+        .map(|f| (f, None))
+        .chain(refused)
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((
-        files
-            .into_iter()
-            .map(|file| Found {
+        all.into_iter()
+            .map(|(file, refused)| Found {
                 file,
                 profile: profile.clone(),
                 validity: None,
                 out: None,
+                refused,
             })
             .collect(),
         false,
     ))
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Error> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::Usage(format!("{}: {e}", dir.display())))?;
-    for e in entries {
-        let e = e?;
-        let path = e.path();
-        // The entry's type comes with the directory listing; only a symlink costs a stat.
-        let is_dir = match e.file_type()? {
-            t if t.is_symlink() => path.is_dir(),
-            t => t.is_dir(),
-        };
-        if is_dir {
-            walk(root, &path, out)?;
-        } else if path.extension().is_some_and(|x| x == "csr" || x == "req") {
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .into_owned();
-            out.push(rel);
-        }
-    }
-    Ok(())
+/// Reads a manifest (`{"file.csr": "profile"}` or `{"file.csr": {"profile": P, "validity":
+/// V}}`) through [`input::read_file`].
+pub(super) fn read_manifest(path: &Path) -> Result<BTreeMap<String, ManifestEntry>, Error> {
+    let bytes = input::read_file(path, input::MANIFEST_CAP)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Usage(format!("{}: not a manifest: {e}", path.display())))
+}
+
+/// Reads a plan file through [`input::read_file`].
+pub fn read_plan(path: &Path) -> Result<Plan, Error> {
+    let bytes = input::read_file(path, input::PLAN_CAP)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Usage(format!("{}: not a plan: {e}", path.display())))
+}
+
+/// Reads `kubectl get csr -o json` output through [`input::read_file`]; one malformed object
+/// is one refused item, not an error.
+pub(super) fn read_objects(path: &Path) -> Result<Vec<crate::k8s::CsrObject>, Error> {
+    let bytes = input::read_file(path, input::OBJECTS_CAP)?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Usage(format!("{}: not JSON: {e}", path.display())))?;
+    crate::k8s::objects(&json).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))
 }
 
 /// Where a plan's CSRs come from: files under a directory, or Kubernetes objects in one JSON
 /// file (read once).
 pub(super) enum Inputs {
-    Dir(PathBuf),
+    Dir(Root),
     Objects(BTreeMap<String, crate::k8s::CsrObject>),
 }
 
 impl Inputs {
     pub(super) fn load(plan: &Plan) -> Result<Self, Error> {
         if !plan.kubernetes {
-            return Ok(Self::Dir(plan.input.clone()));
+            return Ok(Self::Dir(Root::open(&plan.input)?));
         }
-        let text = std::fs::read_to_string(&plan.input)?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Usage(format!("{}: {e}", plan.input.display())))?;
-        let objects = crate::k8s::objects(&json)
-            .map_err(|e| Error::Usage(format!("{}: {e}", plan.input.display())))?;
+        let objects = read_objects(&plan.input)?;
         Ok(Self::Objects(
             objects.into_iter().map(|o| (o.name.clone(), o)).collect(),
         ))
@@ -308,16 +328,31 @@ impl Inputs {
 
     /// The CSR of `item` and the digest the plan's `sha256` covers: the file's, or the whole
     /// object's.
-    pub(super) fn read(&self, item: &Item) -> std::io::Result<(Vec<u8>, String)> {
+    pub(super) fn read(&self, item: &Item) -> Result<(Vec<u8>, String), InputError> {
         match self {
-            Self::Dir(root) => std::fs::read(root.join(&item.file)).map(|b| {
+            Self::Dir(root) => root.read(&item.file, input::CSR_CAP).map(|b| {
                 let digest = keys::sha256_hex(&b);
                 (b, digest)
             }),
             Self::Objects(map) => map
                 .get(&item.file)
                 .map(|o| (o.request.clone(), object_digest(o)))
-                .ok_or_else(|| std::io::Error::other(format!("no object {:?}", item.file))),
+                .ok_or_else(|| InputError::Read {
+                    path: item.file.clone(),
+                    source: std::io::Error::other("no such object in the kubectl output"),
+                }),
+        }
+    }
+}
+
+impl Inputs {
+    /// The Kubernetes object's own request for `item`, when the input is kubectl objects.
+    pub(super) fn signer_request(&self, item: &Item) -> Option<SignerRequest> {
+        match self {
+            Self::Dir(_) => None,
+            Self::Objects(map) => map
+                .get(&item.file)
+                .map(crate::k8s::CsrObject::signer_request),
         }
     }
 }
@@ -349,8 +384,8 @@ pub(super) fn plan_objects(
     };
     let map: BTreeMap<String, String> = match manifest {
         Some(path) => {
-            let text = std::fs::read_to_string(path)?;
-            serde_json::from_str(&text).map_err(|e| {
+            let bytes = input::read_file(path, input::MANIFEST_CAP)?;
+            serde_json::from_slice(&bytes).map_err(|e| {
                 Error::Usage(format!("{}: signerName → profile map: {e}", path.display()))
             })?
         }
@@ -369,6 +404,13 @@ pub(super) fn plan_objects(
                 reason: String::new(),
             },
         };
+        if let Some(bad) = &obj.invalid {
+            item.verdict = Verdict::Refuse {
+                refusals: vec![bad.clone()],
+            };
+            items.push(item);
+            continue;
+        }
         if let Some(reason) = &obj.skip {
             item.verdict = Verdict::Skip {
                 reason: reason.clone(),
@@ -405,26 +447,21 @@ pub(super) fn plan_objects(
                 continue;
             }
         };
-        let (mut refusals, validity) =
-            crate::k8s::signer_rules(obj, cn.as_deref(), profile.validity.max.0);
-        item.requested_validity = validity.map(|s| format!("{s}s"));
-        let (verdict, _) = judge(
+        // The signer's own rules are part of the decision (policy::decide), so signing this
+        // plan later re-decides it by exactly the rules that made it.
+        let judged = judge(
             &profile,
             &issuer,
             &obj.request,
-            item.requested_validity.as_deref(),
+            &Request {
+                validity: None,
+                kubernetes: Some(obj.signer_request()),
+            },
             now,
             vec![0; 16],
             true,
         );
-        item.verdict = match verdict {
-            Verdict::Refuse { refusals: more } => {
-                refusals.extend(more);
-                Verdict::Refuse { refusals }
-            }
-            other if refusals.is_empty() => other,
-            _ => Verdict::Refuse { refusals },
-        };
+        item.verdict = judged.verdict;
         items.push(item);
     }
     let hash = Plan::content_hash(&items);
@@ -481,7 +518,8 @@ pub fn plan(
     if input.is_file() {
         return plan_objects(home, input, manifest, clock);
     }
-    let (found, kubeadm) = discover(input, profile, manifest)?;
+    let root = Root::open(input)?;
+    let (found, kubeadm) = discover(&root, profile, manifest)?;
     let mut profiles: BTreeMap<String, Result<(Profile, IssuerCert), String>> = BTreeMap::new();
     for f in &found {
         let p = &*f.profile;
@@ -508,13 +546,16 @@ pub fn plan(
                     error: format!("no profile {:?}", item.profile),
                 },
                 Some(Ok((profile, issuer))) => {
-                    let validity = item.requested_validity.as_deref();
-                    judge(profile, issuer, bytes, validity, now, vec![0; 16], true).0
+                    let request = Request {
+                        validity: item.requested_validity.as_deref(),
+                        kubernetes: None,
+                    };
+                    judge(profile, issuer, bytes, &request, now, vec![0; 16], true).verdict
                 }
             };
             (verdict, None::<()>)
         };
-        f.item(input, decide).0
+        f.item(&root, decide).0
     })?;
     let hash = Plan::content_hash(&items);
     Ok(Plan {
@@ -529,75 +570,95 @@ pub fn plan(
     })
 }
 
-/// Parses, verifies and decides one CSR. Returns the verdict and, if issued, the decision.
+/// What a batch item asks for besides its CSR.
+pub(super) struct Request<'a> {
+    /// Validity from the manifest, e.g. `90d`.
+    pub(super) validity: Option<&'a str>,
+    /// The Kubernetes object's own request, for CSRs from `kubectl get csr -o json`.
+    pub(super) kubernetes: Option<SignerRequest>,
+}
+
+/// One CSR judged: the verdict, the CSR's digest once it parsed (the key of "already issued"),
+/// and the decision if it is to be issued.
+pub(super) struct Judged {
+    pub(super) verdict: Verdict,
+    pub(super) csr_sha256: Option<String>,
+    pub(super) decision: Option<policy::Decision>,
+}
+
+/// Parses, verifies and decides one CSR as a leaf (a CA profile is refused by the policy).
 pub(super) fn judge(
     profile: &Profile,
     issuer: &IssuerCert,
     bytes: &[u8],
-    validity: Option<&str>,
+    request: &Request<'_>,
     now: time::OffsetDateTime,
     serial: Vec<u8>,
     detail: bool,
-) -> (Verdict, Option<(policy::Decision, String)>) {
-    let requested = match validity.map(|v| Duration::parse(v).ok_or(v)) {
-        Some(Err(v)) => {
-            return (
-                Verdict::Fail {
-                    rule: "validity".into(),
-                    error: format!("{v:?} is not a duration"),
-                },
-                None,
-            );
-        }
+) -> Judged {
+    let fail = |rule: &str, error: String| Judged {
+        verdict: Verdict::Fail {
+            rule: rule.into(),
+            error,
+        },
+        csr_sha256: None,
+        decision: None,
+    };
+    let requested = match request.validity.map(|v| Duration::parse(v).ok_or(v)) {
+        Some(Err(v)) => return fail("validity", format!("{v:?} is not a duration")),
         Some(Ok(d)) => Some(d),
         None => None,
     };
     let csr = match crate::csr::parse(bytes) {
         Ok(c) => c,
-        Err(e) => {
-            return (
-                Verdict::Fail {
-                    rule: e.rule().into(),
-                    error: e.to_string(),
-                },
-                None,
-            );
-        }
+        Err(e) => return fail(e.rule(), e.to_string()),
     };
     let ctx = Context {
+        purpose: Purpose::Leaf,
+        kubernetes: request.kubernetes.clone(),
         now,
         serial,
         requested_validity: requested,
         issuer_not_after: issuer.not_after,
     };
-    match policy::decide(profile, &csr, &ctx) {
-        Err(refusals) => (Verdict::Refuse { refusals }, None),
-        Ok(d) => {
-            if !detail {
-                let verdict = Verdict::Issue {
-                    subject: String::new(),
-                    sans: Vec::new(),
-                    usages: Vec::new(),
-                    validity: String::new(),
-                    issuer: String::new(),
-                };
-                return (verdict, Some((d, csr.sha256)));
-            }
-            let usages = d
-                .key_usage
-                .iter()
-                .map(|u| u.name().to_owned())
-                .chain(d.extended_key_usage.iter().map(|e| e.name().to_owned()))
-                .collect();
-            let verdict = Verdict::Issue {
-                subject: d.subject_string(),
-                sans: d.san_strings(),
-                usages,
-                validity: Duration(u64::try_from((d.not_after - now).whole_seconds()).unwrap_or(0))
-                    .to_string(),
-                issuer: profile.issuer.clone(),
+    let csr_sha256 = Some(csr.sha256.clone());
+    let d = match policy::decide(profile, &csr, &ctx) {
+        Err(refusals) => {
+            return Judged {
+                verdict: Verdict::Refuse { refusals },
+                csr_sha256,
+                decision: None,
             };
-            (verdict, Some((d, csr.sha256)))
         }
+        Ok(d) => d,
+    };
+    let verdict = if detail {
+        let usages = d
+            .key_usage
+            .iter()
+            .map(|u| u.name().to_owned())
+            .chain(d.extended_key_usage.iter().map(|e| e.name().to_owned()))
+            .collect();
+        Verdict::Issue {
+            subject: d.subject_string(),
+            sans: d.san_strings(),
+            usages,
+            validity: Duration(u64::try_from((d.not_after - now).whole_seconds()).unwrap_or(0))
+                .to_string(),
+            issuer: profile.issuer.clone(),
+        }
+    } else {
+        Verdict::Issue {
+            subject: String::new(),
+            sans: Vec::new(),
+            usages: Vec::new(),
+            validity: String::new(),
+            issuer: String::new(),
+        }
+    };
+    Judged {
+        verdict,
+        csr_sha256,
+        decision: Some(d),
     }
 }

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+use hsmca::ceremony::{self, InitRequest};
 use hsmca::clock::SystemClock;
-use hsmca::home::{self, Home, InitRequest, SignRequest};
+use hsmca::engine::{EngineError, Outcome};
+use hsmca::home::Home;
 use hsmca::keys::KeyType;
 use hsmca::profile::{Duration, Profile, Site};
+use hsmca::sign::{self, SignRequest};
 use hsmca::token::{self, Token, TokenRef};
 use hsmca::{Error, batch, lifecycle, log, pin};
 
@@ -463,7 +466,8 @@ fn token_ref(s: &str) -> Result<TokenRef, Error> {
 /// Runs one command; returns the exit code for a finished run.
 pub(crate) fn run(args: Args) -> Result<u8, Error> {
     let clock = SystemClock;
-    let mut out = std::io::stdout().lock();
+    // Everything printed passes the terminal-safety net (see `report::Terminal`).
+    let mut out = report::Terminal::new(std::io::stdout().lock());
     match args.command {
         Command::Init {
             home,
@@ -503,7 +507,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             };
             hsmca::issue::parse_subject(&req.subject)?;
             let pin = pin::read(token_opts.pin_file.as_deref(), &req.token.token)?;
-            let report = home::init(&req, &pin, &clock)?;
+            let report = ceremony::init(&req, &pin, &clock)?;
             report::init(&mut out, &report, json)?;
             Ok(0)
         }
@@ -541,13 +545,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
             let token = Token::open(&module, &tref, &pin)?;
             drop(pin);
-            let outcomes = home::sign(&home, &req, &token, &clock)?;
-            report::outcomes(&mut out, &outcomes, json)?;
-            Ok(if outcomes.iter().all(home::Outcome::ok) {
-                0
-            } else {
-                1
-            })
+            let signed = sign::sign(&home, &req, &token, &clock)?;
+            finish_outcomes(&mut out, signed, json)
         }
         Command::Check {
             home,
@@ -564,9 +563,9 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain: false,
                 validity,
             };
-            let outcomes = home::check(&home, &req, &clock)?;
+            let outcomes = sign::check(&home, &req, &clock)?;
             report::outcomes(&mut out, &outcomes, json)?;
-            Ok(if outcomes.iter().all(home::Outcome::ok) {
+            Ok(if outcomes.iter().all(Outcome::ok) {
                 0
             } else {
                 1
@@ -640,7 +639,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let home = Home::open(&home)?;
             let key_type = KeyType::from_name(&key_type)
                 .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
-            let req = home::CaRequest {
+            let req = ceremony::CaRequest {
                 name,
                 profile,
                 subject,
@@ -648,7 +647,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 validity,
             };
             let token = open_home_token(&home, &token_opts)?;
-            let report = home::create_ca(&home, &req, &token, &clock)?;
+            let report = ceremony::create_ca(&home, &req, &token, &clock)?;
             report::ca_created(&mut out, &report, json)?;
             Ok(0)
         }
@@ -698,12 +697,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
         } => {
             let home = Home::open(&home)?;
             let plan = match (plan, &input) {
-                (Some(path), _) => {
-                    let text = std::fs::read_to_string(&path)?;
-                    Some(serde_json::from_str::<batch::Plan>(&text).map_err(|e| {
-                        Error::Usage(format!("{}: not a plan: {e}", path.display()))
-                    })?)
-                }
+                (Some(path), _) => Some(batch::read_plan(&path)?),
                 (None, Some(_)) => None,
                 (None, None) => {
                     return Err(Error::Usage(
@@ -754,6 +748,9 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             drop(lines);
             let report_file = file.finish(&r)?;
             report::sign_dir(&mut out, &r, &report_file, json)?;
+            if let Some(halt) = r.halt {
+                return Err(EngineError::Halt(halt).into());
+            }
             Ok(if r.refused == 0 { 0 } else { 1 })
         }
         Command::Revoke {
@@ -813,13 +810,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
         } => {
             let home = Home::open(&home)?;
             let token = open_home_token(&home, &token_opts)?;
-            let outcomes = lifecycle::renew(&home, &serials, validity, &dir, &token, &clock)?;
-            report::outcomes(&mut out, &outcomes, json)?;
-            Ok(if outcomes.iter().all(home::Outcome::ok) {
-                0
-            } else {
-                1
-            })
+            let renewed = lifecycle::renew(&home, &serials, validity, &dir, &token, &clock)?;
+            finish_outcomes(&mut out, renewed, json)
         }
         Command::Log {
             command: LogCommand::List { home, filter, json },
@@ -866,7 +858,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Args::command(), "hsmca", &mut out);
+            // A shell script, not text from the input: written as it is.
+            clap_complete::generate(shell, &mut Args::command(), "hsmca", out.get_mut());
             Ok(0)
         }
         Command::Man { out: dir } => {
@@ -879,6 +872,20 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
 }
 
 /// Opens the CA home's token with the PIN from the usual sources.
+/// Reports a run's outcomes, then its stop if it stopped early (the stop's exit code), else 0
+/// when every item got its certificate and 1 when some did not.
+fn finish_outcomes(out: &mut impl Write, signed: sign::Signed, json: bool) -> Result<u8, Error> {
+    report::outcomes(out, &signed.outcomes, json)?;
+    if let Some(halt) = signed.halt {
+        return Err(EngineError::Halt(halt).into());
+    }
+    Ok(if signed.outcomes.iter().all(Outcome::ok) {
+        0
+    } else {
+        1
+    })
+}
+
 fn open_home_token(home: &Home, opts: &TokenOpts) -> Result<Token, Error> {
     let module = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
     let tref = TokenRef {
@@ -909,7 +916,7 @@ fn profile_set(home: Option<&Path>) -> Result<(Vec<(String, String)>, Site), Err
             Ok((texts, site))
         }
         None => Ok((
-            home::SHIPPED_PROFILES
+            hsmca::home::SHIPPED_PROFILES
                 .iter()
                 .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
                 .collect(),

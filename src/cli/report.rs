@@ -1,17 +1,182 @@
 //! Everything hsmca prints on stdout: human lines or `--json`. Writes to any `impl Write` so
 //! tests can capture it.
+//!
+//! Terminal safety: file names, subjects, SANs, object names and errors quoting them come from
+//! the stick, and a control sequence in one (`ESC[1A ESC[2K`, `ESC[8m`, U+202E) could hide or
+//! rewrite a review row. [`escape`] is the one function that decides how such a character is
+//! shown; [`safe`] applies it to one string (newlines included), and [`Terminal`] applies it
+//! to everything written to stdout and stderr (newlines kept), so nothing raw gets through even
+//! where a string was not escaped by hand. JSON output stays valid JSON: serde already escapes
+//! C0 controls inside strings, and every other escaped character is written as a JSON `\uXXXX`
+//! escape, which can only occur inside a string.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 
 use std::path::Path;
 
 use hsmca::batch::{self, Plan, Verdict};
+use hsmca::ceremony::{CaReport, InitReport};
 use hsmca::cfssl::Imported;
-use hsmca::home::{CaReport, InitReport, Outcome};
+use hsmca::engine::Outcome;
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
 use hsmca::profile::Duration;
 use hsmca::profile::Profile;
+
+/// Whether `c` must not reach a terminal raw: C0 and C1 controls, DEL, and the invisible or
+/// reordering format characters (bidi embeddings, overrides and isolates, zero-width
+/// characters, the BOM, soft hyphen, tag characters, variation selectors, line and paragraph
+/// separators, non-characters).
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            u32::from(c),
+            0xAD | 0x34F
+                | 0x600..=0x605
+                | 0x61C
+                | 0x6DD
+                | 0x70F
+                | 0x8E2
+                | 0x115F..=0x1160
+                | 0x17B4..=0x17B5
+                | 0x180B..=0x180F
+                | 0x200B..=0x200F
+                | 0x2028..=0x202E
+                | 0x2060..=0x206F
+                | 0x3164
+                | 0xFE00..=0xFE0F
+                | 0xFEFF
+                | 0xFFA0
+                | 0xFFF0..=0xFFFB
+                | 0xFFFE..=0xFFFF
+                | 0x110BD
+                | 0x110CD
+                | 0x1BCA0..=0x1BCA3
+                | 0x1D173..=0x1D17A
+                | 0xE0000..=0xE0FFF
+        )
+}
+
+/// The one escaping rule: appends `c` to `out` as itself, or escaped if it [`is_unsafe`] (or
+/// is a newline and `newline` is false). C0 controls become `\x1b`-style escapes; everything
+/// else becomes a JSON-style `\u202e` escape (a surrogate pair above U+FFFF), so that the
+/// same text is also valid inside a JSON string.
+pub(crate) fn escape(c: char, newline: bool, out: &mut String) {
+    use std::fmt::Write as _;
+    let plain = if c == '\n' { newline } else { !is_unsafe(c) };
+    if plain {
+        out.push(c);
+    } else if u32::from(c) < 0x20 {
+        let _ = write!(out, "\\x{:02x}", u32::from(c));
+    } else {
+        let mut units = [0u16; 2];
+        for u in c.encode_utf16(&mut units) {
+            let _ = write!(out, "\\u{u:04x}");
+        }
+    }
+}
+
+/// `s` with every character a terminal would act on (newlines included) escaped: for one
+/// value from the input inside a line.
+pub(crate) fn safe(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| is_unsafe(c) || c == '\n') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        escape(c, false, &mut out);
+    }
+    Cow::Owned(out)
+}
+
+/// A writer for stdout or stderr that escapes (see [`escape`]) every unsafe character but the
+/// newline, whatever was written: the net under [`safe`]. Bytes that are not UTF-8 are shown
+/// as `\xNN`; a character split across writes is kept until it is whole.
+pub(crate) struct Terminal<W: Write> {
+    inner: W,
+    pending: Vec<u8>,
+}
+
+impl<W: Write> Terminal<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The writer underneath, for output that is not text for a terminal (shell completions).
+    pub(crate) fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    fn drain(&mut self, at_end: bool) -> io::Result<()> {
+        use std::fmt::Write as _;
+        let mut text = String::with_capacity(self.pending.len());
+        let mut rest: &[u8] = &self.pending;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    s.chars().for_each(|c| escape(c, true, &mut text));
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (good, bad) = rest.split_at(e.valid_up_to());
+                    std::str::from_utf8(good)
+                        .unwrap_or_default()
+                        .chars()
+                        .for_each(|c| escape(c, true, &mut text));
+                    match e.error_len() {
+                        Some(n) => {
+                            for b in &bad[..n] {
+                                let _ = write!(text, "\\x{b:02x}");
+                            }
+                            rest = &bad[n..];
+                        }
+                        // An incomplete character at the end: wait for the rest of it.
+                        None if !at_end => {
+                            rest = bad;
+                            break;
+                        }
+                        None => {
+                            for b in bad {
+                                let _ = write!(text, "\\x{b:02x}");
+                            }
+                            rest = &[];
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let keep = rest.to_vec();
+        self.pending = keep;
+        self.inner.write_all(text.as_bytes())
+    }
+}
+
+impl<W: Write> Write for Terminal<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        self.drain(false)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Drop for Terminal<W> {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            let _ = self.drain(true);
+        }
+        let _ = self.inner.flush();
+    }
+}
 
 fn json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
@@ -68,24 +233,25 @@ pub(crate) fn outcomes(
                 writeln!(
                     out,
                     "{}: {how} serial {} -> {} (log entry {log_entry})",
-                    csr.display(),
+                    safe(&csr.display().to_string()),
                     cert.serial,
-                    file.display()
+                    safe(&file.display().to_string())
                 )?;
                 writeln!(
                     out,
                     "    subject {} ; until {}",
-                    cert.subject, cert.not_after
+                    safe(&cert.subject),
+                    cert.not_after
                 )?;
             }
             Outcome::WouldIssue { csr, cert } => {
                 writeln!(
                     out,
                     "{}: would issue under profile {:?}",
-                    csr.display(),
+                    safe(&csr.display().to_string()),
                     cert.profile
                 )?;
-                writeln!(out, "    subject   {}", cert.subject)?;
+                writeln!(out, "    subject   {}", safe(&cert.subject))?;
                 writeln!(out, "    issuer    {}", cert.issuer)?;
                 writeln!(out, "    key       {}", cert.key_type)?;
                 writeln!(
@@ -94,7 +260,7 @@ pub(crate) fn outcomes(
                     if cert.sans.is_empty() {
                         "(none)".into()
                     } else {
-                        cert.sans.join(", ")
+                        safe(&cert.sans.join(", ")).into_owned()
                     }
                 )?;
                 writeln!(
@@ -110,13 +276,18 @@ pub(crate) fn outcomes(
                 )?;
             }
             Outcome::Refused { csr, refusals } => {
-                writeln!(out, "{}: refused", csr.display())?;
+                writeln!(out, "{}: refused", safe(&csr.display().to_string()))?;
                 for r in refusals {
-                    writeln!(out, "    {r}")?;
+                    writeln!(out, "    {}", safe(&r.to_string()))?;
                 }
             }
             Outcome::Failed { csr, rule, error } => {
-                writeln!(out, "{}: failed: {error} (rule {rule})", csr.display())?;
+                writeln!(
+                    out,
+                    "{}: failed: {} (rule {rule})",
+                    safe(&csr.display().to_string()),
+                    safe(error)
+                )?;
             }
         }
     }
@@ -467,6 +638,7 @@ pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -
     }
     writeln!(out, "{:<40} {:<24} {:<7} WHAT", "CSR", "PROFILE", "VERDICT")?;
     for i in &p.items {
+        let (file, profile) = (safe(&i.file), safe(&i.profile));
         match &i.verdict {
             Verdict::Issue {
                 subject,
@@ -477,28 +649,30 @@ pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -
             } => {
                 writeln!(
                     out,
-                    "{:<40} {:<24} {:<7} {subject} [{}] {} {validity} by {issuer}",
-                    i.file,
-                    i.profile,
+                    "{file:<40} {profile:<24} {:<7} {} [{}] {} {validity} by {issuer}",
                     "issue",
-                    sans.join(","),
+                    safe(subject),
+                    safe(&sans.join(",")),
                     usages.join("+")
                 )?;
             }
             Verdict::Refuse { refusals } => {
                 for r in refusals {
-                    writeln!(out, "{:<40} {:<24} {:<7} {r}", i.file, i.profile, "REFUSE")?;
+                    let r = safe(&r.to_string()).into_owned();
+                    writeln!(out, "{file:<40} {profile:<24} {:<7} {r}", "REFUSE")?;
                 }
             }
             Verdict::Skip { reason } => writeln!(
                 out,
-                "{:<40} {:<24} {:<7} {reason}",
-                i.file, i.profile, "skip"
+                "{file:<40} {profile:<24} {:<7} {}",
+                "skip",
+                safe(reason)
             )?,
             Verdict::Fail { rule, error } => writeln!(
                 out,
-                "{:<40} {:<24} {:<7} {error} (rule {rule})",
-                i.file, i.profile, "FAIL"
+                "{file:<40} {profile:<24} {:<7} {} (rule {rule})",
+                "FAIL",
+                safe(error)
             )?,
         }
     }
@@ -533,18 +707,23 @@ pub(crate) fn done(out: &mut impl Write, d: &batch::Done, as_json: bool) -> io::
             } else {
                 "issued"
             };
-            writeln!(out, "{file:<40} {how:<30} {serial} -> {}", path.display())
+            let (file, path) = (safe(file), path.display().to_string());
+            writeln!(out, "{file:<40} {how:<30} {serial} -> {}", safe(&path))
         }
         batch::Done::Refused { file, refusals } => {
+            let file = safe(file);
             for x in refusals {
+                let x = safe(&x.to_string()).into_owned();
                 writeln!(out, "{file:<40} {:<30} {x}", "REFUSED")?;
             }
             Ok(())
         }
         batch::Done::Skipped { file, reason } => {
+            let (file, reason) = (safe(file), safe(reason));
             writeln!(out, "{file:<40} {:<30} {reason}", "skipped")
         }
         batch::Done::Failed { file, rule, error } => {
+            let (file, error) = (safe(file), safe(error));
             writeln!(out, "{file:<40} {:<30} {error} (rule {rule})", "FAILED")
         }
     }
@@ -576,4 +755,45 @@ pub(crate) fn sign_dir(
         }
     }
     writeln!(out, "report: {}", file.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_invisible_characters_never_reach_the_terminal_raw() {
+        assert_eq!(safe("node7.csr"), "node7.csr");
+        assert_eq!(
+            safe("a\u{1b}[1A\u{1b}[2K\nb\u{202e}c\u{7f}\u{85}"),
+            "a\\x1b[1A\\x1b[2K\\x0ab\\u202ec\\u007f\\u0085"
+        );
+        assert_eq!(safe("\u{e0041}"), "\\udb40\\udc41");
+        // The writer keeps newlines, escapes the rest, and copes with a character split
+        // across writes and with bytes that are not UTF-8.
+        let mut t = Terminal::new(Vec::new());
+        t.write_all(b"ok\n\x1b[8m \xe2\x80").unwrap();
+        t.write_all(b"\xae \xff\n").unwrap();
+        drop(t.flush());
+        let Terminal { ref inner, .. } = t;
+        assert_eq!(
+            String::from_utf8_lossy(inner),
+            "ok\n\\x1b[8m \\u202e \\xff\n"
+        );
+    }
+
+    #[test]
+    fn escaped_json_stays_valid_json_with_the_same_value() {
+        let value = serde_json::json!({"file": "a\u{1b}[2K\u{202e}\u{7f}\u{85}\u{e0041}.csr"});
+        let mut t = Terminal::new(Vec::new());
+        json(&mut t, &value).unwrap();
+        let written = t.inner.clone();
+        let text = String::from_utf8(written).unwrap();
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, value);
+    }
 }

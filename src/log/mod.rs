@@ -160,6 +160,27 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     }
 }
 
+/// Opens a file of the CA home's log without following a symlink (`O_NOFOLLOW`) and refuses
+/// anything but a regular file (checked on the opened descriptor): a symlink planted in the
+/// home must not turn an append or a truncation into a write elsewhere.
+fn open_regular(opts: &mut OpenOptions, path: &Path) -> Result<File, LogError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = opts.custom_flags(flags.bits()).open(path).map_err(|e| {
+        let source = if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
+            io::Error::other("is a symlink; the log is never opened through one")
+        } else {
+            e
+        };
+        io_at(path)(source)
+    })?;
+    let meta = file.metadata().map_err(io_at(path))?;
+    if !meta.is_file() {
+        return Err(io_at(path)(io::Error::other("not a regular file")));
+    }
+    Ok(file)
+}
+
 /// The root entry's facts the rest of the log is checked against.
 #[derive(Debug, Clone)]
 pub struct RootInfo {
@@ -241,7 +262,7 @@ impl Scan {
 
     /// Reads `entries.jsonl`. With `deep`, also checks every certificate's hash and signature.
     fn read(path: &Path, deep: bool) -> Result<Self, LogError> {
-        let file = File::open(path).map_err(io_at(path))?;
+        let file = open_regular(OpenOptions::new().read(true), path)?;
         let mut reader = BufReader::with_capacity(1 << 16, file);
         let mut scan = Self::default();
         let mut line = Vec::new();
@@ -523,7 +544,7 @@ impl Scan {
         let Some(&(seq, offset, len)) = self.issued.get(&issued_key(csr_sha256, profile)) else {
             return Ok(None);
         };
-        let mut f = File::open(path).map_err(io_at(path))?;
+        let mut f = open_regular(OpenOptions::new().read(true), path)?;
         f.seek(SeekFrom::Start(offset)).map_err(io_at(path))?;
         let mut buf = vec![0; len];
         f.read_exact(&mut buf).map_err(io_at(path))?;
@@ -755,12 +776,10 @@ pub struct Log {
 
 fn take_lock(home: &Path) -> Result<File, LogError> {
     let path = home.join("LOCK");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_at(&path))?;
+    let f = open_regular(
+        OpenOptions::new().create(true).truncate(false).write(true),
+        &path,
+    )?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(fs::TryLockError::WouldBlock) => Err(LogError::Locked(home.to_path_buf())),
@@ -797,11 +816,7 @@ impl Log {
         fs::create_dir_all(paths.checkpoints()).map_err(io_at(&paths.dir))?;
         let lock = take_lock(home)?;
         let path = paths.entries();
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let file = open_regular(OpenOptions::new().append(true).create_new(true), &path)?;
         files::sync_dir(&paths.dir).map_err(|e| LogError::Checkpoint(e.to_string()))?;
         files::write_new(&paths.vkey(), format!("{log_vkey}\n").as_bytes())
             .map_err(|e| LogError::Checkpoint(e.to_string()))?;
@@ -839,10 +854,7 @@ impl Log {
             return Err(LogError::Corrupt(p.clone()));
         }
         let path = paths.entries();
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let file = open_regular(OpenOptions::new().append(true), &path)?;
         Ok(Self {
             paths,
             _lock: lock,
@@ -1022,11 +1034,7 @@ pub fn recover(
     let scan = Scan::read(&path, false)?;
     let mut removed = None;
     if scan.torn.is_some() {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let mut f = open_regular(OpenOptions::new().read(true).write(true), &path)?;
         let mut tail = Vec::new();
         f.seek(SeekFrom::Start(scan.valid_len))
             .map_err(io_at(&path))?;
@@ -1120,7 +1128,7 @@ pub struct Record {
 /// Every certificate in the log, in log order. Reads the file without taking the lock.
 pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
     let path = paths.entries();
-    let file = File::open(&path).map_err(io_at(&path))?;
+    let file = open_regular(OpenOptions::new().read(true), &path)?;
     let mut out: Vec<Record> = Vec::new();
     let mut renews_of_intent: HashMap<u64, String> = HashMap::new();
     let mut by_serial: HashMap<String, usize> = HashMap::new();
