@@ -42,11 +42,6 @@ use crate::signer::{CaSigner, Keystore};
 /// has gone away or broken, and every further CSR would only add an intent and an abandon.
 pub const TOKEN_FAILURES_IN_A_ROW: usize = 3;
 
-/// How many rounds of random bytes a run draws for unique serials before it calls the token's
-/// generator broken. With 127 random bits a collision is never expected; needing more than a
-/// second round means the token repeats itself.
-const SERIAL_ROUNDS: usize = 4;
-
 /// Why a run stopped before its end. The work logged before the stop is released (or
 /// reported) as usual; a rerun of the same command finishes the rest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,14 +70,6 @@ pub enum Halt {
 /// What the engine itself can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The token's random generator kept returning serials the log already holds.
-    #[error(
-        "the token's random generator returned used or repeated serials in {rounds} rounds in a row"
-    )]
-    Serials {
-        /// Rounds drawn.
-        rounds: usize,
-    },
     /// A run stopped early.
     #[error(transparent)]
     Halt(#[from] Halt),
@@ -347,28 +334,11 @@ impl<'t> CaSession<'t> {
     /// each (127 bits of entropy), top bit clear and first byte non-zero so the DER INTEGER is
     /// exactly 16 bytes. A generator that keeps repeating itself is a token fault, not a loop.
     pub fn serials(&self, n: usize) -> Result<Vec<Vec<u8>>, Error> {
-        let mut out: Vec<Vec<u8>> = Vec::with_capacity(n);
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..SERIAL_ROUNDS {
-            if out.len() == n {
-                return Ok(out);
-            }
-            let bytes = self.keys.random(16 * (n - out.len()))?;
-            for chunk in bytes.chunks(16) {
-                let mut s = chunk.to_vec();
-                s[0] = (s[0] & 0x7f) | 0x01;
-                if !self.log.serial_used(&keys::hex(&s)) && seen.insert(s.clone()) {
-                    out.push(s);
-                }
-            }
-        }
-        if out.len() == n {
-            return Ok(out);
-        }
-        Err(EngineError::Serials {
-            rounds: SERIAL_ROUNDS,
-        }
-        .into())
+        crate::rng::unique_serials(
+            |len| self.keys.random(len),
+            |s| self.log.serial_used(&keys::hex(s)),
+            n,
+        )
     }
 
     /// One serial; see [`CaSession::serials`].

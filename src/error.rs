@@ -64,9 +64,7 @@ impl Error {
             Self::Pin(_) | Self::Token(_) => 3,
             Self::Log(_) => 4,
             Self::Issue(IssueError::Sign(_)) => 3,
-            Self::Engine(
-                EngineError::Serials { .. } | EngineError::Halt(Halt::TokenFailing { .. }),
-            ) => 3,
+            Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => 3,
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
             Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
@@ -89,9 +87,7 @@ impl Error {
         match self {
             Self::Token(e) => e.hint(),
             Self::Log(e) => e.hint(),
-            Self::Pin(_) => Some(
-                "the PIN comes from HSMCA_PIN, --pin-file FILE, or the prompt; never from the command line",
-            ),
+            Self::Pin(e) => Some(e.hint()),
             Self::Home(HomeError::Missing(_)) => {
                 Some("create a CA home with `hsmca init`, or check --home")
             }
@@ -104,8 +100,8 @@ impl Error {
             Self::Engine(EngineError::Halt(Halt::BadCertificate { .. })) => Some(
                 "the token produced a certificate that does not verify: it was withheld and the run stopped so the token is not used further; what was issued before is written and logged. Check the token and the CA's key before signing again",
             ),
-            Self::Engine(EngineError::Serials { .. }) => Some(
-                "the token's random number generator repeats itself: do not sign with this token until it is checked",
+            Self::Input(_) => Some(
+                "hsmca reads only regular files beneath the input, never through a symlink: replace what is named above with a regular file (or remove it), then run again",
             ),
             Self::Issue(IssueError::Verify(_)) => Some(
                 "the certificate was withheld and the intent abandoned in the log; report this as a bug",
@@ -160,6 +156,12 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+impl From<crate::rng::SerialError> for Error {
+    fn from(e: crate::rng::SerialError) -> Self {
+        Self::Token(crate::token::TokenError::Serials(e))
+    }
 }
 
 impl From<std::io::Error> for Error {

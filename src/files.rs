@@ -66,12 +66,16 @@ pub enum FileError {
 }
 
 impl FileError {
-    /// The stable rule id of this failure: `output.exists`, `output.symlink` (anything in the
-    /// way), `output.path` or `output.write`.
+    /// The stable rule id of this failure: `output.exists`, `output.symlink`,
+    /// `output.not_regular` (a FIFO, device, socket or directory in the way), `output.path` or
+    /// `output.write`.
     pub fn rule(&self) -> &'static str {
         match self {
             Self::Exists(_) => "output.exists",
-            Self::InTheWay { .. } => "output.symlink",
+            Self::InTheWay {
+                what: "symlink", ..
+            } => "output.symlink",
+            Self::InTheWay { .. } => "output.not_regular",
             Self::Name { .. } => "output.path",
             Self::Io { .. } => "output.write",
         }
@@ -101,15 +105,7 @@ fn dir_flags() -> OFlag {
 
 /// What a file type is called in messages.
 fn what(mode: u32) -> &'static str {
-    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
-        SFlag::S_IFREG => "regular file",
-        SFlag::S_IFDIR => "directory",
-        SFlag::S_IFLNK => "symlink",
-        SFlag::S_IFIFO => "FIFO",
-        SFlag::S_IFSOCK => "socket",
-        SFlag::S_IFCHR | SFlag::S_IFBLK => "device",
-        _ => "special file",
-    }
+    crate::input::kind_of(mode)
 }
 
 /// The type of the entry `name` in `dir`, without following it; `None` if there is none.
@@ -605,7 +601,7 @@ mod tests {
         let rule = |r: Result<Written, FileError>| r.unwrap_err().rule();
         assert_eq!(rule(out.write_new("a.crt", b"x")), "output.symlink");
         assert_eq!(rule(out.write_new("sub/victim", b"x")), "output.symlink");
-        assert_eq!(rule(out.write_new("f.crt", b"x")), "output.symlink");
+        assert_eq!(rule(out.write_new("f.crt", b"x")), "output.not_regular");
         assert_eq!(rule(out.write_new("/etc/x", b"x")), "output.path");
         let replaced = out.replace("apply-status.sh", b"x").unwrap_err();
         assert_eq!(replaced.rule(), "output.symlink");

@@ -31,6 +31,8 @@ use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 /// Largest CSR file read, 64 KiB (a CSR is one or two KiB; RSA-4096 with many SANs stays far
 /// below): the same limit `csr::parse` applies to bytes.
 pub const CSR_CAP: u64 = crate::csr::MAX_CSR_BYTES as u64;
+/// Largest certificate file read (`revoke --cert`).
+pub const CERT_CAP: u64 = 64 * 1024;
 /// Largest kubeadm kubeconfig template read (kubeadm writes a few KiB).
 pub const KUBECONFIG_CAP: u64 = 64 * 1024;
 /// Largest `kubectl get csr -o json` List read (about 10,000 objects).
@@ -142,8 +144,8 @@ fn file_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC
 }
 
-/// What a file type is called in messages.
-fn kind_of(mode: u32) -> &'static str {
+/// What a file type is called in messages (also for `files`).
+pub(crate) fn kind_of(mode: u32) -> &'static str {
     match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFREG => "regular file",
         SFlag::S_IFDIR => "directory",

@@ -119,8 +119,8 @@ pub fn revoke(
 
 /// The serial of a certificate file, for `revoke --cert`.
 pub fn serial_of_file(path: &Path) -> Result<String, Error> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Usage(format!("{}: cannot read: {e}", path.display())))?;
+    // The certificate may come from the stick: a regular file of a certificate's size only.
+    let bytes = crate::input::read_file(path, crate::input::CERT_CAP)?;
     let cert = crate::issue::IssuerCert::from_pem_or_der(&bytes)
         .map_err(|e| Error::Usage(format!("{}: not a certificate: {e}", path.display())))?;
     Ok(verify::describe(&cert.der)

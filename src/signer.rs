@@ -8,11 +8,32 @@
 use std::cell::RefCell;
 
 use crate::keys::PublicKey;
+use crate::token::FaultKind;
 
-/// A signing failure, with the PKCS#11 function and return value where there is one.
+/// A signing failure, with the PKCS#11 function and return value where there is one, and
+/// whose fault it is ([`FaultKind`]) so a batch can stop on a failing token and pick the exit
+/// code without reading the message.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SignError(pub String);
+#[error("{message}")]
+pub struct SignError {
+    kind: FaultKind,
+    message: String,
+}
+
+impl SignError {
+    /// A failure of `kind`; `message` names the key, the PKCS#11 function and its `CKR_` code.
+    pub fn new(kind: FaultKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Whose fault it was: the token, a lost session, or a signature that came back wrong.
+    pub fn kind(&self) -> FaultKind {
+        self.kind
+    }
+}
 
 /// The CA private key, wherever it lives.
 pub trait CaSigner {

@@ -2,12 +2,16 @@
 //!
 //! Finds the module and the token (by label, never by slot index: SoftHSM2 moves tokens to
 //! random slot ids), logs in once, generates non-extractable sign-only key pairs, reads public
-//! keys back, and signs. Errors keep the PKCS#11 function and return value and say what the
-//! operator can do next; none of them ever contains the PIN.
+//! keys back, and signs. Errors keep the PKCS#11 function and return value (named as the
+//! standard spells them, `C_Sign` and `CKR_DEVICE_ERROR`, which is what an HSM manual indexes),
+//! say whose fault they are ([`FaultKind`]) and what the operator can do next; none of them
+//! ever contains the PIN. Random bytes pass [`rng::check`] and are mixed with the OS's before
+//! anyone sees them.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as Pkcs11Error, RvError};
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -21,6 +25,7 @@ use cryptoki::types::AuthPin;
 use crate::asn1;
 use crate::keys::{self, KeyType, PublicKey};
 use crate::pin::Pin;
+use crate::rng::{self, HealthFailure, SerialError};
 use crate::signer::{CaSigner, SignError};
 
 /// Environment variable naming the PKCS#11 module.
@@ -62,7 +67,7 @@ pub enum TokenError {
         seen: Vec<String>,
     },
     /// C_Login said CKR_PIN_INCORRECT.
-    #[error("wrong PIN for token {label:?}{}", if *.final_try { " (the token says the next wrong PIN locks it)" } else { "" })]
+    #[error("wrong PIN for token {label:?}: C_Login returned CKR_PIN_INCORRECT{}", if *.final_try { " (the token says the next wrong PIN locks it)" } else { "" })]
     WrongPin {
         /// Token label.
         label: String,
@@ -125,6 +130,44 @@ pub enum TokenError {
         /// What was wrong.
         problem: String,
     },
+    /// A new key's self-test signature did not verify with its own public key: the token
+    /// signs wrongly, so the key must not be used.
+    #[error(
+        "token {token:?}: the self-test signature of new key {key:?} does not verify with its public key"
+    )]
+    SelfTest {
+        /// Token label.
+        token: String,
+        /// Key label.
+        key: String,
+    },
+    /// The token returned a signature that cannot be right (e.g. of the wrong length).
+    #[error("key {key:?}: {problem}")]
+    BadSignature {
+        /// Key label.
+        key: String,
+        /// What was wrong.
+        problem: String,
+    },
+    /// Bytes from `C_GenerateRandom` failed a health test ([`rng::check`]); they were not used.
+    #[error(
+        "token {token:?}: {len} random bytes from C_GenerateRandom failed the RNG health check; none were used"
+    )]
+    RngHealth {
+        /// Token label.
+        token: String,
+        /// Bytes drawn.
+        len: usize,
+        /// The test that failed.
+        #[source]
+        failure: HealthFailure,
+    },
+    /// Unique serials could not be drawn within the bound ([`rng::unique_serials`]).
+    #[error("cannot draw unique serials from the token's RNG")]
+    Serials(#[from] SerialError),
+    /// The operating system's RNG failed (getrandom); nothing is drawn without it.
+    #[error("the operating system's random number generator failed")]
+    OsRandom,
     /// The key's public half is in a form hsmca cannot read.
     #[error("cannot read the public key of {key:?}: {problem}")]
     PublicKey {
@@ -133,8 +176,8 @@ pub enum TokenError {
         /// What was wrong.
         problem: String,
     },
-    /// Any other PKCS#11 failure, with what hsmca was doing.
-    #[error("PKCS#11 error while {action}")]
+    /// Any other PKCS#11 failure, with what hsmca was doing and the function and `CKR_` code.
+    #[error("PKCS#11 error while {action}{}", describe(.source))]
     Pkcs11 {
         /// What hsmca was doing.
         action: String,
@@ -144,10 +187,107 @@ pub enum TokenError {
     },
 }
 
+/// Whose fault a token error is: decides exit codes and when a batch stops. All are exit 3
+/// except [`FaultKind::BadSignature`], which the engine treats like a certificate failing its
+/// post-signing check (exit 5: a token that signs wrongly must not be used further).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Setup or operator problem: module, token label, PIN, key label, missing mechanism.
+    /// Retrying the same thing fails the same way.
+    Setup,
+    /// The token failed an operation (`CKR_DEVICE_ERROR`, `CKR_GENERAL_ERROR`, a failed RNG
+    /// health check, ...).
+    Token,
+    /// The session or the token went away (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`,
+    /// `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_USER_NOT_LOGGED_IN`, ...): a token
+    /// fault too, but one a reconnect may cure.
+    SessionLost,
+    /// The token returned a signature that is malformed or does not verify.
+    BadSignature,
+}
+
+/// Return values that mean the session, the login or the token itself is gone.
+const SESSION_LOST: [RvError; 7] = [
+    RvError::SessionHandleInvalid,
+    RvError::SessionClosed,
+    RvError::DeviceRemoved,
+    RvError::TokenNotPresent,
+    RvError::UserNotLoggedIn,
+    RvError::CryptokiNotInitialized,
+    RvError::ObjectHandleInvalid,
+];
+
+/// The PKCS#11 function and return value of a cryptoki error, as the standard names them
+/// (`C_Sign`, `CKR_DEVICE_ERROR`); `None` for errors that did not come from the module.
+pub fn pkcs11_call(e: &Pkcs11Error) -> Option<(String, String)> {
+    match e {
+        Pkcs11Error::Pkcs11(rv, function) => Some((function_name(*function), ckr_name(*rv))),
+        _ => None,
+    }
+}
+
+/// `Function::GenerateRandom` → `C_GenerateRandom`.
+fn function_name(f: Function) -> String {
+    format!("C_{f:?}")
+}
+
+/// `RvError::DeviceError` → `CKR_DEVICE_ERROR`; vendor and unknown codes in hex.
+fn ckr_name(rv: RvError) -> String {
+    match rv {
+        RvError::VendorDefined(v) => format!("CKR_VENDOR_DEFINED ({v:#x})"),
+        RvError::UnknownErrorCode(v) => format!("unknown return value {v:#x}"),
+        _ => {
+            let camel = format!("{rv:?}");
+            let mut out = String::from("CKR");
+            for c in camel.chars() {
+                if c.is_ascii_uppercase() {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_uppercase());
+            }
+            out
+        }
+    }
+}
+
+/// `": C_Sign returned CKR_DEVICE_ERROR"` for the message, or nothing.
+fn describe(e: &Pkcs11Error) -> String {
+    pkcs11_call(e)
+        .map(|(f, rv)| format!(": {f} returned {rv}"))
+        .unwrap_or_default()
+}
+
 impl TokenError {
+    /// Whose fault this is; see [`FaultKind`].
+    pub fn kind(&self) -> FaultKind {
+        match self {
+            Self::Pkcs11 {
+                source: Pkcs11Error::Pkcs11(rv, _),
+                ..
+            } if SESSION_LOST.contains(rv) => FaultKind::SessionLost,
+            Self::Pkcs11 { .. } | Self::RngHealth { .. } | Self::Serials(_) | Self::OsRandom => {
+                FaultKind::Token
+            }
+            Self::SelfTest { .. } | Self::BadSignature { .. } => FaultKind::BadSignature,
+            _ => FaultKind::Setup,
+        }
+    }
+
     /// What the operator can do next.
     pub fn hint(&self) -> Option<&'static str> {
         Some(match self {
+            Self::RngHealth { .. } | Self::Serials(_) => {
+                "the token's random number generator is failing: stop, have the token checked or replaced; nothing was signed with these bytes"
+            }
+            Self::SelfTest { .. } | Self::BadSignature { .. } => {
+                "the token signs wrongly: stop using it, have it checked or replaced; nothing it signed this way was released"
+            }
+            Self::Pkcs11 { .. } if self.kind() == FaultKind::SessionLost => {
+                "the token or its session went away (unplugged, reset or timed out): reconnect it and run the same command again; it finishes the work and issues nothing twice"
+            }
+            Self::Pkcs11 { .. } => {
+                "the token reported a failure (look the CKR_ code up in its manual); check it, then run the same command again; it finishes the work and issues nothing twice"
+            }
             Self::ModuleNotFound { .. } => {
                 "install SoftHSM2 (softhsm/install.sh) or name the module with --module or HSMCA_PKCS11_MODULE"
             }
@@ -178,6 +318,14 @@ impl TokenError {
 fn p11(action: impl Into<String>) -> impl FnOnce(Pkcs11Error) -> TokenError {
     let action = action.into();
     move |source| TokenError::Pkcs11 { action, source }
+}
+
+/// [`p11`] for a closure called more than once.
+fn p11_each(action: String) -> impl Fn(Pkcs11Error) -> TokenError {
+    move |source| TokenError::Pkcs11 {
+        action: action.clone(),
+        source,
+    }
 }
 
 /// Which token: a label, or an RFC 7512 `pkcs11:` URI with `token=` (and optionally `object=`).
@@ -301,6 +449,8 @@ pub struct Token {
     _ctx: Pkcs11,
     slot: Slot,
     session: Session,
+    /// The health of the token's RNG over this session's draws.
+    rng: RefCell<rng::Monitor>,
 }
 
 impl std::fmt::Debug for Token {
@@ -350,7 +500,7 @@ impl Token {
         }
         let session = ctx
             .open_rw_session(slot)
-            .map_err(p11("opening a session (C_OpenSession)"))?;
+            .map_err(p11("opening a session"))?;
         let auth = AuthPin::from(pin.expose());
         match session.login(UserType::User, Some(&auth)) {
             Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
@@ -364,14 +514,21 @@ impl Token {
             Err(Pkcs11Error::Pkcs11(RvError::PinLocked, _)) => {
                 return Err(TokenError::PinLocked { label });
             }
-            Err(e) => return Err(p11("logging in (C_Login)")(e)),
+            Err(e) => return Err(p11(format!("logging in to token {label:?}"))(e)),
         }
-        Ok(Self {
+        let token = Self {
             label,
             _ctx: ctx,
             slot,
             session,
-        })
+            rng: RefCell::new(rng::Monitor::default()),
+        };
+        // Start-up test (SP 800-90B §4.3): two draws before any is used, so a generator stuck on
+        // one output is caught even by a command that then draws only once.
+        for _ in 0..2 {
+            token.random(32)?;
+        }
+        Ok(token)
     }
 
     /// The token's label.
@@ -379,13 +536,27 @@ impl Token {
         &self.label
     }
 
-    /// Random bytes from the token's RNG (C_GenerateRandom).
+    /// `len` random bytes: drawn from the token (`C_GenerateRandom`), checked by
+    /// [`rng::check`] (a failure is [`TokenError::RngHealth`] and nothing is returned), then
+    /// mixed with 32 bytes from the operating system by [`rng::mix`], so neither RNG alone
+    /// decides serials or key ids.
     pub fn random(&self, len: usize) -> Result<Vec<u8>, TokenError> {
-        let mut buf = vec![0u8; len];
+        let mut raw = zeroize::Zeroizing::new(vec![0u8; len]);
         self.session
-            .generate_random_slice(&mut buf)
-            .map_err(p11("drawing random bytes (C_GenerateRandom)"))?;
-        Ok(buf)
+            .generate_random_slice(&mut raw)
+            .map_err(p11("drawing random bytes"))?;
+        self.rng
+            .borrow_mut()
+            .check(&raw)
+            .map_err(|failure| TokenError::RngHealth {
+                token: self.label.clone(),
+                len,
+                failure,
+            })?;
+        let mut os = zeroize::Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), os.as_mut())
+            .map_err(|_| TokenError::OsRandom)?;
+        Ok(rng::mix(&raw, &os, len))
     }
 
     /// Whether the token offers a mechanism (C_GetMechanismList).
@@ -401,7 +572,7 @@ impl Token {
                 Attribute::Class(class),
                 Attribute::Label(label.as_bytes().to_vec()),
             ])
-            .map_err(p11(format!("looking up key {label:?} (C_FindObjects)")))
+            .map_err(p11(format!("looking up key {label:?}")))
     }
 
     /// Generates a sign-only key pair that never leaves the token: CKA_TOKEN, CKA_PRIVATE,
@@ -474,7 +645,7 @@ impl Token {
         ]);
         self.session
             .generate_key_pair(&mechanism, &public, &private)
-            .map_err(p11(format!("generating key {label:?} (C_GenerateKeyPair)")))?;
+            .map_err(p11(format!("generating key {label:?}")))?;
         let protection = self.key_protection(label)?;
         if protection.extractable || !protection.sensitive || !protection.value_hidden {
             return Err(TokenError::KeyNotProtected {
@@ -485,14 +656,11 @@ impl Token {
         }
         let key = self.key(label)?;
         let probe = b"hsmca key self-test";
-        let sig = key.sign(probe).map_err(|e| TokenError::PublicKey {
-            key: label.into(),
-            problem: e.0,
-        })?;
+        let sig = sign_on(&self.session, key.handle, &key.public, probe, label)?;
         if !key.public_key().verify(probe, &sig) {
-            return Err(TokenError::PublicKey {
+            return Err(TokenError::SelfTest {
+                token: self.label.clone(),
                 key: label.into(),
-                problem: "self-test signature does not verify with the exported public key".into(),
             });
         }
         Ok(key.public.clone())
@@ -513,9 +681,7 @@ impl Token {
                     AttributeType::KeyType,
                 ],
             )
-            .map_err(p11(format!(
-                "reading attributes of {label:?} (C_GetAttributeValue)"
-            )))?;
+            .map_err(p11(format!("reading attributes of {label:?}")))?;
         let mut p = KeyProtection {
             sensitive: false,
             extractable: true,
@@ -539,9 +705,7 @@ impl Token {
         let info = self
             .session
             .get_attribute_info(handle, &[secret])
-            .map_err(p11(format!(
-                "reading attribute info of {label:?} (C_GetAttributeValue)"
-            )))?;
+            .map_err(p11(format!("reading attribute info of {label:?}")))?;
         p.value_hidden = matches!(info.first(), Some(AttributeInfo::Sensitive));
         Ok(p)
     }
@@ -615,9 +779,7 @@ impl Token {
                     AttributeType::EcPoint,
                 ],
             )
-            .map_err(p11(format!(
-                "reading public key {label:?} (C_GetAttributeValue)"
-            )))?;
+            .map_err(p11(format!("reading public key {label:?}")))?;
         let (mut kt, mut n, mut e, mut params, mut point) = (None, None, None, None, None);
         for a in attrs {
             match a {
@@ -681,13 +843,21 @@ impl CaSigner for TokenKey<'_> {
     }
 
     fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError> {
-        sign_on(&self.token.session, self.handle, &self.public, tbs).map_err(|e| {
-            SignError(format!(
-                "token {:?}, key {:?}: {e}",
-                self.token.label, self.label
-            ))
-        })
+        sign_on(
+            &self.token.session,
+            self.handle,
+            &self.public,
+            tbs,
+            &self.label,
+        )
+        .map_err(|e| sign_error(&self.token.label, &e))
     }
+}
+
+/// A token error as a [`SignError`]: the token's label, the message (with the `C_` function
+/// and `CKR_` code; cryptoki's prose for the code is left out), and its [`FaultKind`].
+fn sign_error(token: &str, e: &TokenError) -> SignError {
+    SignError::new(e.kind(), format!("token {token:?}: {e}"))
 }
 
 /// RSA uses CKM_SHA256_RSA_PKCS (the token hashes). ECDSA hashes here (SHA-256 for P-256,
@@ -698,8 +868,9 @@ fn sign_on(
     handle: ObjectHandle,
     public: &PublicKey,
     tbs: &[u8],
-) -> Result<Vec<u8>, String> {
-    let fail = |e: Pkcs11Error| format!("C_Sign failed: {e}");
+    label: &str,
+) -> Result<Vec<u8>, TokenError> {
+    let fail = p11_each(format!("signing with key {label:?}"));
     match public.key_type {
         KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => session
             .sign(&Mechanism::Sha256RsaPkcs, handle, tbs)
@@ -714,8 +885,10 @@ fn sign_on(
             let raw = session
                 .sign(&Mechanism::Ecdsa, handle, digest.as_ref())
                 .map_err(fail)?;
-            asn1::ecdsa_raw_to_der(&raw)
-                .ok_or_else(|| format!("token returned a {}-byte ECDSA signature", raw.len()))
+            asn1::ecdsa_raw_to_der(&raw).ok_or_else(|| TokenError::BadSignature {
+                key: label.into(),
+                problem: format!("C_Sign returned a {}-byte ECDSA signature", raw.len()),
+            })
         }
         KeyType::Ed25519 => session
             .sign(
@@ -731,6 +904,7 @@ fn sign_on(
 /// between threads (cryptoki's `Session` is `Send` but not `Sync`); the login is shared by all
 /// sessions of the application, so a worker session needs no PIN.
 pub struct WorkerKey {
+    token: String,
     session: Session,
     handle: ObjectHandle,
     public: PublicKey,
@@ -752,13 +926,13 @@ impl Token {
                 let session = self
                     ._ctx
                     .open_ro_session(self.slot)
-                    .map_err(p11("opening a worker session (C_OpenSession)"))?;
+                    .map_err(p11("opening a worker session"))?;
                 let handles = session
                     .find_objects(&[
                         Attribute::Class(ObjectClass::PRIVATE_KEY),
                         Attribute::Label(label.as_bytes().to_vec()),
                     ])
-                    .map_err(p11(format!("looking up key {label:?} (C_FindObjects)")))?;
+                    .map_err(p11(format!("looking up key {label:?}")))?;
                 let [handle] = handles.as_slice() else {
                     return Err(TokenError::KeyMissing {
                         token: self.label.clone(),
@@ -766,6 +940,7 @@ impl Token {
                     });
                 };
                 Ok(WorkerKey {
+                    token: self.label.clone(),
                     session,
                     handle: *handle,
                     public: expected.clone(),
@@ -782,8 +957,8 @@ impl CaSigner for WorkerKey {
     }
 
     fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError> {
-        sign_on(&self.session, self.handle, &self.public, tbs)
-            .map_err(|e| SignError(format!("key {:?}: {e}", self.label)))
+        sign_on(&self.session, self.handle, &self.public, tbs, &self.label)
+            .map_err(|e| sign_error(&self.token, &e))
     }
 }
 
@@ -819,7 +994,113 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "wrong PIN for token \"dev\" (the token says the next wrong PIN locks it)"
+            "wrong PIN for token \"dev\": C_Login returned CKR_PIN_INCORRECT (the token says the next wrong PIN locks it)"
         );
+    }
+
+    #[test]
+    fn return_values_are_named_as_the_standard_spells_them() {
+        for (rv, name) in [
+            (RvError::DeviceError, "CKR_DEVICE_ERROR"),
+            (RvError::SessionHandleInvalid, "CKR_SESSION_HANDLE_INVALID"),
+            (RvError::PinIncorrect, "CKR_PIN_INCORRECT"),
+            (
+                RvError::CryptokiAlreadyInitialized,
+                "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+            ),
+            (RvError::RandomNoRng, "CKR_RANDOM_NO_RNG"),
+            (
+                RvError::VendorDefined(0x8000_0001),
+                "CKR_VENDOR_DEFINED (0x80000001)",
+            ),
+        ] {
+            assert_eq!(ckr_name(rv), name);
+        }
+        assert_eq!(function_name(Function::GenerateRandom), "C_GenerateRandom");
+        let e = p11("signing with key \"root\"")(Pkcs11Error::Pkcs11(
+            RvError::DeviceError,
+            Function::Sign,
+        ));
+        assert_eq!(
+            e.to_string(),
+            "PKCS#11 error while signing with key \"root\": C_Sign returned CKR_DEVICE_ERROR"
+        );
+        // The cause chain is kept: cryptoki's own error is the source.
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn errors_say_whose_fault_they_are() {
+        let call = |rv, f| p11("x")(Pkcs11Error::Pkcs11(rv, f));
+        let cases = [
+            (call(RvError::DeviceError, Function::Sign), FaultKind::Token),
+            (
+                call(RvError::GeneralError, Function::GenerateRandom),
+                FaultKind::Token,
+            ),
+            (
+                call(RvError::SessionHandleInvalid, Function::Sign),
+                FaultKind::SessionLost,
+            ),
+            (
+                call(RvError::DeviceRemoved, Function::SignInit),
+                FaultKind::SessionLost,
+            ),
+            (
+                call(RvError::UserNotLoggedIn, Function::Sign),
+                FaultKind::SessionLost,
+            ),
+            (
+                TokenError::RngHealth {
+                    token: "t".into(),
+                    len: 16,
+                    failure: HealthFailure::AllZero { len: 16 },
+                },
+                FaultKind::Token,
+            ),
+            (
+                TokenError::BadSignature {
+                    key: "k".into(),
+                    problem: "short".into(),
+                },
+                FaultKind::BadSignature,
+            ),
+            (
+                TokenError::SelfTest {
+                    token: "t".into(),
+                    key: "k".into(),
+                },
+                FaultKind::BadSignature,
+            ),
+            (
+                TokenError::WrongPin {
+                    label: "t".into(),
+                    final_try: false,
+                },
+                FaultKind::Setup,
+            ),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+        }
+        let s = sign_error("dev", &call(RvError::SessionHandleInvalid, Function::Sign));
+        assert_eq!(s.kind(), FaultKind::SessionLost);
+        assert!(
+            s.to_string()
+                .contains("C_Sign returned CKR_SESSION_HANDLE_INVALID"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn an_rng_health_failure_names_the_test() {
+        let e = TokenError::RngHealth {
+            token: "dev".into(),
+            len: 8,
+            failure: rng::check(&[0; 8], []).unwrap_err(),
+        };
+        let text = crate::error::chain(&e);
+        assert!(text.contains("RNG health check"), "{text}");
+        assert!(text.contains("all-zero test"), "{text}");
     }
 }

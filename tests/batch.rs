@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, KUBEADM_CONFS, openssl, openssl_verifies, s};
+use common::{Env, KUBEADM_CONFS, object, openssl, openssl_verifies, s};
 
 /// Writes `n` P-256 CSRs (CN=c-I) under `dir/a` and `dir/b`, made with rcgen (fast).
 fn csrs(dir: &Path, n: usize) -> Vec<PathBuf> {
@@ -458,26 +458,6 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
             cert.display()
         );
     }
-}
-
-fn object(
-    name: &str,
-    csr: &Path,
-    signer: &str,
-    usages: &[&str],
-    username: &str,
-    status: serde_json::Value,
-    expiration: Option<u64>,
-) -> serde_json::Value {
-    use base64::Engine;
-    let request = base64::engine::general_purpose::STANDARD.encode(std::fs::read(csr).unwrap());
-    let mut spec = serde_json::json!({"request": request, "signerName": signer, "usages": usages, "username": username,
-        "groups": ["system:nodes", "system:authenticated"]});
-    if let Some(e) = expiration {
-        spec["expirationSeconds"] = e.into();
-    }
-    serde_json::json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
-        "metadata": {"name": name, "resourceVersion": "42"}, "spec": spec, "status": status})
 }
 
 #[test]

@@ -148,7 +148,8 @@ pub(super) struct Found {
     /// Why the input refused this entry before it was read (rule id, message), if it did: a
     /// symlink, FIFO or too deep a directory found by the walk, or a missing kubeconfig
     /// template.
-    pub(super) refused: Option<(&'static str, String)>,
+    /// Boxed: held for every CSR of a batch, and almost always `None`.
+    pub(super) refused: Option<Box<(&'static str, String)>>,
 }
 
 impl Found {
@@ -170,7 +171,7 @@ impl Found {
             },
         };
         let read = match &self.refused {
-            Some((rule, error)) => Err(((*rule).to_owned(), error.clone())),
+            Some(refused) => Err((refused.0.to_owned(), refused.1.clone())),
             None => root
                 .read(&self.file, input::CSR_CAP)
                 .map_err(|e| (e.rule().to_owned(), crate::error::chain(&e))),
@@ -239,7 +240,7 @@ pub(super) fn discover(
                         .map_err(crate::kubeadm::KubeconfigError::from)
                         .and_then(|bytes| crate::kubeadm::check_template(t, &bytes))
                         .err()
-                        .map(|e| (e.rule(), crate::error::chain(&e)))
+                        .map(|e| Box::new((e.rule(), crate::error::chain(&e))))
                 });
                 Found {
                     file: (*f).to_owned(),
@@ -263,7 +264,7 @@ pub(super) fn discover(
     // What the walk refused (symlinks, FIFOs, too deep) is reported as failed items in order.
     let refused = problems
         .into_iter()
-        .map(|(file, e)| (file, Some((e.rule(), crate::error::chain(&e)))));
+        .map(|(file, e)| (file, Some(Box::new((e.rule(), crate::error::chain(&e))))));
     let mut all: Vec<_> = files
         .into_iter()
         .map(|f| (f, None))

@@ -354,6 +354,28 @@ fn kubeadm_csr(key: &Path, csr: &Path, subject: &str, san: Option<&str>) {
     openssl(&args);
 }
 
+/// A CertificateSigningRequest object as `kubectl get csr -o json` shows it, with the request
+/// read from `csr`.
+pub fn object(
+    name: &str,
+    csr: &Path,
+    signer: &str,
+    usages: &[&str],
+    username: &str,
+    status: serde_json::Value,
+    expiration: Option<u64>,
+) -> serde_json::Value {
+    use base64::Engine;
+    let request = base64::engine::general_purpose::STANDARD.encode(std::fs::read(csr).unwrap());
+    let mut spec = serde_json::json!({"request": request, "signerName": signer, "usages": usages, "username": username,
+        "groups": ["system:nodes", "system:authenticated"]});
+    if let Some(e) = expiration {
+        spec["expirationSeconds"] = e.into();
+    }
+    serde_json::json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": name, "resourceVersion": "42"}, "spec": spec, "status": status})
+}
+
 /// A path as `&str`, for argument lists.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -511,4 +533,114 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<S
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The fault-injecting PKCS#11 shim (`tests/shim/hsmca_shim.c`), compiled with `cc` once per
+/// test binary into Cargo's per-target temporary directory. Missing `cc` fails the test.
+pub fn shim() -> &'static Path {
+    static SHIM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SHIM.get_or_init(|| {
+        require("cc");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/shim/hsmca_shim.c");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join("libhsmca_shim.so");
+        // Test binaries run in parallel: build under a private name, then rename into place.
+        let tmp = dir.join(format!("libhsmca_shim.{}.so", std::process::id()));
+        let built = Command::new("cc")
+            .args([
+                "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+            ])
+            .arg(&tmp)
+            .arg(&src)
+            .args(["-ldl", "-lpthread"])
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "cc {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&built.stderr)
+        );
+        std::fs::rename(&tmp, &out).unwrap();
+        out
+    })
+}
+
+/// The real module the shim forwards to: `HSMCA_PKCS11_MODULE` or SoftHSM2's standard paths.
+pub fn real_module() -> PathBuf {
+    if let Some(p) = std::env::var_os("HSMCA_PKCS11_MODULE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    hsmca::token::DEFAULT_MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("SoftHSM2 is not installed: run `bash softhsm/install.sh`")
+}
+
+impl Env {
+    /// `hsmca ARGS` on this token through the fault-injecting shim, with `faults` as its
+    /// `HSMCA_SHIM_*` settings (e.g. `("HSMCA_SHIM_RNG", "stuck")`). Killed after `limit`: a
+    /// hang fails the test instead of stalling the suite.
+    pub fn hsmca_faulty(
+        &self,
+        args: &[&str],
+        faults: &[(&str, &str)],
+        limit: std::time::Duration,
+    ) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hsmca"));
+        cmd.env("SOFTHSM2_CONF", &self.conf)
+            .env("HSMCA_PIN", PIN)
+            .env("HSMCA_PKCS11_MODULE", shim())
+            .env("HSMCA_SHIM_MODULE", real_module())
+            .args(args);
+        for (k, v) in faults {
+            cmd.env(k, v);
+        }
+        run_within(cmd, limit)
+    }
+}
+
+/// Runs `cmd` to completion, killing it and failing the test if it takes longer than `limit`.
+pub fn run_within(mut cmd: Command, limit: std::time::Duration) -> Run {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut b).map(|_| b)
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut b).map(|_| b)
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap().unwrap_or_default();
+            panic!(
+                "{:?} still running after {limit:?}; killed. stderr:\n{}",
+                cmd,
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Run(Output {
+        status,
+        stdout: out.join().unwrap().unwrap(),
+        stderr: err.join().unwrap().unwrap(),
+    })
 }
