@@ -78,7 +78,7 @@ pub struct InitReport {
 
 /// Random positive serial from the token: 16 bytes (127 bits of entropy), top bit clear and
 /// first byte non-zero so the DER INTEGER is exactly 16 bytes.
-fn serial(token: &Token) -> Result<Vec<u8>, Error> {
+fn serial(token: &dyn Keystore) -> Result<Vec<u8>, Error> {
     let mut s = token.random(16)?;
     s[0] = (s[0] & 0x7f) | 0x01;
     Ok(s)
@@ -109,6 +109,37 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
         None if token.supports(cryptoki::mechanism::MechanismType::EDDSA) => KeyType::Ed25519,
         None => KeyType::EcdsaP256,
     };
+    let place = Place {
+        parent,
+        name,
+        token: token.label().to_owned(),
+        log_type,
+    };
+    init_with(req, &place, &profiles, &token, clock)
+}
+
+/// Where `init` builds the home, and what it learnt from the token before making keys.
+pub struct Place {
+    /// The directory the home is made in.
+    pub parent: PathBuf,
+    /// The home's own name.
+    pub name: String,
+    /// The token's label.
+    pub token: String,
+    /// The log key's type.
+    pub log_type: KeyType,
+}
+
+/// The root key ceremony on any [`Keystore`] (tests use software keys): keys, self-signed root,
+/// the CA home with its log, made beside it and renamed into place.
+pub fn init_with(
+    req: &InitRequest,
+    place: &Place,
+    profiles: &[(String, String)],
+    token: &dyn Keystore,
+    clock: &dyn Clock,
+) -> Result<InitReport, Error> {
+    let (parent, name, log_type) = (&place.parent, &place.name, place.log_type);
     if !matches!(log_type, KeyType::Ed25519 | KeyType::EcdsaP256) {
         return Err(Error::Usage(format!(
             "--log-key-type {log_type} cannot sign checkpoints; use ed25519 or ecdsa-p256"
@@ -121,28 +152,29 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     let log_public = token.generate_key_pair(log_type, &log_label, &log_id)?;
     let root_key = token.key_matching(&req.key_label, &root_public)?;
     let log_key = token.key_matching(&log_label, &log_public)?;
+    let (root_key, log_key) = (&*root_key, &*log_key);
 
     let now = clock.now();
     let spec = RootSpec {
         subject: req.subject.clone(),
-        serial: serial(&token)?,
+        serial: serial(token)?,
         not_before: now - policy::BACKDATE,
         not_after: now + req.validity.to_time(),
     };
-    let root_der = issue::self_signed_root(&spec, &root_key)?;
+    let root_der = issue::self_signed_root(&spec, root_key)?;
     let origin = match &req.origin {
         Some(o) => o.clone(),
         None => format!("hsmca/{}", &root_public.fingerprint()[..16]),
     };
     let vkey = translog::vkey(&origin, &log_public).map_err(Error::Usage)?;
-    let note_key = NoteKey::new(&origin, &log_key).map_err(Error::Usage)?;
+    let note_key = NoteKey::new(&origin, log_key).map_err(Error::Usage)?;
 
     let tmp = parent.join(format!(".{name}.init-{}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(io_at(&tmp))?;
     let config = Config {
         version: 1,
         module: req.record_module.then(|| req.module.clone()),
-        token: token.label().to_owned(),
+        token: place.token.clone(),
         root_key: KeyRef {
             label: req.key_label.clone(),
             id: keys::hex(&root_id),
@@ -167,7 +199,7 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     let site_json =
         serde_json::to_vec_pretty(&req.site).map_err(|e| Error::Internal(e.to_string()))?;
     write("site.json", &site_json)?;
-    for (n, text) in &profiles {
+    for (n, text) in profiles {
         write(&format!("profiles/{n}.json"), text.as_bytes())?;
     }
     let root_entry = Body::Root {
@@ -184,7 +216,7 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     };
     drop(Log::create(&tmp, root_entry, now, &note_key)?);
     std::fs::rename(&tmp, &req.home).map_err(io_at(&req.home))?;
-    files::sync_dir(&parent)?;
+    files::sync_dir(parent)?;
     Ok(InitReport {
         home: req.home.clone(),
         subject: req.subject.clone(),
@@ -194,11 +226,14 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
         cert_sha256: keys::sha256_hex(&root_der),
         log_key_type: log_type,
         log_vkey: vkey,
-        profiles: profiles.into_iter().map(|(n, _)| n).collect(),
+        profiles: profiles.iter().map(|(n, _)| n.clone()).collect(),
     })
 }
 
-fn collect_profiles(from: Option<&Path>, site: &Site) -> Result<Vec<(String, String)>, Error> {
+pub(crate) fn collect_profiles(
+    from: Option<&Path>,
+    site: &Site,
+) -> Result<Vec<(String, String)>, Error> {
     let list: Vec<(String, String)> = match from {
         None => SHIPPED_PROFILES
             .iter()

@@ -35,12 +35,7 @@ use crate::log::translog::{self, NoteKey};
 use crate::log::{Body, Log};
 use crate::policy::{Decision, Refusal};
 use crate::profile::Profile;
-use crate::signer::{CaSigner, Keystore};
-
-/// How many signatures in a row may fail before a run stops as a token fault (exit 3). One
-/// failure is reported and the run goes on (a transient error); three in a row is a token that
-/// has gone away or broken, and every further CSR would only add an intent and an abandon.
-pub const TOKEN_FAILURES_IN_A_ROW: usize = 3;
+use crate::signer::{CaSigner, FaultKind, FaultStreak, Keystore};
 
 /// Why a run stopped before its end. The work logged before the stop is released (or
 /// reported) as usual; a rerun of the same command finishes the rest.
@@ -57,8 +52,16 @@ pub enum Halt {
         /// What the check found.
         cause: String,
     },
-    /// Several signatures in a row failed in the token.
-    #[error("the token failed {count} signatures in a row; the last: {cause}")]
+    /// SIGINT or SIGTERM asked the run to stop: the certificates in flight were finished or
+    /// abandoned as on a crash, and nothing more was signed.
+    #[error("stopped by {}", .signal.name())]
+    Interrupted {
+        /// The signal.
+        signal: crate::signals::Signal,
+    },
+    /// Signatures failed in the token: several in a row, or one that leaves it unusable (a
+    /// lost session, a setup problem).
+    #[error("the token is failing ({count} failed signature(s) in a row); the last: {cause}")]
     TokenFailing {
         /// Failures in a row.
         count: usize,
@@ -386,8 +389,8 @@ impl<'t> CaSession<'t> {
         let mut bodies = Vec::with_capacity(ready.len());
         let mut results = Vec::with_capacity(ready.len());
         for (r, intent_seq) in ready.into_iter().zip(seqs) {
-            let result = match health.halt() {
-                Some(halt) => Err(Withheld::stopped(halt)),
+            let result = match health.halt().cloned() {
+                Some(halt) => Err(Withheld::stopped(&halt)),
                 None => {
                     let issuer = self.issuer(&r.prepared.decision.issuer)?;
                     let signed = sign_and_check(&r, &issuer.cert, &*issuer.key);
@@ -585,10 +588,12 @@ pub fn abandon(intent_seq: u64, reason: &str) -> Body {
 }
 
 /// Watches a run's signatures and says when it must stop: at the first certificate that fails
-/// its post-signing check (exit 5), or after [`TOKEN_FAILURES_IN_A_ROW`] token failures in a
-/// row (exit 3).
+/// its post-signing check, or a signature the token got wrong (exit 5); when the token fails
+/// [`crate::signer::MAX_CONSECUTIVE_FAULTS`] signatures in a row, or once in a way that leaves
+/// it unusable (exit 3). [`crate::signer::FaultStreak`] decides which token faults stop it.
 #[derive(Debug, Default)]
 pub struct Health {
+    streak: FaultStreak,
     failures_in_a_row: usize,
     halt: Option<Halt>,
 }
@@ -596,30 +601,47 @@ pub struct Health {
 impl Health {
     /// Records one certificate's outcome.
     pub fn note(&mut self, ready: &Ready, result: &Result<Vec<u8>, IssueError>) {
-        match result {
-            Ok(_) => self.failures_in_a_row = 0,
+        let stop = match result {
+            Ok(_) => {
+                self.failures_in_a_row = 0;
+                self.streak.record(Ok(()))
+            }
             Err(IssueError::Sign(e)) => {
                 self.failures_in_a_row += 1;
-                if self.failures_in_a_row >= TOKEN_FAILURES_IN_A_ROW && self.halt.is_none() {
-                    self.halt = Some(Halt::TokenFailing {
-                        count: self.failures_in_a_row,
-                        cause: e.to_string(),
-                    });
-                }
+                self.streak.record(Err(e))
             }
             Err(e) => {
-                if self.halt.is_none() || matches!(self.halt, Some(Halt::TokenFailing { .. })) {
-                    self.halt = Some(Halt::BadCertificate {
-                        serial: ready.serial(),
-                        cause: crate::error::chain(e),
-                    });
-                }
+                self.halt = Some(Halt::BadCertificate {
+                    serial: ready.serial(),
+                    cause: crate::error::chain(e),
+                });
+                return;
             }
+        };
+        if self.halt.is_some() {
+            return;
         }
+        self.halt = match (stop, result) {
+            (Some(FaultKind::BadSignature), Err(e)) => Some(Halt::BadCertificate {
+                serial: ready.serial(),
+                cause: crate::error::chain(e),
+            }),
+            (Some(_), Err(e)) => Some(Halt::TokenFailing {
+                count: self.failures_in_a_row,
+                cause: crate::error::chain(e),
+            }),
+            _ => None,
+        };
     }
 
-    /// Why the run must stop, if it must.
-    pub fn halt(&self) -> Option<&Halt> {
+    /// Why the run must stop, if it must. A stop signal (SIGINT, SIGTERM) received since the
+    /// handlers were installed stops it too, unless it is already stopping for a worse reason.
+    pub fn halt(&mut self) -> Option<&Halt> {
+        if self.halt.is_none()
+            && let Some(signal) = crate::signals::requested()
+        {
+            self.halt = Some(Halt::Interrupted { signal });
+        }
         self.halt.as_ref()
     }
 }
@@ -680,5 +702,325 @@ pub fn out_path(out: Option<&Path>, single: bool, csr: &Path) -> PathBuf {
         Some(out) if single && !out.is_dir() => out.to_path_buf(),
         Some(dir) => dir.join(format!("{stem}.crt")),
         None => csr.with_file_name(format!("{stem}.crt")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine in-process, on software keys: no SoftHSM, no binary. The end-to-end tests on
+    //! SoftHSM (tests/) prove the same rules against the real token.
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::ceremony::{self, CaRequest, InitRequest, Place};
+    use crate::clock::SystemClock;
+    use crate::keys::PublicKey;
+    use crate::profile::{Duration, Site};
+    use crate::sign::{self, SignRequest};
+    use crate::signer::SignError;
+    use crate::token::TokenRef;
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        Healthy,
+        Fail,
+        Corrupt,
+    }
+
+    /// A key in memory that can be told to fail or to sign wrongly.
+    struct SoftKey {
+        pair: rcgen::KeyPair,
+        public: PublicKey,
+        fault: Fault,
+    }
+
+    impl CaSigner for SoftKey {
+        fn public_key(&self) -> &PublicKey {
+            &self.public
+        }
+
+        fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, SignError> {
+            use rcgen::SigningKey;
+            let token = |m: String| SignError::new(FaultKind::Token, m);
+            if self.fault == Fault::Fail {
+                return Err(token("C_Sign returned CKR_DEVICE_ERROR".into()));
+            }
+            let mut sig = self.pair.sign(tbs).map_err(|e| token(e.to_string()))?;
+            if self.fault == Fault::Corrupt
+                && let Some(last) = sig.last_mut()
+            {
+                *last ^= 1;
+            }
+            Ok(sig)
+        }
+    }
+
+    /// A token in memory: P-256 keys by label; faults apply to every key but the log's.
+    #[derive(Default)]
+    struct SoftToken {
+        keys: RefCell<HashMap<String, Vec<u8>>>,
+        fault: Cell<Option<Fault>>,
+    }
+
+    impl SoftToken {
+        fn load(&self, label: &str) -> Result<Box<dyn CaSigner + Send>, crate::Error> {
+            let der = self.keys.borrow().get(label).cloned().ok_or_else(|| {
+                crate::Error::Usage(format!("no key {label:?} in the soft token"))
+            })?;
+            let pair = rcgen::KeyPair::try_from(der.as_slice())
+                .map_err(|e| crate::Error::Internal(e.to_string()))?;
+            let public =
+                PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
+                    .map_err(|e| crate::Error::Internal(e.to_string()))?;
+            let fault = match self.fault.get() {
+                Some(f) if !label.ends_with("-log") => f,
+                _ => Fault::Healthy,
+            };
+            Ok(Box::new(SoftKey {
+                pair,
+                public,
+                fault,
+            }))
+        }
+    }
+
+    impl Keystore for SoftToken {
+        fn random(&self, len: usize) -> Result<Vec<u8>, crate::Error> {
+            let mut out = vec![0; len];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+                .map_err(|_| crate::Error::Internal("no OS randomness".into()))?;
+            Ok(out)
+        }
+
+        fn key(&self, label: &str) -> Result<Box<dyn CaSigner + '_>, crate::Error> {
+            Ok(self.load(label)?)
+        }
+
+        fn key_matching(
+            &self,
+            label: &str,
+            expected: &PublicKey,
+        ) -> Result<Box<dyn CaSigner + '_>, crate::Error> {
+            let key = self.load(label)?;
+            assert_eq!(key.public_key(), expected, "{label}");
+            Ok(key)
+        }
+
+        fn generate_key_pair(
+            &self,
+            key_type: KeyType,
+            label: &str,
+            _id: &[u8],
+        ) -> Result<PublicKey, crate::Error> {
+            assert_eq!(
+                key_type,
+                KeyType::EcdsaP256,
+                "the soft token makes P-256 keys"
+            );
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| crate::Error::Internal(e.to_string()))?;
+            let public =
+                PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&pair))
+                    .map_err(|e| crate::Error::Internal(e.to_string()))?;
+            self.keys
+                .borrow_mut()
+                .insert(label.to_owned(), pair.serialize_der());
+            Ok(public)
+        }
+
+        fn workers(
+            &self,
+            label: &str,
+            _expected: &PublicKey,
+            count: usize,
+        ) -> Result<Vec<Box<dyn CaSigner + Send>>, crate::Error> {
+            (0..count).map(|_| self.load(label)).collect()
+        }
+    }
+
+    /// A CA home with a kubernetes-ca intermediate, made by the ceremonies on the soft token.
+    fn ca(dir: &Path, token: &SoftToken) -> Home {
+        let req = InitRequest {
+            home: dir.join("ca"),
+            module: PathBuf::from("/nonexistent/soft-token.so"),
+            record_module: false,
+            token: TokenRef {
+                token: "soft".into(),
+                object: None,
+                id: None,
+            },
+            key_type: KeyType::EcdsaP256,
+            subject: "CN=Soft Root".into(),
+            validity: Duration::parse("3650d").unwrap(),
+            key_label: "root".into(),
+            log_key_type: Some(KeyType::EcdsaP256),
+            origin: None,
+            profiles_from: None,
+            site: Site::default(),
+        };
+        let profiles = ceremony::collect_profiles(None, &req.site).unwrap();
+        let place = Place {
+            parent: dir.to_path_buf(),
+            name: "ca".into(),
+            token: "soft".into(),
+            log_type: KeyType::EcdsaP256,
+        };
+        ceremony::init_with(&req, &place, &profiles, token, &SystemClock).unwrap();
+        let home = Home::open(&dir.join("ca")).unwrap();
+        let create = CaRequest {
+            name: "kubernetes-ca".into(),
+            profile: "kubernetes-ca".into(),
+            subject: "CN=kubernetes-ca".into(),
+            key_type: KeyType::EcdsaP256,
+            validity: None,
+        };
+        ceremony::create_ca(&home, &create, token, &SystemClock).unwrap();
+        Home::open(&dir.join("ca")).unwrap()
+    }
+
+    fn csr(dir: &Path, name: &str, cn: &str) -> PathBuf {
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let path = dir.join(format!("{name}.csr"));
+        std::fs::write(&path, p.serialize_request(&key).unwrap().pem().unwrap()).unwrap();
+        path
+    }
+
+    fn request(dir: &Path, profile: &str, csrs: Vec<PathBuf>) -> SignRequest {
+        SignRequest {
+            profile: profile.into(),
+            csrs,
+            out: Some(dir.join("out")),
+            chain: false,
+            validity: None,
+        }
+    }
+
+    fn rules(outcomes: &[Outcome]) -> Vec<String> {
+        outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Issued { .. } => "issued".to_owned(),
+                Outcome::WouldIssue { .. } => "would-issue".to_owned(),
+                Outcome::Refused { refusals, .. } => refusals[0].rule.clone(),
+                Outcome::Failed { rule, .. } => rule.clone(),
+            })
+            .collect()
+    }
+
+    fn log_verifies(home: &Home) {
+        let report =
+            crate::log::verify(&crate::log::Paths::of_home(&home.dir), None, None).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.unsigned_tail, 0);
+    }
+
+    #[test]
+    fn issues_refuses_and_stops_by_one_rule_without_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = SoftToken::default();
+        let home = ca(dir.path(), &token);
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+
+        // A leaf under its profile is issued, logged and released.
+        let a = csr(dir.path(), "a", "system:kube-proxy");
+        let signed = sign::sign(
+            &home,
+            &request(dir.path(), "kube-proxy", vec![a.clone()]),
+            &token,
+            &SystemClock,
+        )
+        .unwrap();
+        assert_eq!(rules(&signed.outcomes), ["issued"]);
+        assert!(signed.halt.is_none());
+        assert!(dir.path().join("out/a.crt").exists());
+        // The same CSR again is written again, never issued twice.
+        let again = sign::sign(
+            &home,
+            &request(dir.path(), "kube-proxy", vec![a]),
+            &token,
+            &SystemClock,
+        )
+        .unwrap();
+        assert!(matches!(
+            again.outcomes[0],
+            Outcome::Issued {
+                already_issued: true,
+                ..
+            }
+        ));
+
+        // A CA profile is refused by the policy before the token is asked.
+        let rogue = csr(dir.path(), "rogue", "kubernetes-ca");
+        let refused = sign::sign(
+            &home,
+            &request(dir.path(), "kubernetes-ca", vec![rogue]),
+            &token,
+            &SystemClock,
+        )
+        .unwrap();
+        assert_eq!(rules(&refused.outcomes), ["profile.ca"]);
+
+        // A token that signs wrongly: withheld, and the run stops at once (exit 5).
+        token.fault.set(Some(Fault::Corrupt));
+        let b = csr(dir.path(), "b", "system:kube-proxy");
+        let c = csr(dir.path(), "c", "system:kube-proxy");
+        let bad = sign::sign(
+            &home,
+            &request(dir.path(), "kube-proxy", vec![b.clone(), c.clone()]),
+            &token,
+            &SystemClock,
+        )
+        .unwrap();
+        assert_eq!(rules(&bad.outcomes), ["verify.issued", "run.stopped"]);
+        assert!(matches!(bad.halt, Some(Halt::BadCertificate { .. })));
+        let code = crate::Error::from(EngineError::Halt(bad.halt.unwrap())).exit_code();
+        assert_eq!(code, 5);
+        assert!(!dir.path().join("out/b.crt").exists());
+
+        // A failing token: three failures in a row stop the run (exit 3); the rest is not signed.
+        token.fault.set(Some(Fault::Fail));
+        let more: Vec<PathBuf> = (0..5)
+            .map(|i| csr(dir.path(), &format!("d{i}"), "system:kube-proxy"))
+            .collect();
+        let failing = sign::sign(
+            &home,
+            &request(dir.path(), "kube-proxy", more.clone()),
+            &token,
+            &SystemClock,
+        )
+        .unwrap();
+        assert_eq!(
+            rules(&failing.outcomes),
+            [
+                "token.sign",
+                "token.sign",
+                "token.sign",
+                "run.stopped",
+                "run.stopped"
+            ]
+        );
+        let code = crate::Error::from(EngineError::Halt(failing.halt.unwrap())).exit_code();
+        assert_eq!(code, 3);
+        log_verifies(&home);
+
+        // The healthy token finishes the work; each CSR gets one certificate.
+        token.fault.set(None);
+        let mut all = vec![b, c];
+        all.extend(more);
+        let done = sign::sign(
+            &home,
+            &request(dir.path(), "kube-proxy", all),
+            &token,
+            &SystemClock,
+        )
+        .unwrap();
+        assert!(done.outcomes.iter().all(Outcome::ok), "{:?}", done.outcomes);
+        log_verifies(&home);
+        let log = crate::log::records(&crate::log::Paths::of_home(&home.dir)).unwrap();
+        let leaves = log.iter().filter(|r| r.profile == "kube-proxy").count();
+        assert_eq!(leaves, 8, "a, b, c and d0-d4, once each");
     }
 }

@@ -62,9 +62,13 @@ impl Error {
         match self {
             Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
+            // A token fault while signing a checkpoint is the token's, not the log's.
+            Self::Log(LogError::CheckpointSign(e)) | Self::Issue(IssueError::Sign(e)) => {
+                e.kind().exit_code()
+            }
             Self::Log(_) => 4,
-            Self::Issue(IssueError::Sign(_)) => 3,
             Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => 3,
+            Self::Engine(EngineError::Halt(Halt::Interrupted { signal })) => signal.exit_code(),
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
             Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
@@ -86,6 +90,9 @@ impl Error {
         }
         match self {
             Self::Token(e) => e.hint(),
+            Self::Log(LogError::CheckpointSign(e)) | Self::Issue(IssueError::Sign(e)) => {
+                e.kind().hint()
+            }
             Self::Log(e) => e.hint(),
             Self::Pin(e) => Some(e.hint()),
             Self::Home(HomeError::Missing(_)) => {
@@ -94,6 +101,9 @@ impl Error {
             Self::Profile(ProfileError::NotFound { .. }) => {
                 Some("list profiles with `ls HOME/profiles`, or pick one of those named above")
             }
+            Self::Engine(EngineError::Halt(Halt::Interrupted { .. })) => Some(
+                "what was issued before the stop is written and logged, and nothing after it was signed; run the same command again: it finishes the rest and issues nothing twice",
+            ),
             Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => Some(
                 "what was issued before the stop is written and logged; check the token (is it plugged in, logged in, healthy?) and run the same command again: it finishes the rest and issues nothing twice",
             ),
@@ -206,5 +216,21 @@ mod tests {
         assert!(wrapped.is_broken_pipe());
         assert!(!Error::Internal("Broken pipe".into()).is_broken_pipe());
         assert!(!Error::from(io::Error::other("Broken pipe")).is_broken_pipe());
+    }
+
+    #[test]
+    fn a_token_fault_while_signing_is_exit_3_and_a_wrong_signature_exit_5() {
+        use crate::signer::{FaultKind, SignError};
+        for (kind, code) in [
+            (FaultKind::Token, 3),
+            (FaultKind::SessionLost, 3),
+            (FaultKind::BadSignature, 5),
+        ] {
+            let e = || SignError::new(kind, "C_Sign returned CKR_X");
+            let checkpoint = Error::Log(LogError::CheckpointSign(e()));
+            assert_eq!(checkpoint.exit_code(), code, "{kind:?}");
+            assert_eq!(checkpoint.hint(), kind.hint());
+            assert_eq!(Error::Issue(IssueError::Sign(e())).exit_code(), code);
+        }
     }
 }

@@ -8,7 +8,84 @@
 use std::cell::RefCell;
 
 use crate::keys::PublicKey;
-use crate::token::FaultKind;
+
+/// Whose fault a token or signing error is: decides exit codes and when a batch stops. All are
+/// exit 3 except [`FaultKind::BadSignature`], treated like a certificate failing its
+/// post-signing check (exit 5: a token that signs wrongly must not be used further).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Setup or operator problem: module, token label, PIN, key label, missing mechanism.
+    /// Retrying the same thing fails the same way.
+    Setup,
+    /// The token failed an operation (`CKR_DEVICE_ERROR`, `CKR_GENERAL_ERROR`, a failed RNG
+    /// health check, ...).
+    Token,
+    /// The session or the token went away (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`,
+    /// `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_USER_NOT_LOGGED_IN`, ...): a token
+    /// fault too, but one a reconnect may cure.
+    SessionLost,
+    /// The token returned a signature that is malformed or does not verify.
+    BadSignature,
+}
+
+impl FaultKind {
+    /// The exit code for a run stopped by this fault: 5 for a bad signature, else 3.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::BadSignature => 5,
+            Self::Setup | Self::Token | Self::SessionLost => 3,
+        }
+    }
+
+    /// What the operator can do next, for the faults that are the token's.
+    pub fn hint(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Setup => return None,
+            Self::Token => {
+                "the token reported a failure (look the CKR_ code up in its manual); check it, then run the same command again; it finishes the work and issues nothing twice"
+            }
+            Self::SessionLost => {
+                "the token or its session went away (unplugged, reset or timed out): reconnect it and run the same command again; it finishes the work and issues nothing twice"
+            }
+            Self::BadSignature => {
+                "the token signs wrongly: stop using it, have it checked or replaced; nothing it signed this way was released"
+            }
+        })
+    }
+}
+
+/// Consecutive [`FaultKind::Token`] failures after which a batch stops: one failure may be a
+/// hiccup worth an abandoned intent and a retry on the next certificate; three in a row is a
+/// failing token, and signing on would only turn every remaining CSR into an intent and an
+/// abandon entry.
+pub const MAX_CONSECUTIVE_FAULTS: usize = 3;
+
+/// Decides when a run of signing failures stops a batch (the engine feeds it every signature's
+/// outcome, in the order they finish). A lost session, a wrong signature or a setup problem
+/// stops at once; token faults stop at the [`MAX_CONSECUTIVE_FAULTS`]th in a row; a success
+/// resets the count.
+#[derive(Debug, Default)]
+pub struct FaultStreak {
+    consecutive: usize,
+}
+
+impl FaultStreak {
+    /// Records one signature's outcome; returns the fault that must stop the batch, if any
+    /// (its [`FaultKind::exit_code`] is the run's exit code).
+    pub fn record(&mut self, outcome: Result<(), &SignError>) -> Option<FaultKind> {
+        let Err(e) = outcome else {
+            self.consecutive = 0;
+            return None;
+        };
+        match e.kind() {
+            FaultKind::Token => {
+                self.consecutive += 1;
+                (self.consecutive >= MAX_CONSECUTIVE_FAULTS).then_some(FaultKind::Token)
+            }
+            kind => Some(kind),
+        }
+    }
+}
 
 /// A signing failure, with the PKCS#11 function and return value where there is one, and
 /// whose fault it is ([`FaultKind`]) so a batch can stop on a failing token and pick the exit
@@ -187,5 +264,31 @@ impl Keystore for crate::token::Token {
             .into_iter()
             .map(|k| Box::new(k) as Box<dyn CaSigner + Send>)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streak_of_token_faults_stops_the_batch_and_other_faults_stop_it_at_once() {
+        let fault = |kind| SignError::new(kind, "C_Sign returned CKR_X");
+        let token = fault(FaultKind::Token);
+        let mut streak = FaultStreak::default();
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Ok(())), None);
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Err(&token)), None);
+        assert_eq!(streak.record(Err(&token)), Some(FaultKind::Token));
+        for kind in [
+            FaultKind::SessionLost,
+            FaultKind::BadSignature,
+            FaultKind::Setup,
+        ] {
+            let mut streak = FaultStreak::default();
+            assert_eq!(streak.record(Err(&fault(kind))), Some(kind));
+        }
     }
 }

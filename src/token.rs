@@ -26,6 +26,7 @@ use crate::asn1;
 use crate::keys::{self, KeyType, PublicKey};
 use crate::pin::Pin;
 use crate::rng::{self, HealthFailure, SerialError};
+pub use crate::signer::FaultKind;
 use crate::signer::{CaSigner, SignError};
 
 /// Environment variable naming the PKCS#11 module.
@@ -187,25 +188,6 @@ pub enum TokenError {
     },
 }
 
-/// Whose fault a token error is: decides exit codes and when a batch stops. All are exit 3
-/// except [`FaultKind::BadSignature`], which the engine treats like a certificate failing its
-/// post-signing check (exit 5: a token that signs wrongly must not be used further).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// Setup or operator problem: module, token label, PIN, key label, missing mechanism.
-    /// Retrying the same thing fails the same way.
-    Setup,
-    /// The token failed an operation (`CKR_DEVICE_ERROR`, `CKR_GENERAL_ERROR`, a failed RNG
-    /// health check, ...).
-    Token,
-    /// The session or the token went away (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`,
-    /// `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_USER_NOT_LOGGED_IN`, ...): a token
-    /// fault too, but one a reconnect may cure.
-    SessionLost,
-    /// The token returned a signature that is malformed or does not verify.
-    BadSignature,
-}
-
 /// Return values that mean the session, the login or the token itself is gone.
 const SESSION_LOST: [RvError; 7] = [
     RvError::SessionHandleInvalid,
@@ -279,14 +261,8 @@ impl TokenError {
             Self::RngHealth { .. } | Self::Serials(_) => {
                 "the token's random number generator is failing: stop, have the token checked or replaced; nothing was signed with these bytes"
             }
-            Self::SelfTest { .. } | Self::BadSignature { .. } => {
-                "the token signs wrongly: stop using it, have it checked or replaced; nothing it signed this way was released"
-            }
-            Self::Pkcs11 { .. } if self.kind() == FaultKind::SessionLost => {
-                "the token or its session went away (unplugged, reset or timed out): reconnect it and run the same command again; it finishes the work and issues nothing twice"
-            }
-            Self::Pkcs11 { .. } => {
-                "the token reported a failure (look the CKR_ code up in its manual); check it, then run the same command again; it finishes the work and issues nothing twice"
+            Self::SelfTest { .. } | Self::BadSignature { .. } | Self::Pkcs11 { .. } => {
+                return self.kind().hint();
             }
             Self::ModuleNotFound { .. } => {
                 "install SoftHSM2 (softhsm/install.sh) or name the module with --module or HSMCA_PKCS11_MODULE"

@@ -318,6 +318,9 @@ fn run<'a>(
             // Stage the next chunk while the sessions sign what is in flight; after a stop,
             // only collect what is in flight.
             let halted = health.halt().is_some();
+            if halted {
+                stop.store(true, Ordering::SeqCst);
+            }
             let next = if halted { None } else { ranges.get(k).cloned() };
             let staged = match (&batch.source, next) {
                 (_, None) => None,
@@ -658,15 +661,22 @@ fn sign_worker(
     signed: &std::sync::mpsc::Sender<Signed>,
     stop: &AtomicBool,
 ) {
+    // A session whose token faults must stop the run stops the others at once: a token that
+    // has gone away can take seconds per failed call.
+    let mut streak = crate::signer::FaultStreak::default();
     while let Some((chunk, positions, ready)) = next(jobs) {
         let signatures = positions
             .into_iter()
             .map(|pos| {
-                if stop.load(Ordering::SeqCst) {
+                if stop.load(Ordering::SeqCst) || crate::signals::requested().is_some() {
                     return (pos, None);
                 }
                 let tbs = &ready[pos].ready.prepared.tbs;
-                (pos, Some(key.sign(tbs).map_err(issue::IssueError::Sign)))
+                let signed = key.sign(tbs);
+                if streak.record(signed.as_ref().map(|_| ())).is_some() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                (pos, Some(signed.map_err(issue::IssueError::Sign)))
             })
             .collect();
         if signed.send((chunk, signatures, ready)).is_err() {
@@ -729,12 +739,12 @@ impl InFlight {
         let mut bodies = Vec::with_capacity(self.ready.len());
         let signed = std::mem::take(&mut self.signed);
         for ((p, intent_seq), result) in self.ready.iter().zip(&self.intent_seqs).zip(signed) {
-            let result = match (result.flatten(), health.halt()) {
+            let result = match (result.flatten(), health.halt().cloned()) {
                 (Some(r), _) => {
                     health.note(&p.ready, &r);
                     r.map_err(|e| Withheld::from_error(&e))
                 }
-                (None, Some(halt)) => Err(Withheld::stopped(halt)),
+                (None, Some(halt)) => Err(Withheld::stopped(&halt)),
                 (None, None) => Err(Withheld {
                     rule: "token.sign",
                     error: "no result from the token session".into(),

@@ -544,6 +544,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
             let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
             let token = Token::open(&module, &tref, &pin)?;
+            // From here on SIGINT/SIGTERM stop the run between certificates, cleanly.
+            hsmca::signals::install().map_err(|e| Error::Internal(e.to_string()))?;
             drop(pin);
             let signed = sign::sign(&home, &req, &token, &clock)?;
             finish_outcomes(&mut out, signed, json)
@@ -706,6 +708,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 }
             };
             let token = open_home_token(&home, &token_opts)?;
+            // From here on SIGINT/SIGTERM stop the run between certificates, cleanly.
+            hsmca::signals::install().map_err(|e| Error::Internal(e.to_string()))?;
             // The report streams: one JSON line per CSR into OUTDIR, and one line each on stdout.
             let mut file = batch::ReportFile::create(&dir)?;
             // A line per CSR: at once on a terminal, in blocks into a pipe or file (10,000
@@ -810,6 +814,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
         } => {
             let home = Home::open(&home)?;
             let token = open_home_token(&home, &token_opts)?;
+            // From here on SIGINT/SIGTERM stop the run between certificates, cleanly.
+            hsmca::signals::install().map_err(|e| Error::Internal(e.to_string()))?;
             let renewed = lifecycle::renew(&home, &serials, validity, &dir, &token, &clock)?;
             finish_outcomes(&mut out, renewed, json)
         }

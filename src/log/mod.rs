@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use crate::clock::rfc3339;
 use crate::files;
 use crate::keys::{self, PublicKey};
+use crate::signer::{FaultKind, SignError};
 pub use entry::{Body, Entry};
 use translog::{NoteKey, Tree};
 
@@ -106,6 +107,10 @@ pub enum LogError {
     /// A checkpoint could not be made or read.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The token failed to sign a checkpoint, or signed it wrongly: a token fault, not a log
+    /// problem (its [`SignError::kind`] decides the exit code).
+    #[error("checkpoint: {0}")]
+    CheckpointSign(SignError),
     /// The writer hit an fsync failure earlier.
     #[error("the log writer stopped after an earlier fsync failure")]
     Poisoned,
@@ -993,9 +998,15 @@ impl Log {
             return Ok(());
         }
         let note = translog::sign_checkpoint(&self.root.origin, size, self.scan.tree.root(), key)
-            .map_err(LogError::Checkpoint)?;
+            .map_err(|e| match key.take_error() {
+            Some(sign) => LogError::CheckpointSign(sign),
+            None => LogError::Checkpoint(e),
+        })?;
         translog::open_checkpoint(&note, &self.root.vkey).map_err(|e| {
-            LogError::Checkpoint(format!("the token's checkpoint does not verify: {e}"))
+            LogError::CheckpointSign(SignError::new(
+                FaultKind::BadSignature,
+                format!("the token's checkpoint does not verify: {e}"),
+            ))
         })?;
         let numbered = self.paths.checkpoints().join(format!("{size:012}"));
         match files::write_new(&numbered, &note) {

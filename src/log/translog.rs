@@ -8,7 +8,7 @@ use signed_note::{Note, Verifier, VerifierList};
 use tlog_tiles::tlog::{self, Hash, HashReader};
 
 use crate::keys::{KeyType, PublicKey};
-use crate::signer::CaSigner;
+use crate::signer::{CaSigner, SignError};
 
 /// Signature type byte for Ed25519 notes (C2SP signed-note).
 const TYPE_ED25519: u8 = 0x01;
@@ -145,6 +145,9 @@ pub struct NoteKey<'a> {
     name: String,
     key_id: u32,
     signer: &'a dyn CaSigner,
+    /// The signer's error behind signed_note's opaque one, so a token fault while signing a
+    /// checkpoint keeps its kind (and exit code) instead of becoming a log error.
+    error: std::sync::Mutex<Option<SignError>>,
 }
 
 impl<'a> NoteKey<'a> {
@@ -155,7 +158,16 @@ impl<'a> NoteKey<'a> {
             name: origin.to_owned(),
             key_id,
             signer,
+            error: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The token's error from the last failed signature, if any.
+    pub fn take_error(&self) -> Option<SignError> {
+        self.error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -169,7 +181,14 @@ impl signed_note::Signer for NoteKey<'_> {
     }
 
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
-        self.signer.sign(msg).map_err(signature::Error::from_source)
+        self.signer.sign(msg).map_err(|e| {
+            let opaque = signature::Error::from_source(e.clone());
+            *self
+                .error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+            opaque
+        })
     }
 }
 
