@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what hsmca's quickstart and tests need on Debian/Ubuntu: SoftHSM2 (the token),
 # OpenSC (pkcs11-tool), OpenSSL (CSRs and independent verification), etcd and etcdctl and
-# GnuTLS certtool (interop tests), and from PyPI `cryptography` and `jsonschema` (independent
-# checkpoint/proof and schema checks) and pkilint. Idempotent; needs root for apt-get.
+# GnuTLS certtool (interop tests), kubectl (Debian's kubernetes-client; the kubeadm round trip
+# test; a kubectl already on PATH is used as it is), and from PyPI `cryptography` and
+# `jsonschema` (independent checkpoint/proof and schema checks) and pkilint. Idempotent; needs
+# root for apt-get.
 set -euo pipefail
 
 need=()
@@ -13,6 +15,7 @@ command -v python3 >/dev/null || need+=(python3 python3-pip)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v certtool >/dev/null || need+=(gnutls-bin)
+command -v kubectl >/dev/null || need+=(kubernetes-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo

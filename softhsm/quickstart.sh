@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # hsmca quickstart: from nothing to verified, logged Kubernetes certificates on a local
 # SoftHSM2 token. Installs SoftHSM2/OpenSSL if missing, builds hsmca, makes an isolated token,
-# creates a root CA, signs sample CSRs for etcd, kube-apiserver, kube-proxy, kubelet and
-# flanneld, verifies the log and every certificate, and prints what it issued.
+# creates a root CA, signs sample CSRs for etcd, kube-apiserver (the seed's own k8s-csr.json,
+# through cfssl), kube-proxy, kubelet and flanneld, verifies the log and every certificate, and
+# prints what it issued.
 #   bash softhsm/quickstart.sh [WORKDIR]     (default: ./quickstart-out, must not exist)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,6 +11,13 @@ work=${1:-$PWD/quickstart-out}
 [ -e "$work" ] && { echo "error: $work exists; pass another directory" >&2; exit 2; }
 
 bash "$repo/softhsm/install.sh"
+# cfssl makes the seed's own CSR below from its cfssl JSON (Debian's golang-cfssl).
+if ! command -v cfssl >/dev/null || ! command -v cfssljson >/dev/null; then
+  echo "installing: golang-cfssl" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-cfssl >/dev/null
+fi
 echo "== building hsmca" >&2
 cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
 hsmca="$repo/target/release/hsmca"
@@ -22,7 +30,9 @@ export HSMCA_PIN=123456
 export SOFTHSM2_CONF
 
 echo "== root key ceremony" >&2
-# Site parameters: the seed cluster's service IP, node addresses and names.
+# Site parameters: the seed cluster's service IP, node addresses and names. The seed's
+# apiserver request lists the single-label name `kubernetes` (pods reach the API by it), which
+# RFC 5280 name checkers reject: kubeadm_single_label_names lets the apiserver profile take it.
 cat >"$work/site.json" <<'SITE'
 {
   "cluster_domain": "cluster.local",
@@ -34,7 +44,8 @@ cat >"$work/site.json" <<'SITE'
   "countries": ["CN"],
   "states": ["FuZhou"],
   "localities": ["FuZhou"],
-  "org_units": ["System"]
+  "org_units": ["System"],
+  "kubeadm_single_label_names": true
 }
 SITE
 "$hsmca" init --home "$work/ca" --token quickstart --key-type ecdsa-p384 \
@@ -44,7 +55,7 @@ for ca in kubernetes-ca etcd-ca front-proxy-ca; do
   "$hsmca" ca create "$ca" --home "$work/ca" --profile "$ca" --subject "CN=$ca"
 done
 
-echo "== CSRs from the cluster (made here with openssl req; keys stay with the CSRs)" >&2
+echo "== CSRs from the cluster (openssl req, and cfssl for the seed's own k8s-csr.json; keys stay with the CSRs)" >&2
 csr=$work/csr; mkdir -p "$csr"
 req() { # name subject [san] [keytype]
   local key=${4:-ec}
@@ -58,8 +69,41 @@ for i in 1 2 3; do
   req "etcd-vm$i" "/CN=vm$i" "DNS:vm$i.cluster.internal,IP:127.0.0.1,IP:192.168.115.$((i + 4))"
 done
 req etcd-client "/CN=client" "" rsa
-req kubernetes "$seed/CN=kubernetes" \
-  "IP:127.0.0.1,IP:192.168.115.4,IP:192.168.115.5,IP:10.254.0.1,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster,DNS:kubernetes.default.svc.cluster.local" rsa
+# The seed's kube-apiserver request exactly as the seed tutorial wrote it (k8s-csr.json), made
+# by cfssl as the seed made it (`cfssl genkey`: the key and the CSR, without signing).
+cat >"$csr/k8s-csr.json" <<'SEED'
+{
+  "CN": "kubernetes",
+  "hosts": [
+    "127.0.0.1",
+    "192.168.115.4",
+    "192.168.115.5",
+    "192.168.115.6",
+    "192.168.115.7",
+    "10.254.0.1",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster",
+    "kubernetes.default.svc.cluster.local"
+  ],
+  "key": {
+    "algo": "rsa",
+    "size": 2048
+  },
+  "names": [
+    {
+      "C": "CN",
+      "ST": "FuZhou",
+      "L": "FuZhou",
+      "O": "k8s",
+      "OU": "System"
+    }
+  ]
+}
+SEED
+(cd "$csr" && cfssl genkey k8s-csr.json 2>cfssl.log | cfssljson -bare kubernetes) ||
+  { cat "$csr/cfssl.log" >&2; exit 1; }
 req kube-proxy "$seed/CN=system:kube-proxy" "" rsa
 req kubelet-vm1 "/O=system:nodes/CN=system:node:vm1"
 req flanneld "$seed/CN=flanneld" "" rsa
@@ -83,6 +127,9 @@ echo "== verifying" >&2
 "$hsmca" log verify --home "$work/ca"
 for c in "$out"/*.crt; do openssl verify -CAfile "$work/ca/root.pem" -untrusted "$c" "$c"; done
 python3 "$repo/tests/tools/verify_log.py" "$work/ca" | sed 's/^/independent checkpoint check: /'
+
+echo "== the seed's apiserver certificate, with its host list as the seed asked for it" >&2
+openssl x509 -in "$out/kubernetes.crt" -noout -ext subjectAltName
 
 echo
 printf '%-22s %-52s %s\n' CERTIFICATE SUBJECT "NOT AFTER"

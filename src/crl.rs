@@ -30,8 +30,27 @@ pub const REASONS: [(&str, RevocationReason); 9] = [
     ("aa-compromise", RevocationReason::AaCompromise),
 ];
 
-/// Parses a reason name.
+/// The name hsmca records (the first column of [`REASONS`]) for a reason in any common
+/// spelling: hsmca's own (`key-compromise`), RFC 5280's ASN.1 names (`keyCompromise`,
+/// `cACompromise`, `aACompromise`) and OpenSSL's `-crl_reason` names (`CACompromise`). Case,
+/// `-`, `_` and spaces are ignored, so every spelling of one reason meets in one log value.
+pub fn canonical_reason(name: &str) -> Option<&'static str> {
+    fn fold(s: &str) -> String {
+        s.chars()
+            .filter(|c| !matches!(c, '-' | '_' | ' '))
+            .flat_map(char::to_lowercase)
+            .collect()
+    }
+    let wanted = fold(name);
+    REASONS
+        .iter()
+        .find(|(n, _)| fold(n) == wanted)
+        .map(|(n, _)| *n)
+}
+
+/// Parses a reason name, in any spelling [`canonical_reason`] accepts.
 pub fn reason(name: &str) -> Option<RevocationReason> {
+    let name = canonical_reason(name)?;
     REASONS.iter().find(|(n, _)| *n == name).map(|(_, r)| *r)
 }
 
@@ -131,4 +150,36 @@ fn sign_with(
         .signed_by(&rc_issuer)
         .map_err(|e| crate::issue::rcgen_error(key, e))?;
     Ok(crl.der().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_read_in_rfc_5280_openssl_and_hsmca_spellings() {
+        let table = [
+            ("unspecified", "unspecified"),
+            ("keyCompromise", "key-compromise"),
+            ("key-compromise", "key-compromise"),
+            ("KEY_COMPROMISE", "key-compromise"),
+            ("cACompromise", "ca-compromise"),
+            ("CACompromise", "ca-compromise"),
+            ("affiliationChanged", "affiliation-changed"),
+            ("superseded", "superseded"),
+            ("cessationOfOperation", "cessation-of-operation"),
+            ("certificateHold", "certificate-hold"),
+            ("privilegeWithdrawn", "privilege-withdrawn"),
+            ("aACompromise", "aa-compromise"),
+        ];
+        for (given, canonical) in table {
+            assert_eq!(canonical_reason(given), Some(canonical), "{given}");
+            assert!(reason(given).is_some(), "{given}");
+        }
+        assert_eq!(reason("cACompromise"), Some(RevocationReason::CaCompromise));
+        // removeFromCRL belongs to delta CRLs, which hsmca does not make.
+        for unknown in ["removeFromCRL", "compromised", "", "key compromise!"] {
+            assert_eq!(canonical_reason(unknown), None, "{unknown}");
+        }
+    }
 }

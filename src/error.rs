@@ -41,10 +41,13 @@ pub enum Error {
     /// Writing an output file.
     #[error(transparent)]
     File(#[from] FileError),
+    /// An I/O error that reached the top without a path (writing to stdout, say). Kept whole
+    /// so its kind can be asked (a closed pipe is not an error: [`Error::is_broken_pipe`]).
+    #[error("internal error: an I/O error with no file named")]
+    Io(#[source] std::io::Error),
     /// Reading the input (a plan, a manifest, `kubectl` JSON, the input directory itself).
     #[error("{err} (rule {rule})", err = .0, rule = .0.rule())]
     Input(#[from] InputError),
-    /// A bug.
     /// The issuance engine stopped a run, or the token's generator failed it.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -69,7 +72,7 @@ impl Error {
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
             Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
-            Self::Issue(_) | Self::Internal(_) => 5,
+            Self::Issue(_) | Self::Io(_) | Self::Internal(_) => 5,
         }
     }
 
@@ -119,14 +122,32 @@ impl Error {
 
     /// Whether a full disk (ENOSPC or a quota) is among the causes.
     fn disk_full(&self) -> bool {
+        self.io_cause(|kind| {
+            matches!(
+                kind,
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        })
+    }
+
+    /// Whether a closed pipe (EPIPE) is among the causes: the reader of hsmca's output went
+    /// away (`hsmca log list | head -1`), which is the reader's choice, not a failure. Asked by
+    /// kind, never by message text (that depends on the platform's wording).
+    pub fn is_broken_pipe(&self) -> bool {
+        self.io_cause(|kind| kind == std::io::ErrorKind::BrokenPipe)
+    }
+
+    /// Whether an [`std::io::Error`] among the causes (this error included) is of a kind `want`
+    /// accepts.
+    fn io_cause(&self, want: impl Fn(std::io::ErrorKind) -> bool) -> bool {
+        if let Self::Io(e) = self {
+            return want(e.kind());
+        }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = cause {
-            if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                )
-            }) {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| want(io.kind()))
+            {
                 return true;
             }
             cause = e.source();
@@ -155,7 +176,7 @@ impl From<crate::rng::SerialError> for Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Self::Internal(e.to_string())
+        Self::Io(e)
     }
 }
 
@@ -182,6 +203,19 @@ mod tests {
             source: io::Error::from(io::ErrorKind::PermissionDenied),
         });
         assert_eq!(other.hint(), None);
+    }
+
+    #[test]
+    fn a_closed_pipe_is_known_by_its_kind_wherever_it_is() {
+        let pipe = || io::Error::new(io::ErrorKind::BrokenPipe, "la tuberia se ha roto");
+        assert!(Error::from(pipe()).is_broken_pipe());
+        let wrapped = Error::File(FileError::Io {
+            path: "out/a.crt".into(),
+            source: pipe(),
+        });
+        assert!(wrapped.is_broken_pipe());
+        assert!(!Error::Internal("Broken pipe".into()).is_broken_pipe());
+        assert!(!Error::from(io::Error::other("Broken pipe")).is_broken_pipe());
     }
 
     #[test]

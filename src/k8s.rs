@@ -251,17 +251,60 @@ pub fn status_object(obj: &CsrObject, chain_pem: &str) -> Value {
     v
 }
 
-/// The command that uploads one status object.
+/// The command that uploads one status object. `file` is a shell word, already quoted (so a
+/// script can put its own directory in front of it); the URL is quoted here.
 pub fn replace_command(name: &str, file: &str) -> String {
-    format!(
-        "kubectl replace --raw /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/status -f {file}"
-    )
+    let url = format!("/apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/status");
+    format!("kubectl replace --raw {} -f {file}", shell_quote(&url))
+}
+
+/// `apply-status.sh` for the status files `uploads` (object name, status file under `out`):
+/// it finds them beside itself, so it runs from any directory and after the stick is mounted
+/// somewhere else. Every path is quoted: object names and paths come from the stick.
+pub fn apply_status_script(
+    out: &std::path::Path,
+    uploads: &[(String, std::path::PathBuf)],
+) -> String {
+    let mut script = String::from(
+        "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status. The status files are\n\
+         # found beside this script, wherever it is run from.\nset -e\nhere=$(dirname \"$0\")\n",
+    );
+    for (name, file) in uploads {
+        let word = match file.strip_prefix(out) {
+            Ok(rel) => format!("\"$here\"/{}", shell_quote(&rel.display().to_string())),
+            Err(_) => shell_quote(&file.display().to_string()),
+        };
+        script.push_str(&replace_command(name, &word));
+        script.push('\n');
+    }
+    script
+}
+
+/// `s` as one POSIX shell word: single quotes, each `'` written as `'\''`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::signer_rules;
+
+    #[test]
+    fn apply_status_finds_its_files_beside_itself_and_quotes_every_word() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        let out = std::path::Path::new("/media/stick one/status");
+        let script = apply_status_script(out, &[("csr-a".into(), out.join("csr-a.status.json"))]);
+        assert!(script.contains("here=$(dirname \"$0\")\n"), "{script}");
+        assert!(
+            script.contains(
+                "kubectl replace --raw '/apis/certificates.k8s.io/v1/certificatesigningrequests/csr-a/status' -f \"$here\"/'csr-a.status.json'\n"
+            ),
+            "{script}"
+        );
+        assert!(!script.contains("/media"), "no absolute path: {script}");
+    }
 
     fn obj(signer: &str, usages: &[&str], username: &str, cond: &str) -> CsrObject {
         let v = serde_json::json!({"kind": "CertificateSigningRequest", "metadata": {"name": "csr-1"},

@@ -74,13 +74,14 @@ pub fn revoke(
     keys: &dyn Keystore,
     clock: &dyn Clock,
 ) -> Result<Revoked, Error> {
-    if crate::crl::reason(reason).is_none() {
+    // Recorded under hsmca's name whatever the spelling given (`keyCompromise`, ...).
+    let Some(reason) = crate::crl::canonical_reason(reason) else {
         let names: Vec<&str> = crate::crl::REASONS.iter().map(|(n, _)| *n).collect();
         return Err(Error::Usage(format!(
-            "unknown reason {reason:?}; use one of {}",
+            "unknown reason {reason:?}; use one of {} (or their RFC 5280 / OpenSSL spellings such as keyCompromise)",
             names.join(", ")
         )));
-    }
+    };
     let invalidity = invalidity_date.map(parse_time).transpose()?;
     let serial = normalise_serial(serial);
     let mut session = CaSession::open(home, keys, clock)?;

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => ExitCode::from(code),
         // A closed pipe (`hsmca log list | head`) is the reader's choice, not an error.
-        Err(hsmca::Error::Internal(m)) if m.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => report(&e),
     }
 }

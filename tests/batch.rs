@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, object, openssl, openssl_verifies, s};
+use common::{Env, KUBEADM_CONFS, object, openssl, openssl_verifies, s};
 
 /// Writes `n` P-256 CSRs (CN=c-I) under `dir/a` and `dir/b`, made with rcgen (fast).
 fn csrs(dir: &Path, n: usize) -> Vec<PathBuf> {
@@ -185,124 +185,24 @@ fn plan_review_then_sign_exactly_that_plan() {
     .fails_with(2, "a/c-0.csr: changed since planning");
 }
 
-const KUBECONFIG: &str = "apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority-data: \"\"
-    server: https://10.0.0.11:6443
-  name: kubernetes
-contexts:
-- context:
-    cluster: kubernetes
-    user: USER
-  name: USER@kubernetes
-current-context: USER@kubernetes
-kind: Config
-users:
-- name: USER
-  user:
-    client-certificate-data: \"\"
-    client-key-data: S0VZ
-";
-
 #[test]
 fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
     let env = Env::new("kubeadm");
-    let site = env.path("site.json");
-    std::fs::write(
-        &site,
-        r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
-    )
-    .unwrap();
-    let home = env.path("ca");
-    env.hsmca(&[
-        "init",
-        "--home",
-        s(&home),
-        "--token",
-        "kubeadm",
-        "--key-type",
-        "ecdsa-p384",
-        "--subject",
-        "CN=Root",
-        "--site",
-        s(&site),
-    ])
-    .ok();
-    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
-        env.hsmca(&[
-            "ca",
-            "create",
-            ca,
-            "--home",
-            s(&home),
-            "--profile",
-            ca,
-            "--subject",
-            &format!("CN={ca}"),
-        ])
-        .ok();
-    }
+    let home = env.init_kubeadm("kubeadm");
+    // Exactly as `kubeadm certs generate-csr` writes it: kubeconfigs without
+    // client-certificate-data or certificate-authority-data lines.
     let k = "kubeadm-out";
-    let rsa = ["-newkey", "rsa:2048"];
-    let node = "DNS:node1,DNS:localhost,IP:10.0.0.11,IP:127.0.0.1,IP:::1";
-    env.csr(&format!("{k}/pki/apiserver.csr"), &rsa, "/CN=kube-apiserver", Some("DNS:node1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1,IP:10.0.0.11"), &[]);
-    env.csr(
-        &format!("{k}/pki/apiserver-kubelet-client.csr"),
-        &rsa,
-        "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
-        None,
-        &[],
+    env.kubeadm_tree(k, "node1", "10.0.0.11", "https://10.0.0.11:6443");
+    let templates: Vec<String> = KUBEADM_CONFS
+        .iter()
+        .map(|(conf, _)| std::fs::read_to_string(env.path(&format!("{k}/{conf}.conf"))).unwrap())
+        .collect();
+    assert!(
+        templates
+            .iter()
+            .all(|t| !t.contains("certificate-data") && !t.contains("certificate-authority")),
+        "the fixture is kubeadm's format"
     );
-    env.csr(
-        &format!("{k}/pki/front-proxy-client.csr"),
-        &rsa,
-        "/CN=front-proxy-client",
-        None,
-        &[],
-    );
-    env.csr(
-        &format!("{k}/pki/apiserver-etcd-client.csr"),
-        &rsa,
-        "/CN=kube-apiserver-etcd-client",
-        None,
-        &[],
-    );
-    env.csr(
-        &format!("{k}/pki/etcd/server.csr"),
-        &rsa,
-        "/CN=node1",
-        Some(node),
-        &[],
-    );
-    env.csr(
-        &format!("{k}/pki/etcd/peer.csr"),
-        &rsa,
-        "/CN=node1",
-        Some(node),
-        &[],
-    );
-    env.csr(
-        &format!("{k}/pki/etcd/healthcheck-client.csr"),
-        &rsa,
-        "/CN=kube-etcd-healthcheck-client",
-        None,
-        &[],
-    );
-    for (conf, subject) in [
-        ("admin", "/O=kubeadm:cluster-admins/CN=kubernetes-admin"),
-        ("super-admin", "/O=system:masters/CN=kubernetes-super-admin"),
-        ("kubelet", "/O=system:nodes/CN=system:node:node1"),
-        ("controller-manager", "/CN=system:kube-controller-manager"),
-        ("scheduler", "/CN=system:kube-scheduler"),
-    ] {
-        env.csr(&format!("{k}/{conf}.conf.csr"), &rsa, subject, None, &[]);
-        std::fs::write(
-            env.path(&format!("{k}/{conf}.conf")),
-            KUBECONFIG.replace("USER", conf),
-        )
-        .unwrap();
-    }
     let out = env.path("back");
     let run = env.hsmca(&[
         "sign-dir",
@@ -350,13 +250,7 @@ fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
         "{san}"
     );
     // kubeconfigs come back with the certificate and the cluster CA embedded.
-    for conf in [
-        "admin",
-        "super-admin",
-        "kubelet",
-        "controller-manager",
-        "scheduler",
-    ] {
+    for ((conf, _), template) in KUBEADM_CONFS.iter().zip(&templates) {
         let text = std::fs::read_to_string(out.join(format!("{conf}.conf"))).unwrap();
         let line = text
             .lines()
@@ -388,11 +282,17 @@ fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
         ]);
         assert!(ok.contains(": OK"), "{conf}: {ok}");
         assert!(
-            !text.contains("certificate-authority-data: \"\""),
-            "{conf}: CA not embedded"
+            text.contains("    certificate-authority-data: LS0t"),
+            "{conf}: CA not embedded: {text}"
         );
-        assert!(
-            text.contains("client-key-data: S0VZ"),
+        let key_line = |t: &str| {
+            t.lines()
+                .find(|l| l.trim_start().starts_with("client-key-data:"))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            key_line(&text),
+            key_line(template),
             "the key stays as kubeadm wrote it"
         );
     }
@@ -678,8 +578,59 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
     ]);
     assert!(dates.contains("TLS Web Server Authentication"), "{dates}");
     let script = std::fs::read_to_string(out.join("apply-status.sh")).unwrap();
-    assert!(script.contains("kubectl replace --raw /apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status -f"), "{script}");
+    assert!(script.contains("kubectl replace --raw '/apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status' -f"), "{script}");
     assert_eq!(script.matches("kubectl replace").count(), 4);
+    // The script runs from any directory, after the stick is mounted somewhere else (here a
+    // path with a space), with whatever kubectl is on PATH: a fake one records its arguments.
+    let mounted = env.path("media/usb stick");
+    std::fs::create_dir_all(&mounted).unwrap();
+    let moved = mounted.join("status");
+    std::fs::rename(&out, &moved).unwrap();
+    let bin = env.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = env.path("kubectl-calls");
+    std::fs::write(
+        bin.join("kubectl"),
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\" >> '{}'; done\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("kubectl"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let ran = Command::new("sh")
+        .arg(moved.join("apply-status.sh"))
+        .current_dir(&elsewhere)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(ran.status.success(), "{ran:?}");
+    let args = std::fs::read_to_string(&calls).unwrap();
+    let files: Vec<&str> = args
+        .lines()
+        .zip(args.lines().skip(1))
+        .filter(|(flag, _)| *flag == "-f")
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(files.len(), 4, "{args}");
+    for f in files {
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(Path::new(f)).unwrap()).unwrap();
+        assert!(
+            f.starts_with(s(&moved)) && status["status"]["certificate"].is_string(),
+            "{f}"
+        );
+    }
+    assert!(
+        args.contains(
+            "/apis/certificates.k8s.io/v1/certificatesigningrequests/csr-serving/status\n"
+        ),
+        "{args}"
+    );
     // expirationSeconds shortened the serving certificate to a day (the profile allows 398).
     let expires_within = |secs: &str| {
         !Command::new("openssl")

@@ -5,45 +5,11 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Env, require, s};
-
-/// Child processes killed on drop, so a failing assertion never leaves a server running.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Procs {
-    fn push(&mut self, child: Child) -> usize {
-        self.0.push(child);
-        self.0.len() - 1
-    }
-
-    fn stop(&mut self, i: usize) {
-        let _ = self.0[i].kill();
-        let _ = self.0[i].wait();
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Env, Procs, free_port, require, s, wait_until};
 
 /// A key and a certificate signed by hsmca under `profile`.
 struct Issued {
@@ -203,17 +169,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]

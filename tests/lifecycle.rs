@@ -102,7 +102,7 @@ fn revocation_and_crls_are_checked_by_openssl_and_pkilint() {
         "--cert",
         s(&bad_cert),
         "--reason",
-        "key-compromise",
+        "keyCompromise", // the RFC 5280 / OpenSSL spelling
         "--invalidity-date",
         "2026-01-02T03:04:05Z",
     ]);
@@ -111,6 +111,11 @@ fn revocation_and_crls_are_checked_by_openssl_and_pkilint() {
         run.stdout().contains(&format!("revoked serial {bad}")),
         "{}",
         run.all()
+    );
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert!(
+        log.contains(r#""reason":"key-compromise""#),
+        "logged under hsmca's name: {log}"
     );
     env.hsmca(&["revoke", "--home", s(&home), &bad, "--reason", "superseded"])
         .fails_with(2, "already revoked");
@@ -569,4 +574,43 @@ fn export_proofs_verify_independently_and_outside_checkpoints_catch_a_rollback()
         s(&forged),
     ])
     .code_is(4);
+}
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_is_not_an_error() {
+    // `hsmca log list | head -1` after head has gone: every write to stdout fails with EPIPE.
+    let env = Env::new("pipe");
+    let home = env.init("ca", "pipe", "ecdsa-p256");
+    for i in 0..3 {
+        issue(&env, &home, &format!("pipe-{i}"), "30d");
+    }
+    for args in [
+        &["log", "list", "--home", s(&home)][..],
+        &["log", "list", "--home", s(&home), "--json"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmca"))
+            .args(args)
+            .env("SOFTHSM2_CONF", &env.conf)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The same listing to a reader that stays does print (the test above is not vacuous).
+    let run = env.hsmca(&["log", "list", "--home", s(&home)]);
+    run.ok();
+    assert!(run.stdout().contains("pipe-2"), "{}", run.stdout());
 }

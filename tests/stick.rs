@@ -204,14 +204,16 @@ fn issue_12_a_kubeconfig_template_linked_to_a_secret_never_reaches_the_output() 
         "kubeadm-out/kubelet.conf.csr",
         "/O=system:nodes/CN=system:node:node1",
     );
-    // kubeadm's own partial kubeconfig (`kubeadm init phase kubeconfig` with an external CA).
+    // kubeadm's own partial kubeconfig (`kubeadm certs generate-csr`), with the CSR's key.
+    let key = std::fs::read(input.join("admin.conf.key")).unwrap();
     std::fs::write(
         input.join("admin.conf"),
-        "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: \"\"\n    \
-         server: https://10.0.0.11:6443\n  name: kubernetes\ncontexts:\n- context:\n    \
-         cluster: kubernetes\n    user: kubernetes-admin\n  name: kubernetes-admin@kubernetes\n\
-         current-context: kubernetes-admin@kubernetes\nkind: Config\nusers:\n- name: \
-         kubernetes-admin\n  user:\n    client-key-data: S0VZ\n",
+        common::kubeadm_kubeconfig(
+            "https://10.0.0.11:6443",
+            "kubernetes",
+            "kubernetes-admin",
+            &key,
+        ),
     )
     .unwrap();
     symlink(&secret, input.join("kubelet.conf")).unwrap();

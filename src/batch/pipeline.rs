@@ -7,8 +7,6 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::plan::{Found, Inputs, Request, discover, judge, parallel, plan_objects};
@@ -20,7 +18,7 @@ use crate::files;
 use crate::home::Home;
 use crate::issue::{self, IssuerCert};
 use crate::keys;
-use crate::kubeadm::{KUBEADM_CAS, fill_kubeconfig};
+use crate::kubeadm::{self, KUBEADM_CAS, KubeconfigError};
 use crate::log::Body;
 use crate::profile::Profile;
 use crate::signer::{CaSigner, Keystore};
@@ -262,7 +260,6 @@ fn run<'a>(
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
     // holds at most three chunks at a time.
     let mut commands = Vec::new();
-    let mut unreleased = Vec::new();
     let progress = Progress {
         start,
         total: batch.source.len(),
@@ -385,7 +382,7 @@ fn run<'a>(
                 session.checkpoint()?;
                 engine::danger_crash_point("after-checkpoint");
             }
-            for chunk in finished {
+            for mut chunk in finished {
                 let mut outputs = Vec::with_capacity(chunk.release.len());
                 for r in &chunk.release {
                     let issuer = issuers
@@ -393,7 +390,10 @@ fn run<'a>(
                         .map_or("root", |(p, _)| p.issuer.as_str());
                     match output_bytes(home, batch, &r.file, issuer, &r.path, &r.der) {
                         Ok(bytes) => outputs.push((r.path.clone(), bytes)),
-                        Err(e) => unreleased.push((r.path.clone(), e)),
+                        // Logged but not releasable (a kubeconfig template refused or that
+                        // cannot be completed): this item fails with the rule; nothing is
+                        // written. A rerun after fixing the input writes it from the log.
+                        Err(e) => withhold(&mut chunk.done, &r.path, &e),
                     }
                 }
                 writer.send(outputs)?;
@@ -402,10 +402,7 @@ fn run<'a>(
                         tally.refused += 1;
                     }
                     if let (true, Done::Issued { file, out, .. }) = (batch.kubernetes, &d) {
-                        commands.push(crate::k8s::replace_command(
-                            file,
-                            &out.display().to_string(),
-                        ));
+                        commands.push((file.clone(), out.clone()));
                     }
                     tally.handled += 1;
                     on_done(&d)?;
@@ -468,19 +465,6 @@ fn run<'a>(
         }
     };
     let failed = writer.finish()?;
-    // A file whose input (a kubeconfig template) was refused at release is reported again, as
-    // failed: its certificate is in the log.
-    for (path, e) in unreleased {
-        on_done(&Done::Failed {
-            file: path.display().to_string(),
-            rule: e.rule().into(),
-            error: format!(
-                "issued and logged, but not released: {}",
-                crate::error::chain(&e)
-            ),
-        })?;
-        refused += 1;
-    }
     // A file that could not be written is reported again, as failed: its certificate is in
     // the log, and a rerun with another --out writes it.
     for (path, error) in failed {
@@ -510,12 +494,23 @@ fn run<'a>(
         }
     }
     if batch.kubernetes && !commands.is_empty() {
-        let script = format!(
-            "#!/bin/sh\n# Uploads each signed CertificateSigningRequest's status.\nset -e\n{}\n",
-            commands.join("\n")
-        );
-        out_dir.replace("apply-status.sh", script.as_bytes())?;
+        let script = crate::k8s::apply_status_script(out, &commands);
+        if let Err(e) = out_dir.replace("apply-status.sh", script.as_bytes()) {
+            on_done(&Done::Failed {
+                file: "apply-status.sh".into(),
+                rule: e.rule().into(),
+                error: crate::error::chain(&e),
+            })?;
+            refused += 1;
+        }
     }
+    let commands = commands
+        .iter()
+        .map(|(name, file)| {
+            let file = crate::k8s::shell_quote(&file.display().to_string());
+            crate::k8s::replace_command(name, &file)
+        })
+        .collect();
     Ok(Report {
         plan: hash,
         handled,
@@ -1055,9 +1050,10 @@ fn stage_found(
 }
 
 /// The bytes of an output file: PEM, or for kubeadm's `X.conf` outputs the kubeconfig from the
-/// input with the certificate and the CA embedded. The template is read again through
-/// `input` (it was checked when the batch was planned, but the stick is live): if it is now
-/// refused, the item fails with that rule; it never becomes an empty or foreign file.
+/// input with the certificate and the CA embedded (and checked against each other and the key).
+/// The template is read again through `input` (it was checked when the batch was planned, but
+/// the stick is live): if it is now refused, the item fails with that rule; it never becomes
+/// an empty or unchanged kubeconfig.
 fn output_bytes(
     home: &Home,
     batch: &Batch<'_>,
@@ -1065,7 +1061,7 @@ fn output_bytes(
     issuer: &str,
     path: &Path,
     der: &[u8],
-) -> Result<Vec<u8>, crate::input::InputError> {
+) -> Result<Vec<u8>, KubeconfigError> {
     let pem = engine::pem("CERTIFICATE", der);
     let root = match batch.inputs {
         Inputs::Objects(objects) => {
@@ -1092,13 +1088,28 @@ fn output_bytes(
     // beneath the input: never a name taken from the output path.
     let name = item.strip_suffix(".csr").unwrap_or(item);
     let template = root.read(name, crate::input::KUBECONFIG_CAP)?;
-    let template = String::from_utf8(template).map_err(|_| crate::input::InputError::Read {
-        path: name.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+    let (ca, _) = home.issuer(issuer).map_err(|e| KubeconfigError::Ca {
+        file: name.to_owned(),
+        reason: crate::error::chain(&e),
     })?;
-    let ca = home
-        .issuer("kubernetes-ca")
-        .map(|(c, _)| engine::pem("CERTIFICATE", &c.der))
-        .unwrap_or_default();
-    Ok(fill_kubeconfig(&template, &B64.encode(pem), &B64.encode(ca)).into_bytes())
+    kubeadm::fill_kubeconfig(name, &template, der, &ca.der).map(String::into_bytes)
+}
+
+/// Turns the outcome of an issued item whose file cannot be released into a failure with the
+/// rule that stopped it. Its certificate is in the log; a rerun after fixing the input writes it.
+fn withhold(done: &mut BTreeMap<usize, Done>, path: &Path, e: &KubeconfigError) {
+    for d in done.values_mut() {
+        if let Done::Issued { file, out, .. } = d
+            && out == path
+        {
+            *d = Done::Failed {
+                file: std::mem::take(file),
+                rule: e.rule().into(),
+                error: format!(
+                    "issued and logged, but not released: {}",
+                    crate::error::chain(e)
+                ),
+            };
+        }
+    }
 }

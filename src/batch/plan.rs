@@ -234,8 +234,11 @@ pub(super) fn discover(
                 let template = f.strip_suffix(".csr").filter(|t| t.ends_with(".conf"));
                 // A kubeconfig's template must be readable before its certificate is issued:
                 // an unreadable one fails the item, it never becomes an empty file.
+                // The same for one that cannot be completed (no such user, no key, ...).
                 let refused = template.and_then(|t| {
                     root.read(t, input::KUBECONFIG_CAP)
+                        .map_err(crate::kubeadm::KubeconfigError::from)
+                        .and_then(|bytes| crate::kubeadm::check_template(t, &bytes))
                         .err()
                         .map(|e| Box::new((e.rule(), crate::error::chain(&e))))
                 });

@@ -146,7 +146,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         cert: Option<PathBuf>,
         /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
-        /// superseded, cessation-of-operation, certificate-hold, privilege-withdrawn, aa-compromise.
+        /// superseded, cessation-of-operation, certificate-hold, privilege-withdrawn, aa-compromise;
+        /// RFC 5280 / OpenSSL spellings (keyCompromise, cACompromise, CACompromise, ...) too.
         #[arg(long)]
         reason: String,
         /// When the key was (or may have been) compromised, RFC 3339 (CRL invalidityDate).

@@ -7,8 +7,10 @@
     reason = "each test binary uses a different subset"
 )]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 pub const PIN: &str = "123456";
 
@@ -185,6 +187,173 @@ impl Env {
     }
 }
 
+/// What `kubeadm certs generate-csr` writes for one kubeconfig, byte for byte in shape.
+///
+/// Read from kubeadm's source (kubernetes/kubernetes, `cmd/kubeadm/app/phases/kubeconfig/
+/// kubeconfig.go` `createKubeConfigAndCSR`, and `cmd/kubeadm/app/util/kubeconfig/kubeconfig.go`
+/// `CreateBasic` / `CreateWithCerts`): kubeadm passes a nil CA and a nil client certificate
+/// (`var emptyCACert, emptyClientCert []byte`) with the PEM of the new key, and writes through
+/// client-go's `clientcmd.Write`, which encodes the v1 `Config` as JSON and converts it to YAML
+/// (`yaml.JSONToYAML`: keys sorted). `certificate-authority-data` and
+/// `client-certificate-data` are `[]byte` with `omitempty`, so neither line exists;
+/// `client-key-data` holds base64 of the key PEM; `preferences` has no `omitempty`, hence `{}`;
+/// the context is `USER@CLUSTER`.
+pub fn kubeadm_kubeconfig(server: &str, cluster: &str, user: &str, key_pem: &[u8]) -> String {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode(key_pem);
+    format!(
+        "apiVersion: v1
+clusters:
+- cluster:
+    server: {server}
+  name: {cluster}
+contexts:
+- context:
+    cluster: {cluster}
+    user: {user}
+  name: {user}@{cluster}
+current-context: {user}@{cluster}
+kind: Config
+preferences: {{}}
+users:
+- name: {user}
+  user:
+    client-key-data: {key}
+"
+    )
+}
+
+/// The kubeconfig files kubeadm's `generate-csr` writes and their CSR subjects (O before CN, as
+/// Go encodes it; `NODE` stands for the node name).
+pub const KUBEADM_CONFS: [(&str, &str); 5] = [
+    ("admin", "/O=kubeadm:cluster-admins/CN=kubernetes-admin"),
+    ("super-admin", "/O=system:masters/CN=kubernetes-super-admin"),
+    ("kubelet", "/O=system:nodes/CN=system:node:NODE"),
+    ("controller-manager", "/CN=system:kube-controller-manager"),
+    ("scheduler", "/CN=system:kube-scheduler"),
+];
+
+impl Env {
+    /// A CA home at `ca` with the three shipped intermediates under a site that accepts
+    /// kubeadm's single-label names (`kubernetes`, `localhost`, the node name) for node `node1`.
+    pub fn init_kubeadm(&self, token: &str) -> PathBuf {
+        let site = self.path("site.json");
+        std::fs::write(
+            &site,
+            r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
+        )
+        .unwrap();
+        let home = self.path("ca");
+        self.hsmca(&[
+            "init",
+            "--home",
+            s(&home),
+            "--token",
+            token,
+            "--key-type",
+            "ecdsa-p384",
+            "--subject",
+            "CN=Root",
+            "--site",
+            s(&site),
+        ])
+        .ok();
+        for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+            self.hsmca(&[
+                "ca",
+                "create",
+                ca,
+                "--home",
+                s(&home),
+                "--profile",
+                ca,
+                "--subject",
+                &format!("CN={ca}"),
+            ])
+            .ok();
+        }
+        home
+    }
+
+    /// The tree `kubeadm certs generate-csr --cert-dir ROOT/pki --kubeconfig-dir ROOT` writes
+    /// for node `node` with advertise address `ip`, cluster `kubernetes`, API server URL
+    /// `server`. As kubeadm does it (`phases/certs/certlist.go`, `pkiutil.NewCSR`,
+    /// `GetAPIServerAltNames`, `GetEtcdAltNames`; every kubeconfig gets `server`, where kubeadm gives
+    /// the controller-manager and scheduler the local endpoint): a new RSA-2048 key per certificate (its
+    /// default `encryptionAlgorithm`) as PKCS#1 `RSA PRIVATE KEY` in `NAME.key` beside
+    /// `NAME.csr`; only subjectAltName requested; DNS names sorted; the kubeconfigs' keys live
+    /// only inside the kubeconfig (`X.conf` plus `X.conf.csr`). Returns ROOT.
+    pub fn kubeadm_tree(&self, rel: &str, node: &str, ip: &str, server: &str) -> PathBuf {
+        let root = self.path(rel);
+        let apiserver = format!(
+            "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:{node},IP:10.96.0.1,IP:{ip}"
+        );
+        let mut etcd = format!("DNS:localhost,DNS:{node},IP:{ip}");
+        for extra in ["127.0.0.1", "::1"] {
+            if extra != ip {
+                etcd.push_str(&format!(",IP:{extra}"));
+            }
+        }
+        let certs: [(&str, &str, Option<&str>); 7] = [
+            ("pki/apiserver", "/CN=kube-apiserver", Some(&apiserver)),
+            (
+                "pki/apiserver-kubelet-client",
+                "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
+                None,
+            ),
+            ("pki/front-proxy-client", "/CN=front-proxy-client", None),
+            (
+                "pki/apiserver-etcd-client",
+                "/CN=kube-apiserver-etcd-client",
+                None,
+            ),
+            ("pki/etcd/server", &format!("/CN={node}"), Some(&etcd)),
+            ("pki/etcd/peer", &format!("/CN={node}"), Some(&etcd)),
+            (
+                "pki/etcd/healthcheck-client",
+                "/CN=kube-etcd-healthcheck-client",
+                None,
+            ),
+        ];
+        for (base, subject, san) in certs {
+            let key = root.join(format!("{base}.key"));
+            std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+            kubeadm_csr(&key, &root.join(format!("{base}.csr")), subject, san);
+        }
+        for (conf, subject) in KUBEADM_CONFS {
+            let key = self.path(&format!("{rel}-keys/{conf}.key"));
+            std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+            let csr = root.join(format!("{conf}.conf.csr"));
+            kubeadm_csr(&key, &csr, &subject.replace("NODE", node), None);
+            let user = subject.rsplit_once("CN=").unwrap().1.replace("NODE", node);
+            let text =
+                kubeadm_kubeconfig(server, "kubernetes", &user, &std::fs::read(&key).unwrap());
+            std::fs::write(root.join(format!("{conf}.conf")), text).unwrap();
+        }
+        root
+    }
+}
+
+/// A new RSA-2048 key as PKCS#1 PEM at `key`, and its CSR at `csr`.
+fn kubeadm_csr(key: &Path, csr: &Path, subject: &str, san: Option<&str>) {
+    openssl(&["genrsa", "-traditional", "-out", s(key), "2048"]);
+    let mut args = vec![
+        "req",
+        "-new",
+        "-key",
+        s(key),
+        "-subj",
+        subject,
+        "-out",
+        s(csr),
+    ];
+    let ext = san.map(|san| format!("subjectAltName={san}"));
+    if let Some(ext) = &ext {
+        args.extend(["-addext", ext]);
+    }
+    openssl(&args);
+}
+
 /// A CertificateSigningRequest object as `kubectl get csr -o json` shows it, with the request
 /// read from `csr`.
 pub fn object(
@@ -318,6 +487,51 @@ impl SmallFs {
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Child processes killed on drop, so a failing assertion never leaves a server running.
+#[derive(Default)]
+pub struct Procs(pub Vec<Child>);
+
+impl Procs {
+    pub fn push(&mut self, child: Child) -> usize {
+        self.0.push(child);
+        self.0.len() - 1
+    }
+
+    pub fn stop(&mut self, i: usize) {
+        let _ = self.0[i].kill();
+        let _ = self.0[i].wait();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 250 ms until it returns a value; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
