@@ -41,10 +41,13 @@ pub enum Error {
     /// Writing an output file.
     #[error(transparent)]
     File(#[from] FileError),
-    /// An I/O error that reached the top without a path (writing to stdout, say). Kept whole
-    /// so its kind can be asked (a closed pipe is not an error: [`Error::is_broken_pipe`]).
-    #[error("internal error: an I/O error with no file named")]
+    /// Writing to standard output or error failed (a closed pipe is not an error:
+    /// [`Error::is_broken_pipe`]). Every file error carries its path in its own variant.
+    #[error("cannot write to the terminal or pipe")]
     Io(#[source] std::io::Error),
+    /// The operating system refused a thread (out of memory or processes).
+    #[error("cannot start a worker thread")]
+    Thread(#[source] std::io::Error),
     /// Reading the input (a plan, a manifest, `kubectl` JSON, the input directory itself).
     #[error("{err} (rule {rule})", err = .0, rule = .0.rule())]
     Input(#[from] InputError),
@@ -72,7 +75,8 @@ impl Error {
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
             Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
-            Self::Issue(_) | Self::Io(_) | Self::Internal(_) => 5,
+            Self::Io(_) | Self::Thread(_) => 2,
+            Self::Issue(_) | Self::Internal(_) => 5,
         }
     }
 
@@ -174,9 +178,21 @@ impl From<crate::rng::SerialError> for Error {
     }
 }
 
+/// An I/O error with no path reaching the top is a write to standard output or error (every
+/// file the code opens wraps its errors with the path where it is opened).
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Self::Io(e)
+    }
+}
+
+/// An I/O error on `path`, for the few files the CLI reads or writes itself.
+pub fn at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| {
+        Error::File(FileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 

@@ -541,22 +541,22 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
     if let Some(p) = report.problems.first() {
         return Err(Error::Log(log::LogError::Corrupt(p.clone())));
     }
-    let checkpoint = std::fs::read(paths.checkpoint())?;
+    let read = |path: &Path| std::fs::read(path).map_err(crate::error::at(path));
+    let checkpoint = read(&paths.checkpoint())?;
     let size = report.checkpoint_size.unwrap_or(0);
     let tree = log::tree(&paths)?;
-    let entries = std::fs::read(paths.entries())?;
+    let entries = read(&paths.entries())?;
     files::write_new(&out.join("entries.jsonl"), &entries)?;
     files::write_new(&out.join("checkpoint"), &checkpoint)?;
-    files::write_new(
-        &out.join("log.vkey"),
-        std::fs::read(paths.vkey())?.as_slice(),
-    )?;
+    files::write_new(&out.join("log.vkey"), read(&paths.vkey())?.as_slice())?;
     let mut checkpoints = 0;
-    for e in std::fs::read_dir(paths.checkpoints())? {
-        let e = e?;
+    let checkpoints_dir = paths.checkpoints();
+    let listing =
+        std::fs::read_dir(&checkpoints_dir).map_err(crate::error::at(&checkpoints_dir))?;
+    for e in listing.flatten() {
         files::write_new(
             &out.join("checkpoints").join(e.file_name()),
-            &std::fs::read(e.path())?,
+            &read(&e.path())?,
         )?;
         checkpoints += 1;
     }

@@ -290,7 +290,8 @@ fn run<'a>(
             let (signed, results_tx, issuers) = (signed.clone(), results_tx.clone(), &issuers);
             std::thread::Builder::new()
                 .name("hsmca-verify".into())
-                .spawn_scoped(scope, move || verify_worker(&signed, &results_tx, issuers))?;
+                .spawn_scoped(scope, move || verify_worker(&signed, &results_tx, issuers))
+                .map_err(Error::Thread)?;
         }
         drop(results_tx);
         let mut queues = BTreeMap::new();
@@ -305,7 +306,8 @@ fn run<'a>(
                     .name("hsmca-sign".into())
                     .spawn_scoped(scope, move || {
                         sign_worker(&**key, &jobs, &signed_tx, stop);
-                    })?;
+                    })
+                    .map_err(Error::Thread)?;
             }
             queues.insert(issuer_name.clone(), jobs_tx);
         }
@@ -567,7 +569,8 @@ impl Writer {
                     }
                 }
                 failed
-            })?;
+            })
+            .map_err(Error::Thread)?;
         Ok(Self {
             queue: Some(queue),
             thread: Some(thread),

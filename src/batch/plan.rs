@@ -495,7 +495,8 @@ pub(super) fn parallel<T: Sync, R: Send>(
                     .name("hsmca-decide".into())
                     .spawn_scoped(scope, || chunk.iter().map(&f).collect::<Vec<R>>())
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Thread)?;
         let mut out = Vec::with_capacity(items.len());
         for h in handles {
             out.extend(

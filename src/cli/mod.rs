@@ -588,7 +588,12 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 .map(|c| c.der);
             let external = checkpoint
                 .iter()
-                .map(|p| Ok((p.display().to_string(), std::fs::read(p)?)))
+                .map(|p| {
+                    Ok((
+                        p.display().to_string(),
+                        std::fs::read(p).map_err(hsmca::error::at(p))?,
+                    ))
+                })
                 .collect::<Result<Vec<_>, Error>>()?;
             let report = log::verify_with(
                 &log::Paths::of_home(&home),
@@ -869,8 +874,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Man { out: dir } => {
-            std::fs::create_dir_all(&dir)?;
-            clap_mangen::generate_to(Args::command(), &dir)?;
+            std::fs::create_dir_all(&dir).map_err(hsmca::error::at(&dir))?;
+            clap_mangen::generate_to(Args::command(), &dir).map_err(hsmca::error::at(&dir))?;
             writeln!(out, "man pages written to {}", dir.display())?;
             Ok(0)
         }
@@ -916,7 +921,7 @@ fn profile_set(home: Option<&Path>) -> Result<(Vec<(String, String)>, Site), Err
                     let path = home.profiles_dir().join(format!("{n}.json"));
                     std::fs::read_to_string(&path)
                         .map(|t| (n, t))
-                        .map_err(Error::from)
+                        .map_err(hsmca::error::at(&path))
                 })
                 .collect::<Result<_, _>>()?;
             Ok((texts, site))
