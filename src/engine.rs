@@ -32,7 +32,8 @@ use crate::home::{Home, HomeError};
 use crate::issue::{self, IssueError, IssuerCert, Prepared};
 use crate::keys::{self, KeyType};
 use crate::log::translog::{self, NoteKey};
-use crate::log::{Body, Log};
+use crate::log::{Body, Log, PolicyPin};
+use crate::pinned::{self, PinnedError};
 use crate::policy::{Decision, Refusal};
 use crate::profile::Profile;
 use crate::signer::{CaSigner, Keystore};
@@ -228,6 +229,7 @@ pub struct CaSession<'t> {
     log: Log,
     log_key: Box<dyn CaSigner + 't>,
     issuers: BTreeMap<String, Issuer<'t>>,
+    policy: Option<PolicyPin>,
 }
 
 impl Issuer<'_> {
@@ -254,14 +256,32 @@ impl<'t> CaSession<'t> {
     /// Opens the log for appending with the token's log key, after checking that both the root
     /// and the log key are the ones recorded in the log, and closes intents a crashed run left
     /// open (nothing was released for them).
+    ///
+    /// Refuses (before anything is signed) a log that does not extend the head the token
+    /// keeps (exit 4), and a CA home whose profiles or site parameters differ from the policy
+    /// last logged (exit 2).
     pub fn open(
+        home: &'t Home,
+        keys: &'t dyn Keystore,
+        clock: &'t dyn Clock,
+    ) -> Result<Self, Error> {
+        let mut session = Self::open_unpinned(home, keys, clock)?;
+        pinned::check_policy(&home.dir, session.log.policy())?;
+        session.policy = session.log.policy().cloned();
+        session.close_open_intents()?;
+        Ok(session)
+    }
+
+    /// [`CaSession::open`] without the policy check, for `hsmca profiles apply` (which logs
+    /// the policy) and for logging a module change. Still checks root, log key and log head.
+    pub fn open_unpinned(
         home: &'t Home,
         keys: &'t dyn Keystore,
         clock: &'t dyn Clock,
     ) -> Result<Self, Error> {
         let log_key = keys.key(&home.config.log_key.label)?;
         let root = home.root()?;
-        let mut log = Log::open(&home.dir)?;
+        let log = Log::open(&home.dir)?;
         let mismatch = |file: &str, message: &str| {
             Error::Home(HomeError::Config {
                 path: home.dir.join(file),
@@ -279,14 +299,9 @@ impl<'t> CaSession<'t> {
                 "the token's log key is not the one recorded in the log",
             ));
         }
-        let open = log.open_intents();
-        if !open.is_empty() {
-            let reason = "a previous run stopped before logging the result; nothing was released";
-            let bodies = open
-                .into_iter()
-                .map(|intent_seq| abandon(intent_seq, reason))
-                .collect();
-            log.append(bodies, clock.now())?;
+        let head_label = head_label(home);
+        for note in keys.log_head(&head_label)? {
+            check_head(&log, &note)?;
         }
         Ok(Self {
             home,
@@ -295,7 +310,32 @@ impl<'t> CaSession<'t> {
             log,
             log_key,
             issuers: BTreeMap::new(),
+            policy: None,
         })
+    }
+
+    /// Closes intents a crashed run left open (nothing was released for them).
+    fn close_open_intents(&mut self) -> Result<(), Error> {
+        let open = self.log.open_intents();
+        if !open.is_empty() {
+            let reason = "a previous run stopped before logging the result; nothing was released";
+            let bodies = open
+                .into_iter()
+                .map(|intent_seq| abandon(intent_seq, reason))
+                .collect();
+            self.append(bodies)?;
+        }
+        Ok(())
+    }
+
+    /// The hash of the policy every intent of this session is decided under.
+    pub fn policy_sha256(&self) -> Option<&str> {
+        self.policy.as_ref().map(|p| p.sha256.as_str())
+    }
+
+    /// The intent entry for `ready`, under this session's policy.
+    pub fn intent(&self, ready: &Ready) -> Body {
+        ready.intent(self.policy_sha256())
     }
 
     /// The CA home.
@@ -318,9 +358,12 @@ impl<'t> CaSession<'t> {
         &self.log
     }
 
-    /// A profile of the CA home.
+    /// A profile of the CA home, parsed from exactly the bytes the logged policy pinned.
     pub fn profile(&self, name: &str) -> Result<Profile, Error> {
-        self.home.profile(name)
+        match &self.policy {
+            Some(pin) => pinned::load_profile(self.home, pin, name),
+            None => Err(pinned::PinnedError::NoPolicy(self.home.dir.clone()).into()),
+        }
     }
 
     /// The issuer `name` (`root` or an intermediate), its key found in the token and checked
@@ -395,11 +438,14 @@ impl<'t> CaSession<'t> {
         Ok(self.log.append(bodies, self.clock.now())?)
     }
 
-    /// Signs a checkpoint over the log as it stands, with the token's log key.
+    /// Signs a checkpoint over the log as it stands, with the token's log key, and keeps a
+    /// copy in the token as the log head later commands compare the CA home with.
     pub fn checkpoint(&mut self) -> Result<(), Error> {
         let note_key =
             NoteKey::new(&self.home.config.origin, &*self.log_key).map_err(Error::Usage)?;
         self.log.checkpoint(&note_key)?;
+        let note = self.log.latest_checkpoint()?;
+        self.keys.store_log_head(&head_label(self.home), &note)?;
         Ok(())
     }
 
@@ -409,7 +455,7 @@ impl<'t> CaSession<'t> {
     /// (see [`Health`]) abandons the intents it did not sign and says why in `halt`; what was
     /// issued before is returned for release as usual.
     pub fn issue(&mut self, ready: Vec<Ready>) -> Result<Issued, Error> {
-        let intents = ready.iter().map(Ready::intent).collect();
+        let intents = ready.iter().map(|r| self.intent(r)).collect();
         let seqs = self.append(intents)?;
         danger_crash_point("after-intent");
         let mut health = Health::default();
@@ -446,6 +492,38 @@ impl<'t> CaSession<'t> {
             halt: health.halt().cloned(),
         })
     }
+}
+
+/// The label of the token's data object holding the log head of this CA home.
+pub fn head_label(home: &Home) -> String {
+    format!("{}-head", home.config.log_key.label)
+}
+
+/// Refuses a log that does not extend `note`, the checkpoint the token keeps: shorter (a
+/// rollback or truncation) or with other entries under it (a rewrite, even one re-chained and
+/// re-checkpointed from an older checkpoint).
+pub fn check_head(log: &Log, note: &[u8]) -> Result<(), Error> {
+    let cp = translog::open_checkpoint(note, &log.root().vkey).map_err(|e| {
+        PinnedError::LogHead(format!(
+            "the token's log head does not verify with the log key: {e}"
+        ))
+    })?;
+    if cp.size > log.size() {
+        return Err(PinnedError::LogHead(format!(
+            "the token's head covers {} entries but the log has {}: entries were removed or an older copy was restored",
+            cp.size,
+            log.size()
+        ))
+        .into());
+    }
+    if log.root_at(cp.size) != Some(cp.root) {
+        return Err(PinnedError::LogHead(format!(
+            "the first {} entries differ from those the token's head signed: history was rewritten",
+            cp.size
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// What [`CaSession::issue`] made: per request, the log entry and DER of its certificate, or
@@ -509,9 +587,10 @@ impl Ready {
         keys::hex(&self.prepared.decision.serial)
     }
 
-    /// The intent entry, logged (durably) before the token is asked to sign. The only place an
-    /// issuance intent is built.
-    pub fn intent(&self) -> Body {
+    /// The intent entry, logged (durably) before the token is asked to sign, naming the policy
+    /// it was decided under. The only place an issuance intent is built (sessions call it
+    /// through [`CaSession::intent`]).
+    pub fn intent(&self, policy_sha256: Option<&str>) -> Body {
         let d = &self.prepared.decision;
         Body::IssueIntent {
             serial: keys::hex(&d.serial),
@@ -523,6 +602,7 @@ impl Ready {
             csr_sha256: self.csr_sha256.clone(),
             tbs_sha256: self.prepared.tbs_sha256.clone(),
             renews: self.renews.clone(),
+            policy_sha256: policy_sha256.map(str::to_owned),
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::home::HomeError;
 use crate::issue::IssueError;
 use crate::log::LogError;
 use crate::pin::PinError;
+use crate::pinned::PinnedError;
 use crate::profile::ProfileError;
 use crate::token::TokenError;
 
@@ -40,7 +41,9 @@ pub enum Error {
     /// Writing an output file.
     #[error(transparent)]
     File(#[from] FileError),
-    /// A bug.
+    /// What the log pins (policy, module, log head) or an approval refused.
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
     /// The issuance engine stopped a run, or the token's generator failed it.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -56,6 +59,7 @@ impl Error {
             Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
             Self::Log(_) => 4,
+            Self::Pinned(e) => e.exit_code(),
             Self::Issue(IssueError::Sign(_)) => 3,
             Self::Engine(
                 EngineError::Serials { .. } | EngineError::Halt(Halt::TokenFailing { .. }),
@@ -82,6 +86,7 @@ impl Error {
         match self {
             Self::Token(e) => e.hint(),
             Self::Log(e) => e.hint(),
+            Self::Pinned(e) => e.hint(),
             Self::Pin(_) => Some(
                 "the PIN comes from HSMCA_PIN, --pin-file FILE, or the prompt; never from the command line",
             ),

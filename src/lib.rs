@@ -33,6 +33,7 @@ pub mod kubeadm;
 pub mod lifecycle;
 pub mod log;
 pub mod pin;
+pub mod pinned;
 pub mod policy;
 pub mod profile;
 pub mod sign;

@@ -699,7 +699,12 @@ impl Site {
             path: path.to_path_buf(),
             source,
         })?;
-        let given: Self = serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
+        Self::parse(&text, path)
+    }
+
+    /// Parses `site.json` text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
+        let given: Self = serde_json::from_str(text).map_err(|e| ProfileError::Syntax {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -103,8 +103,8 @@ pub fn sign(
     keys: &dyn Keystore,
     clock: &dyn Clock,
 ) -> Result<Signed, Error> {
-    let profile = home.profile(&req.profile)?;
     let mut session = CaSession::open(home, keys, clock)?;
+    let profile = session.profile(&req.profile)?;
     let issuer = session.issuer(&profile.issuer)?;
     let (issuer_cert, issuer_subject) = (issuer.cert.clone(), issuer.subject.clone());
 

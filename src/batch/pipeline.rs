@@ -370,7 +370,7 @@ fn run<'a>(
             }
             let results_len = bodies.len();
             if let Some(s) = &staged {
-                bodies.extend(s.ready.iter().map(|p| p.ready.intent()));
+                bodies.extend(s.ready.iter().map(|p| session.intent(&p.ready)));
             }
             let seqs = if bodies.is_empty() {
                 Vec::new()

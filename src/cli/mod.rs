@@ -352,6 +352,18 @@ enum ProfilesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Log the CA home's profiles and site.json as the policy in force (needs the token): the
+    /// only way to change what is signed. Shows which files changed since the last policy.
+    Apply {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a cfssl ca-config.json into hsmca profiles (with TODOs for the strict rules).
     ImportCfssl {
         /// The cfssl signing configuration.
@@ -485,7 +497,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let key_type = KeyType::from_name(&key_type)
                 .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
             let log_key_type = log_key_type.as_deref().and_then(KeyType::from_name);
-            let module = token::resolve_module(token_opts.module.as_deref(), None)?;
+            let module = hash_module(&token::resolve_module(token_opts.module.as_deref(), None)?)?;
             let req = InitRequest {
                 home,
                 record_module: token_opts.module.is_some(),
@@ -528,21 +540,14 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain,
                 validity,
             };
-            // Fail on a bad profile before asking for the PIN.
+            // Fail on a bad or changed profile before asking for the PIN.
+            hsmca::pinned::check_home(&home)?;
             home.profile(&req.profile)?;
             let tref = match token {
                 Some(t) => token_ref(&t)?,
-                None => TokenRef {
-                    token: home.config.token.clone(),
-                    object: None,
-                    id: None,
-                },
+                None => home_token_ref(&home),
             };
-            let module =
-                token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
-            let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
-            let token = Token::open(&module, &tref, &pin)?;
-            drop(pin);
+            let token = open_pinned_token(&home, &token_opts, &tref)?;
             let signed = sign::sign(&home, &req, &token, &clock)?;
             finish_outcomes(&mut out, signed, json)
         }
@@ -561,6 +566,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain: false,
                 validity,
             };
+            hsmca::pinned::check_home(&home)?;
             let outcomes = sign::check(&home, &req, &clock)?;
             report::outcomes(&mut out, &outcomes, json)?;
             Ok(if outcomes.iter().all(Outcome::ok) {
@@ -604,20 +610,16 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 },
         } => {
             let home = Home::open(&home)?;
-            let module =
-                token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
-            let tref = TokenRef {
-                token: home.config.token.clone(),
-                object: None,
-                id: None,
-            };
-            let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
-            let token = Token::open(&module, &tref, &pin)?;
+            let token = open_pinned_token(&home, &token_opts, &home_token_ref(&home))?;
             let key = token.key(&home.config.log_key.label)?;
             let note_key =
                 log::translog::NoteKey::new(&home.config.origin, &key).map_err(Error::Usage)?;
-            let (_, recovered) =
+            let (recovered_log, recovered) =
                 log::recover(&home.dir, hsmca::clock::Clock::now(&clock), &note_key)?;
+            token.write_data(
+                &hsmca::engine::head_label(&home),
+                &recovered_log.latest_checkpoint()?,
+            )?;
             report::recovered(&mut out, &recovered, json)?;
             Ok(0)
         }
@@ -659,6 +661,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             json,
         } => {
             let home = Home::open(&home)?;
+            hsmca::pinned::check_home(&home)?;
             let plan = batch::plan(
                 &home,
                 &input,
@@ -889,14 +892,49 @@ fn finish_outcomes(out: &mut impl Write, signed: sign::Signed, json: bool) -> Re
 }
 
 fn open_home_token(home: &Home, opts: &TokenOpts) -> Result<Token, Error> {
-    let module = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
-    let tref = TokenRef {
+    open_pinned_token(home, opts, &home_token_ref(home))
+}
+
+/// The CA home's own token.
+fn home_token_ref(home: &Home) -> TokenRef {
+    TokenRef {
         token: home.config.token.clone(),
         object: None,
         id: None,
-    };
+    }
+}
+
+/// Hashes the module before anything loads it, and prints path and hash for the minutes.
+fn hash_module(path: &Path) -> Result<hsmca::pinned::ModuleFile, Error> {
+    let module = hsmca::pinned::ModuleFile::hash(path)?;
+    eprintln!(
+        "module {} sha256 {}",
+        module.path.display(),
+        module.sha256
+    );
+    Ok(module)
+}
+
+/// Opens the token through the module the log pins. The module (from --module,
+/// HSMCA_PKCS11_MODULE, hsmca.json or the defaults) is hashed first and refused, unloaded,
+/// unless it is the pinned one or was named with --module; a module named that way is pinned
+/// in the log once the login succeeded.
+fn open_pinned_token(home: &Home, opts: &TokenOpts, tref: &TokenRef) -> Result<Token, Error> {
+    let resolved = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
+    let module = hash_module(&resolved)?;
+    let (_, pinned) = log::pins(&log::Paths::of_home(&home.dir))?;
+    let changed = module.check(pinned.as_ref(), opts.module.is_some())?;
     let pin = pin::read(opts.pin_file.as_deref(), &tref.token)?;
-    Ok(Token::open(&module, &tref, &pin)?)
+    let token = Token::open(&module.path, tref, &pin)?;
+    drop(pin);
+    if changed {
+        let clock = SystemClock;
+        let mut session = hsmca::engine::CaSession::open_unpinned(home, &token, &clock)?;
+        session.append(vec![module.entry()])?;
+        session.checkpoint()?;
+        eprintln!("module change logged");
+    }
+    Ok(token)
 }
 
 /// Profiles to list or lint: the home's, or the shipped ones with the default site.
@@ -982,6 +1020,19 @@ fn profiles(out: &mut impl Write, command: ProfilesCommand) -> Result<u8, Error>
             } else {
                 2
             })
+        }
+        ProfilesCommand::Apply {
+            home,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            // Every profile must load before the PIN is asked for.
+            hsmca::pinned::policy_entry(&home.dir)?;
+            let token = open_home_token(&home, &token_opts)?;
+            let applied = ceremony::apply(&home, &token, &SystemClock)?;
+            report::applied(out, &applied, json)?;
+            Ok(0)
         }
         ProfilesCommand::ImportCfssl {
             config,

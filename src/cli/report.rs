@@ -162,6 +162,29 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
     }
 }
 
+/// `profiles apply`.
+pub(crate) fn applied(
+    out: &mut impl Write,
+    a: &hsmca::ceremony::Applied,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(out, a);
+    }
+    for c in &a.changes {
+        writeln!(out, "  {c}")?;
+    }
+    match a.log_entry {
+        Some(seq) => writeln!(
+            out,
+            "policy {} logged at entry {seq} (was {}); record it in the minutes",
+            a.policy_sha256,
+            a.previous.as_deref().unwrap_or("none")
+        ),
+        None => writeln!(out, "policy {} unchanged; nothing logged", a.policy_sha256),
+    }
+}
+
 /// `log recover`.
 pub(crate) fn recovered(out: &mut impl Write, r: &Recovered, as_json: bool) -> io::Result<()> {
     if as_json {
@@ -424,6 +447,11 @@ pub(crate) fn shown(out: &mut impl Write, l: &Listed, as_json: bool) -> io::Resu
     )?;
     writeln!(out, "not after   {}", l.not_after)?;
     writeln!(out, "status      {}", l.status)?;
+    writeln!(
+        out,
+        "policy      {}",
+        l.record.policy_sha256.as_deref().unwrap_or("(not recorded)")
+    )?;
     writeln!(
         out,
         "logged      entry {} at {}",

@@ -179,6 +179,34 @@ struct Intent {
     profile: String,
 }
 
+/// The policy in force, as the last `policy` entry recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPin {
+    /// Its entry.
+    pub seq: u64,
+    /// Its hash (see [`policy_sha256`]).
+    pub sha256: String,
+    /// SHA-256 of each file, by path relative to the CA home.
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+/// The PKCS#11 module, as the last `module` entry recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModulePin {
+    /// Its entry.
+    pub seq: u64,
+    /// Canonical path.
+    pub path: String,
+    /// SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// The one hash of a policy: SHA-256 of the JSON of its per-file hashes (sorted by path), so
+/// anyone can recompute it from a `policy` entry or from the files of a CA home.
+pub fn policy_sha256(files: &std::collections::BTreeMap<String, String>) -> String {
+    keys::sha256_hex(&serde_json::to_vec(files).unwrap_or_default())
+}
+
 /// A certificate already in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issued {
@@ -229,6 +257,14 @@ struct Scan {
     ca_keys: Vec<(Vec<u8>, PublicKey)>,
     /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
     chain_verified: u64,
+    /// The last `policy` entry.
+    policy: Option<PolicyPin>,
+    /// The last `module` entry.
+    module: Option<ModulePin>,
+    /// The last `recovery` entry.
+    last_recovery: Option<u64>,
+    /// Certificates revoked for key compromise: (serial, where the cert entry is).
+    compromised: Vec<(String, (u64, u64, usize))>,
 }
 
 impl Scan {
@@ -321,8 +357,21 @@ impl Scan {
                 tbs_sha256,
                 csr_sha256,
                 profile,
+                policy_sha256,
                 ..
             } => {
+                if let Some(used) = policy_sha256 {
+                    let in_force = self.policy.as_ref().map(|p| p.sha256.as_str());
+                    if in_force != Some(used.as_str()) {
+                        self.problem(
+                            Some(seq),
+                            format!(
+                                "was decided under policy {used}, but the policy in force was {}",
+                                in_force.unwrap_or("none")
+                            ),
+                        );
+                    }
+                }
                 if !self.serials.insert(key(&serial)) {
                     self.problem(Some(seq), format!("serial {serial} is used twice"));
                 }
@@ -373,7 +422,12 @@ impl Scan {
                 self.issued
                     .insert(issued_key(&csr_sha256, &profile), (seq, offset, len));
             }
-            Body::Revocation { serial, .. } => {
+            Body::Revocation { serial, reason, .. } => {
+                if reason == "key-compromise"
+                    && let Some(at) = self.cert_at.get(&key(&serial))
+                {
+                    self.compromised.push((serial.clone(), *at));
+                }
                 if !self.cert_at.contains_key(&key(&serial)) {
                     self.problem(
                         Some(seq),
@@ -437,7 +491,28 @@ impl Scan {
                     );
                 }
             }
-            Body::Recovery { .. } | Body::Plan { .. } => {}
+            Body::Policy {
+                policy_sha256: recorded,
+                files,
+                ..
+            } => {
+                if policy_sha256(&files) != recorded {
+                    self.problem(
+                        Some(seq),
+                        "the policy's hash does not match the file hashes it lists",
+                    );
+                }
+                self.policy = Some(PolicyPin {
+                    seq,
+                    sha256: recorded,
+                    files,
+                });
+            }
+            Body::Module { path, sha256 } => {
+                self.module = Some(ModulePin { seq, path, sha256 });
+            }
+            Body::Recovery { .. } => self.last_recovery = Some(seq),
+            Body::Plan { .. } => {}
         }
     }
 
@@ -879,6 +954,51 @@ impl Log {
         self.scan.revoked.contains_key(&key(serial))
     }
 
+    /// The policy in force (the last `policy` entry), if the log has one.
+    pub fn policy(&self) -> Option<&PolicyPin> {
+        self.scan.policy.as_ref()
+    }
+
+    /// The pinned PKCS#11 module (the last `module` entry), if the log has one.
+    pub fn module(&self) -> Option<&ModulePin> {
+        self.scan.module.as_ref()
+    }
+
+    /// The tree root over the first `size` entries, to compare with a checkpoint kept
+    /// elsewhere (the token's copy of the log head).
+    pub fn root_at(&self, size: u64) -> Option<[u8; 32]> {
+        self.scan.tree.root_at(size)
+    }
+
+    /// The latest signed checkpoint, as stored.
+    pub fn latest_checkpoint(&self) -> Result<Vec<u8>, LogError> {
+        let path = self.paths.checkpoint();
+        fs::read(&path).map_err(io_at(&path))
+    }
+
+    /// Every certificate revoked for key compromise: its serial and DER. Few in any CA, so
+    /// they are read back from the file when asked for.
+    pub fn compromised(&self) -> Result<Vec<(String, Vec<u8>)>, LogError> {
+        let path = self.paths.entries();
+        let mut f = File::open(&path).map_err(io_at(&path))?;
+        let mut out = Vec::new();
+        for (serial, (seq, offset, len)) in &self.scan.compromised {
+            f.seek(SeekFrom::Start(*offset)).map_err(io_at(&path))?;
+            let mut buf = vec![0; *len];
+            f.read_exact(&mut buf).map_err(io_at(&path))?;
+            let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
+                LogError::Corrupt(Problem {
+                    entry: Some(*seq),
+                    message: e.to_string(),
+                })
+            })?;
+            if let Body::Cert { cert, .. } = entry.body {
+                out.push((serial.clone(), B64.decode(cert).unwrap_or_default()));
+            }
+        }
+        Ok(out)
+    }
+
     /// The highest cRLNumber used for `issuer` (0 if none).
     pub fn last_crl_number(&self, issuer: &str) -> u64 {
         self.scan.crl_numbers.get(issuer).copied().unwrap_or(0)
@@ -1111,6 +1231,8 @@ pub struct Record {
     pub der: Vec<u8>,
     /// Serial this certificate renews.
     pub renews: Option<String>,
+    /// The policy it was decided under (`None` in logs from before policies were logged).
+    pub policy_sha256: Option<String>,
     /// Serial of the certificate that renewed this one.
     pub renewed_by: Option<String>,
     /// Set once revoked.
@@ -1122,7 +1244,7 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
     let path = paths.entries();
     let file = File::open(&path).map_err(io_at(&path))?;
     let mut out: Vec<Record> = Vec::new();
-    let mut renews_of_intent: HashMap<u64, String> = HashMap::new();
+    let mut renews_of_intent: HashMap<u64, (Option<String>, Option<String>)> = HashMap::new();
     let mut by_serial: HashMap<String, usize> = HashMap::new();
     for line in BufReader::new(file).split(b'\n') {
         let line = line.map_err(io_at(&path))?;
@@ -1131,9 +1253,11 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
         };
         match entry.body {
             Body::IssueIntent {
-                renews: Some(old), ..
+                renews,
+                policy_sha256,
+                ..
             } => {
-                renews_of_intent.insert(entry.seq, old);
+                renews_of_intent.insert(entry.seq, (renews, policy_sha256));
             }
             Body::Cert {
                 intent_seq,
@@ -1143,7 +1267,8 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                 cert,
                 ..
             } => {
-                let renews = renews_of_intent.remove(&intent_seq);
+                let (renews, policy_sha256) =
+                    renews_of_intent.remove(&intent_seq).unwrap_or_default();
                 if let Some(old) = renews.as_ref().and_then(|o| by_serial.get(o)) {
                     out[*old].renewed_by = Some(serial.clone());
                 }
@@ -1156,6 +1281,7 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                     csr_sha256,
                     der: B64.decode(cert).unwrap_or_default(),
                     renews,
+                    policy_sha256,
                     renewed_by: None,
                     revoked: None,
                 });
@@ -1179,6 +1305,13 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
         }
     }
     Ok(out)
+}
+
+/// The policy and module the log pins, read without the lock (for `check`, `plan`, and
+/// before a module is loaded).
+pub fn pins(paths: &Paths) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
+    let scan = Scan::read(&paths.entries(), false)?;
+    Ok((scan.policy, scan.module))
 }
 
 /// The Merkle tree over the log's lines, for proofs.
