@@ -325,6 +325,8 @@ pub fn create_ca(
         serial: vec![0; 16],
         requested_validity: req.validity,
         issuer_not_after: issuer_cert.not_after,
+        allow_profiles: None,
+        compromised: std::sync::Arc::default(),
     };
     if let Err(refusals) = policy::decide(&profile, &proposal, &ctx) {
         let list: Vec<String> = refusals.iter().map(ToString::to_string).collect();

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -230,6 +231,7 @@ pub struct CaSession<'t> {
     log_key: Box<dyn CaSigner + 't>,
     issuers: BTreeMap<String, Issuer<'t>>,
     policy: Option<PolicyPin>,
+    compromised: Arc<BTreeMap<String, String>>,
 }
 
 impl Issuer<'_> {
@@ -299,6 +301,12 @@ impl<'t> CaSession<'t> {
                 "the token's log key is not the one recorded in the log",
             ));
         }
+        let mut compromised = BTreeMap::new();
+        for (serial, der) in log.compromised()? {
+            if let Ok((key, _)) = crate::verify::key_and_expiry(&der) {
+                compromised.insert(key.fingerprint(), serial);
+            }
+        }
         let head_label = head_label(home);
         for note in keys.log_head(&head_label)? {
             check_head(&log, &note)?;
@@ -311,6 +319,7 @@ impl<'t> CaSession<'t> {
             log_key,
             issuers: BTreeMap::new(),
             policy: None,
+            compromised: Arc::new(compromised),
         })
     }
 
@@ -326,6 +335,12 @@ impl<'t> CaSession<'t> {
             self.append(bodies)?;
         }
         Ok(())
+    }
+
+    /// Public keys (SPKI SHA-256) whose certificate was revoked for key compromise, with its
+    /// serial: for `policy::Context::compromised`, so no profile issues for them again.
+    pub fn compromised(&self) -> Arc<BTreeMap<String, String>> {
+        self.compromised.clone()
     }
 
     /// The hash of the policy every intent of this session is decided under.
@@ -524,6 +539,18 @@ pub fn check_head(log: &Log, note: &[u8]) -> Result<(), Error> {
         .into());
     }
     Ok(())
+}
+
+/// A session that appended entries it did not checkpoint (a plan entry after the last
+/// certificate, abandons of a crashed run, a run that stopped on an error) signs them as it
+/// ends, so an unsigned tail means a process that died, which `log verify` reports. Best
+/// effort: a token that cannot sign now leaves the tail for `hsmca log recover`.
+impl Drop for CaSession<'_> {
+    fn drop(&mut self) {
+        if self.log.unsigned() > 0 {
+            let _ = self.checkpoint();
+        }
+    }
 }
 
 /// What [`CaSession::issue`] made: per request, the log entry and DER of its certificate, or

@@ -5,9 +5,10 @@
 //! stable rule id (the profile key it enforces), what it expected and the offending value, and
 //! all refusals are collected, not only the first.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
@@ -84,6 +85,14 @@ pub struct Context {
     pub requested_validity: Option<Duration>,
     /// The issuer's own notAfter; nothing may outlive it.
     pub issuer_not_after: OffsetDateTime,
+    /// Where the profile came from the stick (a batch: `sign-dir`, kubectl objects, kubeadm
+    /// trees), the profiles the command line named with `--allow-profile`: a dangerous
+    /// profile ([`Profile::danger`]) is refused unless listed (rule `profile.danger`). `None`
+    /// where the operator named the profile itself (`sign --profile`, `renew`, `ca create`).
+    pub allow_profiles: Option<Arc<BTreeSet<String>>>,
+    /// Public keys (SPKI SHA-256, hex) whose certificate was revoked for key compromise, with
+    /// that certificate's serial: refused for any new certificate (rule `key.compromised`).
+    pub compromised: Arc<BTreeMap<String, String>>,
 }
 
 /// The certificate that will be issued, field by field. Only [`decide`] makes one.
@@ -188,6 +197,27 @@ pub fn decide(
                 .into(),
             profile.name.clone(),
         ),
+    }
+    if let Some(allowed) = &ctx.allow_profiles
+        && profile.danger()
+        && !allowed.contains(&profile.name)
+    {
+        refuse(
+            "profile.danger",
+            format!(
+                "--allow-profile {} on the command line: this profile can issue cluster-admin \
+                 (system:masters) or is marked dangerous by the site",
+                profile.name
+            ),
+            profile.name.clone(),
+        );
+    }
+    if let Some(serial) = ctx.compromised.get(&csr.public_key.fingerprint()) {
+        refuse(
+            "key.compromised",
+            "a key whose certificate was never revoked for key compromise".into(),
+            format!("key of serial {serial}"),
+        );
     }
     let mut requested_validity = ctx.requested_validity;
     if let Some(request) = &ctx.kubernetes {
@@ -678,6 +708,8 @@ mod tests {
             serial: vec![1, 2, 3],
             requested_validity: None,
             issuer_not_after: now + time::Duration::days(3650),
+            allow_profiles: None,
+            compromised: Arc::default(),
         }
     }
 

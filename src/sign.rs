@@ -2,6 +2,7 @@
 //! `check` decides without the token; `sign` issues through the engine (one chunk) and writes
 //! each certificate only once it is durable in the log under a signed checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::clock::Clock;
@@ -72,6 +73,8 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
         serial: vec![0; 16],
         requested_validity: req.validity,
         issuer_not_after: issuer.not_after,
+        allow_profiles: None,
+        compromised: std::sync::Arc::new(compromised_keys(home)?),
     };
     Ok(req
         .csrs
@@ -88,6 +91,23 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
                     refusals,
                 },
             },
+        })
+        .collect())
+}
+
+/// Keys revoked for key compromise, read from the log without the lock (for `check`).
+fn compromised_keys(home: &Home) -> Result<BTreeMap<String, String>, Error> {
+    let records = crate::log::records(&crate::log::Paths::of_home(&home.dir))?;
+    Ok(records
+        .into_iter()
+        .filter(|r| {
+            r.revoked
+                .as_ref()
+                .is_some_and(|v| v.reason == "key-compromise")
+        })
+        .filter_map(|r| {
+            let (key, _) = crate::verify::key_and_expiry(&r.der).ok()?;
+            Some((key.fingerprint(), r.serial))
         })
         .collect())
 }
@@ -168,6 +188,8 @@ pub fn sign(
             serial,
             requested_validity: req.validity,
             issuer_not_after: issuer_cert.not_after,
+            allow_profiles: None,
+            compromised: session.compromised(),
         };
         match policy::decide(&profile, &csr, &ctx) {
             Err(refusals) => {

@@ -799,7 +799,9 @@ impl Token {
             let attrs = self
                 .session
                 .get_attributes(handle, &[AttributeType::Value])
-                .map_err(p11(format!("reading data object {label:?} (C_GetAttributeValue)")))?;
+                .map_err(p11(format!(
+                    "reading data object {label:?} (C_GetAttributeValue)"
+                )))?;
             out.extend(attrs.into_iter().find_map(|a| match a {
                 Attribute::Value(v) => Some(v),
                 _ => None,
@@ -823,11 +825,13 @@ impl Token {
                 Attribute::Application(b"hsmca".to_vec()),
                 Attribute::Value(value.to_vec()),
             ])
-            .map_err(p11(format!("creating data object {label:?} (C_CreateObject)")))?;
+            .map_err(p11(format!(
+                "creating data object {label:?} (C_CreateObject)"
+            )))?;
         for handle in old {
-            self.session
-                .destroy_object(handle)
-                .map_err(p11(format!("replacing data object {label:?} (C_DestroyObject)")))?;
+            self.session.destroy_object(handle).map_err(p11(format!(
+                "replacing data object {label:?} (C_DestroyObject)"
+            )))?;
         }
         Ok(())
     }

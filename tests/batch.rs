@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, openssl, openssl_verifies, s};
+use common::{Env, openssl, openssl_verifies, plan_hash, s};
 
 /// Writes `n` P-256 CSRs (CN=c-I) under `dir/a` and `dir/b`, made with rcgen (fast).
 fn csrs(dir: &Path, n: usize) -> Vec<PathBuf> {
@@ -93,11 +93,7 @@ fn plan_review_then_sign_exactly_that_plan() {
         "{}",
         run.stdout()
     );
-    let hash = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&plan).unwrap())
-        .unwrap()["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let hash = plan_hash(&plan);
 
     let out = env.path("out");
     let run = env.hsmca(&[
@@ -106,6 +102,8 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
         "--json",
@@ -145,6 +143,8 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
         "--json",
@@ -167,10 +167,12 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
     ])
-    .fails_with(2, "was edited after it was made");
+    .fails_with(2, "not the approved");
     std::fs::write(&plan, text).unwrap();
     std::fs::write(input.join("a/c-0.csr"), b"changed").unwrap();
     env.hsmca(&[
@@ -179,6 +181,8 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
     ])
@@ -454,7 +458,7 @@ fn check_after_crash(env: &Env, home: &Path, out: &Path) {
     let run = env.hsmca(&["log", "verify", "--home", s(home)]);
     if run.code() != 0 {
         assert!(
-            run.stdout().contains("incomplete last line"),
+            run.stdout().contains("incomplete last line") || run.stdout().contains("unsigned tail"),
             "log broken after a crash:\n{}",
             run.all()
         );
@@ -504,6 +508,7 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         s(&plan),
     ])
     .ok();
+    let hash = plan_hash(&plan);
     let out = env.path("out");
     let args = [
         "sign-dir",
@@ -511,6 +516,8 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
     ];

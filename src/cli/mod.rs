@@ -230,6 +230,11 @@ enum Command {
         /// Where to write the plan (never overwritten).
         #[arg(long, value_name = "PLAN.json")]
         out: PathBuf,
+        /// A dangerous profile (one that can issue system:masters, or that site.json lists in
+        /// danger_profiles) this batch may use. Repeatable; without it such items are refused
+        /// (rule profile.danger).
+        #[arg(long, value_name = "NAME")]
+        allow_profile: Vec<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -242,6 +247,14 @@ enum Command {
         /// A plan made by `hsmca plan`; signing refuses if any input changed since.
         #[arg(long, value_name = "PLAN.json", conflicts_with_all = ["input", "profile", "manifest"])]
         plan: Option<PathBuf>,
+        /// The plan hash the reviewers wrote down from `hsmca plan`'s output. Without it, the
+        /// hash is asked for on the terminal; with no terminal, nothing is signed.
+        #[arg(long, value_name = "HASH", requires = "plan")]
+        approve: Option<String>,
+        /// A dangerous profile this batch may use (see `hsmca plan --allow-profile`).
+        /// Repeatable; without it such items are refused (rule profile.danger).
+        #[arg(long, value_name = "NAME")]
+        allow_profile: Vec<String>,
         /// Directory of CSRs, planned and signed at once (for scripts).
         #[arg(required_unless_present = "plan")]
         input: Option<PathBuf>,
@@ -426,6 +439,11 @@ enum LogCommand {
         /// A checkpoint kept outside (minutes, auditor): the log must extend it. Repeatable.
         #[arg(long, value_name = "FILE")]
         checkpoint: Vec<PathBuf>,
+        /// Also log in to the token and check the log against the head it keeps.
+        #[arg(long)]
+        token: bool,
+        #[command(flatten)]
+        token_opts: TokenOpts,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -581,6 +599,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     home,
                     vkey,
                     checkpoint,
+                    token,
+                    token_opts,
                     json,
                 },
         } => {
@@ -588,10 +608,27 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 .ok()
                 .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
                 .map(|c| c.der);
-            let external = checkpoint
+            let mut external = checkpoint
                 .iter()
                 .map(|p| Ok((p.display().to_string(), std::fs::read(p)?)))
                 .collect::<Result<Vec<_>, Error>>()?;
+            if token {
+                let home = Home::open(&home)?;
+                let token = open_home_token(&home, &token_opts)?;
+                let label = hsmca::engine::head_label(&home);
+                let heads = token.read_data(&label)?;
+                if heads.is_empty() {
+                    return Err(Error::Pinned(hsmca::pinned::PinnedError::LogHead(format!(
+                        "token {:?} keeps no log head under {label:?}",
+                        token.label()
+                    ))));
+                }
+                external.extend(
+                    heads
+                        .into_iter()
+                        .map(|h| ("the token's log head".to_owned(), h)),
+                );
+            }
             let report = log::verify_with(
                 &log::Paths::of_home(&home),
                 vkey.as_deref(),
@@ -658,6 +695,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             profile,
             manifest,
             out: file,
+            allow_profile,
             json,
         } => {
             let home = Home::open(&home)?;
@@ -667,6 +705,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 &input,
                 profile.as_deref(),
                 manifest.as_deref(),
+                &allowed(allow_profile),
                 &clock,
             )?;
             let bytes =
@@ -693,16 +732,21 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             manifest,
             out: dir,
             sessions,
+            approve,
+            allow_profile,
             token_opts,
             json,
         } => {
+            let allow = allowed(allow_profile);
             let home = Home::open(&home)?;
             let plan = match (plan, &input) {
                 (Some(path), _) => {
                     let text = std::fs::read_to_string(&path)?;
-                    Some(serde_json::from_str::<batch::Plan>(&text).map_err(|e| {
+                    let plan = serde_json::from_str::<batch::Plan>(&text).map_err(|e| {
                         Error::Usage(format!("{}: not a plan: {e}", path.display()))
-                    })?)
+                    })?;
+                    approved(&path, &plan, approve.as_deref())?;
+                    Some(plan)
                 }
                 (None, Some(_)) => None,
                 (None, None) => {
@@ -734,14 +778,15 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 Ok(())
             };
             let r = match (&plan, &input) {
-                (Some(plan), _) => {
-                    batch::sign(&home, plan, &dir, &token, sessions, &clock, &mut done)?
-                }
+                (Some(plan), _) => batch::sign(
+                    &home, plan, &allow, &dir, &token, sessions, &clock, &mut done,
+                )?,
                 (None, Some(input)) => batch::sign_input(
                     &home,
                     input,
                     profile.as_deref(),
                     manifest.as_deref(),
+                    &allow,
                     &dir,
                     &token,
                     sessions,
@@ -876,6 +921,47 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
     }
 }
 
+/// The profiles named with `--allow-profile`.
+fn allowed(names: Vec<String>) -> batch::Allowed {
+    std::sync::Arc::new(names.into_iter().collect())
+}
+
+/// A reviewed plan is signed only under the hash its reviewers approved: the hash of its
+/// items as they are now must be the one given with `--approve` (or typed at the terminal).
+/// A plan edited after review, even with its own `hash` field recomputed, signs nothing.
+fn approved(path: &Path, plan: &batch::Plan, approve: Option<&str>) -> Result<(), Error> {
+    use hsmca::pinned::PinnedError::NotApproved;
+    let actual = batch::Plan::content_hash(&plan.items);
+    let given = match approve {
+        Some(h) => h.trim().to_ascii_lowercase(),
+        None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+            eprint!(
+                "{}: type the plan hash the reviewers approved: ",
+                path.display()
+            );
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim().to_ascii_lowercase()
+        }
+        None => {
+            return Err(NotApproved(format!(
+                "{}: no --approve HASH and no terminal to confirm on; nothing signed",
+                path.display()
+            ))
+            .into());
+        }
+    };
+    if given == actual {
+        Ok(())
+    } else {
+        Err(NotApproved(format!(
+            "{}: the plan's items hash to {actual}, not the approved {given:?}; it changed since review, or the wrong hash was given; nothing signed",
+            path.display()
+        ))
+        .into())
+    }
+}
+
 /// Opens the CA home's token with the PIN from the usual sources.
 /// Reports a run's outcomes, then its stop if it stopped early (the stop's exit code), else 0
 /// when every item got its certificate and 1 when some did not.
@@ -907,11 +993,7 @@ fn home_token_ref(home: &Home) -> TokenRef {
 /// Hashes the module before anything loads it, and prints path and hash for the minutes.
 fn hash_module(path: &Path) -> Result<hsmca::pinned::ModuleFile, Error> {
     let module = hsmca::pinned::ModuleFile::hash(path)?;
-    eprintln!(
-        "module {} sha256 {}",
-        module.path.display(),
-        module.sha256
-    );
+    eprintln!("module {} sha256 {}", module.path.display(), module.sha256);
     Ok(module)
 }
 

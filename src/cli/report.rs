@@ -144,9 +144,18 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
     if r.unsigned_tail > 0 {
         writeln!(
             out,
-            "warning: {} entries after the latest checkpoint (the next command signs them)",
+            "warning: {} entries after the latest checkpoint",
             r.unsigned_tail
         )?;
+    }
+    if let Some(note) = &r.checkpoint {
+        // Verbatim: saved to a file, it is what `log verify --checkpoint FILE` takes.
+        writeln!(
+            out,
+            "checkpoint for the minutes (verbatim, up to the blank line):"
+        )?;
+        write!(out, "{note}")?;
+        writeln!(out)?;
     }
     if r.problems.is_empty() {
         writeln!(out, "log OK")
@@ -450,7 +459,10 @@ pub(crate) fn shown(out: &mut impl Write, l: &Listed, as_json: bool) -> io::Resu
     writeln!(
         out,
         "policy      {}",
-        l.record.policy_sha256.as_deref().unwrap_or("(not recorded)")
+        l.record
+            .policy_sha256
+            .as_deref()
+            .unwrap_or("(not recorded)")
     )?;
     writeln!(
         out,

@@ -733,6 +733,9 @@ pub struct Report {
     pub vkey: String,
     /// Everything wrong; empty means the log verifies.
     pub problems: Vec<Problem>,
+    /// The latest signed checkpoint, as stored: the text to copy into the ceremony minutes
+    /// (and give back later with `--checkpoint FILE`).
+    pub checkpoint: Option<String>,
 }
 
 /// Recomputes the whole log and checks it: structure, chain, every checkpoint, and the CA rules
@@ -797,7 +800,23 @@ pub fn verify_with(
             Ok(_) => {}
         }
     }
-    Ok(report(scan, cp, vkey))
+    // Entries past the latest checkpoint were never signed: a crash between append and
+    // checkpoint leaves them, but so does an edit that appends entries and leaves the old
+    // checkpoint in place. `log recover` signs them (after a look at what they are).
+    let signed = cp.unwrap_or(0);
+    let recovered = scan.last_recovery.is_some_and(|r| r >= signed);
+    if size > signed && !recovered && scan.torn.is_none() {
+        scan.problem(
+            Some(signed),
+            format!(
+                "entries {signed}..{} are past the latest checkpoint and no checkpoint signs them (an unsigned tail); run `hsmca log recover` to sign them after checking them",
+                size - 1
+            ),
+        );
+    }
+    let mut r = report(scan, cp, vkey);
+    r.checkpoint = fs::read_to_string(paths.checkpoint()).ok();
+    Ok(r)
 }
 
 fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
@@ -814,6 +833,7 @@ fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
             .collect(),
         vkey,
         problems: scan.problems,
+        checkpoint: None,
     }
 }
 
@@ -968,6 +988,11 @@ impl Log {
     /// elsewhere (the token's copy of the log head).
     pub fn root_at(&self, size: u64) -> Option<[u8; 32]> {
         self.scan.tree.root_at(size)
+    }
+
+    /// Entries appended since the latest checkpoint.
+    pub fn unsigned(&self) -> u64 {
+        self.size().saturating_sub(self.checkpoint_size)
     }
 
     /// The latest signed checkpoint, as stored.

@@ -186,6 +186,25 @@ impl Env {
 }
 
 /// A path as `&str`, for argument lists.
+/// SoftHSM2's PKCS#11 module.
+pub fn softhsm_module() -> PathBuf {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libsofthsm2.so not found: install SoftHSM2 (softhsm/install.sh)")
+}
+
+/// The hash `hsmca plan` wrote into a plan: what reviewers approve with `--approve`.
+pub fn plan_hash(plan: &Path) -> String {
+    let text = std::fs::read_to_string(plan).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["hash"].as_str().unwrap().to_owned()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
