@@ -38,6 +38,17 @@ impl CsrObject {
             signer: self.signer.clone(),
             usages: self.usages.clone(),
             username: self.username.clone(),
+            groups: self
+                .raw
+                .pointer("/spec/groups")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
             expiration_seconds: self.expiration_seconds,
         }
     }

@@ -308,18 +308,31 @@ fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
         .unwrap();
     }
     let out = env.path("back");
-    let run = env.hsmca(&[
+    let tree = env.path(k);
+    let args = [
         "sign-dir",
         "--home",
         s(&home),
-        s(&env.path(k)),
+        s(&tree),
         "--out",
         s(&out),
         "--json",
-    ]);
+    ];
+    // super-admin.conf (system:masters) only when the command line names its profile.
+    let run = env.hsmca(&args);
+    run.code_is(1);
+    let (_, report) = sign_dir_json(&run.stdout());
+    assert_eq!(report["issued"], 11, "{report}");
+    assert!(
+        run.stdout()
+            .contains(r#""file":"super-admin.conf.csr","refusals":[{"rule":"profile.danger""#),
+        "{}",
+        run.stdout()
+    );
+    let run = env.hsmca(&[&args[..], &["--allow-profile", "super-admin"]].concat());
     run.ok();
     let (_, report) = sign_dir_json(&run.stdout());
-    assert_eq!(report["issued"], 12, "{report}");
+    assert_eq!(report["issued"], 1, "{report}");
 
     let root = home.join("root.pem");
     for (leaf, ca) in [
@@ -578,8 +591,13 @@ fn object(
 ) -> serde_json::Value {
     use base64::Engine;
     let request = base64::engine::general_purpose::STANDARD.encode(std::fs::read(csr).unwrap());
+    // The groups the API server would set: kubeadm's admin is in kubeadm:cluster-admins.
+    let groups = match username {
+        "kubernetes-admin" => ["kubeadm:cluster-admins", "system:authenticated"],
+        _ => ["system:nodes", "system:authenticated"],
+    };
     let mut spec = serde_json::json!({"request": request, "signerName": signer, "usages": usages, "username": username,
-        "groups": ["system:nodes", "system:authenticated"]});
+        "groups": groups});
     if let Some(e) = expiration {
         spec["expirationSeconds"] = e.into();
     }
@@ -606,10 +624,15 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
         "/O=kubeadm:cluster-admins/CN=kubernetes-admin",
     );
     let custom = env.p256_csr("o/custom.csr", "/CN=svc1");
+    let admin2 = env.p256_csr(
+        "o/admin2.csr",
+        "/O=kubeadm:cluster-admins/CN=kubernetes-admin",
+    );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         object("csr-serving", &serving, "kubernetes.io/kubelet-serving", &["digital signature", "server auth"], "system:node:node1", approved.clone(), Some(86_400)),
         object("csr-bootstrap", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "key encipherment", "client auth"], "system:bootstrap:abcdef", approved.clone(), None),
         object("csr-admin", &admin, "kubernetes.io/kube-apiserver-client", &["digital signature", "client auth"], "kubernetes-admin", approved.clone(), None),
+        object("csr-admin-mallory", &admin2, "kubernetes.io/kube-apiserver-client", &["digital signature", "client auth"], "system:node:node1", approved.clone(), None),
         object("csr-custom", &custom, "example.com/test", &["client auth"], "svc", approved.clone(), None),
         object("csr-pending", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "client auth"], "system:node:node1", serde_json::json!({}), None),
         object("csr-denied", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "client auth"], "system:node:node1",
@@ -653,6 +676,7 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
     }
     for (name, rule) in [
         ("csr-impostor", "k8s.username"),
+        ("csr-admin-mallory", "k8s.requester"),
         ("csr-usages", "k8s.usages"),
         ("csr-short", "k8s.expiration"),
     ] {

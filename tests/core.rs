@@ -342,6 +342,7 @@ fn checkpoints_verify_with_an_independent_implementation() {
             log_key,
         ])
         .ok();
+        env.install_test_any_key(&home);
         let csr = env.csr("c/a.csr", &["-newkey", "ed25519"], "/CN=a", None, &[]);
         env.sign(&home, "test-any-key", &[&csr]).ok();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/verify_log.py");
@@ -352,14 +353,14 @@ fn checkpoints_verify_with_an_independent_implementation() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && text.starts_with("OK 5 "),
+            out.status.success() && text.starts_with("OK 6 "),
             "{log_key}: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
         // The same script rejects a forged checkpoint.
         let cp = home.join("log/checkpoint");
         let note = std::fs::read_to_string(&cp).unwrap();
-        std::fs::write(&cp, note.replacen("\n5\n", "\n4\n", 1)).unwrap();
+        std::fs::write(&cp, note.replacen("\n6\n", "\n5\n", 1)).unwrap();
         let out = Command::new("python3")
             .arg(&script)
             .arg(&home)
@@ -408,35 +409,35 @@ fn every_kind_of_log_tampering_is_caught_with_its_entry_number() {
         .lines()
         .map(str::to_owned)
         .collect();
-    // Entries: 0 root, 1 policy, 2 module, then the history.
-    assert_eq!(lines.len(), 9);
+    // Entries: 0 root, 1 policy, 2 module, 3 the policy with test-any-key, then the history.
+    assert_eq!(lines.len(), 10);
     let join = |ls: &[String]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
     let edited = {
         let mut ls = lines.clone();
-        ls[5] = ls[5].replacen("CN=b", "CN=B", 1);
+        ls[6] = ls[6].replacen("CN=b", "CN=B", 1);
         join(&ls)
     };
     let edited_last = {
         let mut ls = lines.clone();
-        ls[8] = ls[8].replacen("\"seq\":8", "\"seq\":8 ", 1);
+        ls[9] = ls[9].replacen("\"seq\":9", "\"seq\":9 ", 1);
         join(&ls)
     };
-    let dropped = join(&[&lines[..4], &lines[5..]].concat());
+    let dropped = join(&[&lines[..5], &lines[6..]].concat());
     let swapped = {
         let mut ls = lines.clone();
-        ls.swap(5, 6);
+        ls.swap(6, 7);
         join(&ls)
     };
     let full = join(&lines);
     let torn = full[..full.len() - 20].to_string();
-    let cut = join(&lines[..8]);
+    let cut = join(&lines[..9]);
     let cases = [
-        ("edit a byte", edited, "entry 5"),
-        ("edit the last entry", edited_last, "entry 8"),
-        ("drop a line", dropped, "entry 4"),
-        ("swap two lines", swapped, "entry 5"),
-        ("truncate mid-line", torn, "entry 8: incomplete last line"),
-        ("truncate whole lines", cut, "entries 8..8 were removed"),
+        ("edit a byte", edited, "entry 6"),
+        ("edit the last entry", edited_last, "entry 9"),
+        ("drop a line", dropped, "entry 5"),
+        ("swap two lines", swapped, "entry 6"),
+        ("truncate mid-line", torn, "entry 9: incomplete last line"),
+        ("truncate whole lines", cut, "entries 9..9 were removed"),
     ];
     for (i, (what, content, expect)) in cases.into_iter().enumerate() {
         let copy = env.path(&format!("copy{i}"));
@@ -622,7 +623,7 @@ fn a_missing_or_mismatched_token_key_is_refused_before_signing() {
     let log = std::fs::read_to_string(a.join("log/entries.jsonl")).unwrap();
     assert_eq!(
         log.lines().count(),
-        3,
-        "nothing may be logged when the key is wrong (root, policy and module only)"
+        4,
+        "nothing may be logged when the key is wrong (root, policy, module, applied policy)"
     );
 }

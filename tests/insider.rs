@@ -360,3 +360,160 @@ fn issue_13_a_plan_is_signed_only_under_the_hash_the_reviewers_approved() {
     sign(&["--approve", &hash]).ok();
     assert!(out.join("a.crt").exists() && out.join("b.crt").exists());
 }
+
+#[test]
+fn issue_13_a_batch_issues_a_danger_profile_only_when_the_command_line_names_it() {
+    let env = Env::new("danger");
+    let home = env.init_k8s("ca", "danger");
+    let input = env.path("in");
+    env.p256_csr("in/sa.csr", "/O=system:masters/CN=kubernetes-super-admin");
+    let manifest = env.path("manifest.json");
+    std::fs::write(&manifest, r#"{"sa.csr": "super-admin"}"#).unwrap();
+    let sign_dir = |out: &str, extra: &[&str]| {
+        let out = env.path(out);
+        let mut args = vec![
+            "sign-dir",
+            "--home",
+            s(&home),
+            s(&input),
+            "--manifest",
+            s(&manifest),
+            "--out",
+        ];
+        args.push(s(&out));
+        args.extend_from_slice(extra);
+        env.hsmca(&args)
+    };
+    // The stick's manifest chooses super-admin: refused in sign-dir INPUT and in plan.
+    let run = sign_dir("out1", &[]);
+    run.code_is(1);
+    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    assert!(!env.path("out1/sa.crt").exists());
+    let plan = env.path("plan.json");
+    let run = env.hsmca(&[
+        "plan",
+        "--home",
+        s(&home),
+        s(&input),
+        "--manifest",
+        s(&manifest),
+        "--out",
+        s(&plan),
+    ]);
+    run.code_is(1);
+    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    // Named on the command line, it is issued.
+    sign_dir("out2", &["--allow-profile", "super-admin"]).ok();
+    assert!(env.path("out2/sa.crt").exists());
+
+    // A profile the site marks dangerous, once the site change is applied.
+    let site = home.join("site.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&site).unwrap()).unwrap();
+    value["danger_profiles"] = serde_json::json!(["test-any-key"]);
+    std::fs::write(&site, value.to_string()).unwrap();
+    env.hsmca(&["profiles", "apply", "--home", s(&home)]).ok();
+    let any = env.path("any");
+    env.p256_csr("any/x.csr", "/CN=x");
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&any),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&env.path("out3")),
+    ]);
+    run.code_is(1);
+    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    // `sign --profile` names the profile itself.
+    env.sign(&home, "test-any-key", &[&any.join("x.csr")]).ok();
+}
+
+#[test]
+fn issue_13_test_any_key_is_not_installed_by_init() {
+    let env = Env::new("shipped13");
+    let home = env.path("ca");
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "shipped13",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=Root",
+    ])
+    .ok();
+    assert!(home.join("profiles/super-admin.json").exists());
+    assert!(!home.join("profiles/test-any-key.json").exists());
+}
+
+#[test]
+fn issue_13_a_key_revoked_for_key_compromise_gets_no_new_certificate() {
+    let env = Env::new("compromise");
+    let home = env.init("ca", "compromise", "ecdsa-p256");
+    let csr = env.p256_csr("c/a.csr", "/CN=a");
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+        "--json",
+    ]);
+    run.ok();
+    let serial = serde_json::from_str::<serde_json::Value>(run.stdout().lines().next().unwrap())
+        .unwrap()["cert"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &serial,
+        "--reason",
+        "key-compromise",
+    ])
+    .ok();
+    // The same CSR again: reported as revoked, never issued.
+    std::fs::remove_file(csr.with_extension("crt")).unwrap();
+    let run = env.sign(&home, "test-any-key", &[&csr]);
+    run.code_is(1);
+    assert!(run.stdout().contains("revoked"), "{}", run.all());
+    assert!(!csr.with_extension("crt").exists());
+    // A new CSR for the same key, another subject: refused, in check and in sign.
+    let other = env.path("c/b.csr");
+    common::openssl(&[
+        "req",
+        "-new",
+        "-key",
+        s(&csr.with_extension("key")),
+        "-subj",
+        "/CN=b",
+        "-out",
+        s(&other),
+    ]);
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&other),
+    ]);
+    run.code_is(1);
+    assert!(run.stdout().contains("key.compromised"), "{}", run.all());
+    let run = env.sign(&home, "test-any-key", &[&other]);
+    run.code_is(1);
+    assert!(
+        run.stdout().contains("key.compromised") && run.stdout().contains(&serial),
+        "{}",
+        run.all()
+    );
+    assert!(!other.with_extension("crt").exists());
+}

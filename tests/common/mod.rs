@@ -120,7 +120,18 @@ impl Env {
             &label,
         ])
         .ok();
+        self.install_test_any_key(&home);
         home
+    }
+
+    /// Installs the suite's `test-any-key` profile (any key type, any DNS name, root-issued;
+    /// not shipped) the sanctioned way: the file into HOME/profiles, then `profiles apply`.
+    pub fn install_test_any_key(&self, home: &Path) {
+        let profile =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/profiles/test-any-key.json");
+        std::fs::copy(&profile, home.join("profiles/test-any-key.json")).unwrap();
+        self.hsmca(&["profiles", "apply", "--home", home.to_str().unwrap()])
+            .ok();
     }
 
     /// A P-256 CSR without SANs, the common case in tests.
@@ -185,7 +196,6 @@ impl Env {
     }
 }
 
-/// A path as `&str`, for argument lists.
 /// SoftHSM2's PKCS#11 module.
 pub fn softhsm_module() -> PathBuf {
     [
@@ -205,6 +215,7 @@ pub fn plan_hash(plan: &Path) -> String {
     v["hash"].as_str().unwrap().to_owned()
 }
 
+/// A path as `&str`, for argument lists.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
