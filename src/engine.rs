@@ -301,6 +301,16 @@ impl<'t> CaSession<'t> {
                 "the token's log key is not the one recorded in the log",
             ));
         }
+        // Entries past the last checkpoint were signed by no one: a process that died before its
+        // checkpoint, or entries written by hand (a fabricated revocation would land in the
+        // next CRL). An operator looks at them and signs them with `hsmca log recover`.
+        if log.unsigned() > 0 {
+            return Err(PinnedError::UnsignedTail {
+                from: log.size() - log.unsigned(),
+                to: log.size() - 1,
+            }
+            .into());
+        }
         let mut compromised = BTreeMap::new();
         for (serial, der) in log.compromised()? {
             if let Ok((key, _)) = crate::verify::key_and_expiry(&der) {

@@ -70,6 +70,16 @@ pub enum PinnedError {
     /// The log does not extend the head kept in the token.
     #[error("the issuance log does not extend the log head kept in the token: {0}")]
     LogHead(String),
+    /// Entries past the latest checkpoint.
+    #[error(
+        "entries {from}..{to} of the issuance log are past the latest checkpoint: no checkpoint signs them"
+    )]
+    UnsignedTail {
+        /// First unsigned entry.
+        from: u64,
+        /// Last one.
+        to: u64,
+    },
     /// A plan signed without the approved hash.
     #[error("{0}")]
     NotApproved(String),
@@ -81,7 +91,7 @@ impl PinnedError {
         match self {
             Self::NoPolicy(_) | Self::PolicyDrift { .. } | Self::NotApproved(_) => 2,
             Self::ModuleChanged { .. } | Self::ModuleUnpinned { .. } | Self::ModuleRead { .. } => 3,
-            Self::LogHead(_) => 4,
+            Self::LogHead(_) | Self::UnsignedTail { .. } => 4,
         }
     }
 
@@ -99,6 +109,9 @@ impl PinnedError {
             }
             Self::LogHead(_) => {
                 "the CA home was rolled back, truncated or rewritten: restore the log from the latest ceremony backup and compare with the checkpoint in the minutes"
+            }
+            Self::UnsignedTail { .. } => {
+                "a command stopped before its checkpoint, or entries were added by hand: check them with `hsmca log verify --home DIR` (and `log list`), then sign them with `hsmca log recover --home DIR`"
             }
             Self::NotApproved(_) => {
                 "sign with --approve HASH, the plan hash the reviewers wrote down from `hsmca plan`"

@@ -517,3 +517,59 @@ fn issue_13_a_key_revoked_for_key_compromise_gets_no_new_certificate() {
     );
     assert!(!other.with_extension("crt").exists());
 }
+
+#[test]
+fn issue_13_entries_appended_by_hand_are_signed_by_no_one_and_refused() {
+    let env = Env::new("tail");
+    let home = env.init("ca", "tail", "ecdsa-p256");
+    let csr = env.p256_csr("c/a.csr", "/CN=a");
+    env.sign(&home, "test-any-key", &[&csr]).ok();
+    // A fabricated revocation appended with a correct chain hash: taken from a real one made
+    // on a copy (same token, so the copy's checkpoint is not kept).
+    let serial = entries(&home).iter().find(|e| e["type"] == "cert").unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log_path = home.join("log/entries.jsonl");
+    let before = std::fs::read(&log_path).unwrap();
+    let cp_before = std::fs::read(home.join("log/checkpoint")).unwrap();
+    let head_files: Vec<_> = std::fs::read_dir(home.join("log/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &serial,
+        "--reason",
+        "key-compromise",
+    ])
+    .ok();
+    let forged = std::fs::read(&log_path).unwrap();
+    // Put back the old checkpoints: the revocation is now an unsigned tail.
+    std::fs::write(home.join("log/checkpoint"), &cp_before).unwrap();
+    for e in std::fs::read_dir(home.join("log/checkpoints")).unwrap() {
+        let p = e.unwrap().path();
+        if !head_files.contains(&p) {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    assert!(forged.len() > before.len());
+    let run = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    run.code_is(4);
+    assert!(run.stdout().contains("unsigned tail"), "{}", run.all());
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&env.path("crl.pem"))])
+        .fails_with(4, "past the latest checkpoint");
+    assert!(!env.path("crl.pem").exists());
+    // The operator looks, then signs the tail deliberately.
+    let run = env.hsmca(&["log", "recover", "--home", s(&home)]);
+    run.ok();
+    assert!(
+        run.stdout()
+            .contains("1 entries past the previous checkpoint"),
+        "{}",
+        run.all()
+    );
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}

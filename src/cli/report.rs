@@ -216,6 +216,13 @@ pub(crate) fn recovered(out: &mut impl Write, r: &Recovered, as_json: bool) -> i
             format!("{:?}", r.abandoned)
         }
     )?;
+    if r.signed_tail > 0 {
+        writeln!(
+            out,
+            "{} entries past the previous checkpoint are now signed",
+            r.signed_tail
+        )?;
+    }
     writeln!(out, "recovery logged and checkpoint signed")
 }
 

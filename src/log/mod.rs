@@ -1151,6 +1151,8 @@ pub struct Recovered {
     pub quarantine: Option<String>,
     /// Intents closed as abandoned.
     pub abandoned: Vec<u64>,
+    /// Entries that were past the latest checkpoint, now signed by the recovery's checkpoint.
+    pub signed_tail: u64,
 }
 
 /// `hsmca log recover`: sets a torn tail aside in `quarantine/`, cuts the file back to its last
@@ -1194,6 +1196,7 @@ pub fn recover(
         bytes_removed: 0,
         quarantine: None,
         abandoned: Vec::new(),
+        signed_tail: log.unsigned(),
     };
     if let Some((bytes_removed, removed_sha256, quarantine)) = removed {
         result.bytes_removed = bytes_removed;
