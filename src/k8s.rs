@@ -38,20 +38,23 @@ impl CsrObject {
             signer: self.signer.clone(),
             usages: self.usages.clone(),
             username: self.username.clone(),
-            groups: self
-                .raw
-                .pointer("/spec/groups")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            groups: strings(&self.raw, "/spec/groups"),
             expiration_seconds: self.expiration_seconds,
         }
     }
+}
+
+/// The strings of the array at `pointer` (none if absent or not an array).
+fn strings(v: &Value, pointer: &str) -> Vec<String> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads a `List` of objects, or one object.
@@ -122,16 +125,7 @@ fn object(v: &Value) -> Result<CsrObject, String> {
     };
     Ok(CsrObject {
         signer: s("/spec/signerName"),
-        usages: v
-            .pointer("/spec/usages")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        usages: strings(v, "/spec/usages"),
         username: s("/spec/username"),
         expiration_seconds: v.pointer("/spec/expirationSeconds").and_then(Value::as_u64),
         request,

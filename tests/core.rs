@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Env, openssl, openssl_verifies, require, s};
+use common::{Env, copy_home, openssl, openssl_verifies, require, s};
 
 #[test]
 fn init_with_each_root_key_type_makes_a_valid_root() {
@@ -387,16 +387,6 @@ fn home_with_history(env: &Env, token: &str) -> std::path::PathBuf {
         env.sign(&home, "test-any-key", &[&csr]).ok();
     }
     home
-}
-
-fn copy_home(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Env, plan_hash, s};
+use common::{Env, copy_home, plan_hash, s};
 
 fn entries(home: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(home.join("log/entries.jsonl"))
@@ -16,16 +16,6 @@ fn entries(home: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn copy_home(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 #[test]

@@ -196,6 +196,17 @@ impl Env {
     }
 }
 
+/// `cp -a FROM TO`: a copy of a CA home, as an insider (or a restore) would make it.
+pub fn copy_home(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 /// SoftHSM2's PKCS#11 module.
 pub fn softhsm_module() -> PathBuf {
     [
