@@ -392,7 +392,46 @@ fn issue_13_a_batch_issues_a_danger_profile_only_when_the_command_line_names_it(
     ]);
     run.code_is(1);
     assert!(run.stdout().contains("profile.danger"), "{}", run.all());
-    // Named on the command line, it is issued.
+    // A reviewed plan names it at review and again at signing.
+    let plan2 = env.path("plan2.json");
+    env.hsmca(&[
+        "plan",
+        "--home",
+        s(&home),
+        s(&input),
+        "--manifest",
+        s(&manifest),
+        "--out",
+        s(&plan2),
+        "--allow-profile",
+        "super-admin",
+    ])
+    .ok();
+    let hash = plan_hash(&plan2);
+    let signed = |out: &str, extra: &[&str]| {
+        let out = env.path(out);
+        let mut args = vec![
+            "sign-dir",
+            "--home",
+            s(&home),
+            "--plan",
+            s(&plan2),
+            "--approve",
+            &hash,
+            "--out",
+        ];
+        args.push(s(&out));
+        args.extend_from_slice(extra);
+        env.hsmca(&args)
+    };
+    let run = signed("out-plan1", &[]);
+    run.code_is(1);
+    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    signed("out-plan2", &["--allow-profile", "super-admin"]).ok();
+    assert!(env.path("out-plan2/sa.crt").exists());
+    // Named on the command line, it is issued (sign-dir INPUT issues nothing twice: a new CSR).
+    std::fs::remove_dir_all(&input).unwrap();
+    env.p256_csr("in/sa.csr", "/O=system:masters/CN=kubernetes-super-admin");
     sign_dir("out2", &["--allow-profile", "super-admin"]).ok();
     assert!(env.path("out2/sa.crt").exists());
 
