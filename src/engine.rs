@@ -829,3 +829,103 @@ pub fn out_path(out: Option<&Path>, single: bool, csr: &Path) -> PathBuf {
         None => csr.with_file_name(format!("{stem}.crt")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    use super::*;
+    use crate::keys::PublicKey;
+    use crate::signer::SignError;
+
+    /// A software Ed25519 log key, so the head rule is tested without a token.
+    struct Ed(Ed25519KeyPair, PublicKey);
+
+    impl CaSigner for Ed {
+        fn public_key(&self) -> &PublicKey {
+            &self.1
+        }
+        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, SignError> {
+            Ok(self.0.sign(msg).as_ref().to_vec())
+        }
+    }
+
+    fn ed() -> Ed {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let mut spki = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        spki.extend_from_slice(pair.public_key().as_ref());
+        let public = PublicKey::from_spki_der(&spki).unwrap();
+        Ed(pair, public)
+    }
+
+    /// A log in `dir` with the root entry and one plan entry per hash, checkpointed.
+    fn log(dir: &Path, key: &Ed, plans: &[&str]) -> Log {
+        let origin = "test/head";
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let root = Body::Root {
+            subject: "CN=Root".into(),
+            serial: "01".into(),
+            key_type: "ed25519".into(),
+            key_label: "root".into(),
+            spki_sha256: String::new(),
+            cert_sha256: keys::sha256_hex(&[]),
+            cert: String::new(),
+            origin: origin.into(),
+            log_vkey: translog::vkey(origin, &key.1).unwrap(),
+            tool: "test".into(),
+        };
+        let note_key = NoteKey::new(origin, key).unwrap();
+        let mut log = Log::create(dir, root, now, &note_key).unwrap();
+        let bodies = plans
+            .iter()
+            .map(|h| Body::Plan {
+                plan_sha256: (*h).into(),
+                to_issue: 1,
+            })
+            .collect();
+        log.append(bodies, now).unwrap();
+        log.checkpoint(&note_key).unwrap();
+        log
+    }
+
+    #[test]
+    fn a_log_must_extend_the_head_the_token_keeps() {
+        let key = ed();
+        let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let head = log(dirs[0].path(), &key, &["a", "b"])
+            .latest_checkpoint()
+            .unwrap();
+        // The same history, and a longer one: accepted.
+        assert!(check_head(&log(dirs[1].path(), &key, &["a", "b"]), &head).is_ok());
+        assert!(check_head(&log(dirs[2].path(), &key, &["a", "b", "c"]), &head).is_ok());
+        // Rolled back (shorter) or rewritten (same size, other entries): refused.
+        let shorter = check_head(&log(dirs[3].path(), &key, &["a"]), &head).unwrap_err();
+        assert!(
+            shorter
+                .to_string()
+                .contains("covers 3 entries but the log has 2"),
+            "{shorter}"
+        );
+        assert_eq!(shorter.exit_code(), 4);
+        let other = tempfile::tempdir().unwrap();
+        let rewritten = check_head(&log(other.path(), &key, &["a", "x"]), &head).unwrap_err();
+        assert!(
+            rewritten.to_string().contains("history was rewritten"),
+            "{rewritten}"
+        );
+        // A head signed by another key is not trusted.
+        let stranger = tempfile::tempdir().unwrap();
+        let foreign = log(stranger.path(), &ed(), &["a", "b"])
+            .latest_checkpoint()
+            .unwrap();
+        let err = check_head(
+            &log(tempfile::tempdir().unwrap().path(), &key, &["a", "b"]),
+            &foreign,
+        );
+        assert!(err.unwrap_err().to_string().contains("does not verify"));
+    }
+}
