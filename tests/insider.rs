@@ -10,6 +10,12 @@ use std::process::Command;
 
 use common::{Env, copy_home, plan_hash, s};
 
+/// The run finished (exit 1) with an item refused under `rule`.
+fn refused(run: &common::Run, rule: &str) {
+    run.code_is(1);
+    assert!(run.stdout().contains(rule), "{}", run.all());
+}
+
 fn entries(home: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(home.join("log/entries.jsonl"))
         .unwrap()
@@ -376,8 +382,7 @@ fn issue_13_a_batch_issues_a_danger_profile_only_when_the_command_line_names_it(
     };
     // The stick's manifest chooses super-admin: refused in sign-dir INPUT and in plan.
     let run = sign_dir("out1", &[]);
-    run.code_is(1);
-    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    refused(&run, "profile.danger");
     assert!(!env.path("out1/sa.crt").exists());
     let plan = env.path("plan.json");
     let run = env.hsmca(&[
@@ -390,8 +395,7 @@ fn issue_13_a_batch_issues_a_danger_profile_only_when_the_command_line_names_it(
         "--out",
         s(&plan),
     ]);
-    run.code_is(1);
-    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    refused(&run, "profile.danger");
     // A reviewed plan names it at review and again at signing.
     let plan2 = env.path("plan2.json");
     env.hsmca(&[
@@ -425,8 +429,7 @@ fn issue_13_a_batch_issues_a_danger_profile_only_when_the_command_line_names_it(
         env.hsmca(&args)
     };
     let run = signed("out-plan1", &[]);
-    run.code_is(1);
-    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    refused(&run, "profile.danger");
     signed("out-plan2", &["--allow-profile", "super-admin"]).ok();
     assert!(env.path("out-plan2/sa.crt").exists());
     // Named on the command line, it is issued (sign-dir INPUT issues nothing twice: a new CSR).
@@ -454,8 +457,7 @@ fn issue_13_a_batch_issues_a_danger_profile_only_when_the_command_line_names_it(
         "--out",
         s(&env.path("out3")),
     ]);
-    run.code_is(1);
-    assert!(run.stdout().contains("profile.danger"), "{}", run.all());
+    refused(&run, "profile.danger");
     // `sign --profile` names the profile itself.
     env.sign(&home, "test-any-key", &[&any.join("x.csr")]).ok();
 }
@@ -512,8 +514,7 @@ fn issue_13_a_key_revoked_for_key_compromise_gets_no_new_certificate() {
     // The same CSR again: reported as revoked, never issued.
     std::fs::remove_file(csr.with_extension("crt")).unwrap();
     let run = env.sign(&home, "test-any-key", &[&csr]);
-    run.code_is(1);
-    assert!(run.stdout().contains("revoked"), "{}", run.all());
+    refused(&run, "revoked");
     assert!(!csr.with_extension("crt").exists());
     // A new CSR for the same key, another subject: refused, in check and in sign.
     let other = env.path("c/b.csr");
@@ -535,8 +536,7 @@ fn issue_13_a_key_revoked_for_key_compromise_gets_no_new_certificate() {
         "test-any-key",
         s(&other),
     ]);
-    run.code_is(1);
-    assert!(run.stdout().contains("key.compromised"), "{}", run.all());
+    refused(&run, "key.compromised");
     let run = env.sign(&home, "test-any-key", &[&other]);
     run.code_is(1);
     assert!(
