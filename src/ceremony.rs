@@ -435,10 +435,10 @@ pub fn apply(home: &Home, keys: &dyn Keystore, clock: &dyn Clock) -> Result<Appl
         return Err(Error::Internal("policy_entry made another entry".into()));
     };
     let previous = session.log().policy().cloned();
-    let changes = previous.as_ref().map_or_else(
-        || files.keys().map(|f| format!("{f} added")).collect(),
-        |p| pinned::changes(&p.files, files),
-    );
+    let changes = match session.log().policy_entry()? {
+        Some(before) => pinned::detailed_changes(&before, &entry),
+        None => files.keys().map(|f| format!("{f} added")).collect(),
+    };
     let mut applied = Applied {
         previous: previous.map(|p| p.sha256),
         policy_sha256: policy_sha256.clone(),

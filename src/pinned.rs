@@ -213,6 +213,69 @@ pub fn changes(pinned: &BTreeMap<String, String>, now: &BTreeMap<String, String>
     out
 }
 
+/// [`changes`] with, for each changed file, the keys whose expanded values differ between the
+/// two `policy` entries (`profiles/kubelet-client.json changed: subject, validity`), so the
+/// reviewers see what the edit does, not only where.
+pub fn detailed_changes(previous: &Body, new: &Body) -> Vec<String> {
+    let (
+        Body::Policy {
+            files: old_files,
+            site: old_site,
+            profiles: old_profiles,
+            ..
+        },
+        Body::Policy {
+            files,
+            site,
+            profiles,
+            ..
+        },
+    ) = (previous, new)
+    else {
+        return Vec::new();
+    };
+    changes(old_files, files)
+        .into_iter()
+        .map(|change| {
+            let Some(file) = change.strip_suffix(" changed") else {
+                return change;
+            };
+            let keys = match file
+                .strip_prefix("profiles/")
+                .and_then(|n| n.strip_suffix(".json"))
+            {
+                None => changed_keys(old_site, site),
+                Some(name) => match (old_profiles.get(name), profiles.get(name)) {
+                    (Some(old), Some(new)) => changed_keys(old, new),
+                    _ => Vec::new(),
+                },
+            };
+            if keys.is_empty() {
+                change
+            } else {
+                format!("{change}: {}", keys.join(", "))
+            }
+        })
+        .collect()
+}
+
+/// The top-level keys whose values differ between two JSON objects (present in only one
+/// counts as differing).
+fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (Some(old), Some(new)) = (old.as_object(), new.as_object()) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> = old
+        .keys()
+        .chain(new.keys())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Refuses a CA home whose policy files differ from the last logged policy, or that has none.
 pub fn check_policy(dir: &Path, pinned: Option<&PolicyPin>) -> Result<(), Error> {
     let Some(pin) = pinned else {
@@ -342,6 +405,36 @@ mod tests {
             vec!["b changed", "d added", "c removed"]
         );
         assert!(changes(&pinned, &pinned).is_empty());
+    }
+
+    #[test]
+    fn detailed_changes_name_the_keys_that_differ() {
+        let policy = |validity: &str, domain: &str, desc: &str| {
+            let files = [("site.json", domain), ("profiles/p.json", desc)]
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            Body::Policy {
+                policy_sha256: String::new(),
+                files,
+                site: serde_json::json!({"cluster_domain": domain}),
+                profiles: [(
+                    "p".to_owned(),
+                    serde_json::json!({"validity": validity, "description": desc}),
+                )]
+                .into_iter()
+                .collect(),
+            }
+        };
+        let old = policy("30d", "cluster.local", "a");
+        assert_eq!(
+            detailed_changes(&old, &policy("3650d", "evil.com", "a ")),
+            vec![
+                "profiles/p.json changed: description, validity",
+                "site.json changed: cluster_domain"
+            ]
+        );
+        assert!(detailed_changes(&old, &old).is_empty());
     }
 
     #[test]

@@ -39,7 +39,7 @@ fn issue_13_an_edited_profile_or_site_stops_every_signing_command_until_applied(
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        text.replacen("\"description\"", "\"description\" ", 1),
+        text.replacen("\"description\": \"", "\"description\": \"edited: ", 1),
     )
     .unwrap();
     std::fs::write(home.join("profiles/extra.json"), &text).unwrap();
@@ -80,7 +80,7 @@ fn issue_13_an_edited_profile_or_site_stops_every_signing_command_until_applied(
     run.ok();
     assert!(
         run.stdout()
-            .contains("profiles/kubelet-client.json changed")
+            .contains("profiles/kubelet-client.json changed: description")
             && run.stdout().contains("site.json changed"),
         "{}",
         run.all()

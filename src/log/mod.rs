@@ -188,6 +188,8 @@ pub struct PolicyPin {
     pub sha256: String,
     /// SHA-256 of each file, by path relative to the CA home.
     pub files: std::collections::BTreeMap<String, String>,
+    /// Where its line is in `entries.jsonl`: (offset, length).
+    at: (u64, usize),
 }
 
 /// The PKCS#11 module, as the last `module` entry recorded it.
@@ -506,6 +508,7 @@ impl Scan {
                     seq,
                     sha256: recorded,
                     files,
+                    at: (offset, len),
                 });
             }
             Body::Module { path, sha256 } => {
@@ -999,6 +1002,25 @@ impl Log {
     pub fn latest_checkpoint(&self) -> Result<Vec<u8>, LogError> {
         let path = self.paths.checkpoint();
         fs::read(&path).map_err(io_at(&path))
+    }
+
+    /// The last `policy` entry in full (expanded profiles and site), read back from the file.
+    pub fn policy_entry(&self) -> Result<Option<Body>, LogError> {
+        let Some(pin) = &self.scan.policy else {
+            return Ok(None);
+        };
+        let path = self.paths.entries();
+        let mut f = File::open(&path).map_err(io_at(&path))?;
+        f.seek(SeekFrom::Start(pin.at.0)).map_err(io_at(&path))?;
+        let mut buf = vec![0; pin.at.1];
+        f.read_exact(&mut buf).map_err(io_at(&path))?;
+        let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
+            LogError::Corrupt(Problem {
+                entry: Some(pin.seq),
+                message: e.to_string(),
+            })
+        })?;
+        Ok(Some(entry.body))
     }
 
     /// Every certificate revoked for key compromise: its serial and DER. Few in any CA, so
