@@ -602,3 +602,86 @@ fn issue_13_entries_appended_by_hand_are_signed_by_no_one_and_refused() {
     );
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+#[test]
+fn issue_13_an_older_ca_home_is_moved_onto_a_pinned_module_and_policy_once() {
+    common::require("pkcs11-tool");
+    let env = Env::new("older");
+    let home = env.init("ca", "older", "ecdsa-p256");
+    // As a CA home made before this: the root entry and its checkpoint, no head in the token.
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    std::fs::write(
+        home.join("log/entries.jsonl"),
+        format!("{}\n", log.lines().next().unwrap()),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(home.join("log/checkpoints")).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "000000000001" {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    std::fs::copy(
+        home.join("log/checkpoints/000000000001"),
+        home.join("log/checkpoint"),
+    )
+    .unwrap();
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.conf)
+        .args([
+            "--module",
+            s(&common::softhsm_module()),
+            "--token-label",
+            "older",
+        ])
+        .args([
+            "--login",
+            "--pin",
+            common::PIN,
+            "--delete-object",
+            "--type",
+            "data",
+        ])
+        .args(["--label", "root-ca-log-head"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+
+    let csr = env.p256_csr("c/a.csr", "/CN=a");
+    env.sign(&home, "test-any-key", &[&csr])
+        .fails_with(2, "records no policy");
+    env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "test-any-key",
+        s(&csr),
+    ])
+    .fails_with(2, "records no policy");
+    env.hsmca(&["profiles", "apply", "--home", s(&home)])
+        .fails_with(3, "pins no PKCS#11 module");
+    let module = common::softhsm_module();
+    env.hsmca(&[
+        "profiles",
+        "apply",
+        "--home",
+        s(&home),
+        "--module",
+        s(&module),
+    ])
+    .ok();
+    let kinds: Vec<String> = entries(&home)
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["root", "module", "policy"]);
+    env.sign(&home, "test-any-key", &[&csr]).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home), "--token"])
+        .ok();
+}
