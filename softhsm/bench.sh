@@ -11,7 +11,9 @@
 #   - `hsmca plan` then `hsmca sign-dir --plan` (the reviewed ceremony): wall time of the signing
 #   - a shell loop of `openssl x509 -req` with the pkcs11 engine over 200 of the P-256 CSRs
 # then the peak RSS of `sign-dir INPUT` over BIG CSRs (memory must stay flat as the batch grows).
-# Every hsmca run signs into a fresh copy of the CA home, so nothing is "already issued".
+# Every hsmca run signs into a fresh copy of the CA home and of its token (the token keeps the
+# log head, so a copied home alone would be refused as rolled back), so nothing is "already
+# issued".
 # The machine is shared and its speed drifts by 10-20 % from minute to minute, so the raw and
 # hsmca runs are interleaved, ROUNDS times, and the table shows medians (ranges below it).
 set -euo pipefail
@@ -46,31 +48,35 @@ timed() {
     || { cat "$work/err-$label" >&2; exit 1; }
   read -r wall rss <"$work/time-$label"
 }
-# fresh KT: a copy of the CA home for one run; sets $home.
+# fresh KT: a copy of the CA home and its token for one run; sets $home and $conf.
 fresh() {
   run_no=$((run_no + 1))
   home=$work/run-$run_no
   cp -a "$work/ca-$1" "$home"
+  cp -a "$work/hsm-$1" "$work/hsm-run-$run_no"
+  conf=$work/hsm-run-$run_no/softhsm2.conf
+  sed "s|$work/hsm-$1/|$work/hsm-run-$run_no/|" "$work/hsm-$1/softhsm2.conf" >"$conf"
 }
 # sign_input KT SESSIONS SRC: `sign-dir INPUT` on a fresh CA home; sets $rate, $rss.
 sign_input() {
   local count
   fresh "$1"
-  timed "run-$run_no" "$bin/hsmca" sign-dir --home "$home" "$3" --profile bench \
+  SOFTHSM2_CONF=$conf timed "run-$run_no" "$bin/hsmca" sign-dir --home "$home" "$3" --profile bench \
     --out "$work/signed-$run_no" --sessions "$2" --json
   count=$(py "import json; print(json.loads(open('$work/out-run-$run_no.json').read().splitlines()[-1])['issued'])")
   [ "$count" = "$(find "$3" -name '*.csr' | wc -l)" ] || { echo "error: only $count issued" >&2; exit 1; }
   rate=$(py "print('%.0f' % ($count / $wall))")
-  rm -rf "$home"
+  rm -rf "$home" "$work/hsm-run-$run_no"
 }
 # sign_plan KT SRC: `plan`, then `sign-dir --plan` on 2 sessions (timed); sets $rate.
 sign_plan() {
   fresh "$1"
   "$bin/hsmca" plan --home "$home" "$2" --profile bench --out "$work/plan-$run_no.json" >/dev/null
-  timed "run-$run_no" "$bin/hsmca" sign-dir --home "$home" --plan "$work/plan-$run_no.json" \
-    --out "$work/signed-$run_no" --sessions 2 --json
+  approve=$(py "import json; print(json.load(open('$work/plan-$run_no.json'))['hash'])")
+  SOFTHSM2_CONF=$conf timed "run-$run_no" "$bin/hsmca" sign-dir --home "$home" --plan "$work/plan-$run_no.json" \
+    --approve "$approve" --out "$work/signed-$run_no" --sessions 2 --json
   rate=$(py "print('%.0f' % ($n / $wall))")
-  rm -rf "$home"
+  rm -rf "$home" "$work/hsm-run-$run_no"
 }
 
 rows=(); ranges=()
@@ -83,7 +89,8 @@ for kt in rsa-2048 ecdsa-p256; do
   # The issuer under test: an intermediate with the key type being measured.
   "$bin/hsmca" ca create bench-ca --home "$work/ca-$kt" --profile kubernetes-ca --subject "CN=kubernetes-ca" --key-type "$kt" >/dev/null
   sed 's/"issuer": "root"/"issuer": "bench-ca"/; s/"name": "test-any-key"/"name": "bench"/' \
-    "$work/ca-$kt/profiles/test-any-key.json" >"$work/ca-$kt/profiles/bench.json"
+    "$repo/tests/data/profiles/test-any-key.json" >"$work/ca-$kt/profiles/bench.json"
+  "$bin/hsmca" profiles apply --home "$work/ca-$kt" >/dev/null  # a new profile is signed once logged
   label=hsmca-root-bench-ca
   r1=(); r2=()
   declare -A h1=() h2=() hp=() rs=()

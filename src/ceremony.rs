@@ -19,6 +19,7 @@ use crate::keys::{self, KeyType};
 use crate::log::translog::{self, NoteKey};
 use crate::log::{Body, Log};
 use crate::pin::Pin;
+use crate::pinned::{self, ModuleFile};
 use crate::policy::{self, Context, Purpose};
 use crate::profile::{Duration, Profile, Site};
 use crate::signer::Keystore;
@@ -29,8 +30,8 @@ use crate::token::{Token, TokenRef};
 pub struct InitRequest {
     /// The new CA home.
     pub home: PathBuf,
-    /// The PKCS#11 module.
-    pub module: PathBuf,
+    /// The PKCS#11 module, hashed before it was loaded; pinned in the log.
+    pub module: ModuleFile,
     /// Whether the module was named explicitly (then it is recorded in the config).
     pub record_module: bool,
     /// Which token.
@@ -103,7 +104,7 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
     // Profiles are read before the token is touched: a bad one must not cost a key.
     let profiles = collect_profiles(req.profiles_from.as_deref(), &req.site)?;
-    let token = Token::open(&req.module, &req.token, pin)?;
+    let token = Token::open(&req.module.path, &req.token, pin)?;
     let log_type = match req.log_key_type {
         Some(t) => t,
         None if token.supports(cryptoki::mechanism::MechanismType::EDDSA) => KeyType::Ed25519,
@@ -150,6 +151,15 @@ pub fn init_with(
     let log_id = token.random(8)?;
     let root_public = token.generate_key_pair(req.key_type, &req.key_label, &root_id)?;
     let log_public = token.generate_key_pair(log_type, &log_label, &log_id)?;
+    // The token keeps the log head under this label (see `engine::head_label`).
+    let head_label = format!("{log_label}-head");
+    if !token.log_head(&head_label)?.is_empty() {
+        return Err(crate::token::TokenError::KeyExists {
+            token: place.token.clone(),
+            key: head_label,
+        }
+        .into());
+    }
     let root_key = token.key_matching(&req.key_label, &root_public)?;
     let log_key = token.key_matching(&log_label, &log_public)?;
     let (root_key, log_key) = (&*root_key, &*log_key);
@@ -178,7 +188,7 @@ pub fn init_with(
     std::fs::create_dir(&tmp).map_err(io_at(&tmp))?;
     let config = Config {
         version: 1,
-        module: req.record_module.then(|| req.module.clone()),
+        module: req.record_module.then(|| req.module.path.clone()),
         token: place.token.clone(),
         root_key: KeyRef {
             label: req.key_label.clone(),
@@ -219,7 +229,13 @@ pub fn init_with(
         log_vkey: vkey.clone(),
         tool: format!("hsmca {}", env!("CARGO_PKG_VERSION")),
     };
-    drop(Log::create(&tmp, root_entry, now, &note_key)?);
+    let mut log = Log::create(&tmp, root_entry, now, &note_key)?;
+    // The policy in force and the module, pinned from the first signed checkpoint on; the
+    // token keeps that checkpoint as the log head.
+    log.append(vec![pinned::policy_entry(&tmp)?, req.module.entry()], now)?;
+    log.checkpoint(&note_key)?;
+    token.store_log_head(&head_label, &log.latest_checkpoint()?)?;
+    drop(log);
     std::fs::rename(&tmp, &req.home).map_err(io_at(&req.home))?;
     files::sync_dir(parent)?;
     Ok(InitReport {
@@ -318,10 +334,11 @@ pub fn create_ca(
             req.name
         )));
     }
-    let profile = home.profile(&req.profile)?;
+    home.profile(&req.profile)?;
     let subject = issue::subject_pairs(&req.subject)?;
     refuse_taken_subject(home, &subject)?;
     let mut session = CaSession::open(home, keys, clock)?;
+    let profile = session.profile(&req.profile)?;
     let issuer = session.issuer(&profile.issuer)?;
     let (issuer_cert, issuer_subject) = (issuer.cert.clone(), issuer.subject.clone());
 
@@ -348,6 +365,8 @@ pub fn create_ca(
         serial: vec![0; 16],
         requested_validity: req.validity,
         issuer_not_after: issuer_cert.not_after,
+        allow_profiles: None,
+        compromised: std::sync::Arc::default(),
     };
     if let Err(refusals) = policy::decide(&profile, &proposal, &ctx) {
         let list: Vec<String> = refusals.iter().map(ToString::to_string).collect();
@@ -426,4 +445,49 @@ fn refuse_taken_subject(home: &Home, subject: &[(AttrType, String)]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// What `hsmca profiles apply` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    /// The policy in force before (none in a CA home made before policies were logged).
+    pub previous: Option<String>,
+    /// The policy in force now.
+    pub policy_sha256: String,
+    /// Files changed, added or removed since the previous policy.
+    pub changes: Vec<String>,
+    /// The new `policy` entry; `None` when nothing changed and nothing was logged.
+    pub log_entry: Option<u64>,
+}
+
+/// `hsmca profiles apply`: the only way to change what is signed. Checks that every profile
+/// loads, logs the CA home's profiles and site parameters as the policy in force, and signs a
+/// checkpoint; from then on signing commands accept exactly these files.
+pub fn apply(home: &Home, keys: &dyn Keystore, clock: &dyn Clock) -> Result<Applied, Error> {
+    let mut session = CaSession::open_unpinned(home, keys, clock)?;
+    let entry = pinned::policy_entry(&home.dir)?;
+    let Body::Policy {
+        policy_sha256,
+        files,
+        ..
+    } = &entry
+    else {
+        return Err(Error::Internal("policy_entry made another entry".into()));
+    };
+    let previous = session.log().policy().cloned();
+    let changes = match session.log().policy_entry()? {
+        Some(before) => pinned::detailed_changes(&before, &entry),
+        None => files.keys().map(|f| format!("{f} added")).collect(),
+    };
+    let mut applied = Applied {
+        previous: previous.map(|p| p.sha256),
+        policy_sha256: policy_sha256.clone(),
+        changes,
+        log_entry: None,
+    };
+    if applied.previous.as_ref() != Some(&applied.policy_sha256) {
+        applied.log_entry = session.append(vec![entry])?.first().copied();
+        session.checkpoint()?;
+    }
+    Ok(applied)
 }

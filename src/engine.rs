@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -32,7 +33,8 @@ use crate::home::{Home, HomeError};
 use crate::issue::{self, IssueError, IssuerCert, Prepared};
 use crate::keys::{self, KeyType};
 use crate::log::translog::{self, NoteKey};
-use crate::log::{Body, Log};
+use crate::log::{Body, Log, PolicyPin};
+use crate::pinned::{self, PinnedError};
 use crate::policy::{Decision, Refusal};
 use crate::profile::Profile;
 use crate::signer::{CaSigner, FaultKind, FaultStreak, Keystore};
@@ -218,6 +220,8 @@ pub struct CaSession<'t> {
     log: Log,
     log_key: Box<dyn CaSigner + 't>,
     issuers: BTreeMap<String, Issuer<'t>>,
+    policy: Option<PolicyPin>,
+    compromised: Arc<BTreeMap<String, String>>,
 }
 
 impl Issuer<'_> {
@@ -244,14 +248,32 @@ impl<'t> CaSession<'t> {
     /// Opens the log for appending with the token's log key, after checking that both the root
     /// and the log key are the ones recorded in the log, and closes intents a crashed run left
     /// open (nothing was released for them).
+    ///
+    /// Refuses (before anything is signed) a log that does not extend the head the token
+    /// keeps (exit 4), and a CA home whose profiles or site parameters differ from the policy
+    /// last logged (exit 2).
     pub fn open(
+        home: &'t Home,
+        keys: &'t dyn Keystore,
+        clock: &'t dyn Clock,
+    ) -> Result<Self, Error> {
+        let mut session = Self::open_unpinned(home, keys, clock)?;
+        pinned::check_policy(&home.dir, session.log.policy())?;
+        session.policy = session.log.policy().cloned();
+        session.close_open_intents()?;
+        Ok(session)
+    }
+
+    /// [`CaSession::open`] without the policy check, for `hsmca profiles apply` (which logs
+    /// the policy) and for logging a module change. Still checks root, log key and log head.
+    pub fn open_unpinned(
         home: &'t Home,
         keys: &'t dyn Keystore,
         clock: &'t dyn Clock,
     ) -> Result<Self, Error> {
         let log_key = keys.key(&home.config.log_key.label)?;
         let root = home.root()?;
-        let mut log = Log::open(&home.dir)?;
+        let log = Log::open(&home.dir)?;
         let mismatch = |file: &str, message: &str| {
             Error::Home(HomeError::Config {
                 path: home.dir.join(file),
@@ -269,14 +291,25 @@ impl<'t> CaSession<'t> {
                 "the token's log key is not the one recorded in the log",
             ));
         }
-        let open = log.open_intents();
-        if !open.is_empty() {
-            let reason = "a previous run stopped before logging the result; nothing was released";
-            let bodies = open
-                .into_iter()
-                .map(|intent_seq| abandon(intent_seq, reason))
-                .collect();
-            log.append(bodies, clock.now())?;
+        // Entries past the last checkpoint were signed by no one: a process that died before its
+        // checkpoint, or entries written by hand (a fabricated revocation would land in the
+        // next CRL). An operator looks at them and signs them with `hsmca log recover`.
+        if log.unsigned() > 0 {
+            return Err(PinnedError::UnsignedTail {
+                from: log.size() - log.unsigned(),
+                to: log.size() - 1,
+            }
+            .into());
+        }
+        let mut compromised = BTreeMap::new();
+        for (serial, der) in log.compromised()? {
+            if let Ok((key, _)) = crate::verify::key_and_expiry(&der) {
+                compromised.insert(key.fingerprint(), serial);
+            }
+        }
+        let head_label = head_label(home);
+        for note in keys.log_head(&head_label)? {
+            check_head(&log, &note)?;
         }
         Ok(Self {
             home,
@@ -285,7 +318,39 @@ impl<'t> CaSession<'t> {
             log,
             log_key,
             issuers: BTreeMap::new(),
+            policy: None,
+            compromised: Arc::new(compromised),
         })
+    }
+
+    /// Closes intents a crashed run left open (nothing was released for them).
+    fn close_open_intents(&mut self) -> Result<(), Error> {
+        let open = self.log.open_intents();
+        if !open.is_empty() {
+            let reason = "a previous run stopped before logging the result; nothing was released";
+            let bodies = open
+                .into_iter()
+                .map(|intent_seq| abandon(intent_seq, reason))
+                .collect();
+            self.append(bodies)?;
+        }
+        Ok(())
+    }
+
+    /// Public keys (SPKI SHA-256) whose certificate was revoked for key compromise, with its
+    /// serial: for `policy::Context::compromised`, so no profile issues for them again.
+    pub fn compromised(&self) -> Arc<BTreeMap<String, String>> {
+        self.compromised.clone()
+    }
+
+    /// The hash of the policy every intent of this session is decided under.
+    pub fn policy_sha256(&self) -> Option<&str> {
+        self.policy.as_ref().map(|p| p.sha256.as_str())
+    }
+
+    /// The intent entry for `ready`, under this session's policy.
+    pub fn intent(&self, ready: &Ready) -> Body {
+        ready.intent(self.policy_sha256())
     }
 
     /// The CA home.
@@ -308,9 +373,12 @@ impl<'t> CaSession<'t> {
         &self.log
     }
 
-    /// A profile of the CA home.
+    /// A profile of the CA home, parsed from exactly the bytes the logged policy pinned.
     pub fn profile(&self, name: &str) -> Result<Profile, Error> {
-        self.home.profile(name)
+        match &self.policy {
+            Some(pin) => pinned::load_profile(self.home, pin, name),
+            None => Err(pinned::PinnedError::NoPolicy(self.home.dir.clone()).into()),
+        }
     }
 
     /// The issuer `name` (`root` or an intermediate), its key found in the token and checked
@@ -368,11 +436,14 @@ impl<'t> CaSession<'t> {
         Ok(self.log.append(bodies, self.clock.now())?)
     }
 
-    /// Signs a checkpoint over the log as it stands, with the token's log key.
+    /// Signs a checkpoint over the log as it stands, with the token's log key, and keeps a
+    /// copy in the token as the log head later commands compare the CA home with.
     pub fn checkpoint(&mut self) -> Result<(), Error> {
         let note_key =
             NoteKey::new(&self.home.config.origin, &*self.log_key).map_err(Error::Usage)?;
         self.log.checkpoint(&note_key)?;
+        let note = self.log.latest_checkpoint()?;
+        self.keys.store_log_head(&head_label(self.home), &note)?;
         Ok(())
     }
 
@@ -388,7 +459,7 @@ impl<'t> CaSession<'t> {
                 halt: None,
             });
         }
-        let intents = ready.iter().map(Ready::intent).collect();
+        let intents = ready.iter().map(|r| self.intent(r)).collect();
         let seqs = self.append(intents)?;
         danger_crash_point("after-intent");
         let mut health = Health::default();
@@ -424,6 +495,50 @@ impl<'t> CaSession<'t> {
             certificates,
             halt: health.halt().cloned(),
         })
+    }
+}
+
+/// The label of the token's data object holding the log head of this CA home.
+pub fn head_label(home: &Home) -> String {
+    format!("{}-head", home.config.log_key.label)
+}
+
+/// Refuses a log that does not extend `note`, the checkpoint the token keeps: shorter (a
+/// rollback or truncation) or with other entries under it (a rewrite, even one re-chained and
+/// re-checkpointed from an older checkpoint).
+pub fn check_head(log: &Log, note: &[u8]) -> Result<(), Error> {
+    let cp = translog::open_checkpoint(note, &log.root().vkey).map_err(|e| {
+        PinnedError::LogHead(format!(
+            "the token's log head does not verify with the log key: {e}"
+        ))
+    })?;
+    if cp.size > log.size() {
+        return Err(PinnedError::LogHead(format!(
+            "the token's head covers {} entries but the log has {}: entries were removed or an older copy was restored",
+            cp.size,
+            log.size()
+        ))
+        .into());
+    }
+    if log.root_at(cp.size) != Some(cp.root) {
+        return Err(PinnedError::LogHead(format!(
+            "the first {} entries differ from those the token's head signed: history was rewritten",
+            cp.size
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A session that appended entries it did not checkpoint (a plan entry after the last
+/// certificate, abandons of a crashed run, a run that stopped on an error) signs them as it
+/// ends, so an unsigned tail means a process that died, which `log verify` reports. Best
+/// effort: a token that cannot sign now leaves the tail for `hsmca log recover`.
+impl Drop for CaSession<'_> {
+    fn drop(&mut self) {
+        if self.log.unsigned() > 0 {
+            let _ = self.checkpoint();
+        }
     }
 }
 
@@ -488,9 +603,10 @@ impl Ready {
         keys::hex(&self.prepared.decision.serial)
     }
 
-    /// The intent entry, logged (durably) before the token is asked to sign. The only place an
-    /// issuance intent is built.
-    pub fn intent(&self) -> Body {
+    /// The intent entry, logged (durably) before the token is asked to sign, naming the policy
+    /// it was decided under. The only place an issuance intent is built (sessions call it
+    /// through [`CaSession::intent`]).
+    pub fn intent(&self, policy_sha256: Option<&str>) -> Body {
         let d = &self.prepared.decision;
         Body::IssueIntent {
             serial: keys::hex(&d.serial),
@@ -502,6 +618,7 @@ impl Ready {
             csr_sha256: self.csr_sha256.clone(),
             tbs_sha256: self.prepared.tbs_sha256.clone(),
             renews: self.renews.clone(),
+            policy_sha256: policy_sha256.map(str::to_owned),
         }
     }
 }
@@ -735,6 +852,7 @@ mod tests {
     use crate::sign::{self, SignRequest};
     use crate::signer::SignError;
     use crate::token::TokenRef;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
 
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Fault {
@@ -858,7 +976,10 @@ mod tests {
     fn ca(dir: &Path, token: &SoftToken) -> Home {
         let req = InitRequest {
             home: dir.join("ca"),
-            module: PathBuf::from("/nonexistent/soft-token.so"),
+            module: crate::pinned::ModuleFile {
+                path: PathBuf::from("/nonexistent/soft-token.so"),
+                sha256: keys::sha256_hex(b"a software token"),
+            },
             record_module: false,
             token: TokenRef {
                 token: "soft".into(),
@@ -1037,5 +1158,96 @@ mod tests {
         let log = crate::log::records(&crate::log::Paths::of_home(&home.dir)).unwrap();
         let leaves = log.iter().filter(|r| r.profile == "kube-proxy").count();
         assert_eq!(leaves, 8, "a, b, c and d0-d4, once each");
+    }
+
+    /// A software Ed25519 log key, so the head rule is tested without a token.
+    struct Ed(Ed25519KeyPair, PublicKey);
+
+    impl CaSigner for Ed {
+        fn public_key(&self) -> &PublicKey {
+            &self.1
+        }
+        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, SignError> {
+            Ok(self.0.sign(msg).as_ref().to_vec())
+        }
+    }
+
+    fn ed() -> Ed {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let mut spki = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        spki.extend_from_slice(pair.public_key().as_ref());
+        let public = PublicKey::from_spki_der(&spki).unwrap();
+        Ed(pair, public)
+    }
+
+    /// A log in `dir` with the root entry and one plan entry per hash, checkpointed.
+    fn log(dir: &Path, key: &Ed, plans: &[&str]) -> Log {
+        let origin = "test/head";
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let root = Body::Root {
+            subject: "CN=Root".into(),
+            serial: "01".into(),
+            key_type: "ed25519".into(),
+            key_label: "root".into(),
+            spki_sha256: String::new(),
+            cert_sha256: keys::sha256_hex(&[]),
+            cert: String::new(),
+            origin: origin.into(),
+            log_vkey: translog::vkey(origin, &key.1).unwrap(),
+            tool: "test".into(),
+        };
+        let note_key = NoteKey::new(origin, key).unwrap();
+        let mut log = Log::create(dir, root, now, &note_key).unwrap();
+        let bodies = plans
+            .iter()
+            .map(|h| Body::Plan {
+                plan_sha256: (*h).into(),
+                to_issue: 1,
+            })
+            .collect();
+        log.append(bodies, now).unwrap();
+        log.checkpoint(&note_key).unwrap();
+        log
+    }
+
+    #[test]
+    fn a_log_must_extend_the_head_the_token_keeps() {
+        let key = ed();
+        let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let head = log(dirs[0].path(), &key, &["a", "b"])
+            .latest_checkpoint()
+            .unwrap();
+        // The same history, and a longer one: accepted.
+        assert!(check_head(&log(dirs[1].path(), &key, &["a", "b"]), &head).is_ok());
+        assert!(check_head(&log(dirs[2].path(), &key, &["a", "b", "c"]), &head).is_ok());
+        // Rolled back (shorter) or rewritten (same size, other entries): refused.
+        let shorter = check_head(&log(dirs[3].path(), &key, &["a"]), &head).unwrap_err();
+        assert!(
+            shorter
+                .to_string()
+                .contains("covers 3 entries but the log has 2"),
+            "{shorter}"
+        );
+        assert_eq!(shorter.exit_code(), 4);
+        let other = tempfile::tempdir().unwrap();
+        let rewritten = check_head(&log(other.path(), &key, &["a", "x"]), &head).unwrap_err();
+        assert!(
+            rewritten.to_string().contains("history was rewritten"),
+            "{rewritten}"
+        );
+        // A head signed by another key is not trusted.
+        let stranger = tempfile::tempdir().unwrap();
+        let foreign = log(stranger.path(), &ed(), &["a", "b"])
+            .latest_checkpoint()
+            .unwrap();
+        let err = check_head(
+            &log(tempfile::tempdir().unwrap().path(), &key, &["a", "b"]),
+            &foreign,
+        );
+        assert!(err.unwrap_err().to_string().contains("does not verify"));
     }
 }

@@ -11,6 +11,7 @@ use crate::input::InputError;
 use crate::issue::IssueError;
 use crate::log::LogError;
 use crate::pin::PinError;
+use crate::pinned::PinnedError;
 use crate::profile::ProfileError;
 use crate::token::TokenError;
 
@@ -51,6 +52,9 @@ pub enum Error {
     /// Reading the input (a plan, a manifest, `kubectl` JSON, the input directory itself).
     #[error("{err} (rule {rule})", err = .0, rule = .0.rule())]
     Input(#[from] InputError),
+    /// What the log pins (policy, module, log head) or an approval refused.
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
     /// The issuance engine stopped a run, or the token's generator failed it.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -72,6 +76,7 @@ impl Error {
             Self::Log(_) => 4,
             Self::Engine(EngineError::Halt(Halt::TokenFailing { .. })) => 3,
             Self::Engine(EngineError::Halt(Halt::Interrupted { signal })) => signal.exit_code(),
+            Self::Pinned(e) => e.exit_code(),
             Self::Engine(EngineError::Withheld(w)) if w.rule == "token.sign" => 3,
             Self::Engine(_) => 5,
             Self::Issue(IssueError::Subject(..)) => 2,
@@ -98,6 +103,7 @@ impl Error {
                 e.kind().hint()
             }
             Self::Log(e) => e.hint(),
+            Self::Pinned(e) => e.hint(),
             Self::Pin(e) => Some(e.hint()),
             Self::Home(HomeError::Missing(_)) => {
                 Some("create a CA home with `hsmca init`, or check --home")

@@ -41,9 +41,23 @@ impl CsrObject {
             signer: self.signer.clone(),
             usages: self.usages.clone(),
             username: self.username.clone(),
+            groups: strings(&self.raw, "/spec/groups"),
             expiration_seconds: self.expiration_seconds,
         }
     }
+}
+
+/// The strings of the array at `pointer` (none if absent or not an array).
+fn strings(v: &Value, pointer: &str) -> Vec<String> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Why `kubectl get csr -o json` output could not be read at all (one bad object is not this:
@@ -170,16 +184,7 @@ fn object(index: usize, v: &Value) -> CsrObject {
     };
     CsrObject {
         signer: s("/spec/signerName"),
-        usages: v
-            .pointer("/spec/usages")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        usages: strings(v, "/spec/usages"),
         username: s("/spec/username"),
         expiration_seconds,
         request,

@@ -35,6 +35,7 @@ pub mod lifecycle;
 pub mod log;
 pub mod names;
 pub mod pin;
+pub mod pinned;
 pub mod policy;
 pub mod profile;
 pub mod rng;

@@ -353,6 +353,8 @@ pub fn renew(
             serial: session.serial()?,
             requested_validity: validity,
             issuer_not_after: issuer.not_after,
+            allow_profiles: None,
+            compromised: session.compromised(),
         };
         match policy::decide(&profile, &request, &ctx) {
             Err(refusals) => outcomes.push(Some(Outcome::Refused {

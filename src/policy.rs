@@ -5,9 +5,10 @@
 //! stable rule id (the profile key it enforces), what it expected and the offending value, and
 //! all refusals are collected, not only the first.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
@@ -65,6 +66,8 @@ pub struct SignerRequest {
     pub usages: Vec<String>,
     /// spec.username (set by the API server: who asked).
     pub username: String,
+    /// spec.groups (set by the API server: the requester's groups).
+    pub groups: Vec<String>,
     /// spec.expirationSeconds.
     pub expiration_seconds: Option<u64>,
 }
@@ -85,6 +88,14 @@ pub struct Context {
     pub requested_validity: Option<Duration>,
     /// The issuer's own notAfter; nothing may outlive it.
     pub issuer_not_after: OffsetDateTime,
+    /// Where the profile came from the stick (a batch: `sign-dir`, kubectl objects, kubeadm
+    /// trees), the profiles the command line named with `--allow-profile`: a dangerous
+    /// profile ([`Profile::danger`]) is refused unless listed (rule `profile.danger`). `None`
+    /// where the operator named the profile itself (`sign --profile`, `renew`, `ca create`).
+    pub allow_profiles: Option<Arc<BTreeSet<String>>>,
+    /// Public keys (SPKI SHA-256, hex) whose certificate was revoked for key compromise, with
+    /// that certificate's serial: refused for any new certificate (rule `key.compromised`).
+    pub compromised: Arc<BTreeMap<String, String>>,
 }
 
 /// The certificate that will be issued, field by field. Only [`decide`] makes one.
@@ -190,6 +201,27 @@ pub fn decide(
             profile.name.clone(),
         ),
     }
+    if let Some(allowed) = &ctx.allow_profiles
+        && profile.danger()
+        && !allowed.contains(&profile.name)
+    {
+        refuse(
+            "profile.danger",
+            format!(
+                "--allow-profile {} on the command line: this profile can issue cluster-admin \
+                 (system:masters) or is marked dangerous by the site",
+                profile.name
+            ),
+            profile.name.clone(),
+        );
+    }
+    if let Some(serial) = ctx.compromised.get(&csr.public_key.fingerprint()) {
+        refuse(
+            "key.compromised",
+            "a key whose certificate was never revoked for key compromise".into(),
+            format!("key of serial {serial}"),
+        );
+    }
     let mut requested_validity = ctx.requested_validity;
     if let Some(request) = &ctx.kubernetes {
         let cn = csr
@@ -199,6 +231,7 @@ pub fn decide(
             .map(|(_, v)| v.as_str());
         let (more, seconds) = signer_rules(request, cn, profile.validity.max.0);
         refusals.extend(more);
+        refusals.extend(requester_rule(request, profile));
         if let Some(seconds) = seconds {
             requested_validity = Some(Duration(seconds));
         }
@@ -609,6 +642,48 @@ pub fn signer_rules(
     (out, validity)
 }
 
+/// Groups whose members administer the cluster, as kubeadm sets them up: `system:masters`
+/// (bypasses RBAC) and `kubeadm:cluster-admins` (bound to cluster-admin).
+pub const ADMIN_GROUPS: [&str; 2] = ["system:masters", "kubeadm:cluster-admins"];
+
+/// For the `kubernetes.io/kube-apiserver-client` signer, the requester must fit the profile the
+/// certificate's CN maps to: a profile that can put a subject into an admin group (a danger
+/// profile, or one allowing `O=kubeadm:cluster-admins` or `O=system:masters`) is issued only
+/// to a requester who is already in one of [`ADMIN_GROUPS`] (`spec.groups`, which the API
+/// server sets). Anyone may create a CertificateSigningRequest object; an approver's slip
+/// must not turn one into cluster-admin. Rule `k8s.requester`.
+pub fn requester_rule(request: &SignerRequest, profile: &Profile) -> Option<Refusal> {
+    if request.signer != "kubernetes.io/kube-apiserver-client" {
+        return None;
+    }
+    let grants_admin = profile.danger()
+        || profile.subject.get("O").is_some_and(|rule| {
+            rule.values
+                .iter()
+                .chain(&rule.patterns)
+                .any(|v| ADMIN_GROUPS.contains(&v.as_str()))
+        });
+    let is_admin = request
+        .groups
+        .iter()
+        .any(|g| ADMIN_GROUPS.contains(&g.as_str()));
+    (grants_admin && !is_admin).then(|| {
+        k8s_refusal(
+            "k8s.requester",
+            format!(
+                "a requester in {} for profile {:?}",
+                ADMIN_GROUPS.join(" or "),
+                profile.name
+            ),
+            format!(
+                "{} (groups: {})",
+                request.username,
+                request.groups.join(", ")
+            ),
+        )
+    })
+}
+
 fn k8s_refusal(rule: &str, expected: impl Into<String>, value: impl Into<String>) -> Refusal {
     Refusal {
         rule: rule.into(),
@@ -680,6 +755,8 @@ mod tests {
             serial: vec![1, 2, 3],
             requested_validity: None,
             issuer_not_after: now + time::Duration::days(3650),
+            allow_profiles: None,
+            compromised: Arc::default(),
         }
     }
 
@@ -807,11 +884,93 @@ mod tests {
     }
 
     #[test]
+    fn danger_profiles_compromised_keys_and_admin_requesters() {
+        use rcgen::DnType::*;
+        let mut admin = profile();
+        admin.name = "super-admin".into();
+        admin.danger_system_masters = true;
+        admin.subject.get_mut("O").unwrap().values = vec!["system:masters".into()];
+        admin.subject.get_mut("O").unwrap().forbidden.clear();
+        let masters = csr(
+            &[
+                (CommonName, "system:node:n1"),
+                (OrganizationName, "system:masters"),
+            ],
+            &[],
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        );
+        let allow = |names: &[&str]| Context {
+            allow_profiles: Some(Arc::new(names.iter().map(|n| (*n).to_owned()).collect())),
+            ..ctx()
+        };
+        let danger = ("profile.danger".to_owned(), "super-admin".to_owned());
+        // A batch without --allow-profile: refused; named: issued; not a batch: issued.
+        assert_eq!(
+            rules(decide(&admin, &masters, &allow(&[]))),
+            vec![danger.clone()]
+        );
+        assert_eq!(
+            rules(decide(&admin, &masters, &allow(&["kubelet"]))),
+            vec![danger]
+        );
+        assert!(decide(&admin, &masters, &allow(&["super-admin"])).is_ok());
+        assert!(decide(&admin, &masters, &ctx()).is_ok());
+        // A site-marked profile is dangerous too; an ordinary one is not.
+        let mut marked = profile();
+        assert!(decide(&marked, &node(&[]), &allow(&[])).is_ok());
+        marked.danger_site = true;
+        assert_eq!(
+            rules(decide(&marked, &node(&[]), &allow(&[])))[0].0,
+            "profile.danger"
+        );
+
+        // A key revoked for key compromise, under any profile and purpose.
+        let n1 = node(&[]);
+        let revoked = Context {
+            compromised: Arc::new(BTreeMap::from([(
+                n1.public_key.fingerprint(),
+                "0abc".to_owned(),
+            )])),
+            ..ctx()
+        };
+        assert_eq!(
+            rules(decide(&profile(), &n1, &revoked)),
+            vec![(
+                "key.compromised".to_owned(),
+                "key of serial 0abc".to_owned()
+            )]
+        );
+        assert!(
+            decide(&profile(), &node(&[]), &revoked).is_ok(),
+            "another key"
+        );
+
+        // kube-apiserver-client: an admin profile only for a requester already admin.
+        let request = |groups: &[&str]| SignerRequest {
+            signer: "kubernetes.io/kube-apiserver-client".into(),
+            usages: vec!["digital signature".into(), "client auth".into()],
+            username: "mallory".into(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            expiration_seconds: None,
+        };
+        assert_eq!(
+            requester_rule(&request(&["system:authenticated"]), &admin).map(|r| r.rule),
+            Some("k8s.requester".to_owned())
+        );
+        assert_eq!(
+            requester_rule(&request(&["kubeadm:cluster-admins"]), &admin),
+            None
+        );
+        assert_eq!(requester_rule(&request(&[]), &profile()), None);
+    }
+
+    #[test]
     fn kubernetes_signer_rules_are_part_of_the_decision() {
         let request = |usages: &[&str], username: &str, expiration| SignerRequest {
             signer: "kubernetes.io/kube-apiserver-client-kubelet".into(),
             usages: usages.iter().map(|u| (*u).to_owned()).collect(),
             username: username.into(),
+            groups: Vec::new(),
             expiration_seconds: expiration,
         };
         let with = |r: SignerRequest| Context {

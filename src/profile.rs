@@ -51,6 +51,11 @@ pub struct Profile {
     /// revoke); only the break-glass `super-admin` profile sets it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub danger_system_masters: bool,
+    /// Set when `site.json` lists this profile in `danger_profiles`: like a profile that can
+    /// carry `system:masters`, a batch issues it only when the command line names it with
+    /// `--allow-profile` (see [`Profile::danger`]).
+    #[serde(skip)]
+    pub danger_site: bool,
 }
 
 /// Rule for one subject attribute.
@@ -421,7 +426,8 @@ impl Profile {
                 "still holds a TODO: write the rule before using this profile".into(),
             ));
         }
-        let profile: Self = serde_json::from_value(value).map_err(|e| syntax(e.to_string()))?;
+        let mut profile: Self = serde_json::from_value(value).map_err(|e| syntax(e.to_string()))?;
+        profile.danger_site = site.danger_profiles().any(|n| n == stem);
         if profile.name != stem {
             return Err(invalid(
                 path,
@@ -433,6 +439,13 @@ impl Profile {
             .check()
             .map_err(|(key, problem)| invalid(path, &key, problem))?;
         Ok(profile)
+    }
+
+    /// Whether this profile is dangerous: it can carry `system:masters`, or the site says so.
+    /// The policy issues a dangerous profile in a batch only when it was named on the command
+    /// line (rule `profile.danger`).
+    pub fn danger(&self) -> bool {
+        self.danger_system_masters || self.danger_site
     }
 
     /// The checks serde cannot do: safety and consistency.
@@ -699,7 +712,12 @@ impl Site {
             path: path.to_path_buf(),
             source,
         })?;
-        let given: Self = serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
+        Self::parse(&text, path)
+    }
+
+    /// Parses `site.json` text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
+        let given: Self = serde_json::from_str(text).map_err(|e| ProfileError::Syntax {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
@@ -708,6 +726,16 @@ impl Site {
         let mut site = Self::default();
         site.0.extend(given.0);
         Ok(site)
+    }
+
+    /// Profiles the site marks dangerous (`"danger_profiles": ["name", ...]`).
+    pub fn danger_profiles(&self) -> impl Iterator<Item = &str> {
+        let list = match self.0.get("danger_profiles") {
+            Some(SiteValue::Many(v)) => v.as_slice(),
+            Some(SiteValue::One(v)) => std::slice::from_ref(v),
+            _ => &[],
+        };
+        list.iter().map(String::as_str)
     }
 
     /// Replaces every `${name}` in `value`; `at` is the key path for messages.

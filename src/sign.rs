@@ -2,6 +2,7 @@
 //! `check` decides without the token; `sign` issues through the engine (one chunk) and writes
 //! each certificate only once it is durable in the log under a signed checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::clock::Clock;
@@ -72,6 +73,8 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
         serial: vec![0; 16],
         requested_validity: req.validity,
         issuer_not_after: issuer.not_after,
+        allow_profiles: None,
+        compromised: std::sync::Arc::new(compromised_keys(home)?),
     };
     Ok(req
         .csrs
@@ -92,6 +95,23 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
         .collect())
 }
 
+/// Keys revoked for key compromise, read from the log without the lock (for `check`).
+fn compromised_keys(home: &Home) -> Result<BTreeMap<String, String>, Error> {
+    let records = crate::log::records(&crate::log::Paths::of_home(&home.dir))?;
+    Ok(records
+        .into_iter()
+        .filter(|r| {
+            r.revoked
+                .as_ref()
+                .is_some_and(|v| v.reason == "key-compromise")
+        })
+        .filter_map(|r| {
+            let (key, _) = crate::verify::key_and_expiry(&r.der).ok()?;
+            Some((key.fingerprint(), r.serial))
+        })
+        .collect())
+}
+
 /// `hsmca sign`: decide, log the intents, sign in the token, check, log the results,
 /// checkpoint, and only then write the certificates. A refused or broken CSR is reported and
 /// the rest are signed. A CSR the log already holds under this profile gets its logged
@@ -103,8 +123,8 @@ pub fn sign(
     keys: &dyn Keystore,
     clock: &dyn Clock,
 ) -> Result<Signed, Error> {
-    let profile = home.profile(&req.profile)?;
     let mut session = CaSession::open(home, keys, clock)?;
+    let profile = session.profile(&req.profile)?;
     let issuer = session.issuer(&profile.issuer)?;
     let (issuer_cert, issuer_subject) = (issuer.cert.clone(), issuer.subject.clone());
 
@@ -168,6 +188,8 @@ pub fn sign(
             serial,
             requested_validity: req.validity,
             issuer_not_after: issuer_cert.not_after,
+            allow_profiles: None,
+            compromised: session.compromised(),
         };
         match policy::decide(&profile, &csr, &ctx) {
             Err(refusals) => {

@@ -222,6 +222,17 @@ pub trait Keystore {
         expected: &PublicKey,
         count: usize,
     ) -> Result<Vec<Box<dyn CaSigner + Send>>, crate::Error>;
+    /// The log heads (signed checkpoints) kept in the token under `label`: normally one.
+    /// Software keystores keep none.
+    fn log_head(&self, label: &str) -> Result<Vec<Vec<u8>>, crate::Error> {
+        let _ = label;
+        Ok(Vec::new())
+    }
+    /// Replaces the log head kept under `label`.
+    fn store_log_head(&self, label: &str, note: &[u8]) -> Result<(), crate::Error> {
+        let _ = (label, note);
+        Ok(())
+    }
 }
 
 impl Keystore for crate::token::Token {
@@ -264,6 +275,14 @@ impl Keystore for crate::token::Token {
             .into_iter()
             .map(|k| Box::new(k) as Box<dyn CaSigner + Send>)
             .collect())
+    }
+
+    fn log_head(&self, label: &str) -> Result<Vec<Vec<u8>>, crate::Error> {
+        Ok(crate::token::Token::read_data(self, label)?)
+    }
+
+    fn store_log_head(&self, label: &str, note: &[u8]) -> Result<(), crate::Error> {
+        Ok(crate::token::Token::write_data(self, label, note)?)
     }
 }
 

@@ -938,6 +938,56 @@ impl CaSigner for WorkerKey {
     }
 }
 
+// Data objects: the log head kept in the token (issue 13). Kept apart from the key code.
+
+impl Token {
+    /// The values of the private data objects (CKO_DATA) labelled `label`: normally one, two
+    /// if a process stopped between writing the new one and destroying the old. Private
+    /// objects are visible only in a logged-in session.
+    pub fn read_data(&self, label: &str) -> Result<Vec<Vec<u8>>, TokenError> {
+        let mut out = Vec::new();
+        for handle in self.find(ObjectClass::DATA, label)? {
+            let attrs = self
+                .session
+                .get_attributes(handle, &[AttributeType::Value])
+                .map_err(p11(format!(
+                    "reading data object {label:?} (C_GetAttributeValue)"
+                )))?;
+            out.extend(attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the data objects labelled `label` with one holding `value`: a token object
+    /// that is private (readable, creatable and destroyable only after C_Login). The new
+    /// object is created before the old ones are destroyed, so a crash leaves one or both,
+    /// never none. (SoftHSM2 refuses C_SetAttributeValue on CKA_VALUE.)
+    pub fn write_data(&self, label: &str, value: &[u8]) -> Result<(), TokenError> {
+        let old = self.find(ObjectClass::DATA, label)?;
+        self.session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(b"hsmca".to_vec()),
+                Attribute::Value(value.to_vec()),
+            ])
+            .map_err(p11(format!(
+                "creating data object {label:?} (C_CreateObject)"
+            )))?;
+        for handle in old {
+            self.session.destroy_object(handle).map_err(p11(format!(
+                "replacing data object {label:?} (C_DestroyObject)"
+            )))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, KUBEADM_CONFS, object, openssl, openssl_verifies, s};
+use common::{Env, KUBEADM_CONFS, object, openssl, openssl_verifies, plan_hash, s};
 
 /// Writes `n` P-256 CSRs (CN=c-I) under `dir/a` and `dir/b`, made with rcgen (fast).
 fn csrs(dir: &Path, n: usize) -> Vec<PathBuf> {
@@ -93,11 +93,7 @@ fn plan_review_then_sign_exactly_that_plan() {
         "{}",
         run.stdout()
     );
-    let hash = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&plan).unwrap())
-        .unwrap()["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let hash = plan_hash(&plan);
 
     let out = env.path("out");
     let run = env.hsmca(&[
@@ -106,6 +102,8 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
         "--json",
@@ -145,6 +143,8 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
         "--json",
@@ -167,10 +167,12 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
     ])
-    .fails_with(2, "was edited after it was made");
+    .fails_with(2, "not the approved");
     std::fs::write(&plan, text).unwrap();
     std::fs::write(input.join("a/c-0.csr"), b"changed").unwrap();
     env.hsmca(&[
@@ -179,6 +181,8 @@ fn plan_review_then_sign_exactly_that_plan() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
     ])
@@ -204,18 +208,31 @@ fn kubeadm_generate_csr_output_is_recognised_and_written_back_in_its_layout() {
         "the fixture is kubeadm's format"
     );
     let out = env.path("back");
-    let run = env.hsmca(&[
+    let tree = env.path(k);
+    let args = [
         "sign-dir",
         "--home",
         s(&home),
-        s(&env.path(k)),
+        s(&tree),
         "--out",
         s(&out),
         "--json",
-    ]);
+    ];
+    // super-admin.conf (system:masters) only when the command line names its profile.
+    let run = env.hsmca(&args);
+    run.code_is(1);
+    let (_, report) = sign_dir_json(&run.stdout());
+    assert_eq!(report["issued"], 11, "{report}");
+    assert!(
+        run.stdout()
+            .contains(r#""file":"super-admin.conf.csr","refusals":[{"rule":"profile.danger""#),
+        "{}",
+        run.stdout()
+    );
+    let run = env.hsmca(&[&args[..], &["--allow-profile", "super-admin"]].concat());
     run.ok();
     let (_, report) = sign_dir_json(&run.stdout());
-    assert_eq!(report["issued"], 12, "{report}");
+    assert_eq!(report["issued"], 1, "{report}");
 
     let root = home.join("root.pem");
     for (leaf, ca) in [
@@ -354,7 +371,7 @@ fn check_after_crash(env: &Env, home: &Path, out: &Path) {
     let run = env.hsmca(&["log", "verify", "--home", s(home)]);
     if run.code() != 0 {
         assert!(
-            run.stdout().contains("incomplete last line"),
+            run.stdout().contains("incomplete last line") || run.stdout().contains("unsigned tail"),
             "log broken after a crash:\n{}",
             run.all()
         );
@@ -404,6 +421,7 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         s(&plan),
     ])
     .ok();
+    let hash = plan_hash(&plan);
     let out = env.path("out");
     let args = [
         "sign-dir",
@@ -411,6 +429,8 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out),
     ];
@@ -479,10 +499,15 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
         "/O=kubeadm:cluster-admins/CN=kubernetes-admin",
     );
     let custom = env.p256_csr("o/custom.csr", "/CN=svc1");
+    let admin2 = env.p256_csr(
+        "o/admin2.csr",
+        "/O=kubeadm:cluster-admins/CN=kubernetes-admin",
+    );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         object("csr-serving", &serving, "kubernetes.io/kubelet-serving", &["digital signature", "server auth"], "system:node:node1", approved.clone(), Some(86_400)),
         object("csr-bootstrap", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "key encipherment", "client auth"], "system:bootstrap:abcdef", approved.clone(), None),
         object("csr-admin", &admin, "kubernetes.io/kube-apiserver-client", &["digital signature", "client auth"], "kubernetes-admin", approved.clone(), None),
+        object("csr-admin-mallory", &admin2, "kubernetes.io/kube-apiserver-client", &["digital signature", "client auth"], "system:node:node1", approved.clone(), None),
         object("csr-custom", &custom, "example.com/test", &["client auth"], "svc", approved.clone(), None),
         object("csr-pending", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "client auth"], "system:node:node1", serde_json::json!({}), None),
         object("csr-denied", &client, "kubernetes.io/kube-apiserver-client-kubelet", &["digital signature", "client auth"], "system:node:node1",
@@ -526,6 +551,7 @@ fn kubernetes_csr_objects_are_signed_by_their_signers_rules() {
     }
     for (name, rule) in [
         ("csr-impostor", "k8s.username"),
+        ("csr-admin-mallory", "k8s.requester"),
         ("csr-usages", "k8s.usages"),
         ("csr-short", "k8s.expiration"),
     ] {

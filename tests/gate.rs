@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Env, s};
+use common::{Env, plan_hash, s};
 
 /// Every certificate in the log that says CA:TRUE, by profile.
 fn ca_certificates_in_log(home: &Path) -> Vec<String> {
@@ -114,12 +114,15 @@ fn no_path_but_ca_create_makes_a_ca_certificate() {
     run.code_is(1);
     assert!(run.stdout().contains("profile.ca"), "{}", run.stdout());
     let out_plan = env.path("out-plan");
+    let hash = plan_hash(&plan);
     let run = env.hsmca(&[
         "sign-dir",
         "--home",
         s(&home),
         "--plan",
         s(&plan),
+        "--approve",
+        &hash,
         "--out",
         s(&out_plan),
         "--json",

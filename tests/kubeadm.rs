@@ -67,8 +67,17 @@ fn kubeadm_tree_comes_back_with_kubeconfigs_kubectl_uses_over_mutual_tls() {
     // kubeadm with --apiserver-advertise-address 127.0.0.1: the apiserver CSR carries that IP.
     let tree = env.kubeadm_tree("kubeadm", "node1", "127.0.0.1", &endpoint);
     let out = env.path("back");
-    env.hsmca(&["sign-dir", "--home", s(&home), s(&tree), "--out", s(&out)])
-        .ok();
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&tree),
+        "--out",
+        s(&out),
+        "--allow-profile",
+        "super-admin",
+    ])
+    .ok();
 
     // kubectl reads every kubeconfig: the certificate chains to the CA next to it, the CA is
     // kubeadm's pki/ca.crt, and the key is the one kubeadm generated.
@@ -283,7 +292,16 @@ fn a_kubeconfig_template_that_cannot_be_completed_fails_its_item_with_the_rule()
     std::fs::write(&cm, text.replace(&key(&text), &key(&other))).unwrap();
 
     let out = env.path("back");
-    let run = env.hsmca(&["sign-dir", "--home", s(&home), s(&tree), "--out", s(&out)]);
+    let run = env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&tree),
+        "--out",
+        s(&out),
+        "--allow-profile",
+        "super-admin",
+    ]);
     run.code_is(1);
     let stdout = run.stdout();
     // Refused before issuance where the template alone tells (no certificate is spent); the

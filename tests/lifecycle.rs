@@ -244,6 +244,7 @@ fn expiring_reports_soonest_first_and_sets_the_exit_status() {
         "150d",
     ])
     .ok();
+    env.install_test_any_key(&home);
     let (soon, _) = issue(&env, &home, "soon", "10d");
     let (later, _) = issue(&env, &home, "later", "60d");
     let (gone, _) = issue(&env, &home, "gone", "10d");
@@ -381,6 +382,7 @@ fn renew_keeps_subject_and_key_under_todays_profile_and_links_the_serials() {
         text.replace("\"127.0.0.0/8\"", "\"127.9.0.0/16\""),
     )
     .unwrap();
+    env.hsmca(&["profiles", "apply", "--home", s(&home)]).ok();
     let run = env.hsmca(&["renew", "--home", s(&home), &new, "--out", s(&out)]);
     run.code_is(1);
     assert!(
@@ -389,6 +391,7 @@ fn renew_keeps_subject_and_key_under_todays_profile_and_links_the_serials() {
         run.stdout()
     );
     std::fs::write(&profile, text).unwrap();
+    env.hsmca(&["profiles", "apply", "--home", s(&home)]).ok();
     env.hsmca(&["revoke", "--home", s(&home), &new, "--reason", "superseded"])
         .ok();
     let run = env.hsmca(&["renew", "--home", s(&home), &new, "--out", s(&out)]);

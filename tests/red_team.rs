@@ -347,7 +347,15 @@ fn a_plan_edited_to_issue_what_was_refused_is_refused_again() {
     std::fs::write(&plan_file, serde_json::to_vec(&plan).unwrap()).unwrap();
     let before = certs_logged(&home).len();
     let out = env.path("usb/certs");
-    let run = sign_dir(&env, 60, &home, &["--plan", s(&plan_file)], &out);
+    // Even approved (an operator who trusted the forged hash), every item is decided again.
+    let forged = plan["hash"].as_str().unwrap().to_owned();
+    let run = sign_dir(
+        &env,
+        60,
+        &home,
+        &["--plan", s(&plan_file), "--approve", &forged],
+        &out,
+    );
     run.code_is(1);
     let done = outcomes(&run);
     assert_eq!(done["masters.csr"]["outcome"], "refused", "{done:?}");

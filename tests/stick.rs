@@ -301,7 +301,14 @@ fn issue_12_manifest_paths_outside_the_input_are_refused_and_nothing_is_written_
     plan.items[0].out = "../../escaped.crt".into();
     plan.hash = hsmca::batch::Plan::content_hash(&plan.items);
     std::fs::write(&plan_file, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let run = sign_dir(&env, 60, &home, &["--plan", s(&plan_file)], &out);
+    // Even approved (an operator who trusted the forged hash), the escaping item is refused.
+    let run = sign_dir(
+        &env,
+        60,
+        &home,
+        &["--plan", s(&plan_file), "--approve", &plan.hash],
+        &out,
+    );
     run.code_is(1);
     assert_eq!(rule(&outcomes(&run)["later.csr"]), "output.path");
     assert!(!env.path("escaped.crt").exists());

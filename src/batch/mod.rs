@@ -17,7 +17,7 @@ mod plan;
 
 pub use output::{Done, Report, ReportFile};
 pub use pipeline::{sign, sign_input};
-pub use plan::{Item, ManifestEntry, Plan, Verdict, plan, read_plan};
+pub use plan::{Allowed, Item, ManifestEntry, Plan, Verdict, plan, read_plan};
 
 /// How many CSRs are decided, logged and signed together: one append (one fsync) carries a
 /// finished chunk's results and the next chunk's intents, then one checkpoint. Bounds memory:

@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::plan::{Found, Inputs, Request, discover, judge, parallel, plan_objects};
+use super::plan::{Allowed, Found, Inputs, Request, discover, judge, parallel, plan_objects};
 use super::{Done, Item, JOB, Plan, Report, Verdict, chunk_ranges};
 use crate::clock::Clock;
 use crate::engine::{self, CaSession, Health, Ready, Withheld};
@@ -58,10 +59,16 @@ impl Progress {
 }
 
 /// `hsmca sign-dir --plan`: signs exactly `plan` (refusing if any input changed since
-/// planning) into `out`, on `sessions` token sessions.
+/// planning) into `out`, on `sessions` token sessions. `allow` lists the dangerous profiles
+/// the command line named (`--allow-profile`).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the sign-dir command line, passed through"
+)]
 pub fn sign(
     home: &Home,
     plan: &Plan,
+    allow: &Allowed,
     out: &Path,
     keys: &dyn Keystore,
     sessions: usize,
@@ -98,6 +105,7 @@ pub fn sign(
         kubernetes: plan.kubernetes,
         inputs: &inputs,
         source: Source::Plan(plan),
+        allow,
     };
     run(home, &batch, profiles, out, keys, sessions, clock, on_done)
 }
@@ -116,6 +124,7 @@ pub fn sign_input(
     input: &Path,
     profile: Option<&str>,
     manifest: Option<&Path>,
+    allow: &Allowed,
     out: &Path,
     keys: &dyn Keystore,
     sessions: usize,
@@ -124,8 +133,8 @@ pub fn sign_input(
 ) -> Result<Report, Error> {
     if input.is_file() {
         // Kubernetes objects: one small JSON file, planned whole.
-        let plan = plan_objects(home, input, manifest, clock)?;
-        return sign(home, &plan, out, keys, sessions, clock, on_done);
+        let plan = plan_objects(home, input, manifest, allow, clock)?;
+        return sign(home, &plan, allow, out, keys, sessions, clock, on_done);
     }
     let root = crate::input::Root::open(input)?;
     let (found, kubeadm) = discover(&root, profile, manifest)?;
@@ -135,6 +144,7 @@ pub fn sign_input(
         kubernetes: false,
         inputs: &inputs,
         source: Source::Found(&found),
+        allow,
     };
     let profiles = found.iter().map(|f| &*f.profile);
     run(home, &batch, profiles, out, keys, sessions, clock, on_done)
@@ -146,6 +156,8 @@ struct Batch<'a> {
     kubernetes: bool,
     inputs: &'a Inputs,
     source: Source<'a>,
+    /// Dangerous profiles named with `--allow-profile`.
+    allow: &'a Allowed,
 }
 
 /// Where a run's chunks come from.
@@ -274,7 +286,10 @@ fn run<'a>(
     // Set when the run must stop: the sessions sign nothing more, and what is in flight is
     // abandoned in the log.
     let stop = AtomicBool::new(false);
+    let compromised = session.compromised();
     let ctx = StageCtx {
+        allow: batch.allow,
+        compromised: &compromised,
         inputs: batch.inputs,
         issuers: &issuers,
         unusable: &unusable,
@@ -367,7 +382,7 @@ fn run<'a>(
             }
             let results_len = bodies.len();
             if let Some(s) = &staged {
-                bodies.extend(s.ready.iter().map(|p| p.ready.intent()));
+                bodies.extend(s.ready.iter().map(|p| session.intent(&p.ready)));
             }
             let seqs = if bodies.is_empty() {
                 Vec::new()
@@ -606,6 +621,10 @@ impl Drop for Writer {
 
 /// What every stage of a `sign-dir` run shares.
 struct StageCtx<'a> {
+    /// Dangerous profiles named with `--allow-profile`.
+    allow: &'a Allowed,
+    /// Keys revoked for key compromise.
+    compromised: &'a Arc<BTreeMap<String, String>>,
     inputs: &'a Inputs,
     issuers: &'a BTreeMap<String, (Profile, IssuerCert)>,
     /// Profiles that could not be loaded, and why.
@@ -924,6 +943,8 @@ fn decide_and_prepare(
     let request = Request {
         validity: item.requested_validity.as_deref(),
         kubernetes: ctx.inputs.signer_request(item),
+        allow_profiles: Some(ctx.allow.clone()),
+        compromised: ctx.compromised.clone(),
     };
     let judged = judge(
         profile,

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -368,6 +369,7 @@ pub(super) fn plan_objects(
     home: &Home,
     input: &Path,
     manifest: Option<&Path>,
+    allow: &Allowed,
     clock: &dyn Clock,
 ) -> Result<Plan, Error> {
     let inputs = Inputs::load(&Plan {
@@ -457,6 +459,8 @@ pub(super) fn plan_objects(
             &Request {
                 validity: None,
                 kubernetes: Some(obj.signer_request()),
+                allow_profiles: Some(allow.clone()),
+                compromised: Arc::default(),
             },
             now,
             vec![0; 16],
@@ -515,10 +519,11 @@ pub fn plan(
     input: &Path,
     profile: Option<&str>,
     manifest: Option<&Path>,
+    allow: &Allowed,
     clock: &dyn Clock,
 ) -> Result<Plan, Error> {
     if input.is_file() {
-        return plan_objects(home, input, manifest, clock);
+        return plan_objects(home, input, manifest, allow, clock);
     }
     let root = Root::open(input)?;
     let (found, kubeadm) = discover(&root, profile, manifest)?;
@@ -551,6 +556,8 @@ pub fn plan(
                     let request = Request {
                         validity: item.requested_validity.as_deref(),
                         kubernetes: None,
+                        allow_profiles: Some(allow.clone()),
+                        compromised: Arc::default(),
                     };
                     judge(profile, issuer, bytes, &request, now, vec![0; 16], true).verdict
                 }
@@ -578,7 +585,14 @@ pub(super) struct Request<'a> {
     pub(super) validity: Option<&'a str>,
     /// The Kubernetes object's own request, for CSRs from `kubectl get csr -o json`.
     pub(super) kubernetes: Option<SignerRequest>,
+    /// Dangerous profiles named with `--allow-profile` (see `policy::Context`).
+    pub(super) allow_profiles: Option<Allowed>,
+    /// Keys revoked for key compromise (see `policy::Context`); empty where no log is open.
+    pub(super) compromised: Arc<BTreeMap<String, String>>,
 }
+
+/// Profiles named with `--allow-profile`.
+pub type Allowed = Arc<std::collections::BTreeSet<String>>;
 
 /// One CSR judged: the verdict, the CSR's digest once it parsed (the key of "already issued"),
 /// and the decision if it is to be issued.
@@ -622,6 +636,8 @@ pub(super) fn judge(
         serial,
         requested_validity: requested,
         issuer_not_after: issuer.not_after,
+        allow_profiles: request.allow_profiles.clone(),
+        compromised: request.compromised.clone(),
     };
     let csr_sha256 = Some(csr.sha256.clone());
     let d = match policy::decide(profile, &csr, &ctx) {

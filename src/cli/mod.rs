@@ -231,6 +231,11 @@ enum Command {
         /// Where to write the plan (never overwritten).
         #[arg(long, value_name = "PLAN.json")]
         out: PathBuf,
+        /// A dangerous profile (one that can issue system:masters, or that site.json lists in
+        /// danger_profiles) this batch may use. Repeatable; without it such items are refused
+        /// (rule profile.danger).
+        #[arg(long, value_name = "NAME")]
+        allow_profile: Vec<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -243,6 +248,14 @@ enum Command {
         /// A plan made by `hsmca plan`; signing refuses if any input changed since.
         #[arg(long, value_name = "PLAN.json", conflicts_with_all = ["input", "profile", "manifest"])]
         plan: Option<PathBuf>,
+        /// The plan hash the reviewers wrote down from `hsmca plan`'s output. Without it, the
+        /// hash is asked for on the terminal; with no terminal, nothing is signed.
+        #[arg(long, value_name = "HASH", requires = "plan")]
+        approve: Option<String>,
+        /// A dangerous profile this batch may use (see `hsmca plan --allow-profile`).
+        /// Repeatable; without it such items are refused (rule profile.danger).
+        #[arg(long, value_name = "NAME")]
+        allow_profile: Vec<String>,
         /// Directory of CSRs, planned and signed at once (for scripts).
         #[arg(required_unless_present = "plan")]
         input: Option<PathBuf>,
@@ -353,6 +366,18 @@ enum ProfilesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Log the CA home's profiles and site.json as the policy in force (needs the token): the
+    /// only way to change what is signed. Shows which files changed since the last policy.
+    Apply {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a cfssl ca-config.json into hsmca profiles (with TODOs for the strict rules).
     ImportCfssl {
         /// The cfssl signing configuration.
@@ -415,6 +440,11 @@ enum LogCommand {
         /// A checkpoint kept outside (minutes, auditor): the log must extend it. Repeatable.
         #[arg(long, value_name = "FILE")]
         checkpoint: Vec<PathBuf>,
+        /// Also log in to the token and check the log against the head it keeps.
+        #[arg(long)]
+        token: bool,
+        #[command(flatten)]
+        token_opts: TokenOpts,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -487,7 +517,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let key_type = KeyType::from_name(&key_type)
                 .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
             let log_key_type = log_key_type.as_deref().and_then(KeyType::from_name);
-            let module = token::resolve_module(token_opts.module.as_deref(), None)?;
+            let module = hash_module(&token::resolve_module(token_opts.module.as_deref(), None)?)?;
             let req = InitRequest {
                 home,
                 record_module: token_opts.module.is_some(),
@@ -530,23 +560,16 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain,
                 validity,
             };
-            // Fail on a bad profile before asking for the PIN.
+            // Fail on a bad or changed profile before asking for the PIN.
+            hsmca::pinned::check_home(&home)?;
             home.profile(&req.profile)?;
             let tref = match token {
                 Some(t) => token_ref(&t)?,
-                None => TokenRef {
-                    token: home.config.token.clone(),
-                    object: None,
-                    id: None,
-                },
+                None => home_token_ref(&home),
             };
-            let module =
-                token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
-            let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
-            let token = Token::open(&module, &tref, &pin)?;
+            let token = open_pinned_token(&home, &token_opts, &tref)?;
             // From here on SIGINT/SIGTERM stop the run between certificates, cleanly.
             hsmca::signals::install().map_err(|e| Error::Internal(e.to_string()))?;
-            drop(pin);
             let signed = sign::sign(&home, &req, &token, &clock)?;
             finish_outcomes(&mut out, signed, json)
         }
@@ -565,6 +588,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain: false,
                 validity,
             };
+            hsmca::pinned::check_home(&home)?;
             let outcomes = sign::check(&home, &req, &clock)?;
             report::outcomes(&mut out, &outcomes, json)?;
             Ok(if outcomes.iter().all(Outcome::ok) {
@@ -579,6 +603,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     home,
                     vkey,
                     checkpoint,
+                    token,
+                    token_opts,
                     json,
                 },
         } => {
@@ -586,7 +612,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 .ok()
                 .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
                 .map(|c| c.der);
-            let external = checkpoint
+            let mut external = checkpoint
                 .iter()
                 .map(|p| {
                     Ok((
@@ -595,6 +621,23 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     ))
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
+            if token {
+                let home = Home::open(&home)?;
+                let token = open_home_token(&home, &token_opts)?;
+                let label = hsmca::engine::head_label(&home);
+                let heads = token.read_data(&label)?;
+                if heads.is_empty() {
+                    return Err(Error::Pinned(hsmca::pinned::PinnedError::LogHead(format!(
+                        "token {:?} keeps no log head under {label:?}",
+                        token.label()
+                    ))));
+                }
+                external.extend(
+                    heads
+                        .into_iter()
+                        .map(|h| ("the token's log head".to_owned(), h)),
+                );
+            }
             let report = log::verify_with(
                 &log::Paths::of_home(&home),
                 vkey.as_deref(),
@@ -613,20 +656,16 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 },
         } => {
             let home = Home::open(&home)?;
-            let module =
-                token::resolve_module(token_opts.module.as_deref(), home.config.module.as_deref())?;
-            let tref = TokenRef {
-                token: home.config.token.clone(),
-                object: None,
-                id: None,
-            };
-            let pin = pin::read(token_opts.pin_file.as_deref(), &tref.token)?;
-            let token = Token::open(&module, &tref, &pin)?;
+            let token = open_pinned_token(&home, &token_opts, &home_token_ref(&home))?;
             let key = token.key(&home.config.log_key.label)?;
             let note_key =
                 log::translog::NoteKey::new(&home.config.origin, &key).map_err(Error::Usage)?;
-            let (_, recovered) =
+            let (recovered_log, recovered) =
                 log::recover(&home.dir, hsmca::clock::Clock::now(&clock), &note_key)?;
+            token.write_data(
+                &hsmca::engine::head_label(&home),
+                &recovered_log.latest_checkpoint()?,
+            )?;
             report::recovered(&mut out, &recovered, json)?;
             Ok(0)
         }
@@ -665,14 +704,17 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             profile,
             manifest,
             out: file,
+            allow_profile,
             json,
         } => {
             let home = Home::open(&home)?;
+            hsmca::pinned::check_home(&home)?;
             let plan = batch::plan(
                 &home,
                 &input,
                 profile.as_deref(),
                 manifest.as_deref(),
+                &allowed(allow_profile),
                 &clock,
             )?;
             let bytes =
@@ -699,12 +741,19 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             manifest,
             out: dir,
             sessions,
+            approve,
+            allow_profile,
             token_opts,
             json,
         } => {
+            let allow = allowed(allow_profile);
             let home = Home::open(&home)?;
             let plan = match (plan, &input) {
-                (Some(path), _) => Some(batch::read_plan(&path)?),
+                (Some(path), _) => {
+                    let plan = batch::read_plan(&path)?;
+                    approved(&path, &plan, approve.as_deref())?;
+                    Some(plan)
+                }
                 (None, Some(_)) => None,
                 (None, None) => {
                     return Err(Error::Usage(
@@ -737,14 +786,15 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 Ok(())
             };
             let r = match (&plan, &input) {
-                (Some(plan), _) => {
-                    batch::sign(&home, plan, &dir, &token, sessions, &clock, &mut done)?
-                }
+                (Some(plan), _) => batch::sign(
+                    &home, plan, &allow, &dir, &token, sessions, &clock, &mut done,
+                )?,
                 (None, Some(input)) => batch::sign_input(
                     &home,
                     input,
                     profile.as_deref(),
                     manifest.as_deref(),
+                    &allow,
                     &dir,
                     &token,
                     sessions,
@@ -882,6 +932,47 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
     }
 }
 
+/// The profiles named with `--allow-profile`.
+fn allowed(names: Vec<String>) -> batch::Allowed {
+    std::sync::Arc::new(names.into_iter().collect())
+}
+
+/// A reviewed plan is signed only under the hash its reviewers approved: the hash of its
+/// items as they are now must be the one given with `--approve` (or typed at the terminal).
+/// A plan edited after review, even with its own `hash` field recomputed, signs nothing.
+fn approved(path: &Path, plan: &batch::Plan, approve: Option<&str>) -> Result<(), Error> {
+    use hsmca::pinned::PinnedError::NotApproved;
+    let actual = batch::Plan::content_hash(&plan.items);
+    let given = match approve {
+        Some(h) => h.trim().to_ascii_lowercase(),
+        None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+            eprint!(
+                "{}: type the plan hash the reviewers approved: ",
+                path.display()
+            );
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim().to_ascii_lowercase()
+        }
+        None => {
+            return Err(NotApproved(format!(
+                "{}: no --approve HASH and no terminal to confirm on; nothing signed",
+                path.display()
+            ))
+            .into());
+        }
+    };
+    if given == actual {
+        Ok(())
+    } else {
+        Err(NotApproved(format!(
+            "{}: the plan's items hash to {actual}, not the approved {given:?}; it changed since review, or the wrong hash was given; nothing signed",
+            path.display()
+        ))
+        .into())
+    }
+}
+
 /// Opens the CA home's token with the PIN from the usual sources.
 /// Reports a run's outcomes, then its stop if it stopped early (the stop's exit code), else 0
 /// when every item got its certificate and 1 when some did not.
@@ -898,14 +989,45 @@ fn finish_outcomes(out: &mut impl Write, signed: sign::Signed, json: bool) -> Re
 }
 
 fn open_home_token(home: &Home, opts: &TokenOpts) -> Result<Token, Error> {
-    let module = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
-    let tref = TokenRef {
+    open_pinned_token(home, opts, &home_token_ref(home))
+}
+
+/// The CA home's own token.
+fn home_token_ref(home: &Home) -> TokenRef {
+    TokenRef {
         token: home.config.token.clone(),
         object: None,
         id: None,
-    };
+    }
+}
+
+/// Hashes the module before anything loads it, and prints path and hash for the minutes.
+fn hash_module(path: &Path) -> Result<hsmca::pinned::ModuleFile, Error> {
+    let module = hsmca::pinned::ModuleFile::hash(path)?;
+    eprintln!("module {} sha256 {}", module.path.display(), module.sha256);
+    Ok(module)
+}
+
+/// Opens the token through the module the log pins. The module (from --module,
+/// HSMCA_PKCS11_MODULE, hsmca.json or the defaults) is hashed first and refused, unloaded,
+/// unless it is the pinned one or was named with --module; a module named that way is pinned
+/// in the log once the login succeeded.
+fn open_pinned_token(home: &Home, opts: &TokenOpts, tref: &TokenRef) -> Result<Token, Error> {
+    let resolved = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
+    let module = hash_module(&resolved)?;
+    let (_, pinned) = log::pins(&log::Paths::of_home(&home.dir))?;
+    let changed = module.check(pinned.as_ref(), opts.module.is_some())?;
     let pin = pin::read(opts.pin_file.as_deref(), &tref.token)?;
-    Ok(Token::open(&module, &tref, &pin)?)
+    let token = Token::open(&module.path, tref, &pin)?;
+    drop(pin);
+    if changed {
+        let clock = SystemClock;
+        let mut session = hsmca::engine::CaSession::open_unpinned(home, &token, &clock)?;
+        session.append(vec![module.entry()])?;
+        session.checkpoint()?;
+        eprintln!("module change logged");
+    }
+    Ok(token)
 }
 
 /// Profiles to list or lint: the home's, or the shipped ones with the default site.
@@ -991,6 +1113,19 @@ fn profiles(out: &mut impl Write, command: ProfilesCommand) -> Result<u8, Error>
             } else {
                 2
             })
+        }
+        ProfilesCommand::Apply {
+            home,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            // Every profile must load before the PIN is asked for.
+            hsmca::pinned::policy_entry(&home.dir)?;
+            let token = open_home_token(&home, &token_opts)?;
+            let applied = ceremony::apply(&home, &token, &SystemClock)?;
+            report::applied(out, &applied, json)?;
+            Ok(0)
         }
         ProfilesCommand::ImportCfssl {
             config,

@@ -314,9 +314,18 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
     if r.unsigned_tail > 0 {
         writeln!(
             out,
-            "warning: {} entries after the latest checkpoint (the next command signs them)",
+            "warning: {} entries after the latest checkpoint",
             r.unsigned_tail
         )?;
+    }
+    if let Some(note) = &r.checkpoint {
+        // Verbatim: saved to a file, it is what `log verify --checkpoint FILE` takes.
+        writeln!(
+            out,
+            "checkpoint for the minutes (verbatim, up to the blank line):"
+        )?;
+        write!(out, "{note}")?;
+        writeln!(out)?;
     }
     if r.problems.is_empty() {
         writeln!(out, "log OK")
@@ -329,6 +338,29 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
             "log FAILED verification ({} problems)",
             r.problems.len()
         )
+    }
+}
+
+/// `profiles apply`.
+pub(crate) fn applied(
+    out: &mut impl Write,
+    a: &hsmca::ceremony::Applied,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(out, a);
+    }
+    for c in &a.changes {
+        writeln!(out, "  {c}")?;
+    }
+    match a.log_entry {
+        Some(seq) => writeln!(
+            out,
+            "policy {} logged at entry {seq} (was {}); record it in the minutes",
+            a.policy_sha256,
+            a.previous.as_deref().unwrap_or("none")
+        ),
+        None => writeln!(out, "policy {} unchanged; nothing logged", a.policy_sha256),
     }
 }
 
@@ -354,6 +386,13 @@ pub(crate) fn recovered(out: &mut impl Write, r: &Recovered, as_json: bool) -> i
             format!("{:?}", r.abandoned)
         }
     )?;
+    if r.signed_tail > 0 {
+        writeln!(
+            out,
+            "{} entries past the previous checkpoint are now signed",
+            r.signed_tail
+        )?;
+    }
     writeln!(out, "recovery logged and checkpoint signed")
 }
 
@@ -594,6 +633,14 @@ pub(crate) fn shown(out: &mut impl Write, l: &Listed, as_json: bool) -> io::Resu
     )?;
     writeln!(out, "not after   {}", l.not_after)?;
     writeln!(out, "status      {}", l.status)?;
+    writeln!(
+        out,
+        "policy      {}",
+        l.record
+            .policy_sha256
+            .as_deref()
+            .unwrap_or("(not recorded)")
+    )?;
     writeln!(
         out,
         "logged      entry {} at {}",

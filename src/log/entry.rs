@@ -73,6 +73,10 @@ pub enum Body {
         /// Serial (hex) of the certificate this one renews, for `hsmca renew`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         renews: Option<String>,
+        /// The policy (`policy` entry's `policy_sha256`) this certificate was decided under.
+        /// Absent only in logs written before policies were logged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_sha256: Option<String>,
     },
     /// Signed, verified, and about to be released.
     Cert {
@@ -145,6 +149,28 @@ pub enum Body {
         /// CSRs the plan would issue.
         to_issue: u64,
     },
+    /// The policy in force from here on: logged by `init` and by `hsmca profiles apply`, the
+    /// only way to change what is signed. Signing commands refuse a CA home whose files differ
+    /// from the last one.
+    Policy {
+        /// SHA-256 of the JSON of `files`: the one hash intents refer to.
+        policy_sha256: String,
+        /// SHA-256 of each file, by path relative to the CA home (`site.json`,
+        /// `profiles/NAME.json`).
+        files: std::collections::BTreeMap<String, String>,
+        /// The site parameters.
+        site: serde_json::Value,
+        /// Every profile, expanded with the site parameters, by name.
+        profiles: std::collections::BTreeMap<String, serde_json::Value>,
+    },
+    /// The PKCS#11 module signing commands may load: recorded by `init`, and again whenever an
+    /// operator names another one with `--module`.
+    Module {
+        /// Canonical path.
+        path: String,
+        /// SHA-256 of the file.
+        sha256: String,
+    },
     /// A torn tail was removed by `hsmca log recover`.
     Recovery {
         /// How many bytes were cut.
@@ -169,6 +195,8 @@ impl Body {
             Self::CrlIntent { .. } => "crl-intent",
             Self::Crl { .. } => "crl",
             Self::Plan { .. } => "plan",
+            Self::Policy { .. } => "policy",
+            Self::Module { .. } => "module",
         }
     }
 }

@@ -216,6 +216,36 @@ struct Intent {
     profile: String,
 }
 
+/// The policy in force, as the last `policy` entry recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPin {
+    /// Its entry.
+    pub seq: u64,
+    /// Its hash (see [`policy_sha256`]).
+    pub sha256: String,
+    /// SHA-256 of each file, by path relative to the CA home.
+    pub files: std::collections::BTreeMap<String, String>,
+    /// Where its line is in `entries.jsonl`: (offset, length).
+    at: (u64, usize),
+}
+
+/// The PKCS#11 module, as the last `module` entry recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModulePin {
+    /// Its entry.
+    pub seq: u64,
+    /// Canonical path.
+    pub path: String,
+    /// SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// The one hash of a policy: SHA-256 of the JSON of its per-file hashes (sorted by path), so
+/// anyone can recompute it from a `policy` entry or from the files of a CA home.
+pub fn policy_sha256(files: &std::collections::BTreeMap<String, String>) -> String {
+    keys::sha256_hex(&serde_json::to_vec(files).unwrap_or_default())
+}
+
 /// A certificate already in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issued {
@@ -266,6 +296,14 @@ struct Scan {
     ca_keys: Vec<(Vec<u8>, PublicKey)>,
     /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
     chain_verified: u64,
+    /// The last `policy` entry.
+    policy: Option<PolicyPin>,
+    /// The last `module` entry.
+    module: Option<ModulePin>,
+    /// The last `recovery` entry.
+    last_recovery: Option<u64>,
+    /// Certificates revoked for key compromise: (serial, where the cert entry is).
+    compromised: Vec<(String, (u64, u64, usize))>,
 }
 
 impl Scan {
@@ -358,8 +396,21 @@ impl Scan {
                 tbs_sha256,
                 csr_sha256,
                 profile,
+                policy_sha256,
                 ..
             } => {
+                if let Some(used) = policy_sha256 {
+                    let in_force = self.policy.as_ref().map(|p| p.sha256.as_str());
+                    if in_force != Some(used.as_str()) {
+                        self.problem(
+                            Some(seq),
+                            format!(
+                                "was decided under policy {used}, but the policy in force was {}",
+                                in_force.unwrap_or("none")
+                            ),
+                        );
+                    }
+                }
                 if !self.serials.insert(key(&serial)) {
                     self.problem(Some(seq), format!("serial {serial} is used twice"));
                 }
@@ -410,7 +461,12 @@ impl Scan {
                 self.issued
                     .insert(issued_key(&csr_sha256, &profile), (seq, offset, len));
             }
-            Body::Revocation { serial, .. } => {
+            Body::Revocation { serial, reason, .. } => {
+                if reason == "key-compromise"
+                    && let Some(at) = self.cert_at.get(&key(&serial))
+                {
+                    self.compromised.push((serial.clone(), *at));
+                }
                 if !self.cert_at.contains_key(&key(&serial)) {
                     self.problem(
                         Some(seq),
@@ -474,7 +530,29 @@ impl Scan {
                     );
                 }
             }
-            Body::Recovery { .. } | Body::Plan { .. } => {}
+            Body::Policy {
+                policy_sha256: recorded,
+                files,
+                ..
+            } => {
+                if policy_sha256(&files) != recorded {
+                    self.problem(
+                        Some(seq),
+                        "the policy's hash does not match the file hashes it lists",
+                    );
+                }
+                self.policy = Some(PolicyPin {
+                    seq,
+                    sha256: recorded,
+                    files,
+                    at: (offset, len),
+                });
+            }
+            Body::Module { path, sha256 } => {
+                self.module = Some(ModulePin { seq, path, sha256 });
+            }
+            Body::Recovery { .. } => self.last_recovery = Some(seq),
+            Body::Plan { .. } => {}
         }
     }
 
@@ -695,6 +773,9 @@ pub struct Report {
     pub vkey: String,
     /// Everything wrong; empty means the log verifies.
     pub problems: Vec<Problem>,
+    /// The latest signed checkpoint, as stored: the text to copy into the ceremony minutes
+    /// (and give back later with `--checkpoint FILE`).
+    pub checkpoint: Option<String>,
 }
 
 /// Recomputes the whole log and checks it: structure, chain, every checkpoint, and the CA rules
@@ -759,7 +840,23 @@ pub fn verify_with(
             Ok(_) => {}
         }
     }
-    Ok(report(scan, cp, vkey))
+    // Entries past the latest checkpoint were never signed: a crash between append and
+    // checkpoint leaves them, but so does an edit that appends entries and leaves the old
+    // checkpoint in place. `log recover` signs them (after a look at what they are).
+    let signed = cp.unwrap_or(0);
+    let recovered = scan.last_recovery.is_some_and(|r| r >= signed);
+    if size > signed && !recovered && scan.torn.is_none() {
+        scan.problem(
+            Some(signed),
+            format!(
+                "entries {signed}..{} are past the latest checkpoint and no checkpoint signs them (an unsigned tail); run `hsmca log recover` to sign them after checking them",
+                size - 1
+            ),
+        );
+    }
+    let mut r = report(scan, cp, vkey);
+    r.checkpoint = fs::read_to_string(paths.checkpoint()).ok();
+    Ok(r)
 }
 
 fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
@@ -776,6 +873,7 @@ fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
             .collect(),
         vkey,
         problems: scan.problems,
+        checkpoint: None,
     }
 }
 
@@ -905,6 +1003,75 @@ impl Log {
     /// Whether the serial (hex) has been revoked.
     pub fn is_revoked(&self, serial: &str) -> bool {
         self.scan.revoked.contains_key(&key(serial))
+    }
+
+    /// The policy in force (the last `policy` entry), if the log has one.
+    pub fn policy(&self) -> Option<&PolicyPin> {
+        self.scan.policy.as_ref()
+    }
+
+    /// The pinned PKCS#11 module (the last `module` entry), if the log has one.
+    pub fn module(&self) -> Option<&ModulePin> {
+        self.scan.module.as_ref()
+    }
+
+    /// The tree root over the first `size` entries, to compare with a checkpoint kept
+    /// elsewhere (the token's copy of the log head).
+    pub fn root_at(&self, size: u64) -> Option<[u8; 32]> {
+        self.scan.tree.root_at(size)
+    }
+
+    /// Entries appended since the latest checkpoint.
+    pub fn unsigned(&self) -> u64 {
+        self.size().saturating_sub(self.checkpoint_size)
+    }
+
+    /// The latest signed checkpoint, as stored.
+    pub fn latest_checkpoint(&self) -> Result<Vec<u8>, LogError> {
+        let path = self.paths.checkpoint();
+        fs::read(&path).map_err(io_at(&path))
+    }
+
+    /// The last `policy` entry in full (expanded profiles and site), read back from the file.
+    pub fn policy_entry(&self) -> Result<Option<Body>, LogError> {
+        let Some(pin) = &self.scan.policy else {
+            return Ok(None);
+        };
+        let path = self.paths.entries();
+        let mut f = File::open(&path).map_err(io_at(&path))?;
+        f.seek(SeekFrom::Start(pin.at.0)).map_err(io_at(&path))?;
+        let mut buf = vec![0; pin.at.1];
+        f.read_exact(&mut buf).map_err(io_at(&path))?;
+        let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
+            LogError::Corrupt(Problem {
+                entry: Some(pin.seq),
+                message: e.to_string(),
+            })
+        })?;
+        Ok(Some(entry.body))
+    }
+
+    /// Every certificate revoked for key compromise: its serial and DER. Few in any CA, so
+    /// they are read back from the file when asked for.
+    pub fn compromised(&self) -> Result<Vec<(String, Vec<u8>)>, LogError> {
+        let path = self.paths.entries();
+        let mut f = File::open(&path).map_err(io_at(&path))?;
+        let mut out = Vec::new();
+        for (serial, (seq, offset, len)) in &self.scan.compromised {
+            f.seek(SeekFrom::Start(*offset)).map_err(io_at(&path))?;
+            let mut buf = vec![0; *len];
+            f.read_exact(&mut buf).map_err(io_at(&path))?;
+            let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
+                LogError::Corrupt(Problem {
+                    entry: Some(*seq),
+                    message: e.to_string(),
+                })
+            })?;
+            if let Body::Cert { cert, .. } = entry.body {
+                out.push((serial.clone(), B64.decode(cert).unwrap_or_default()));
+            }
+        }
+        Ok(out)
     }
 
     /// The highest cRLNumber used for `issuer` (0 if none).
@@ -1040,6 +1207,8 @@ pub struct Recovered {
     pub quarantine: Option<String>,
     /// Intents closed as abandoned.
     pub abandoned: Vec<u64>,
+    /// Entries that were past the latest checkpoint, now signed by the recovery's checkpoint.
+    pub signed_tail: u64,
 }
 
 /// `hsmca log recover`: sets a torn tail aside in `quarantine/`, cuts the file back to its last
@@ -1079,6 +1248,7 @@ pub fn recover(
         bytes_removed: 0,
         quarantine: None,
         abandoned: Vec::new(),
+        signed_tail: log.unsigned(),
     };
     if let Some((bytes_removed, removed_sha256, quarantine)) = removed {
         result.bytes_removed = bytes_removed;
@@ -1141,6 +1311,8 @@ pub struct Record {
     pub der: Vec<u8>,
     /// Serial this certificate renews.
     pub renews: Option<String>,
+    /// The policy it was decided under (`None` in logs from before policies were logged).
+    pub policy_sha256: Option<String>,
     /// Serial of the certificate that renewed this one.
     pub renewed_by: Option<String>,
     /// Set once revoked.
@@ -1152,7 +1324,7 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
     let path = paths.entries();
     let file = open_regular(OpenOptions::new().read(true), &path)?;
     let mut out: Vec<Record> = Vec::new();
-    let mut renews_of_intent: HashMap<u64, String> = HashMap::new();
+    let mut renews_of_intent: HashMap<u64, (Option<String>, Option<String>)> = HashMap::new();
     let mut by_serial: HashMap<String, usize> = HashMap::new();
     for line in BufReader::new(file).split(b'\n') {
         let line = line.map_err(io_at(&path))?;
@@ -1161,9 +1333,11 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
         };
         match entry.body {
             Body::IssueIntent {
-                renews: Some(old), ..
+                renews,
+                policy_sha256,
+                ..
             } => {
-                renews_of_intent.insert(entry.seq, old);
+                renews_of_intent.insert(entry.seq, (renews, policy_sha256));
             }
             Body::Cert {
                 intent_seq,
@@ -1173,7 +1347,8 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                 cert,
                 ..
             } => {
-                let renews = renews_of_intent.remove(&intent_seq);
+                let (renews, policy_sha256) =
+                    renews_of_intent.remove(&intent_seq).unwrap_or_default();
                 if let Some(old) = renews.as_ref().and_then(|o| by_serial.get(o)) {
                     out[*old].renewed_by = Some(serial.clone());
                 }
@@ -1186,6 +1361,7 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                     csr_sha256,
                     der: B64.decode(cert).unwrap_or_default(),
                     renews,
+                    policy_sha256,
                     renewed_by: None,
                     revoked: None,
                 });
@@ -1209,6 +1385,13 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
         }
     }
     Ok(out)
+}
+
+/// The policy and module the log pins, read without the lock (for `check`, `plan`, and
+/// before a module is loaded).
+pub fn pins(paths: &Paths) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
+    let scan = Scan::read(&paths.entries(), false)?;
+    Ok((scan.policy, scan.module))
 }
 
 /// The Merkle tree over the log's lines, for proofs.

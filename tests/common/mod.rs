@@ -30,6 +30,9 @@ pub fn require(tool: &str) {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub conf: PathBuf,
+    /// Every run goes through the fault-injecting shim (healthy unless told otherwise), so the
+    /// module pinned at init is the one every later run loads.
+    pub shim: bool,
 }
 
 impl Env {
@@ -67,7 +70,11 @@ impl Env {
             "softhsm2-util: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Self { dir, conf }
+        Self {
+            dir,
+            conf,
+            shim: false,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -79,12 +86,24 @@ impl Env {
         self.hsmca_env(args, &[])
     }
 
+    /// A token `label` whose every run (`hsmca`, `hsmca_faulty`) loads the fault-injecting shim.
+    pub fn with_shim(label: &str) -> Self {
+        Self {
+            shim: true,
+            ..Self::new(label)
+        }
+    }
+
     pub fn hsmca_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hsmca"));
         cmd.env("SOFTHSM2_CONF", &self.conf)
             .env("HSMCA_PIN", PIN)
             .env_remove("HSMCA_PKCS11_MODULE")
             .args(args);
+        if self.shim {
+            cmd.env("HSMCA_PKCS11_MODULE", shim())
+                .env("HSMCA_SHIM_MODULE", real_module());
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -122,7 +141,18 @@ impl Env {
             &label,
         ])
         .ok();
+        self.install_test_any_key(&home);
         home
+    }
+
+    /// Installs the suite's `test-any-key` profile (any key type, any DNS name, root-issued;
+    /// not shipped) the sanctioned way: the file into HOME/profiles, then `profiles apply`.
+    pub fn install_test_any_key(&self, home: &Path) {
+        let profile =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/profiles/test-any-key.json");
+        std::fs::copy(&profile, home.join("profiles/test-any-key.json")).unwrap();
+        self.hsmca(&["profiles", "apply", "--home", home.to_str().unwrap()])
+            .ok();
     }
 
     /// A P-256 CSR without SANs, the common case in tests.
@@ -367,13 +397,48 @@ pub fn object(
 ) -> serde_json::Value {
     use base64::Engine;
     let request = base64::engine::general_purpose::STANDARD.encode(std::fs::read(csr).unwrap());
+    // The groups the API server would set: kubeadm's admin is in kubeadm:cluster-admins.
+    let groups = match username {
+        "kubernetes-admin" => ["kubeadm:cluster-admins", "system:authenticated"],
+        _ => ["system:nodes", "system:authenticated"],
+    };
     let mut spec = serde_json::json!({"request": request, "signerName": signer, "usages": usages, "username": username,
-        "groups": ["system:nodes", "system:authenticated"]});
+        "groups": groups});
     if let Some(e) = expiration {
         spec["expirationSeconds"] = e.into();
     }
     serde_json::json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
         "metadata": {"name": name, "resourceVersion": "42"}, "spec": spec, "status": status})
+}
+
+/// `cp -a FROM TO`: a copy of a CA home, as an insider (or a restore) would make it.
+pub fn copy_home(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// SoftHSM2's PKCS#11 module.
+pub fn softhsm_module() -> PathBuf {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libsofthsm2.so not found: install SoftHSM2 (softhsm/install.sh)")
+}
+
+/// The hash `hsmca plan` wrote into a plan: what reviewers approve with `--approve`.
+pub fn plan_hash(plan: &Path) -> String {
+    let text = std::fs::read_to_string(plan).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["hash"].as_str().unwrap().to_owned()
 }
 
 /// A path as `&str`, for argument lists.
