@@ -529,9 +529,19 @@ pub struct Exported {
     pub checkpoint_size: u64,
 }
 
+/// The standalone verifier written into every export (Python 3, standard library plus
+/// pyca/cryptography). Compiled in, so an export never depends on the source tree.
+pub const EXPORT_VERIFIER: &str = include_str!("export/verify.py");
+
+/// The README written into every export: what the files are and the one command that checks
+/// them.
+pub const EXPORT_README: &str = include_str!("export/README.md");
+
 /// `hsmca log export`: the entries, every checkpoint, the verifier key, and for each
-/// certificate and CRL its C2SP tlog-proof against the latest checkpoint, plus the artefacts
-/// themselves, so an online verifier needs nothing from hsmca. Writes into a new directory.
+/// certificate and CRL its C2SP tlog-proof against the latest checkpoint, the artefacts
+/// themselves (`root.pem`, `certs/`, `crls/`), and a verifier with its README
+/// ([`EXPORT_VERIFIER`], [`EXPORT_README`]), so an auditor needs nothing from hsmca or the CA's
+/// machine. Writes into a new directory.
 pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
     if out.exists() {
         return Err(Error::File(files::FileError::Exists(out.to_path_buf())));
@@ -561,6 +571,7 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
         checkpoints += 1;
     }
     let mut proofs = 0;
+    let mut root_written = false;
     for (seq, line) in entries.split(|b| *b == b'\n').enumerate() {
         let seq = seq as u64;
         if seq >= size {
@@ -570,6 +581,17 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
             continue;
         };
         let (name, der, label) = match &entry.body {
+            Body::Root { cert, .. } if seq == 0 => {
+                let der = B64
+                    .decode(cert)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                files::write_new(
+                    &out.join("root.pem"),
+                    engine::pem("CERTIFICATE", &der).as_bytes(),
+                )?;
+                root_written = true;
+                continue;
+            }
             Body::Cert { serial, cert, .. } => (format!("certs/{serial}"), cert, "CERTIFICATE"),
             Body::Crl {
                 issuer,
@@ -593,6 +615,15 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
         )?;
         proofs += 1;
     }
+    if !root_written {
+        return Err(Error::Log(log::LogError::Corrupt(log::Problem {
+            entry: Some(0),
+            message: "not the root entry".into(),
+        })));
+    }
+    // The auditor's tools travel with the data: the same bytes whichever machine exported.
+    files::write_new(&out.join("verify.py"), EXPORT_VERIFIER.as_bytes())?;
+    files::write_new(&out.join("README.md"), EXPORT_README.as_bytes())?;
     Ok(Exported {
         dir: out.to_path_buf(),
         entries: report.entries,
@@ -600,4 +631,92 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
         proofs,
         checkpoint_size: size,
     })
+}
+
+/// `hsmca log verify --export DIR`: everything `log verify` checks, run on an export's files
+/// (the export holds the log's files at its top level), plus what only an export has: each
+/// inclusion proof must be exactly the proof the entries give against the export's checkpoint,
+/// every certificate and CRL up to that checkpoint must have one, and `root.pem`, `certs/` and
+/// `crls/` must hold the logged bytes. Findings go into the report's problems.
+pub fn verify_export(
+    dir: &Path,
+    vkey: Option<&str>,
+    external: &[(String, Vec<u8>)],
+) -> Result<log::Report, Error> {
+    let paths = log::Paths {
+        dir: dir.to_path_buf(),
+    };
+    let root_der = std::fs::read(dir.join("root.pem"))
+        .ok()
+        .and_then(|b| crate::issue::IssuerCert::from_pem_or_der(&b).ok())
+        .map(|c| c.der);
+    let mut report = log::verify_with(&paths, vkey, root_der.as_deref(), external)?;
+    if root_der.is_none() {
+        report.problems.push(log::Problem {
+            entry: Some(0),
+            message: "root.pem is missing or not a certificate".into(),
+        });
+    }
+    let Some(size) = report.checkpoint_size else {
+        return Ok(report);
+    };
+    let mut problem = |entry: Option<u64>, message: String| {
+        report.problems.push(log::Problem { entry, message });
+    };
+    let checkpoint = std::fs::read(paths.checkpoint())?;
+    let tree = log::tree(&paths)?;
+    let entries = std::fs::read(paths.entries())?;
+    let mut expected = std::collections::BTreeSet::new();
+    for (seq, line) in entries.split(|b| *b == b'\n').enumerate() {
+        let seq = seq as u64;
+        if seq >= size {
+            break;
+        }
+        let Ok(entry) = serde_json::from_slice::<log::Entry>(line) else {
+            continue;
+        };
+        let (name, der, label) = match &entry.body {
+            Body::Cert { serial, cert, .. } => (format!("certs/{serial}"), cert, "CERTIFICATE"),
+            Body::Crl {
+                issuer,
+                crl_number,
+                crl,
+                ..
+            } => (format!("crls/{issuer}-{crl_number}"), crl, "X509 CRL"),
+            _ => continue,
+        };
+        let file = format!("proofs/{seq:012}.tlog-proof");
+        expected.insert(file.clone());
+        let want = tree
+            .prove(seq, size)
+            .map(|path| log::translog::tlog_proof(seq, &path, &checkpoint));
+        match std::fs::read(dir.join(&file)) {
+            Ok(got) if Some(&got) == want.as_ref() => {}
+            Ok(_) => problem(
+                Some(seq),
+                format!("{file} is not the inclusion proof of this entry"),
+            ),
+            Err(e) => problem(Some(seq), format!("{file}: {e}")),
+        }
+        let pem = B64.decode(der).map(|der| engine::pem(label, &der));
+        let file = format!("{name}.pem");
+        expected.insert(file.clone());
+        match (std::fs::read(dir.join(&file)), pem) {
+            (Ok(got), Ok(pem)) if got == pem.as_bytes() => {}
+            (Ok(_), _) => problem(Some(seq), format!("{file} differs from the logged bytes")),
+            (Err(e), _) => problem(Some(seq), format!("{file}: {e}")),
+        }
+    }
+    for sub in ["proofs", "certs", "crls"] {
+        let Ok(list) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for e in list.flatten() {
+            let name = format!("{sub}/{}", e.file_name().to_string_lossy());
+            if !expected.contains(&name) {
+                problem(None, format!("{name} is not in the log"));
+            }
+        }
+    }
+    Ok(report)
 }

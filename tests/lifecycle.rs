@@ -570,3 +570,169 @@ fn export_proofs_verify_independently_and_outside_checkpoints_catch_a_rollback()
     ])
     .code_is(4);
 }
+
+/// Copies the export `from` into a new empty directory `to` (nothing from the source tree or
+/// the CA home comes along) and runs its own verifier there, as an auditor would.
+fn run_export_verifier(from: &Path, to: &Path, args: &[&str]) -> (bool, String) {
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = Command::new("python3")
+        .arg("verify.py")
+        .args(args)
+        .current_dir(to)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn issue_16_an_export_checks_itself_from_an_empty_directory() {
+    require("python3");
+    let env = Env::new("audit");
+    let home = env.init("ca", "audit", "ecdsa-p256");
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+    let (a, _) = issue(&env, &home, "one", "30d");
+    let proxy = env.p256_csr("c/proxy.csr", "/O=system:node-proxier/CN=system:kube-proxy");
+    env.sign(&home, "kube-proxy", &[&proxy]).ok();
+    env.hsmca(&["revoke", "--home", s(&home), &a, "--reason", "superseded"])
+        .ok();
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&env.path("root.crl"))])
+        .ok();
+    env.hsmca(&[
+        "crl",
+        "--home",
+        s(&home),
+        "--issuer",
+        "kubernetes-ca",
+        "--out",
+        s(&env.path("k.crl")),
+    ])
+    .ok();
+    let kept = env.path("kept.checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &kept).unwrap();
+
+    let export = env.path("export");
+    env.hsmca(&["log", "export", "--home", s(&home), "--out", s(&export)])
+        .ok();
+    for f in ["verify.py", "README.md", "root.pem"] {
+        assert!(export.join(f).is_file(), "{f} missing from the export");
+    }
+    // Shipped from the binary, not the source tree: the same bytes as src/export/verify.py.
+    assert_eq!(
+        std::fs::read_to_string(export.join("verify.py")).unwrap(),
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/export/verify.py"))
+            .unwrap()
+    );
+
+    let kept_arg = s(&kept).to_owned();
+    let (ok, text) =
+        run_export_verifier(&export, &env.path("auditor"), &["--checkpoint", &kept_arg]);
+    assert!(ok, "{text}");
+    let last = text.lines().last().unwrap();
+    // Entries: root; the intermediate and 2 leaves (intent + cert each); a revocation; 2 CRLs
+    // (intent + CRL each).
+    assert!(
+        last.starts_with("OK: 12 entries,") && last.contains("5 proofs, 3 certificates, 2 CRLs"),
+        "{text}"
+    );
+    assert!(text.contains("the log extends it"), "{text}");
+    let run = env.hsmca(&[
+        "log",
+        "verify",
+        "--export",
+        s(&export),
+        "--checkpoint",
+        s(&kept),
+    ]);
+    run.ok();
+    assert!(
+        run.stdout()
+            .contains(&format!("checked     {}", kept.display()))
+            && run.stdout().contains("the log extends it"),
+        "{}",
+        run.stdout()
+    );
+
+    // Tampering, one kind per copy: each makes the verifier and `log verify --export` fail.
+    let entries = std::fs::read_to_string(export.join("entries.jsonl")).unwrap();
+    let crl_line = entries
+        .lines()
+        .position(|l| l.contains("\"type\":\"crl\""))
+        .unwrap();
+    type Tamper = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Tamper, &str)> = vec![
+        (
+            "an edited entry",
+            Box::new(|d: &Path| {
+                let t = std::fs::read_to_string(d.join("entries.jsonl")).unwrap();
+                let t = t.replacen("\"profile\":\"test-any-key\"", "\"profile\":\"admin\"", 1);
+                std::fs::write(d.join("entries.jsonl"), t).unwrap();
+            }),
+            "prev is not the root",
+        ),
+        (
+            "a swapped certificate file",
+            Box::new(move |d: &Path| {
+                let other = std::fs::read(d.join("root.pem")).unwrap();
+                std::fs::write(d.join(format!("certs/{a}.pem")), other).unwrap();
+            }),
+            "differs from the logged bytes",
+        ),
+        (
+            "a forged checkpoint",
+            Box::new(|d: &Path| {
+                let t = std::fs::read_to_string(d.join("checkpoint")).unwrap();
+                std::fs::write(d.join("checkpoint"), t.replacen('\n', "\n1", 1)).unwrap();
+            }),
+            "checkpoint:",
+        ),
+        (
+            "a removed proof",
+            Box::new(move |d: &Path| {
+                std::fs::remove_file(d.join(format!("proofs/{crl_line:012}.tlog-proof"))).unwrap();
+            }),
+            "has no inclusion proof",
+        ),
+    ];
+    for (i, (what, tamper, needle)) in cases.iter().enumerate() {
+        let copy = env.path(&format!("tampered-{i}"));
+        let (ok, _) = run_export_verifier(&export, &copy, &[]);
+        assert!(ok, "{what}: the copy verifies before tampering");
+        tamper(&copy);
+        let out = Command::new("python3")
+            .arg("verify.py")
+            .current_dir(&copy)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() && text.contains("FAILED") && text.contains(needle),
+            "{what}: {text}"
+        );
+        env.hsmca(&["log", "verify", "--export", s(&copy)])
+            .code_is(4);
+    }
+}

@@ -405,8 +405,17 @@ enum LogCommand {
     /// Recompute the whole log and check entries, chain, checkpoints and CA rules.
     Verify {
         /// The CA home.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "export",
+            conflicts_with = "export"
+        )]
+        home: Option<PathBuf>,
+        /// An export made by `hsmca log export` instead of a CA home: also checks its proofs
+        /// and files (the export's own `python3 verify.py` checks the same without hsmca).
         #[arg(long, value_name = "DIR")]
-        home: PathBuf,
+        export: Option<PathBuf>,
         /// Verifier key to trust instead of the one recorded in the log (from the ceremony
         /// minutes).
         #[arg(long)]
@@ -576,25 +585,34 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             command:
                 LogCommand::Verify {
                     home,
+                    export,
                     vkey,
                     checkpoint,
                     json,
                 },
         } => {
-            let root_der = std::fs::read(home.join("root.pem"))
-                .ok()
-                .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
-                .map(|c| c.der);
             let external = checkpoint
                 .iter()
                 .map(|p| Ok((p.display().to_string(), std::fs::read(p)?)))
                 .collect::<Result<Vec<_>, Error>>()?;
-            let report = log::verify_with(
-                &log::Paths::of_home(&home),
-                vkey.as_deref(),
-                root_der.as_deref(),
-                &external,
-            )?;
+            let report = match (home, export) {
+                (_, Some(dir)) => lifecycle::verify_export(&dir, vkey.as_deref(), &external)?,
+                (Some(home), None) => {
+                    let root_der = std::fs::read(home.join("root.pem"))
+                        .ok()
+                        .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
+                        .map(|c| c.der);
+                    log::verify_with(
+                        &log::Paths::of_home(&home),
+                        vkey.as_deref(),
+                        root_der.as_deref(),
+                        &external,
+                    )?
+                }
+                (None, None) => {
+                    return Err(Error::Usage("give --home DIR or --export DIR".into()));
+                }
+            };
             report::log_verify(&mut out, &report, json)?;
             Ok(if report.problems.is_empty() { 0 } else { 4 })
         }

@@ -178,6 +178,11 @@ impl<W: Write> Drop for Terminal<W> {
     }
 }
 
+/// "1 problem", "2 problems": a count with its noun in the right number.
+pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
     writeln!(out)
@@ -318,6 +323,15 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
             r.unsigned_tail
         )?;
     }
+    for e in &r.extends {
+        writeln!(
+            out,
+            "checked     {} (size {}, root {}): the log extends it",
+            safe(&e.name),
+            e.size,
+            e.root
+        )?;
+    }
     if r.problems.is_empty() {
         writeln!(out, "log OK")
     } else {
@@ -326,8 +340,8 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
         }
         writeln!(
             out,
-            "log FAILED verification ({} problems)",
-            r.problems.len()
+            "log FAILED verification ({})",
+            count(r.problems.len(), "problem", "problems")
         )
     }
 }

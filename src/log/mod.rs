@@ -684,6 +684,20 @@ pub struct Report {
     pub vkey: String,
     /// Everything wrong; empty means the log verifies.
     pub problems: Vec<Problem>,
+    /// Checkpoints held outside (`--checkpoint FILE`) that verified and that the log extends.
+    pub extends: Vec<Extended>,
+}
+
+/// A checkpoint held outside the log that verified with the log key and that the log extends:
+/// the log at its size has exactly its root, so nothing before it was changed since.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Extended {
+    /// Where it came from (the file as given).
+    pub name: String,
+    /// Its tree size.
+    pub size: u64,
+    /// Its root, base64.
+    pub root: String,
 }
 
 /// Recomputes the whole log and checks it: structure, chain, every checkpoint, and the CA rules
@@ -734,6 +748,7 @@ pub fn verify_with(
     let vkey = vkey.map_or(recorded, str::to_owned);
     let cp = check_checkpoints(paths, &mut scan, &vkey)?;
     let size = scan.tree.size();
+    let mut extends = Vec::new();
     for (name, note) in external {
         match translog::open_checkpoint(note, &vkey) {
             Err(e) => scan.problem(None, format!("{name}: {e}")),
@@ -745,10 +760,16 @@ pub fn verify_with(
                 None,
                 format!("{name} (size {}) does not match the log: history before it was rewritten", c.size),
             ),
-            Ok(_) => {}
+            Ok(c) => extends.push(Extended {
+                name: name.clone(),
+                size: c.size,
+                root: translog::b64(&c.root),
+            }),
         }
     }
-    Ok(report(scan, cp, vkey))
+    let mut report = report(scan, cp, vkey);
+    report.extends = extends;
+    Ok(report)
 }
 
 fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
@@ -765,6 +786,7 @@ fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
             .collect(),
         vkey,
         problems: scan.problems,
+        extends: Vec::new(),
     }
 }
 
