@@ -129,13 +129,10 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The subject as a one-line string (`O=system:nodes, CN=system:node:n1`).
+    /// The subject in RFC 4514 form (`CN=system:node:n1,O=system:nodes`), as every report
+    /// prints names.
     pub fn subject_string(&self) -> String {
-        self.subject
-            .iter()
-            .map(|(a, v)| format!("{a}={v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::names::rfc4514(&self.subject)
     }
 
     /// SANs as `DNS:x` / `IP:y` strings.
@@ -795,7 +792,7 @@ mod tests {
             &ctx(),
         )
         .unwrap();
-        assert_eq!(d.subject_string(), "O=system:nodes, CN=system:node:n1");
+        assert_eq!(d.subject_string(), "CN=system:node:n1,O=system:nodes");
         assert_eq!(
             d.san_strings(),
             vec!["DNS:a.svc.cluster.local", "IP:10.1.2.3"]

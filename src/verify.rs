@@ -170,11 +170,7 @@ pub fn describe(der: &[u8]) -> Result<CertFacts, VerifyError> {
         .collect();
     Ok(CertFacts {
         serial: crate::keys::hex(tbs.serial_number().as_bytes()),
-        subject_string: subject
-            .iter()
-            .map(|(a, v)| format!("{a}={v}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        subject_string: crate::names::rfc4514(&subject),
         subject,
         sans: san_strings(tbs),
         not_before: time(&tbs.validity().not_before)?,
