@@ -247,12 +247,16 @@ pub struct Expiring {
     pub serial: String,
     /// Profile (`root` for the root).
     pub profile: String,
-    /// Subject.
+    /// Subject, RFC 4514.
     pub subject: String,
+    /// Issuer, RFC 4514.
+    pub issuer: String,
     /// SANs: where the certificate is used.
     pub sans: Vec<String>,
     /// notAfter.
     pub not_after: String,
+    /// notAfter in Unix seconds (what monitoring compares with `time()`).
+    pub not_after_seconds: i64,
     /// Days left (negative once expired).
     pub days_left: i64,
     /// Whether it is a CA (root or intermediate).
@@ -260,21 +264,28 @@ pub struct Expiring {
 }
 
 /// `hsmca expiring`: unrevoked certificates and the CAs themselves whose notAfter falls within
-/// `within` from now (already expired ones included), soonest first. Needs no token. A
-/// certificate already renewed is left out: its successor is what matters.
-pub fn expiring(home: &Home, within: Duration, clock: &dyn Clock) -> Result<Vec<Expiring>, Error> {
+/// `within` from now (already expired ones included; `None`: all of them, for monitoring),
+/// soonest first. Needs no token. A certificate already renewed is left out: its successor is
+/// what matters.
+pub fn expiring(
+    home: &Home,
+    within: Option<Duration>,
+    clock: &dyn Clock,
+) -> Result<Vec<Expiring>, Error> {
     let now = clock.now();
-    let horizon = now + within.to_time();
+    let horizon = within.map(|w| now + w.to_time());
     let root = home.root()?;
     let mut out = Vec::new();
     let mut push = |serial: String, profile: String, facts: &verify::CertFacts, ca: bool| {
-        if facts.not_after <= horizon {
+        if horizon.is_none_or(|h| facts.not_after <= h) {
             out.push(Expiring {
                 serial,
                 profile,
                 subject: facts.subject_string.clone(),
+                issuer: facts.issuer_string.clone(),
                 sans: facts.sans.clone(),
                 not_after: rfc3339(facts.not_after),
+                not_after_seconds: facts.not_after.unix_timestamp(),
                 // Rounded up: a 10-day certificate issued a second ago has 10 days left.
                 days_left: -(-(facts.not_after - now).whole_seconds()).div_euclid(86_400),
                 ca,

@@ -736,3 +736,186 @@ fn issue_16_an_export_checks_itself_from_an_empty_directory() {
             .code_is(4);
     }
 }
+
+/// One sample of the Prometheus text format: metric name, labels in order, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// A strict parser for the Prometheus text exposition format 0.0.4 as node_exporter's textfile
+/// collector reads it: `# HELP` / `# TYPE` lines before a metric's samples, names and label
+/// names of the allowed characters, label values in double quotes with only `\\`, `\"` and
+/// `\n` escapes, a float value, a final newline. Panics on anything else.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut cs = s.chars();
+        cs.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+    assert!(text.ends_with('\n'), "no final newline");
+    let mut typed: std::collections::HashMap<String, String> = Default::default();
+    let mut helped = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            assert!(is_name(name, true) && !help.is_empty(), "{line}");
+            assert!(helped.insert(name.to_owned()), "second HELP: {line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(is_name(name, true), "{line}");
+            assert!(["gauge", "counter", "untyped"].contains(&kind), "{line}");
+            assert!(
+                typed.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "{line}"
+            );
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line {line:?}"
+        );
+        let (name, mut rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => panic!("no value: {line}"),
+        };
+        assert!(is_name(name, true), "{line}");
+        assert!(typed.contains_key(name), "sample before its TYPE: {line}");
+        let mut labels = Vec::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut chars = r.char_indices().peekable();
+            loop {
+                let start = chars.peek().unwrap().0;
+                let eq = r[start..].find('=').unwrap() + start;
+                let label = &r[start..eq];
+                assert!(is_name(label, false), "label name {label:?} in {line}");
+                while chars.peek().unwrap().0 < eq {
+                    chars.next();
+                }
+                chars.next();
+                assert_eq!(chars.next().map(|c| c.1), Some('"'), "{line}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().unwrap().1 {
+                        '\\' => match chars.next().unwrap().1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            other => panic!("invalid escape \\{other} in {line}"),
+                        },
+                        '"' => break,
+                        '\n' => panic!("raw newline in {line}"),
+                        c => value.push(c),
+                    }
+                }
+                labels.push((label.to_owned(), value));
+                match chars.next().unwrap() {
+                    (_, ',') => continue,
+                    (i, '}') => {
+                        rest = &r[i + 1..];
+                        break;
+                    }
+                    (_, c) => panic!("unexpected {c:?} in {line}"),
+                }
+            }
+        }
+        let value = rest.strip_prefix(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+        samples.push((name.to_owned(), labels, value));
+    }
+    samples
+}
+
+#[test]
+fn issue_16_expiring_writes_prometheus_text_and_one_json_document() {
+    let env = Env::new("prom");
+    let home = env.path("ca");
+    // A root subject with characters both RFC 4514 and the exposition format must escape: it
+    // is every leaf's issuer label.
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "prom",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=q\"uote\\back Root,O=hsmca tests",
+    ])
+    .ok();
+    issue(&env, &home, "plain", "30d");
+    issue(&env, &home, "later", "80d");
+
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--format", "prometheus"]);
+    // Every certificate (no window given), and exit 0 so `> f.$$ && mv f.$$ f` works.
+    run.ok();
+    let samples = parse_prometheus(&run.stdout());
+    let certs: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.0 == "hsmca_certificate_not_after_seconds")
+        .collect();
+    assert_eq!(certs.len(), 3, "root and two leaves: {}", run.stdout());
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.0 == "hsmca_expiring_generated_seconds")
+    );
+
+    // The same certificates as one JSON document (every certificate within 100 years).
+    let doc = env.hsmca(&[
+        "expiring",
+        "--home",
+        s(&home),
+        "--within",
+        "100y",
+        "--format",
+        "json",
+    ]);
+    doc.code_is(1);
+    let doc: serde_json::Value = serde_json::from_str(&doc.stdout()).unwrap();
+    let doc = doc.as_array().unwrap();
+    assert_eq!(doc.len(), 3);
+    for (sample, json) in certs.iter().zip(doc) {
+        let label = |k: &str| {
+            sample
+                .1
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .unwrap()
+        };
+        let names: Vec<&str> = sample.1.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["serial", "profile", "subject", "issuer", "ca"]);
+        assert_eq!(label("serial"), json["serial"].as_str().unwrap());
+        assert_eq!(label("profile"), json["profile"].as_str().unwrap());
+        assert_eq!(label("subject"), json["subject"].as_str().unwrap());
+        assert_eq!(label("issuer"), json["issuer"].as_str().unwrap());
+        assert_eq!(sample.2, json["not_after_seconds"].as_i64().unwrap() as f64);
+    }
+    let issuer = "O=hsmca tests,CN=q\\\"uote\\\\back Root";
+    assert!(
+        run.stdout()
+            .contains("issuer=\"O=hsmca tests,CN=q\\\\\\\"uote\\\\\\\\back Root\""),
+        "{}",
+        run.stdout()
+    );
+    assert!(certs.iter().all(|c| c.1[3].1 == issuer), "{}", run.stdout());
+    assert!(certs.iter().any(|c| c.1[2].1 == "CN=later"));
+
+    // --json keeps today's JSON lines; a window narrows the Prometheus output too.
+    let lines = env.hsmca(&["expiring", "--home", s(&home), "--json"]);
+    assert_eq!(json_lines(&lines.stdout()).len(), 1, "{}", lines.stdout());
+    let narrow = env.hsmca(&[
+        "expiring",
+        "--home",
+        s(&home),
+        "--within",
+        "60d",
+        "--format",
+        "prometheus",
+    ]);
+    narrow.ok();
+    assert_eq!(parse_prometheus(&narrow.stdout()).len(), 2);
+}

@@ -179,15 +179,22 @@ enum Command {
         json: bool,
     },
     /// Unrevoked certificates and CAs expiring within a window, soonest first. Exit 1 if any
-    /// (for cron), 0 if none.
+    /// (for cron), 0 if none. `--format prometheus` writes every certificate for node_exporter's
+    /// textfile collector instead, and exits 0.
     Expiring {
         /// The CA home.
         #[arg(long, value_name = "DIR")]
         home: PathBuf,
-        /// Window from now.
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
-        within: Duration,
-        /// Machine-readable output.
+        /// Window from now (default 30d; with --format prometheus, default: every certificate).
+        #[arg(long, value_parser = parse_duration)]
+        within: Option<Duration>,
+        /// Output: text (the table), json (one document), json-lines (one object per
+        /// certificate, as --json), or prometheus (node_exporter textfile collector: one gauge
+        /// hsmca_certificate_not_after_seconds per certificate, labelled with serial, profile,
+        /// subject and issuer).
+        #[arg(long, value_enum, default_value = "text", conflicts_with = "json")]
+        format: report::ExpiringFormat,
+        /// Machine-readable output: JSON lines, one object per certificate.
         #[arg(long)]
         json: bool,
     },
@@ -815,10 +822,28 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             report::crl(&mut out, &r, json)?;
             Ok(0)
         }
-        Command::Expiring { home, within, json } => {
+        Command::Expiring {
+            home,
+            within,
+            format,
+            json,
+        } => {
             let home = Home::open(&home)?;
-            let list = lifecycle::expiring(&home, within, &clock)?;
-            report::expiring(&mut out, &list, within, json)?;
+            let format = if json {
+                report::ExpiringFormat::JsonLines
+            } else {
+                format
+            };
+            if format == report::ExpiringFormat::Prometheus {
+                // Every certificate, and exit 0: a collector job runs `... > F.$$ && mv F.$$ F`.
+                let list = lifecycle::expiring(&home, within, &clock)?;
+                let now = hsmca::clock::Clock::now(&clock).unix_timestamp();
+                report::expiring_prometheus(&mut out, &list, now)?;
+                return Ok(0);
+            }
+            let within = within.unwrap_or(Duration(30 * 86_400));
+            let list = lifecycle::expiring(&home, Some(within), &clock)?;
+            report::expiring(&mut out, &list, within, format)?;
             Ok(u8::from(!list.is_empty()))
         }
         Command::Renew {

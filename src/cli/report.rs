@@ -525,18 +525,35 @@ pub(crate) fn crl(out: &mut impl Write, r: &CrlReport, as_json: bool) -> io::Res
     )
 }
 
+/// How `expiring` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ExpiringFormat {
+    /// A table for people.
+    Text,
+    /// One JSON document: an array of certificates.
+    Json,
+    /// One JSON object per line (what `--json` gives).
+    JsonLines,
+    /// node_exporter's textfile-collector format.
+    Prometheus,
+}
+
 /// `expiring`.
 pub(crate) fn expiring(
     out: &mut impl Write,
     list: &[Expiring],
     within: Duration,
-    as_json: bool,
+    format: ExpiringFormat,
 ) -> io::Result<()> {
-    if as_json {
-        for e in list {
-            json(out, e)?;
+    match format {
+        ExpiringFormat::JsonLines => {
+            for e in list {
+                json(out, e)?;
+            }
+            return Ok(());
         }
-        return Ok(());
+        ExpiringFormat::Json => return json(out, &list),
+        ExpiringFormat::Text | ExpiringFormat::Prometheus => {}
     }
     if list.is_empty() {
         return writeln!(out, "nothing expires within {within}");
@@ -564,6 +581,64 @@ pub(crate) fn expiring(
         )?;
     }
     writeln!(out, "{} expiring within {within}", list.len())
+}
+
+/// The metric `expiring --format prometheus` writes, one sample per certificate.
+const NOT_AFTER_METRIC: &str = "hsmca_certificate_not_after_seconds";
+
+/// `expiring --format prometheus`: the Prometheus text exposition format (version 0.0.4) that
+/// node_exporter's textfile collector reads. One gauge sample per certificate, its notAfter in
+/// Unix seconds, labelled with serial, profile, subject, issuer and whether it is a CA; plus
+/// the time the file was made, so a stale file can be alerted on too.
+pub(crate) fn expiring_prometheus(
+    out: &mut impl Write,
+    list: &[Expiring],
+    now: i64,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "# HELP {NOT_AFTER_METRIC} notAfter of each unrevoked, unrenewed certificate of this CA          (and of the CAs themselves), in Unix seconds."
+    )?;
+    writeln!(out, "# TYPE {NOT_AFTER_METRIC} gauge")?;
+    for e in list {
+        writeln!(
+            out,
+            "{NOT_AFTER_METRIC}{{serial=\"{}\",profile=\"{}\",subject=\"{}\",issuer=\"{}\",ca=\"{}\"}} {}",
+            label_value(&e.serial),
+            label_value(&e.profile),
+            label_value(&e.subject),
+            label_value(&e.issuer),
+            e.ca,
+            e.not_after_seconds
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP hsmca_expiring_generated_seconds When hsmca wrote these samples, in Unix seconds."
+    )?;
+    writeln!(out, "# TYPE hsmca_expiring_generated_seconds gauge")?;
+    writeln!(out, "hsmca_expiring_generated_seconds {now}")
+}
+
+/// A label value as the exposition format requires: backslash, double quote and line feed
+/// escaped as `\\`, `\"` and `\n`. Characters a terminal would act on are first written as
+/// [`safe`] writes them (`\x1b`), and that backslash escaped in turn, so the value stays one
+/// valid label whatever a subject holds.
+fn label_value(v: &str) -> Cow<'_, str> {
+    let v = safe(v);
+    if !v.contains(['\\', '"', '\n']) {
+        return v;
+    }
+    let mut s = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    Cow::Owned(s)
 }
 
 /// `log list`.
@@ -794,6 +869,13 @@ mod tests {
             String::from_utf8_lossy(inner),
             "ok\n\\x1b[8m \\u202e \\xff\n"
         );
+    }
+
+    #[test]
+    fn prometheus_label_values_are_escaped() {
+        assert_eq!(label_value("CN=a"), "CN=a");
+        assert_eq!(label_value("CN=a\\,b\"c"), "CN=a\\\\,b\\\"c");
+        assert_eq!(label_value("CN=a\u{1b}\nb"), "CN=a\\\\x1b\\\\x0ab");
     }
 
     #[test]
