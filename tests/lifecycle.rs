@@ -919,3 +919,147 @@ fn issue_16_expiring_writes_prometheus_text_and_one_json_document() {
     narrow.ok();
     assert_eq!(parse_prometheus(&narrow.stdout()).len(), 2);
 }
+
+#[test]
+fn issue_16_minutes_record_token_module_fingerprints_and_checkpoints() {
+    let env = Env::new("minutes");
+    let home = env.init("ca", "minutes", "ecdsa-p256");
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+    let (a, _) = issue(&env, &home, "one", "30d");
+    let kept = env.path("first-ceremony.checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &kept).unwrap();
+    let first = env.hsmca(&["minutes", "--home", s(&home)]);
+    first.ok();
+    let md = first.stdout();
+
+    // Later: a batch with a plan, a revocation and a CRL.
+    for n in ["b1", "b2"] {
+        env.p256_csr(&format!("batch/{n}.csr"), &format!("/CN={n}"));
+    }
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&env.path("batch")),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&env.path("batch-out")),
+    ])
+    .ok();
+    env.hsmca(&["revoke", "--home", s(&home), &a, "--reason", "superseded"])
+        .ok();
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&env.path("r.crl"))])
+        .ok();
+    let later = env.hsmca(&["minutes", "--home", s(&home), "--since", s(&kept)]);
+    later.ok();
+    let later = later.stdout();
+
+    // The token as it describes itself, and the module with its hash.
+    for needle in [
+        "| token label | `minutes` |",
+        "| manufacturer | SoftHSM project |",
+        "| model | SoftHSM v2 |",
+        "| token serial | `",
+    ] {
+        assert!(md.contains(needle), "{needle} missing:\n{md}");
+    }
+    let module = md
+        .lines()
+        .find_map(|l| l.strip_prefix("| PKCS#11 module | `"))
+        .unwrap()
+        .trim_end_matches("` |");
+    let module_sha = openssl(&["dgst", "-sha256", "-r", module]);
+    let module_sha = module_sha.split_whitespace().next().unwrap();
+    assert!(
+        md.contains(&format!("| module SHA-256 | `{module_sha}` |")),
+        "{md}"
+    );
+    // Fingerprints as OpenSSL computes them from the files.
+    for (name, pem) in [
+        ("root", home.join("root.pem")),
+        ("kubernetes-ca", home.join("cas/kubernetes-ca.pem")),
+    ] {
+        let fp = openssl(&["x509", "-in", s(&pem), "-noout", "-fingerprint", "-sha256"]);
+        let fp = fp
+            .trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase();
+        assert!(
+            md.lines()
+                .any(|l| l.starts_with(&format!("| {name} |")) && l.contains(&fp)),
+            "{name} {fp}:\n{md}"
+        );
+    }
+    let vkey = std::fs::read_to_string(home.join("log/log.vkey")).unwrap();
+    assert!(md.contains(vkey.trim()), "{md}");
+    assert!(
+        md.contains("- certificates issued: 1\n  - test-any-key: 1"),
+        "{md}"
+    );
+    assert!(
+        md.contains("- intermediates created: 1\n  - CN=kubernetes-ca"),
+        "{md}"
+    );
+    assert!(md.contains("<!-- POLICY:"), "{md}");
+    assert!(
+        md.contains("| operator | | | |") && md.contains("| witness | | | |"),
+        "{md}"
+    );
+    assert!(md.contains("- first: size 1,"), "init's checkpoint: {md}");
+    assert!(md.contains("- last: size 5,"), "{md}");
+    assert!(
+        md.contains(&std::fs::read_to_string(&kept).unwrap()),
+        "{md}"
+    );
+
+    // --since: only what came after the kept checkpoint.
+    assert!(
+        later.contains("## What the log records (entries 5.."),
+        "{later}"
+    );
+    assert!(
+        later.contains("- certificates issued: 2\n  - test-any-key: 2"),
+        "{later}"
+    );
+    assert!(later.contains("- intermediates created: 0"), "{later}");
+    assert!(later.contains("- plans signed: 1\n  - `"), "{later}");
+    assert!(
+        later.contains(&format!("- revocations: 1\n  - `{a}`: superseded")),
+        "{later}"
+    );
+    assert!(
+        later.contains("- CRLs signed: 1\n  - root CRL 1: 1 revoked"),
+        "{later}"
+    );
+    assert!(
+        later.contains("- first: size 5, root") && later.contains(s(&kept)),
+        "{later}"
+    );
+
+    // A checkpoint the log does not extend is refused.
+    let forged = env.path("forged.checkpoint");
+    std::fs::write(
+        &forged,
+        std::fs::read_to_string(&kept)
+            .unwrap()
+            .replacen('\n', "\n1", 1),
+    )
+    .unwrap();
+    env.hsmca(&["minutes", "--home", s(&home), "--since", s(&forged)])
+        .code_is(4);
+}

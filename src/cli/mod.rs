@@ -271,6 +271,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the ceremony minutes (Markdown) from the verified log and the token: token,
+    /// module and its SHA-256, CA fingerprints, verifier key, what was issued, revoked and
+    /// signed, the first and last checkpoint, and lines for the operators' and witnesses'
+    /// signatures. Needs no PIN.
+    Minutes {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Only what came after this checkpoint (the one kept from the previous ceremony); the
+        /// log must extend it.
+        #[arg(long, value_name = "CHECKPOINT")]
+        since: Option<PathBuf>,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output (the same facts as JSON).
+        #[arg(long)]
+        json: bool,
+    },
     /// Offline intermediate CAs whose keys live in the same token.
     Ca {
         #[command(subcommand)]
@@ -675,6 +693,22 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let token = open_home_token(&home, &token_opts)?;
             let report = ceremony::create_ca(&home, &req, &token, &clock)?;
             report::ca_created(&mut out, &report, json)?;
+            Ok(0)
+        }
+        Command::Minutes {
+            home,
+            since,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let minutes = hsmca::minutes::gather(
+                &home,
+                since.as_deref(),
+                token_opts.module.as_deref(),
+                &clock,
+            )?;
+            report::minutes(&mut out, &minutes, json)?;
             Ok(0)
         }
         Command::Profiles { command } => profiles(&mut out, command),

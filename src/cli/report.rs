@@ -21,6 +21,7 @@ use hsmca::cfssl::Imported;
 use hsmca::engine::Outcome;
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
+use hsmca::minutes::Minutes;
 use hsmca::profile::Duration;
 use hsmca::profile::Profile;
 
@@ -718,6 +719,14 @@ pub(crate) fn exported(out: &mut impl Write, r: &Exported, as_json: bool) -> io:
         r.checkpoint_size,
         r.dir.display()
     )
+}
+
+/// `minutes`.
+pub(crate) fn minutes(out: &mut impl Write, m: &Minutes, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, m);
+    }
+    out.write_all(m.to_markdown().as_bytes())
 }
 
 /// `plan`: the review table.
