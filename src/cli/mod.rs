@@ -1,12 +1,13 @@
 //! Command-line definitions (clap derive) and dispatch. Checks only what the user typed; the
 //! library does the work, and `report` does all the printing.
 
+mod man;
 pub(crate) mod report;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use hsmca::ceremony::{self, InitRequest};
 use hsmca::clock::SystemClock;
@@ -309,7 +310,8 @@ enum Command {
         /// Shell.
         shell: clap_complete::Shell,
     },
-    /// Write the man pages (hsmca.1 and one per subcommand) to a directory.
+    /// Write the man pages (hsmca.1 and one per subcommand, with EXAMPLES, ENVIRONMENT, FILES
+    /// and EXIT STATUS) to a directory.
     Man {
         /// Output directory.
         #[arg(long, value_name = "DIR", default_value = ".")]
@@ -494,6 +496,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn token_ref(s: &str) -> Result<TokenRef, Error> {
     TokenRef::parse(s).map_err(|e| Error::Usage(format!("--token: {e}")))
+}
+
+/// Parses the command line with the shared reference sections (examples, environment, files,
+/// exit status) in the long help, as the man pages show them.
+pub(crate) fn parse() -> Args {
+    let matches = man::command().get_matches();
+    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Runs one command; returns the exit code for a finished run.
@@ -945,9 +954,13 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Man { out: dir } => {
-            std::fs::create_dir_all(&dir)?;
-            clap_mangen::generate_to(Args::command(), &dir)?;
-            writeln!(out, "man pages written to {}", dir.display())?;
+            let pages = man::write_pages(&dir)?;
+            writeln!(
+                out,
+                "{} written to {}",
+                report::count(pages.len(), "man page", "man pages"),
+                dir.display()
+            )?;
             Ok(0)
         }
     }
