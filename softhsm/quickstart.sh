@@ -16,9 +16,10 @@ hsmca="$repo/target/release/hsmca"
 
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
+# Demo PINs for a throwaway token, set here in the open; real ceremonies use the prompts (or
+# --pin-file for hsmca).
+export HSMCA_SO_PIN=87654321 HSMCA_PIN=123456
 eval "$("$repo/softhsm/make-token.sh" "$work/softhsm" quickstart)"
-# Demo PIN for a throwaway token; real ceremonies use the prompt or --pin-file.
-export HSMCA_PIN=123456
 export SOFTHSM2_CONF
 
 echo "== root key ceremony" >&2

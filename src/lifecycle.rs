@@ -62,6 +62,10 @@ pub struct Revoked {
     pub reason: String,
     /// Log entry.
     pub log_entry: u64,
+    /// The CA that issued it (`root` or an intermediate's name): whose CRL must list it.
+    pub issuer: String,
+    /// The command that publishes that CRL, complete, to paste.
+    pub crl_command: String,
 }
 
 /// `hsmca revoke`: records a revocation in the log. The next `hsmca crl` for the certificate's
@@ -96,10 +100,20 @@ pub fn revoke(
     let record = log::records(log.paths())?
         .into_iter()
         .find(|r| r.serial == serial);
-    let subject = record
-        .and_then(|r| verify::describe(&r.der).ok())
-        .map(|f| f.subject_string)
+    let facts = record.and_then(|r| verify::describe(&r.der).ok());
+    let subject = facts
+        .as_ref()
+        .map(|f| f.subject_string.clone())
         .unwrap_or_default();
+    let issuer = match &facts {
+        Some(f) => issuer_name_of(home, &f.issuer_der)?,
+        None => "root".to_owned(),
+    };
+    let crl_command = format!(
+        "hsmca crl --home {} --issuer {issuer} --out {issuer}-crl-{}.pem",
+        shell_word(&home.dir.display().to_string()),
+        log.last_crl_number(&issuer) + 1
+    );
     let body = Body::Revocation {
         serial: serial.clone(),
         reason: reason.to_owned(),
@@ -113,7 +127,34 @@ pub fn revoke(
         subject,
         reason: reason.to_owned(),
         log_entry: seq,
+        issuer,
+        crl_command,
     })
+}
+
+/// The name (`root` or an intermediate's) of the CA of this home whose subject is `issuer_der`.
+fn issuer_name_of(home: &Home, issuer_der: &[u8]) -> Result<String, Error> {
+    let subject_of = |der: &[u8]| verify::names(der).ok().map(|(_, subject, _, _)| subject);
+    for ca in &home.config.cas {
+        let (cert, _) = home.issuer(&ca.name)?;
+        if subject_of(&cert.der).as_deref() == Some(issuer_der) {
+            return Ok(ca.name.clone());
+        }
+    }
+    Ok("root".to_owned())
+}
+
+/// `s` as one POSIX shell word: as it is when it holds only safe characters, else in single
+/// quotes, so a pasted hint means what it shows.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@%".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// The serial of a certificate file, for `revoke --cert`.

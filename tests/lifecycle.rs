@@ -1063,3 +1063,77 @@ fn issue_16_minutes_record_token_module_fingerprints_and_checkpoints() {
     env.hsmca(&["minutes", "--home", s(&home), "--since", s(&forged)])
         .code_is(4);
 }
+
+#[test]
+fn issue_16_revoke_hints_the_complete_crl_command_of_the_actual_issuer() {
+    let env = Env::new("hint");
+    let home = env.init("ca", "hint", "ecdsa-p256");
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+    let proxy = env.p256_csr("c/proxy.csr", "/O=system:node-proxier/CN=system:kube-proxy");
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kube-proxy",
+        "--json",
+        s(&proxy),
+    ]);
+    run.ok();
+    let serial = json_lines(&run.stdout())[0]["cert"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let run = env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &serial,
+        "--reason",
+        "superseded",
+    ]);
+    run.ok();
+    let hint = run
+        .stdout()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("hsmca ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("no command in {}", run.stdout()));
+    assert!(
+        hint.starts_with(&format!(
+            "crl --home {} --issuer kubernetes-ca --out ",
+            home.display()
+        )),
+        "{hint}"
+    );
+    // Pasted as it is (from the CA home's parent, where --out lands), it lists the certificate.
+    let args: Vec<&str> = hint.split_whitespace().collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmca"))
+        .args(&args)
+        .current_dir(env.path(""))
+        .env("SOFTHSM2_CONF", &env.conf)
+        .env("HSMCA_PIN", common::PIN)
+        .env_remove("HSMCA_PKCS11_MODULE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("CRL 1 of \"kubernetes-ca\": 1 revoked"),
+        "{text}"
+    );
+}

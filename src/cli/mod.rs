@@ -102,7 +102,8 @@ enum Command {
         /// Output file (one CSR) or directory (several). Default: NAME.crt beside each CSR.
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
-        /// Append the root certificate after each certificate.
+        /// After each certificate, append its issuing intermediate(s) and the root, in order
+        /// up the chain.
         #[arg(long)]
         chain: bool,
         /// Validity, at most the profile's maximum (default: the profile's default).

@@ -298,7 +298,7 @@ pub(crate) fn outcomes(
         }
     }
     let ok = outcomes.iter().filter(|o| o.ok()).count();
-    writeln!(out, "{ok} of {} CSRs ok", outcomes.len())
+    writeln!(out, "{ok} of {} ok", count(outcomes.len(), "CSR", "CSRs"))
 }
 
 /// `log verify`.
@@ -320,8 +320,12 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
     if r.unsigned_tail > 0 {
         writeln!(
             out,
-            "warning: {} entries after the latest checkpoint (the next command signs them)",
-            r.unsigned_tail
+            "warning: {} after the latest checkpoint (the next command signs them)",
+            count(
+                usize::try_from(r.unsigned_tail).unwrap_or(usize::MAX),
+                "entry",
+                "entries"
+            )
         )?;
     }
     for e in &r.extends {
@@ -501,7 +505,12 @@ pub(crate) fn revoked(out: &mut impl Write, r: &Revoked, as_json: bool) -> io::R
         "revoked serial {} ({}) for {} (log entry {})",
         r.serial, r.subject, r.reason, r.log_entry
     )?;
-    writeln!(out, "Publish a new CRL for its issuer with `hsmca crl`.")
+    writeln!(
+        out,
+        "Publish a new CRL of its issuer {:?}:\n  {}",
+        r.issuer,
+        safe(&r.crl_command)
+    )
 }
 
 /// `crl`.
@@ -712,10 +721,14 @@ pub(crate) fn exported(out: &mut impl Write, r: &Exported, as_json: bool) -> io:
     }
     writeln!(
         out,
-        "exported {} entries, {} checkpoints and {} inclusion proofs (against size {}) to {}",
-        r.entries,
-        r.checkpoints,
-        r.proofs,
+        "exported {}, {} and {} (against size {}), a verifier (verify.py) and its README to {}",
+        count(
+            usize::try_from(r.entries).unwrap_or(usize::MAX),
+            "entry",
+            "entries"
+        ),
+        count(r.checkpoints, "checkpoint", "checkpoints"),
+        count(r.proofs, "inclusion proof", "inclusion proofs"),
         r.checkpoint_size,
         r.dir.display()
     )
@@ -781,8 +794,8 @@ pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -
         .count();
     writeln!(
         out,
-        "{issue} of {} CSRs would be issued{}",
-        p.items.len(),
+        "{issue} of {} would be issued{}",
+        count(p.items.len(), "CSR", "CSRs"),
         if p.kubeadm { " (kubeadm layout)" } else { "" }
     )?;
     writeln!(out, "plan {} written to {}", p.hash, file.display())
