@@ -85,12 +85,20 @@ echo "== verifying" >&2
 for c in "$out"/*.crt; do openssl verify -CAfile "$work/ca/root.pem" -untrusted "$c" "$c"; done
 python3 "$repo/tests/tools/verify_log.py" "$work/ca" | sed 's/^/independent checkpoint check: /'
 
+echo "== the ceremony's minutes, the checkpoint to keep, and an export an auditor checks alone" >&2
+"$hsmca" minutes --home "$work/ca" >"$work/minutes.md"
+cp "$work/ca/log/checkpoint" "$work/minutes.checkpoint"
+"$hsmca" log export --home "$work/ca" --out "$work/export"
+(cd "$work/export" && python3 verify.py --checkpoint "$work/minutes.checkpoint") | tail -n 2
+"$hsmca" expiring --home "$work/ca" --format prometheus >"$work/hsmca.prom"
+
 echo
 printf '%-22s %-52s %s\n' CERTIFICATE SUBJECT "NOT AFTER"
 for c in "$out"/*.crt; do
   printf '%-22s %-52s %s\n' "$(basename "$c")" \
-    "$(openssl x509 -in "$c" -noout -subject -nameopt compat | sed 's/^subject=//')" \
+    "$(openssl x509 -in "$c" -noout -subject -nameopt RFC2253 | sed "s/^subject=//")" \
     "$(openssl x509 -in "$c" -noout -enddate | sed 's/^notAfter=//')"
 done
 echo
 echo "CA home: $work/ca   certificates: $out   log: $work/ca/log/entries.jsonl"
+echo "minutes: $work/minutes.md   export: $work/export   monitoring: $work/hsmca.prom"

@@ -894,10 +894,11 @@ fn issue_16_expiring_writes_prometheus_text_and_one_json_document() {
         assert_eq!(label("issuer"), json["issuer"].as_str().unwrap());
         assert_eq!(sample.2, json["not_after_seconds"].as_i64().unwrap() as f64);
     }
-    let issuer = "O=hsmca tests,CN=q\\\"uote\\\\back Root";
+    // Printed as typed (RFC 4514), with RFC 4514's escapes.
+    let issuer = "CN=q\\\"uote\\\\back Root,O=hsmca tests";
     assert!(
         run.stdout()
-            .contains("issuer=\"O=hsmca tests,CN=q\\\\\\\"uote\\\\\\\\back Root\""),
+            .contains("issuer=\"CN=q\\\\\\\"uote\\\\\\\\back Root,O=hsmca tests\""),
         "{}",
         run.stdout()
     );
