@@ -581,6 +581,41 @@ pub struct Exported {
     pub checkpoint_size: u64,
 }
 
+/// The entries `0..size` of `entries.jsonl`'s bytes (those a checkpoint signs), with their
+/// numbers; lines that do not parse are left out (verification reports them).
+fn signed_entries(entries: &[u8], size: u64) -> impl Iterator<Item = (u64, log::Entry)> + '_ {
+    (0u64..)
+        .zip(entries.split(|b| *b == b'\n'))
+        .take_while(move |(seq, _)| *seq < size)
+        .filter_map(|(seq, line)| Some((seq, serde_json::from_slice::<log::Entry>(line).ok()?)))
+}
+
+/// What an export holds for an entry, if anything: the file (`certs/SERIAL.pem`,
+/// `crls/ISSUER-NUMBER.pem`), the base64 DER and the PEM label.
+fn artefact(body: &Body) -> Option<(String, &str, &'static str)> {
+    match body {
+        Body::Cert { serial, cert, .. } => {
+            Some((format!("certs/{serial}.pem"), cert.as_str(), "CERTIFICATE"))
+        }
+        Body::Crl {
+            issuer,
+            crl_number,
+            crl,
+            ..
+        } => Some((
+            format!("crls/{issuer}-{crl_number}.pem"),
+            crl.as_str(),
+            "X509 CRL",
+        )),
+        _ => None,
+    }
+}
+
+/// An entry's inclusion proof in an export.
+fn proof_name(seq: u64) -> String {
+    format!("proofs/{seq:012}.tlog-proof")
+}
+
 /// The standalone verifier written into every export (Python 3, standard library plus
 /// pyca/cryptography). Compiled in, so an export never depends on the source tree.
 pub const EXPORT_VERIFIER: &str = include_str!("export/verify.py");
@@ -624,47 +659,30 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
     }
     let mut proofs = 0;
     let mut root_written = false;
-    for (seq, line) in entries.split(|b| *b == b'\n').enumerate() {
-        let seq = seq as u64;
-        if seq >= size {
-            break;
-        }
-        let Ok(entry) = serde_json::from_slice::<log::Entry>(line) else {
+    for (seq, entry) in signed_entries(&entries, size) {
+        if let (0, Body::Root { cert, .. }) = (seq, &entry.body) {
+            let der = B64
+                .decode(cert)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            files::write_new(
+                &out.join("root.pem"),
+                engine::pem("CERTIFICATE", &der).as_bytes(),
+            )?;
+            root_written = true;
             continue;
-        };
-        let (name, der, label) = match &entry.body {
-            Body::Root { cert, .. } if seq == 0 => {
-                let der = B64
-                    .decode(cert)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                files::write_new(
-                    &out.join("root.pem"),
-                    engine::pem("CERTIFICATE", &der).as_bytes(),
-                )?;
-                root_written = true;
-                continue;
-            }
-            Body::Cert { serial, cert, .. } => (format!("certs/{serial}"), cert, "CERTIFICATE"),
-            Body::Crl {
-                issuer,
-                crl_number,
-                crl,
-                ..
-            } => (format!("crls/{issuer}-{crl_number}"), crl, "X509 CRL"),
-            _ => continue,
+        }
+        let Some((name, der, label)) = artefact(&entry.body) else {
+            continue;
         };
         let path = tree
             .prove(seq, size)
             .ok_or_else(|| Error::Internal(format!("no proof for entry {seq}")))?;
         let proof = log::translog::tlog_proof(seq, &path, &checkpoint);
-        files::write_new(&out.join(format!("proofs/{seq:012}.tlog-proof")), &proof)?;
+        files::write_new(&out.join(proof_name(seq)), &proof)?;
         let der = B64
             .decode(der)
             .map_err(|e| Error::Internal(e.to_string()))?;
-        files::write_new(
-            &out.join(format!("{name}.pem")),
-            engine::pem(label, &der).as_bytes(),
-        )?;
+        files::write_new(&out.join(name), engine::pem(label, &der).as_bytes())?;
         proofs += 1;
     }
     if !root_written {
@@ -719,25 +737,11 @@ pub fn verify_export(
     let tree = log::tree(&paths)?;
     let entries = std::fs::read(paths.entries())?;
     let mut expected = std::collections::BTreeSet::new();
-    for (seq, line) in entries.split(|b| *b == b'\n').enumerate() {
-        let seq = seq as u64;
-        if seq >= size {
-            break;
-        }
-        let Ok(entry) = serde_json::from_slice::<log::Entry>(line) else {
+    for (seq, entry) in signed_entries(&entries, size) {
+        let Some((name, der, label)) = artefact(&entry.body) else {
             continue;
         };
-        let (name, der, label) = match &entry.body {
-            Body::Cert { serial, cert, .. } => (format!("certs/{serial}"), cert, "CERTIFICATE"),
-            Body::Crl {
-                issuer,
-                crl_number,
-                crl,
-                ..
-            } => (format!("crls/{issuer}-{crl_number}"), crl, "X509 CRL"),
-            _ => continue,
-        };
-        let file = format!("proofs/{seq:012}.tlog-proof");
+        let file = proof_name(seq);
         expected.insert(file.clone());
         let want = tree
             .prove(seq, size)
@@ -751,7 +755,7 @@ pub fn verify_export(
             Err(e) => problem(Some(seq), format!("{file}: {e}")),
         }
         let pem = B64.decode(der).map(|der| engine::pem(label, &der));
-        let file = format!("{name}.pem");
+        let file = name;
         expected.insert(file.clone());
         match (std::fs::read(dir.join(&file)), pem) {
             (Ok(got), Ok(pem)) if got == pem.as_bytes() => {}

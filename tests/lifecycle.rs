@@ -571,6 +571,22 @@ fn export_proofs_verify_independently_and_outside_checkpoints_catch_a_rollback()
     .code_is(4);
 }
 
+/// Adds the `kubernetes-ca` intermediate to `home`.
+fn create_kubernetes_ca(env: &Env, home: &Path) {
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+}
+
 /// Copies the export `from` into a new empty directory `to` (nothing from the source tree or
 /// the CA home comes along) and runs its own verifier there, as an auditor would.
 fn run_export_verifier(from: &Path, to: &Path, args: &[&str]) -> (bool, String) {
@@ -602,18 +618,7 @@ fn issue_16_an_export_checks_itself_from_an_empty_directory() {
     require("python3");
     let env = Env::new("audit");
     let home = env.init("ca", "audit", "ecdsa-p256");
-    env.hsmca(&[
-        "ca",
-        "create",
-        "kubernetes-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "kubernetes-ca",
-        "--subject",
-        "CN=kubernetes-ca",
-    ])
-    .ok();
+    create_kubernetes_ca(&env, &home);
     let (a, _) = issue(&env, &home, "one", "30d");
     let proxy = env.p256_csr("c/proxy.csr", "/O=system:node-proxier/CN=system:kube-proxy");
     env.sign(&home, "kube-proxy", &[&proxy]).ok();
@@ -925,18 +930,7 @@ fn issue_16_expiring_writes_prometheus_text_and_one_json_document() {
 fn issue_16_minutes_record_token_module_fingerprints_and_checkpoints() {
     let env = Env::new("minutes");
     let home = env.init("ca", "minutes", "ecdsa-p256");
-    env.hsmca(&[
-        "ca",
-        "create",
-        "kubernetes-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "kubernetes-ca",
-        "--subject",
-        "CN=kubernetes-ca",
-    ])
-    .ok();
+    create_kubernetes_ca(&env, &home);
     let (a, _) = issue(&env, &home, "one", "30d");
     let kept = env.path("first-ceremony.checkpoint");
     std::fs::copy(home.join("log/checkpoint"), &kept).unwrap();
@@ -1069,18 +1063,7 @@ fn issue_16_minutes_record_token_module_fingerprints_and_checkpoints() {
 fn issue_16_revoke_hints_the_complete_crl_command_of_the_actual_issuer() {
     let env = Env::new("hint");
     let home = env.init("ca", "hint", "ecdsa-p256");
-    env.hsmca(&[
-        "ca",
-        "create",
-        "kubernetes-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "kubernetes-ca",
-        "--subject",
-        "CN=kubernetes-ca",
-    ])
-    .ok();
+    create_kubernetes_ca(&env, &home);
     let proxy = env.p256_csr("c/proxy.csr", "/O=system:node-proxier/CN=system:kube-proxy");
     let run = env.hsmca(&[
         "sign",
