@@ -42,7 +42,7 @@ import sys
 
 try:
     from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 except ImportError:
@@ -62,6 +62,11 @@ class Problems:
         where = "entry %d: " % entry if entry is not None else ""
         self.items.append(where + message)
         print("problem: " + where + message)
+
+
+def count(n, one, many=None):
+    """ "1 entry", "2 entries": a count with its noun in the right number."""
+    return "%d %s" % (n, one if n == 1 else (many or one + "s"))
 
 
 def leaf_hash(line):
@@ -213,6 +218,9 @@ def check_entries(lines, problems):
         except ValueError as err:
             problems.add(seq, "not JSON (%s)" % err)
             continue
+        if not isinstance(e, dict):
+            problems.add(seq, "not a JSON object")
+            continue
         kind = e.get("type")
         try:
             if kind == "root":
@@ -225,7 +233,7 @@ def check_entries(lines, problems):
                 root = x509.load_der_x509_certificate(der)
                 try:
                     root.verify_directly_issued_by(root)
-                except (ValueError, TypeError, InvalidSignature):
+                except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                     problems.add(seq, "the root certificate is not self-signed by its key")
                 cas.certs.append(root)
                 root = (der, e["log_vkey"])
@@ -263,7 +271,7 @@ def check_entries(lines, problems):
                 else:
                     try:
                         cert.verify_directly_issued_by(issuer)
-                    except (ValueError, TypeError, InvalidSignature):
+                    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                         problems.add(seq, "signature does not verify under its issuer %s"
                                      % issuer.subject.rfc4514_string())
                 if is_ca(cert):
@@ -305,7 +313,11 @@ def check_entries(lines, problems):
                     problems.add(seq, "the TBSCertList differs from the one intent %d recorded"
                                  % e["intent_seq"])
                 issuer = cas.issuer_of(crl.issuer.public_bytes())
-                if issuer is None or not crl.is_signature_valid(issuer.public_key()):
+                try:
+                    valid = issuer is not None and crl.is_signature_valid(issuer.public_key())
+                except (TypeError, UnsupportedAlgorithm):
+                    valid = False
+                if not valid:
                     problems.add(seq, "CRL signature does not verify under its issuer %s"
                                  % crl.issuer.rfc4514_string())
                 listed = sorted("%x" % r.serial_number for r in crl)
@@ -380,6 +392,8 @@ def main():
             e = json.loads(line)
         except ValueError:
             continue  # reported by check_entries
+        if not isinstance(e, dict):
+            continue  # reported by check_entries
         if e.get("seq") != seq:
             problems.add(seq, "has seq %r: an entry is missing, inserted or moved here"
                          % e.get("seq"))
@@ -439,18 +453,18 @@ def main():
 
     tail = len(lines) - covered
     if tail > 0:
-        print("warning: %d entr%s after the last checkpoint %s covered by no signature"
-              % (tail, "y" if tail == 1 else "ies", "is" if tail == 1 else "are"))
+        print("warning: %s after the last checkpoint %s covered by no signature"
+              % (count(tail, "entry", "entries"), "is" if tail == 1 else "are"))
     if root is not None:
         print("root certificate SHA-256 %s (compare with the ceremony minutes)"
               % sha256_hex(root[0]))
     print("verifier key %s" % vkey)
     if problems.items:
-        n = len(problems.items)
-        print("FAILED: %d problem%s" % (n, "" if n == 1 else "s"))
+        print("FAILED: %s" % count(len(problems.items), "problem"))
         return 1
-    print("OK: %d entries, %d checkpoints, %d proofs, %d certificates, %d CRLs; root %s at size %d"
-          % (len(lines), len(sizes), len(proved), n_certs, n_crls,
+    print("OK: %s, %s, %s, %s, %s; root %s at size %d"
+          % (count(len(lines), "entry", "entries"), count(len(sizes), "checkpoint"),
+             count(len(proved), "proof"), count(n_certs, "certificate"), count(n_crls, "CRL"),
              base64.b64encode(roots[covered]).decode(), covered))
     return 0
 
