@@ -51,6 +51,13 @@ pub fn rfc4514(attrs: &[(crate::csr::AttrType, String)]) -> String {
     out
 }
 
+/// "1 name", "2 names": a count with its noun in the right number, for messages whose count
+/// can be 1.
+pub fn count<N: std::fmt::Display + TryInto<u64> + Copy>(n: N, one: &str, many: &str) -> String {
+    let singular = n.try_into().ok() == Some(1);
+    format!("{n} {}", if singular { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +85,11 @@ mod tests {
         );
         assert_eq!(dn(&[(AttrType::Cn, "#x y ")]), "CN=\\#x y\\ ");
         assert_eq!(dn(&[]), "");
+    }
+
+    #[test]
+    fn counts_agree_with_their_nouns() {
+        assert_eq!(count(1u64, "entry", "entries"), "1 entry");
+        assert_eq!(count(0u64, "entry", "entries"), "0 entries");
     }
 }

@@ -464,14 +464,20 @@ pub fn decide(
     if csr.sans.len() > profile.san.max {
         refuse(
             "san.max",
-            format!("at most {} names", profile.san.max),
+            format!(
+                "at most {}",
+                crate::names::count(profile.san.max, "name", "names")
+            ),
             csr.sans.len().to_string(),
         );
     }
     if csr.sans.len() < profile.san.min {
         refuse(
             "san.min",
-            format!("at least {} names", profile.san.min),
+            format!(
+                "at least {}",
+                crate::names::count(profile.san.min, "name", "names")
+            ),
             csr.sans.len().to_string(),
         );
     }

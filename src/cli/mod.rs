@@ -959,7 +959,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             writeln!(
                 out,
                 "{} written to {}",
-                report::count(pages.len(), "man page", "man pages"),
+                hsmca::names::count(pages.len(), "man page", "man pages"),
                 dir.display()
             )?;
             Ok(0)

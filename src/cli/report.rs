@@ -22,6 +22,7 @@ use hsmca::engine::Outcome;
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
 use hsmca::minutes::Minutes;
+use hsmca::names::count;
 use hsmca::profile::Duration;
 use hsmca::profile::Profile;
 
@@ -179,11 +180,6 @@ impl<W: Write> Drop for Terminal<W> {
     }
 }
 
-/// "1 problem", "2 problems": a count with its noun in the right number.
-pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 fn json(out: &mut impl Write, value: &impl serde::Serialize) -> io::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
     writeln!(out)
@@ -321,11 +317,7 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
         writeln!(
             out,
             "warning: {} after the latest checkpoint (the next command signs them)",
-            count(
-                usize::try_from(r.unsigned_tail).unwrap_or(usize::MAX),
-                "entry",
-                "entries"
-            )
+            count(r.unsigned_tail, "entry", "entries")
         )?;
     }
     for e in &r.extends {
@@ -722,11 +714,7 @@ pub(crate) fn exported(out: &mut impl Write, r: &Exported, as_json: bool) -> io:
     writeln!(
         out,
         "exported {}, {} and {} (against size {}), a verifier (verify.py) and its README to {}",
-        count(
-            usize::try_from(r.entries).unwrap_or(usize::MAX),
-            "entry",
-            "entries"
-        ),
+        count(r.entries, "entry", "entries"),
         count(r.checkpoints, "checkpoint", "checkpoints"),
         count(r.proofs, "inclusion proof", "inclusion proofs"),
         r.checkpoint_size,

@@ -93,7 +93,8 @@ pub enum LogError {
     Locked(PathBuf),
     /// The last line is incomplete.
     #[error(
-        "entry {entry}: incomplete last line ({bytes} bytes after the last newline): a write was interrupted or the file was truncated"
+        "entry {entry}: incomplete last line ({} after the last newline): a write was interrupted or the file was truncated",
+        crate::names::count(*bytes, "byte", "bytes")
     )]
     TornTail {
         /// The entry number the torn line would have had.
@@ -607,7 +608,7 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
             Ok(cp) if cp.size > size => {
                 if !reported {
                     reported = true;
-                    scan.problem(Some(size), format!("the log has {size} entries but a checkpoint covers {}: entries {size}..{} were removed", cp.size, cp.size - 1));
+                    scan.problem(Some(size), format!("the log has {} but a checkpoint covers {}: entries {size}..{} were removed", crate::names::count(size, "entry", "entries"), cp.size, cp.size - 1));
                 }
             }
             Ok(cp) if scan.tree.root_at(cp.size) != Some(cp.root) => {
@@ -652,7 +653,14 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
                 );
             }
             if cp.size > size && !reported {
-                scan.problem(Some(size), format!("the log has {size} entries but the checkpoint covers {}: entries were removed", cp.size));
+                scan.problem(
+                    Some(size),
+                    format!(
+                        "the log has {} but the checkpoint covers {}: entries were removed",
+                        crate::names::count(size, "entry", "entries"),
+                        cp.size
+                    ),
+                );
             } else if scan.tree.root_at(cp.size).is_some_and(|r| r != cp.root) && !reported {
                 scan.problem(
                     None,
@@ -722,7 +730,7 @@ pub fn verify_with(
 ) -> Result<Report, LogError> {
     let mut scan = Scan::read(&paths.entries(), true)?;
     if let Some((entry, bytes)) = scan.torn {
-        scan.problem(Some(entry), format!("incomplete last line ({bytes} bytes after the last newline): interrupted write or truncation; run `hsmca log recover`"));
+        scan.problem(Some(entry), format!("incomplete last line ({} after the last newline): interrupted write or truncation; run `hsmca log recover`", crate::names::count(bytes, "byte", "bytes")));
     }
     let recorded = scan.root.as_ref().map(|r| r.vkey.clone());
     let Some(recorded) = recorded else {
@@ -754,11 +762,17 @@ pub fn verify_with(
             Err(e) => scan.problem(None, format!("{name}: {e}")),
             Ok(c) if c.size > size => scan.problem(
                 Some(size),
-                format!("{name} covers {} entries but the log has {size}: the log was truncated or rolled back", c.size),
+                format!(
+                    "{name} covers {} but the log has {size}: the log was truncated or rolled back",
+                    crate::names::count(c.size, "entry", "entries")
+                ),
             ),
             Ok(c) if scan.tree.root_at(c.size) != Some(c.root) => scan.problem(
                 None,
-                format!("{name} (size {}) does not match the log: history before it was rewritten", c.size),
+                format!(
+                    "{name} (size {}) does not match the log: history before it was rewritten",
+                    c.size
+                ),
             ),
             Ok(c) => extends.push(Extended {
                 name: name.clone(),
