@@ -29,7 +29,8 @@ bin=$repo/target/release
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 module=$(for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so; do [ -e "$m" ] && echo "$m" && break; done)
-export HSMCA_PIN=123456
+# Throwaway benchmark tokens: their PINs are set here, in the open.
+export HSMCA_PIN=123456 HSMCA_SO_PIN=87654321
 echo "making $n P-256, $n RSA-2048 and $big P-256 CSRs..." >&2
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/csr-key.pem" 2>/dev/null
 "$bin/examples/make_csrs" "$n" "$work/csrs-p256"

@@ -24,9 +24,10 @@ hsmca="$repo/target/release/hsmca"
 
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
+# Demo PINs for a throwaway token, set here in the open; real ceremonies use the prompts (or
+# --pin-file for hsmca).
+export HSMCA_SO_PIN=87654321 HSMCA_PIN=123456
 eval "$("$repo/softhsm/make-token.sh" "$work/softhsm" quickstart)"
-# Demo PIN for a throwaway token; real ceremonies use the prompt or --pin-file.
-export HSMCA_PIN=123456
 export SOFTHSM2_CONF
 
 echo "== root key ceremony" >&2
@@ -131,12 +132,20 @@ python3 "$repo/tests/tools/verify_log.py" "$work/ca" | sed 's/^/independent chec
 echo "== the seed's apiserver certificate, with its host list as the seed asked for it" >&2
 openssl x509 -in "$out/kubernetes.crt" -noout -ext subjectAltName
 
+echo "== the ceremony's minutes, the checkpoint to keep, and an export an auditor checks alone" >&2
+"$hsmca" minutes --home "$work/ca" >"$work/minutes.md"
+cp "$work/ca/log/checkpoint" "$work/minutes.checkpoint"
+"$hsmca" log export --home "$work/ca" --out "$work/export"
+(cd "$work/export" && python3 verify.py --checkpoint "$work/minutes.checkpoint") | tail -n 2
+"$hsmca" expiring --home "$work/ca" --format prometheus >"$work/hsmca.prom"
+
 echo
 printf '%-22s %-52s %s\n' CERTIFICATE SUBJECT "NOT AFTER"
 for c in "$out"/*.crt; do
   printf '%-22s %-52s %s\n' "$(basename "$c")" \
-    "$(openssl x509 -in "$c" -noout -subject -nameopt compat | sed 's/^subject=//')" \
+    "$(openssl x509 -in "$c" -noout -subject -nameopt RFC2253 | sed "s/^subject=//")" \
     "$(openssl x509 -in "$c" -noout -enddate | sed 's/^notAfter=//')"
 done
 echo
 echo "CA home: $work/ca   certificates: $out   log: $work/ca/log/entries.jsonl"
+echo "minutes: $work/minutes.md   export: $work/export   monitoring: $work/hsmca.prom"

@@ -83,6 +83,10 @@ impl IssuerCert {
         let (_, subject_der, _, _) = verify::names(&der)?;
         let facts = verify::describe(&der)?;
         let mut rcgen = CertificateParams::default();
+        // Not pushed onto the default name: rcgen's default holds a CN, and a pushed CN would
+        // take that first place, so an issuer whose CN is not first (`O=x,CN=y` in
+        // certificate order) would be named in the wrong order in what it signs.
+        rcgen.distinguished_name = rcgen::DistinguishedName::new();
         for (attr, value) in &facts.subject {
             let (t, v) = dn_entry(attr, value).map_err(VerifyError::Parse)?;
             rcgen.distinguished_name.push(t, v);
@@ -225,7 +229,9 @@ pub fn parse_subject(s: &str) -> Result<DistinguishedName, IssueError> {
     Ok(dn)
 }
 
-/// Parses `CN=x,O=y` into attribute/value pairs, in the order given. A CN is required.
+/// Parses an RFC 4514 string (`CN=x,O=y`: the last RDN first, as every report prints names)
+/// into attribute/value pairs in certificate order (`O=y` then `CN=x`), so a name prints back
+/// exactly as it was typed. A CN is required.
 pub fn subject_pairs(s: &str) -> Result<Vec<(AttrType, String)>, IssueError> {
     let bad = |why: &str| IssueError::Subject(s.to_owned(), why.to_owned());
     let mut pairs = Vec::new();
@@ -244,6 +250,7 @@ pub fn subject_pairs(s: &str) -> Result<Vec<(AttrType, String)>, IssueError> {
     if !pairs.iter().any(|(a, _)| *a == AttrType::Cn) {
         return Err(bad("a CN is required"));
     }
+    pairs.reverse();
     Ok(pairs)
 }
 
@@ -352,4 +359,25 @@ fn leaf_params(d: &Decision) -> Result<CertificateParams, IssueError> {
         .collect();
     p.use_authority_key_identifier_extension = true;
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_typed_subject_is_rfc_4514_and_prints_back_as_typed() {
+        let pairs = subject_pairs("CN=Example Root CA,O=Example").unwrap();
+        assert_eq!(
+            pairs,
+            [
+                (AttrType::O, "Example".to_owned()),
+                (AttrType::Cn, "Example Root CA".to_owned())
+            ]
+        );
+        assert_eq!(
+            crate::names::rfc4514(&pairs),
+            "CN=Example Root CA,O=Example"
+        );
+    }
 }

@@ -33,6 +33,7 @@ pub mod keys;
 pub mod kubeadm;
 pub mod lifecycle;
 pub mod log;
+pub mod minutes;
 pub mod names;
 pub mod pin;
 pub mod pinned;

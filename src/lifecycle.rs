@@ -62,6 +62,10 @@ pub struct Revoked {
     pub reason: String,
     /// Log entry.
     pub log_entry: u64,
+    /// The CA that issued it (`root` or an intermediate's name): whose CRL must list it.
+    pub issuer: String,
+    /// The command that publishes that CRL, complete, to paste.
+    pub crl_command: String,
 }
 
 /// `hsmca revoke`: records a revocation in the log. The next `hsmca crl` for the certificate's
@@ -97,10 +101,20 @@ pub fn revoke(
     let record = log::records(log.paths())?
         .into_iter()
         .find(|r| r.serial == serial);
-    let subject = record
-        .and_then(|r| verify::describe(&r.der).ok())
-        .map(|f| f.subject_string)
+    let facts = record.and_then(|r| verify::describe(&r.der).ok());
+    let subject = facts
+        .as_ref()
+        .map(|f| f.subject_string.clone())
         .unwrap_or_default();
+    let issuer = match &facts {
+        Some(f) => issuer_name_of(home, &f.issuer_der)?,
+        None => "root".to_owned(),
+    };
+    let crl_command = format!(
+        "hsmca crl --home {} --issuer {issuer} --out {issuer}-crl-{}.pem",
+        shell_word(&home.dir.display().to_string()),
+        log.last_crl_number(&issuer) + 1
+    );
     let body = Body::Revocation {
         serial: serial.clone(),
         reason: reason.to_owned(),
@@ -114,7 +128,34 @@ pub fn revoke(
         subject,
         reason: reason.to_owned(),
         log_entry: seq,
+        issuer,
+        crl_command,
     })
+}
+
+/// The name (`root` or an intermediate's) of the CA of this home whose subject is `issuer_der`.
+fn issuer_name_of(home: &Home, issuer_der: &[u8]) -> Result<String, Error> {
+    let subject_of = |der: &[u8]| verify::names(der).ok().map(|(_, subject, _, _)| subject);
+    for ca in &home.config.cas {
+        let (cert, _) = home.issuer(&ca.name)?;
+        if subject_of(&cert.der).as_deref() == Some(issuer_der) {
+            return Ok(ca.name.clone());
+        }
+    }
+    Ok("root".to_owned())
+}
+
+/// `s` as one POSIX shell word: as it is when it holds only safe characters, else in single
+/// quotes, so a pasted hint means what it shows.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,=@%".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// The serial of a certificate file, for `revoke --cert`.
@@ -252,12 +293,16 @@ pub struct Expiring {
     pub serial: String,
     /// Profile (`root` for the root).
     pub profile: String,
-    /// Subject.
+    /// Subject, RFC 4514.
     pub subject: String,
+    /// Issuer, RFC 4514.
+    pub issuer: String,
     /// SANs: where the certificate is used.
     pub sans: Vec<String>,
     /// notAfter.
     pub not_after: String,
+    /// notAfter in Unix seconds (what monitoring compares with `time()`).
+    pub not_after_seconds: i64,
     /// Days left (negative once expired).
     pub days_left: i64,
     /// Whether it is a CA (root or intermediate).
@@ -265,23 +310,33 @@ pub struct Expiring {
 }
 
 /// `hsmca expiring`: unrevoked certificates and the CAs themselves whose notAfter falls within
-/// `within` from now (already expired ones included), soonest first. Needs no token. A
-/// certificate already renewed is left out: its successor is what matters.
-pub fn expiring(home: &Home, within: Duration, clock: &dyn Clock) -> Result<Vec<Expiring>, Error> {
+/// `within` from now (already expired ones included; `None`: all of them, for monitoring),
+/// soonest first. Needs no token. A certificate already renewed is left out: its successor is
+/// what matters.
+pub fn expiring(
+    home: &Home,
+    within: Option<Duration>,
+    clock: &dyn Clock,
+) -> Result<Vec<Expiring>, Error> {
     let now = clock.now();
-    let horizon = now
-        .checked_add(within.to_time())
-        .ok_or_else(|| Error::Usage(format!("--within {within} is past the end of time")))?;
+    let horizon = within
+        .map(|w| {
+            now.checked_add(w.to_time())
+                .ok_or_else(|| Error::Usage(format!("--within {w} is past the end of time")))
+        })
+        .transpose()?;
     let root = home.root()?;
     let mut out = Vec::new();
     let mut push = |serial: String, profile: String, facts: &verify::CertFacts, ca: bool| {
-        if facts.not_after <= horizon {
+        if horizon.is_none_or(|h| facts.not_after <= h) {
             out.push(Expiring {
                 serial,
                 profile,
                 subject: facts.subject_string.clone(),
+                issuer: facts.issuer_string.clone(),
                 sans: facts.sans.clone(),
                 not_after: rfc3339(facts.not_after),
+                not_after_seconds: facts.not_after.unix_timestamp(),
                 // Rounded up: a 10-day certificate issued a second ago has 10 days left.
                 days_left: -(-(facts.not_after - now).whole_seconds()).div_euclid(86_400),
                 ca,
@@ -531,9 +586,54 @@ pub struct Exported {
     pub checkpoint_size: u64,
 }
 
+/// The entries `0..size` of `entries.jsonl`'s bytes (those a checkpoint signs), with their
+/// numbers; lines that do not parse are left out (verification reports them).
+fn signed_entries(entries: &[u8], size: u64) -> impl Iterator<Item = (u64, log::Entry)> + '_ {
+    (0u64..)
+        .zip(entries.split(|b| *b == b'\n'))
+        .take_while(move |(seq, _)| *seq < size)
+        .filter_map(|(seq, line)| Some((seq, serde_json::from_slice::<log::Entry>(line).ok()?)))
+}
+
+/// What an export holds for an entry, if anything: the file (`certs/SERIAL.pem`,
+/// `crls/ISSUER-NUMBER.pem`), the base64 DER and the PEM label.
+fn artefact(body: &Body) -> Option<(String, &str, &'static str)> {
+    match body {
+        Body::Cert { serial, cert, .. } => {
+            Some((format!("certs/{serial}.pem"), cert.as_str(), "CERTIFICATE"))
+        }
+        Body::Crl {
+            issuer,
+            crl_number,
+            crl,
+            ..
+        } => Some((
+            format!("crls/{issuer}-{crl_number}.pem"),
+            crl.as_str(),
+            "X509 CRL",
+        )),
+        _ => None,
+    }
+}
+
+/// An entry's inclusion proof in an export.
+fn proof_name(seq: u64) -> String {
+    format!("proofs/{seq:012}.tlog-proof")
+}
+
+/// The standalone verifier written into every export (Python 3, standard library plus
+/// pyca/cryptography). Compiled in, so an export never depends on the source tree.
+pub const EXPORT_VERIFIER: &str = include_str!("export/verify.py");
+
+/// The README written into every export: what the files are and the one command that checks
+/// them.
+pub const EXPORT_README: &str = include_str!("export/README.md");
+
 /// `hsmca log export`: the entries, every checkpoint, the verifier key, and for each
-/// certificate and CRL its C2SP tlog-proof against the latest checkpoint, plus the artefacts
-/// themselves, so an online verifier needs nothing from hsmca. Writes into a new directory.
+/// certificate and CRL its C2SP tlog-proof against the latest checkpoint, the artefacts
+/// themselves (`root.pem`, `certs/`, `crls/`), and a verifier with its README
+/// ([`EXPORT_VERIFIER`], [`EXPORT_README`]), so an auditor needs nothing from hsmca or the CA's
+/// machine. Writes into a new directory.
 pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
     if out.exists() {
         return Err(Error::File(files::FileError::Exists(out.to_path_buf())));
@@ -563,38 +663,42 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
         checkpoints += 1;
     }
     let mut proofs = 0;
-    for (seq, line) in entries.split(|b| *b == b'\n').enumerate() {
-        let seq = seq as u64;
-        if seq >= size {
-            break;
-        }
-        let Ok(entry) = serde_json::from_slice::<log::Entry>(line) else {
+    let mut root_written = false;
+    for (seq, entry) in signed_entries(&entries, size) {
+        if let (0, Body::Root { cert, .. }) = (seq, &entry.body) {
+            let der = B64
+                .decode(cert)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            files::write_new(
+                &out.join("root.pem"),
+                engine::pem("CERTIFICATE", &der).as_bytes(),
+            )?;
+            root_written = true;
             continue;
-        };
-        let (name, der, label) = match &entry.body {
-            Body::Cert { serial, cert, .. } => (format!("certs/{serial}"), cert, "CERTIFICATE"),
-            Body::Crl {
-                issuer,
-                crl_number,
-                crl,
-                ..
-            } => (format!("crls/{issuer}-{crl_number}"), crl, "X509 CRL"),
-            _ => continue,
+        }
+        let Some((name, der, label)) = artefact(&entry.body) else {
+            continue;
         };
         let path = tree
             .prove(seq, size)
             .ok_or_else(|| Error::Internal(format!("no proof for entry {seq}")))?;
         let proof = log::translog::tlog_proof(seq, &path, &checkpoint);
-        files::write_new(&out.join(format!("proofs/{seq:012}.tlog-proof")), &proof)?;
+        files::write_new(&out.join(proof_name(seq)), &proof)?;
         let der = B64
             .decode(der)
             .map_err(|e| Error::Internal(e.to_string()))?;
-        files::write_new(
-            &out.join(format!("{name}.pem")),
-            engine::pem(label, &der).as_bytes(),
-        )?;
+        files::write_new(&out.join(name), engine::pem(label, &der).as_bytes())?;
         proofs += 1;
     }
+    if !root_written {
+        return Err(Error::Log(log::LogError::Corrupt(log::Problem {
+            entry: Some(0),
+            message: "not the root entry".into(),
+        })));
+    }
+    // The auditor's tools travel with the data: the same bytes whichever machine exported.
+    files::write_new(&out.join("verify.py"), EXPORT_VERIFIER.as_bytes())?;
+    files::write_new(&out.join("README.md"), EXPORT_README.as_bytes())?;
     Ok(Exported {
         dir: out.to_path_buf(),
         entries: report.entries,
@@ -602,4 +706,78 @@ pub fn export(home: &Home, out: &Path) -> Result<Exported, Error> {
         proofs,
         checkpoint_size: size,
     })
+}
+
+/// `hsmca log verify --export DIR`: everything `log verify` checks, run on an export's files
+/// (the export holds the log's files at its top level), plus what only an export has: each
+/// inclusion proof must be exactly the proof the entries give against the export's checkpoint,
+/// every certificate and CRL up to that checkpoint must have one, and `root.pem`, `certs/` and
+/// `crls/` must hold the logged bytes. Findings go into the report's problems.
+pub fn verify_export(
+    dir: &Path,
+    vkey: Option<&str>,
+    external: &[(String, Vec<u8>)],
+) -> Result<log::Report, Error> {
+    let paths = log::Paths {
+        dir: dir.to_path_buf(),
+    };
+    let root_der = std::fs::read(dir.join("root.pem"))
+        .ok()
+        .and_then(|b| crate::issue::IssuerCert::from_pem_or_der(&b).ok())
+        .map(|c| c.der);
+    let mut report = log::verify_with(&paths, vkey, root_der.as_deref(), external)?;
+    if root_der.is_none() {
+        report.problems.push(log::Problem {
+            entry: Some(0),
+            message: "root.pem is missing or not a certificate".into(),
+        });
+    }
+    let Some(size) = report.checkpoint_size else {
+        return Ok(report);
+    };
+    let mut problem = |entry: Option<u64>, message: String| {
+        report.problems.push(log::Problem { entry, message });
+    };
+    let checkpoint = std::fs::read(paths.checkpoint())?;
+    let tree = log::tree(&paths)?;
+    let entries = std::fs::read(paths.entries())?;
+    let mut expected = std::collections::BTreeSet::new();
+    for (seq, entry) in signed_entries(&entries, size) {
+        let Some((name, der, label)) = artefact(&entry.body) else {
+            continue;
+        };
+        let file = proof_name(seq);
+        expected.insert(file.clone());
+        let want = tree
+            .prove(seq, size)
+            .map(|path| log::translog::tlog_proof(seq, &path, &checkpoint));
+        match std::fs::read(dir.join(&file)) {
+            Ok(got) if Some(&got) == want.as_ref() => {}
+            Ok(_) => problem(
+                Some(seq),
+                format!("{file} is not the inclusion proof of this entry"),
+            ),
+            Err(e) => problem(Some(seq), format!("{file}: {e}")),
+        }
+        let pem = B64.decode(der).map(|der| engine::pem(label, &der));
+        let file = name;
+        expected.insert(file.clone());
+        match (std::fs::read(dir.join(&file)), pem) {
+            (Ok(got), Ok(pem)) if got == pem.as_bytes() => {}
+            (Ok(_), _) => problem(Some(seq), format!("{file} differs from the logged bytes")),
+            (Err(e), _) => problem(Some(seq), format!("{file}: {e}")),
+        }
+    }
+    for sub in ["proofs", "certs", "crls"] {
+        let Ok(list) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for e in list.flatten() {
+            let name = format!("{sub}/{}", e.file_name().to_string_lossy());
+            if !expected.contains(&name) {
+                problem(None, format!("{name} is not in the log"));
+            }
+        }
+    }
+    Ok(report)
 }

@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use zeroize::Zeroizing;
 
 mod cli;
@@ -15,7 +14,7 @@ fn main() -> ExitCode {
     {
         return report(&e.into());
     }
-    let args = cli::Args::parse();
+    let args = cli::parse();
     match cli::run(args) {
         Ok(code) => ExitCode::from(code),
         // A closed pipe (`hsmca log list | head`) is the reader's choice, not an error.

@@ -140,13 +140,10 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The subject as a one-line string (`O=system:nodes, CN=system:node:n1`).
+    /// The subject in RFC 4514 form (`CN=system:node:n1,O=system:nodes`), as every report
+    /// prints names.
     pub fn subject_string(&self) -> String {
-        self.subject
-            .iter()
-            .map(|(a, v)| format!("{a}={v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::names::rfc4514(&self.subject)
     }
 
     /// SANs as `DNS:x` / `IP:y` strings.
@@ -514,14 +511,20 @@ pub fn decide(
     if csr.sans.len() > profile.san.max {
         refuse(
             "san.max",
-            format!("at most {} names", profile.san.max),
+            format!(
+                "at most {}",
+                crate::names::count(profile.san.max, "name", "names")
+            ),
             csr.sans.len().to_string(),
         );
     }
     if csr.sans.len() < profile.san.min {
         refuse(
             "san.min",
-            format!("at least {} names", profile.san.min),
+            format!(
+                "at least {}",
+                crate::names::count(profile.san.min, "name", "names")
+            ),
             csr.sans.len().to_string(),
         );
     }
@@ -1015,7 +1018,7 @@ mod tests {
             &ctx(),
         )
         .unwrap();
-        assert_eq!(d.subject_string(), "O=system:nodes, CN=system:node:n1");
+        assert_eq!(d.subject_string(), "CN=system:node:n1,O=system:nodes");
         assert_eq!(
             d.san_strings(),
             vec!["DNS:a.svc.cluster.local", "IP:10.1.2.3"]

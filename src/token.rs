@@ -404,6 +404,57 @@ pub fn resolve_module(
         .ok_or(TokenError::ModuleNotFound { tried })
 }
 
+/// What a token says about itself (`C_GetTokenInfo`), for the ceremony minutes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TokenInfo {
+    /// CK_TOKEN_INFO.label.
+    pub label: String,
+    /// CK_TOKEN_INFO.serialNumber.
+    pub serial: String,
+    /// CK_TOKEN_INFO.manufacturerID.
+    pub manufacturer: String,
+    /// CK_TOKEN_INFO.model.
+    pub model: String,
+}
+
+/// Reads the token labelled `label` from `module` without a session or a login: `C_GetTokenInfo`
+/// needs neither, so the minutes can name the token without asking for the PIN.
+pub fn info(module: &Path, label: &str) -> Result<TokenInfo, TokenError> {
+    let ctx = load_module(module)?;
+    let mut seen = Vec::new();
+    for slot in ctx.get_slots_with_token().map_err(p11("listing slots"))? {
+        let Ok(info) = ctx.get_token_info(slot) else {
+            continue;
+        };
+        if info.label() == label {
+            return Ok(TokenInfo {
+                label: info.label().trim_end().to_owned(),
+                serial: info.serial_number().trim_end().to_owned(),
+                manufacturer: info.manufacturer_id().trim_end().to_owned(),
+                model: info.model().trim_end().to_owned(),
+            });
+        }
+        seen.push(info.label().to_owned());
+    }
+    Err(TokenError::TokenNotFound {
+        label: label.to_owned(),
+        seen,
+    })
+}
+
+/// Loads a PKCS#11 module and initialises it (`C_Initialize`; already initialised is fine).
+fn load_module(module: &Path) -> Result<Pkcs11, TokenError> {
+    let load = |source| TokenError::ModuleLoad {
+        path: module.to_path_buf(),
+        source,
+    };
+    let ctx = Pkcs11::new(module).map_err(load)?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        Err(e) => Err(load(e)),
+    }
+}
+
 /// Protection attributes of a private key, as the token reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct KeyProtection {
@@ -440,15 +491,7 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// Loads the module, finds the token by label, opens a read-write session and logs in.
     pub fn open(module: &Path, token: &TokenRef, pin: &Pin) -> Result<Self, TokenError> {
-        let load = |source| TokenError::ModuleLoad {
-            path: module.to_path_buf(),
-            source,
-        };
-        let ctx = Pkcs11::new(module).map_err(load)?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(load(e)),
-        }
+        let ctx = load_module(module)?;
         let mut seen = Vec::new();
         let mut found = None;
         for slot in ctx.get_slots_with_token().map_err(p11("listing slots"))? {

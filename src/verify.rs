@@ -141,6 +141,8 @@ pub struct CertFacts {
     pub not_after: time::OffsetDateTime,
     /// Issuer name, DER.
     pub issuer_der: Vec<u8>,
+    /// Issuer name, RFC 4514.
+    pub issuer_string: String,
     /// Whether basicConstraints says CA.
     pub is_ca: bool,
     /// Subject key.
@@ -170,16 +172,13 @@ pub fn describe(der: &[u8]) -> Result<CertFacts, VerifyError> {
         .collect();
     Ok(CertFacts {
         serial: crate::keys::hex(tbs.serial_number().as_bytes()),
-        subject_string: subject
-            .iter()
-            .map(|(a, v)| format!("{a}={v}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        subject_string: crate::names::rfc4514(&subject),
         subject,
         sans: san_strings(tbs),
         not_before: time(&tbs.validity().not_before)?,
         not_after: time(&tbs.validity().not_after)?,
         issuer_der,
+        issuer_string: tbs.issuer().to_string(),
         is_ca,
         public_key,
     })

@@ -572,13 +572,26 @@ fn sha256_hex(bytes: &[u8]) -> String {
 #[test]
 fn help_completions_and_man_pages_come_from_the_cli_definition() {
     let env = Env::new("help");
-    let run = env.hsmca(&["--help"]);
+    let run = env.hsmca(&["-h"]);
     run.ok();
     assert!(
         run.stdout().contains("Exit codes: 0 done") && run.stdout().contains("sign"),
         "{}",
         run.stdout()
     );
+    // The long help carries the same reference sections as the man pages.
+    let run = env.hsmca(&["--help"]);
+    run.ok();
+    for needle in [
+        "Examples:",
+        "Environment:",
+        "HSMCA_PIN",
+        "Files:",
+        "Exit status:",
+    ] {
+        assert!(run.stdout().contains(needle), "{needle}: {}", run.stdout());
+    }
+    let revoke_help = env.hsmca(&["revoke", "--help"]).stdout();
     let run = env.hsmca(&["completions", "bash"]);
     run.ok();
     assert!(
@@ -589,6 +602,39 @@ fn help_completions_and_man_pages_come_from_the_cli_definition() {
     let dir = env.path("man");
     env.hsmca(&["man", "--out", s(&dir)]).ok();
     assert!(dir.join("hsmca.1").exists() && dir.join("hsmca-sign.1").exists());
+    // Every page has the reference sections and renders without a groff warning.
+    require("groff");
+    for page in std::fs::read_dir(&dir).unwrap() {
+        let page = page.unwrap().path();
+        let text = std::fs::read_to_string(&page).unwrap();
+        for section in [
+            ".SH ENVIRONMENT",
+            ".SH FILES",
+            ".SH \"EXIT STATUS\"",
+            "HSMCA_PIN",
+        ] {
+            assert!(text.contains(section), "{}: no {section}", page.display());
+        }
+        let out = std::process::Command::new("groff")
+            .args(["-man", "-ww", "-z"])
+            .arg(&page)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{}: {}",
+            page.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The revoke page's example is the one `revoke --help` shows: one source.
+    let revoke = std::fs::read_to_string(dir.join("hsmca-revoke.1")).unwrap();
+    assert!(
+        revoke.contains(".SH EXAMPLES")
+            && revoke.contains("\\-\\-issuer kubernetes\\-ca")
+            && revoke_help.contains("--issuer kubernetes-ca"),
+        "{revoke}"
+    );
 }
 
 #[test]

@@ -617,3 +617,568 @@ fn a_reader_that_closes_the_pipe_early_is_not_an_error() {
     run.ok();
     assert!(run.stdout().contains("pipe-2"), "{}", run.stdout());
 }
+
+/// Adds the `kubernetes-ca` intermediate to `home`.
+fn create_kubernetes_ca(env: &Env, home: &Path) {
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+}
+
+/// Copies the export `from` into a new empty directory `to` (nothing from the source tree or
+/// the CA home comes along) and runs its own verifier there, as an auditor would.
+fn run_export_verifier(from: &Path, to: &Path, args: &[&str]) -> (bool, String) {
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = Command::new("python3")
+        .arg("verify.py")
+        .args(args)
+        .current_dir(to)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn issue_16_an_export_checks_itself_from_an_empty_directory() {
+    require("python3");
+    let env = Env::new("audit");
+    let home = env.init("ca", "audit", "ecdsa-p256");
+    create_kubernetes_ca(&env, &home);
+    let (a, _) = issue(&env, &home, "one", "30d");
+    let proxy = env.p256_csr("c/proxy.csr", "/O=system:node-proxier/CN=system:kube-proxy");
+    env.sign(&home, "kube-proxy", &[&proxy]).ok();
+    env.hsmca(&["revoke", "--home", s(&home), &a, "--reason", "superseded"])
+        .ok();
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&env.path("root.crl"))])
+        .ok();
+    env.hsmca(&[
+        "crl",
+        "--home",
+        s(&home),
+        "--issuer",
+        "kubernetes-ca",
+        "--out",
+        s(&env.path("k.crl")),
+    ])
+    .ok();
+    let kept = env.path("kept.checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &kept).unwrap();
+
+    let export = env.path("export");
+    env.hsmca(&["log", "export", "--home", s(&home), "--out", s(&export)])
+        .ok();
+    for f in ["verify.py", "README.md", "root.pem"] {
+        assert!(export.join(f).is_file(), "{f} missing from the export");
+    }
+    // Shipped from the binary, not the source tree: the same bytes as src/export/verify.py.
+    assert_eq!(
+        std::fs::read_to_string(export.join("verify.py")).unwrap(),
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/export/verify.py"))
+            .unwrap()
+    );
+
+    let kept_arg = s(&kept).to_owned();
+    let (ok, text) =
+        run_export_verifier(&export, &env.path("auditor"), &["--checkpoint", &kept_arg]);
+    assert!(ok, "{text}");
+    let last = text.lines().last().unwrap();
+    // Every entry of the log; the intermediate and 2 leaves; 2 CRLs.
+    let entries = std::fs::read_to_string(home.join("log/entries.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        last.starts_with(&format!("OK: {entries} entries,"))
+            && last.contains("5 proofs, 3 certificates, 2 CRLs"),
+        "{text}"
+    );
+    assert!(text.contains("the log extends it"), "{text}");
+    let run = env.hsmca(&[
+        "log",
+        "verify",
+        "--export",
+        s(&export),
+        "--checkpoint",
+        s(&kept),
+    ]);
+    run.ok();
+    assert!(
+        run.stdout()
+            .contains(&format!("checked     {}", kept.display()))
+            && run.stdout().contains("the log extends it"),
+        "{}",
+        run.stdout()
+    );
+
+    // Tampering, one kind per copy: each makes the verifier and `log verify --export` fail.
+    let entries = std::fs::read_to_string(export.join("entries.jsonl")).unwrap();
+    let crl_line = entries
+        .lines()
+        .position(|l| l.contains("\"type\":\"crl\""))
+        .unwrap();
+    type Tamper = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Tamper, &str)> = vec![
+        (
+            "an edited entry",
+            Box::new(|d: &Path| {
+                let t = std::fs::read_to_string(d.join("entries.jsonl")).unwrap();
+                let t = t.replacen("\"profile\":\"test-any-key\"", "\"profile\":\"admin\"", 1);
+                std::fs::write(d.join("entries.jsonl"), t).unwrap();
+            }),
+            "prev is not the root",
+        ),
+        (
+            "a swapped certificate file",
+            Box::new(move |d: &Path| {
+                let other = std::fs::read(d.join("root.pem")).unwrap();
+                std::fs::write(d.join(format!("certs/{a}.pem")), other).unwrap();
+            }),
+            "differs from the logged bytes",
+        ),
+        (
+            "a forged checkpoint",
+            Box::new(|d: &Path| {
+                let t = std::fs::read_to_string(d.join("checkpoint")).unwrap();
+                std::fs::write(d.join("checkpoint"), t.replacen('\n', "\n1", 1)).unwrap();
+            }),
+            "checkpoint:",
+        ),
+        (
+            "a removed proof",
+            Box::new(move |d: &Path| {
+                std::fs::remove_file(d.join(format!("proofs/{crl_line:012}.tlog-proof"))).unwrap();
+            }),
+            "has no inclusion proof",
+        ),
+    ];
+    for (i, (what, tamper, needle)) in cases.iter().enumerate() {
+        let copy = env.path(&format!("tampered-{i}"));
+        let (ok, _) = run_export_verifier(&export, &copy, &[]);
+        assert!(ok, "{what}: the copy verifies before tampering");
+        tamper(&copy);
+        let out = Command::new("python3")
+            .arg("verify.py")
+            .current_dir(&copy)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() && text.contains("FAILED") && text.contains(needle),
+            "{what}: {text}"
+        );
+        env.hsmca(&["log", "verify", "--export", s(&copy)])
+            .code_is(4);
+    }
+}
+
+/// One sample of the Prometheus text format: metric name, labels in order, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// A strict parser for the Prometheus text exposition format 0.0.4 as node_exporter's textfile
+/// collector reads it: `# HELP` / `# TYPE` lines before a metric's samples, names and label
+/// names of the allowed characters, label values in double quotes with only `\\`, `\"` and
+/// `\n` escapes, a float value, a final newline. Panics on anything else.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut cs = s.chars();
+        cs.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+    assert!(text.ends_with('\n'), "no final newline");
+    let mut typed: std::collections::HashMap<String, String> = Default::default();
+    let mut helped = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            assert!(is_name(name, true) && !help.is_empty(), "{line}");
+            assert!(helped.insert(name.to_owned()), "second HELP: {line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(is_name(name, true), "{line}");
+            assert!(["gauge", "counter", "untyped"].contains(&kind), "{line}");
+            assert!(
+                typed.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "{line}"
+            );
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line {line:?}"
+        );
+        let (name, mut rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => panic!("no value: {line}"),
+        };
+        assert!(is_name(name, true), "{line}");
+        assert!(typed.contains_key(name), "sample before its TYPE: {line}");
+        let mut labels = Vec::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut chars = r.char_indices().peekable();
+            loop {
+                let start = chars.peek().unwrap().0;
+                let eq = r[start..].find('=').unwrap() + start;
+                let label = &r[start..eq];
+                assert!(is_name(label, false), "label name {label:?} in {line}");
+                while chars.peek().unwrap().0 < eq {
+                    chars.next();
+                }
+                chars.next();
+                assert_eq!(chars.next().map(|c| c.1), Some('"'), "{line}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().unwrap().1 {
+                        '\\' => match chars.next().unwrap().1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            other => panic!("invalid escape \\{other} in {line}"),
+                        },
+                        '"' => break,
+                        '\n' => panic!("raw newline in {line}"),
+                        c => value.push(c),
+                    }
+                }
+                labels.push((label.to_owned(), value));
+                match chars.next().unwrap() {
+                    (_, ',') => continue,
+                    (i, '}') => {
+                        rest = &r[i + 1..];
+                        break;
+                    }
+                    (_, c) => panic!("unexpected {c:?} in {line}"),
+                }
+            }
+        }
+        let value = rest.strip_prefix(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+        samples.push((name.to_owned(), labels, value));
+    }
+    samples
+}
+
+#[test]
+fn issue_16_expiring_writes_prometheus_text_and_one_json_document() {
+    let env = Env::new("prom");
+    let home = env.path("ca");
+    // A root subject with characters both RFC 4514 and the exposition format must escape: it
+    // is every leaf's issuer label.
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "prom",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=q\"uote\\back Root,O=hsmca tests",
+    ])
+    .ok();
+    env.install_test_any_key(&home);
+    issue(&env, &home, "plain", "30d");
+    issue(&env, &home, "later", "80d");
+
+    let run = env.hsmca(&["expiring", "--home", s(&home), "--format", "prometheus"]);
+    // Every certificate (no window given), and exit 0 so `> f.$$ && mv f.$$ f` works.
+    run.ok();
+    let samples = parse_prometheus(&run.stdout());
+    let certs: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.0 == "hsmca_certificate_not_after_seconds")
+        .collect();
+    assert_eq!(certs.len(), 3, "root and two leaves: {}", run.stdout());
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.0 == "hsmca_expiring_generated_seconds")
+    );
+
+    // The same certificates as one JSON document (every certificate within 100 years).
+    let doc = env.hsmca(&[
+        "expiring",
+        "--home",
+        s(&home),
+        "--within",
+        "100y",
+        "--format",
+        "json",
+    ]);
+    doc.code_is(1);
+    let doc: serde_json::Value = serde_json::from_str(&doc.stdout()).unwrap();
+    let doc = doc.as_array().unwrap();
+    assert_eq!(doc.len(), 3);
+    for (sample, json) in certs.iter().zip(doc) {
+        let label = |k: &str| {
+            sample
+                .1
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .unwrap()
+        };
+        let names: Vec<&str> = sample.1.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["serial", "profile", "subject", "issuer", "ca"]);
+        assert_eq!(label("serial"), json["serial"].as_str().unwrap());
+        assert_eq!(label("profile"), json["profile"].as_str().unwrap());
+        assert_eq!(label("subject"), json["subject"].as_str().unwrap());
+        assert_eq!(label("issuer"), json["issuer"].as_str().unwrap());
+        assert_eq!(sample.2, json["not_after_seconds"].as_i64().unwrap() as f64);
+    }
+    // Printed as typed (RFC 4514), with RFC 4514's escapes.
+    let issuer = "CN=q\\\"uote\\\\back Root,O=hsmca tests";
+    assert!(
+        run.stdout()
+            .contains("issuer=\"CN=q\\\\\\\"uote\\\\\\\\back Root,O=hsmca tests\""),
+        "{}",
+        run.stdout()
+    );
+    assert!(certs.iter().all(|c| c.1[3].1 == issuer), "{}", run.stdout());
+    assert!(certs.iter().any(|c| c.1[2].1 == "CN=later"));
+
+    // --json keeps today's JSON lines; a window narrows the Prometheus output too.
+    let lines = env.hsmca(&["expiring", "--home", s(&home), "--json"]);
+    assert_eq!(json_lines(&lines.stdout()).len(), 1, "{}", lines.stdout());
+    let narrow = env.hsmca(&[
+        "expiring",
+        "--home",
+        s(&home),
+        "--within",
+        "60d",
+        "--format",
+        "prometheus",
+    ]);
+    narrow.ok();
+    assert_eq!(parse_prometheus(&narrow.stdout()).len(), 2);
+}
+
+#[test]
+fn issue_16_minutes_record_token_module_fingerprints_and_checkpoints() {
+    let env = Env::new("minutes");
+    let home = env.init("ca", "minutes", "ecdsa-p256");
+    create_kubernetes_ca(&env, &home);
+    let (a, _) = issue(&env, &home, "one", "30d");
+    let kept = env.path("first-ceremony.checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &kept).unwrap();
+    let first = env.hsmca(&["minutes", "--home", s(&home)]);
+    first.ok();
+    let md = first.stdout();
+
+    // Later: a batch with a plan, a revocation and a CRL.
+    for n in ["b1", "b2"] {
+        env.p256_csr(&format!("batch/{n}.csr"), &format!("/CN={n}"));
+    }
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&env.path("batch")),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&env.path("batch-out")),
+    ])
+    .ok();
+    env.hsmca(&["revoke", "--home", s(&home), &a, "--reason", "superseded"])
+        .ok();
+    env.hsmca(&["crl", "--home", s(&home), "--out", s(&env.path("r.crl"))])
+        .ok();
+    let later = env.hsmca(&["minutes", "--home", s(&home), "--since", s(&kept)]);
+    later.ok();
+    let later = later.stdout();
+
+    // The token as it describes itself, and the module with its hash.
+    for needle in [
+        "| token label | `minutes` |",
+        "| manufacturer | SoftHSM project |",
+        "| model | SoftHSM v2 |",
+        "| token serial | `",
+    ] {
+        assert!(md.contains(needle), "{needle} missing:\n{md}");
+    }
+    let module = md
+        .lines()
+        .find_map(|l| l.strip_prefix("| PKCS#11 module | `"))
+        .unwrap()
+        .trim_end_matches("` |");
+    let module_sha = openssl(&["dgst", "-sha256", "-r", module]);
+    let module_sha = module_sha.split_whitespace().next().unwrap();
+    assert!(
+        md.contains(&format!("| module SHA-256 | `{module_sha}` |")),
+        "{md}"
+    );
+    // Fingerprints as OpenSSL computes them from the files.
+    for (name, pem) in [
+        ("root", home.join("root.pem")),
+        ("kubernetes-ca", home.join("cas/kubernetes-ca.pem")),
+    ] {
+        let fp = openssl(&["x509", "-in", s(&pem), "-noout", "-fingerprint", "-sha256"]);
+        let fp = fp
+            .trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase();
+        assert!(
+            md.lines()
+                .any(|l| l.starts_with(&format!("| {name} |")) && l.contains(&fp)),
+            "{name} {fp}:\n{md}"
+        );
+    }
+    let vkey = std::fs::read_to_string(home.join("log/log.vkey")).unwrap();
+    assert!(md.contains(vkey.trim()), "{md}");
+    assert!(
+        md.contains("- certificates issued: 1\n  - test-any-key: 1"),
+        "{md}"
+    );
+    assert!(
+        md.contains("- intermediates created: 1\n  - CN=kubernetes-ca"),
+        "{md}"
+    );
+    assert!(md.contains("Policy in force: log entry"), "{md}");
+    assert!(md.contains("Pinned PKCS#11 module: log entry"), "{md}");
+    assert!(
+        md.contains("| operator | | | |") && md.contains("| witness | | | |"),
+        "{md}"
+    );
+    // init's first checkpoint (the root entry) first, the log's size last.
+    assert!(md.contains("- first: size 1,"), "init's checkpoint: {md}");
+    // The kept checkpoint's size (its second line).
+    let kept_size = std::fs::read_to_string(&kept)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(md.contains(&format!("- last: size {kept_size},")), "{md}");
+    assert!(
+        md.contains(&std::fs::read_to_string(&kept).unwrap()),
+        "{md}"
+    );
+
+    // --since: only what came after the kept checkpoint.
+    assert!(
+        later.contains(&format!("## What the log records (entries {kept_size}..")),
+        "{later}"
+    );
+    assert!(
+        later.contains("- certificates issued: 2\n  - test-any-key: 2"),
+        "{later}"
+    );
+    assert!(later.contains("- intermediates created: 0"), "{later}");
+    assert!(later.contains("- plans signed: 1\n  - `"), "{later}");
+    assert!(
+        later.contains(&format!("- revocations: 1\n  - `{a}`: superseded")),
+        "{later}"
+    );
+    assert!(
+        later.contains("- CRLs signed: 1\n  - root CRL 1: 1 revoked"),
+        "{later}"
+    );
+    assert!(
+        later.contains(&format!("- first: size {kept_size}, root")) && later.contains(s(&kept)),
+        "{later}"
+    );
+
+    // A checkpoint the log does not extend is refused.
+    let forged = env.path("forged.checkpoint");
+    std::fs::write(
+        &forged,
+        std::fs::read_to_string(&kept)
+            .unwrap()
+            .replacen('\n', "\n1", 1),
+    )
+    .unwrap();
+    env.hsmca(&["minutes", "--home", s(&home), "--since", s(&forged)])
+        .code_is(4);
+}
+
+#[test]
+fn issue_16_revoke_hints_the_complete_crl_command_of_the_actual_issuer() {
+    let env = Env::new("hint");
+    let home = env.init("ca", "hint", "ecdsa-p256");
+    create_kubernetes_ca(&env, &home);
+    let proxy = env.p256_csr("c/proxy.csr", "/O=system:node-proxier/CN=system:kube-proxy");
+    let run = env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kube-proxy",
+        "--json",
+        s(&proxy),
+    ]);
+    run.ok();
+    let serial = json_lines(&run.stdout())[0]["cert"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let run = env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &serial,
+        "--reason",
+        "superseded",
+    ]);
+    run.ok();
+    let hint = run
+        .stdout()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("hsmca ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("no command in {}", run.stdout()));
+    assert!(
+        hint.starts_with(&format!(
+            "crl --home {} --issuer kubernetes-ca --out ",
+            home.display()
+        )),
+        "{hint}"
+    );
+    // Pasted as it is (from the CA home's parent, where --out lands), it lists the certificate.
+    let args: Vec<&str> = hint.split_whitespace().collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsmca"))
+        .args(&args)
+        .current_dir(env.path(""))
+        .env("SOFTHSM2_CONF", &env.conf)
+        .env("HSMCA_PIN", common::PIN)
+        .env_remove("HSMCA_PKCS11_MODULE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("CRL 1 of \"kubernetes-ca\": 1 revoked"),
+        "{text}"
+    );
+}

@@ -1,12 +1,13 @@
 //! Command-line definitions (clap derive) and dispatch. Checks only what the user typed; the
 //! library does the work, and `report` does all the printing.
 
+mod man;
 pub(crate) mod report;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use hsmca::ceremony::{self, InitRequest};
 use hsmca::clock::SystemClock;
@@ -101,7 +102,8 @@ enum Command {
         /// Output file (one CSR) or directory (several). Default: NAME.crt beside each CSR.
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
-        /// Append the root certificate after each certificate.
+        /// After each certificate, append its issuing intermediate(s) and the root, in order
+        /// up the chain.
         #[arg(long)]
         chain: bool,
         /// Validity, at most the profile's maximum (default: the profile's default).
@@ -180,15 +182,22 @@ enum Command {
         json: bool,
     },
     /// Unrevoked certificates and CAs expiring within a window, soonest first. Exit 1 if any
-    /// (for cron), 0 if none.
+    /// (for cron), 0 if none. `--format prometheus` writes every certificate for node_exporter's
+    /// textfile collector instead, and exits 0.
     Expiring {
         /// The CA home.
         #[arg(long, value_name = "DIR")]
         home: PathBuf,
-        /// Window from now.
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
-        within: Duration,
-        /// Machine-readable output.
+        /// Window from now (default 30d; with --format prometheus, default: every certificate).
+        #[arg(long, value_parser = parse_duration)]
+        within: Option<Duration>,
+        /// Output: text (the table), json (one document), json-lines (one object per
+        /// certificate, as --json), or prometheus (node_exporter textfile collector: one gauge
+        /// hsmca_certificate_not_after_seconds per certificate, labelled with serial, profile,
+        /// subject and issuer).
+        #[arg(long, value_enum, default_value = "text", conflicts_with = "json")]
+        format: report::ExpiringFormat,
+        /// Machine-readable output: JSON lines, one object per certificate.
         #[arg(long)]
         json: bool,
     },
@@ -278,6 +287,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the ceremony minutes (Markdown) from the verified log and the token: token,
+    /// module and its SHA-256, CA fingerprints, verifier key, what was issued, revoked and
+    /// signed, the first and last checkpoint, and lines for the operators' and witnesses'
+    /// signatures. Needs no PIN.
+    Minutes {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Only what came after this checkpoint (the one kept from the previous ceremony); the
+        /// log must extend it.
+        #[arg(long, value_name = "CHECKPOINT")]
+        since: Option<PathBuf>,
+        #[command(flatten)]
+        token_opts: TokenOpts,
+        /// Machine-readable output (the same facts as JSON).
+        #[arg(long)]
+        json: bool,
+    },
     /// Offline intermediate CAs whose keys live in the same token.
     Ca {
         #[command(subcommand)]
@@ -298,7 +325,8 @@ enum Command {
         /// Shell.
         shell: clap_complete::Shell,
     },
-    /// Write the man pages (hsmca.1 and one per subcommand) to a directory.
+    /// Write the man pages (hsmca.1 and one per subcommand, with EXAMPLES, ENVIRONMENT, FILES
+    /// and EXIT STATUS) to a directory.
     Man {
         /// Output directory.
         #[arg(long, value_name = "DIR", default_value = ".")]
@@ -431,8 +459,17 @@ enum LogCommand {
     /// Recompute the whole log and check entries, chain, checkpoints and CA rules.
     Verify {
         /// The CA home.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "export",
+            conflicts_with = "export"
+        )]
+        home: Option<PathBuf>,
+        /// An export made by `hsmca log export` instead of a CA home: also checks its proofs
+        /// and files (the export's own `python3 verify.py` checks the same without hsmca).
         #[arg(long, value_name = "DIR")]
-        home: PathBuf,
+        export: Option<PathBuf>,
         /// Verifier key to trust instead of the one recorded in the log (from the ceremony
         /// minutes).
         #[arg(long)]
@@ -491,6 +528,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn token_ref(s: &str) -> Result<TokenRef, Error> {
     TokenRef::parse(s).map_err(|e| Error::Usage(format!("--token: {e}")))
+}
+
+/// Parses the command line with the shared reference sections (examples, environment, files,
+/// exit status) in the long help, as the man pages show them.
+pub(crate) fn parse() -> Args {
+    let matches = man::command().get_matches();
+    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Runs one command; returns the exit code for a finished run.
@@ -601,6 +645,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             command:
                 LogCommand::Verify {
                     home,
+                    export,
                     vkey,
                     checkpoint,
                     token,
@@ -608,10 +653,6 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     json,
                 },
         } => {
-            let root_der = std::fs::read(home.join("root.pem"))
-                .ok()
-                .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
-                .map(|c| c.der);
             let mut external = checkpoint
                 .iter()
                 .map(|p| {
@@ -621,29 +662,43 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     ))
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
-            if token {
-                let home = Home::open(&home)?;
-                let token = open_home_token(&home, &token_opts)?;
-                let label = hsmca::engine::head_label(&home);
-                let heads = token.read_data(&label)?;
-                if heads.is_empty() {
-                    return Err(Error::Pinned(hsmca::pinned::PinnedError::LogHead(format!(
-                        "token {:?} keeps no log head under {label:?}",
-                        token.label()
-                    ))));
+            let report = match (home, export) {
+                (_, Some(dir)) => lifecycle::verify_export(&dir, vkey.as_deref(), &external)?,
+                (Some(home), None) => {
+                    if token {
+                        let home = Home::open(&home)?;
+                        let token = open_home_token(&home, &token_opts)?;
+                        let label = hsmca::engine::head_label(&home);
+                        let heads = token.read_data(&label)?;
+                        if heads.is_empty() {
+                            return Err(Error::Pinned(hsmca::pinned::PinnedError::LogHead(
+                                format!(
+                                    "token {:?} keeps no log head under {label:?}",
+                                    token.label()
+                                ),
+                            )));
+                        }
+                        external.extend(
+                            heads
+                                .into_iter()
+                                .map(|h| ("the token's log head".to_owned(), h)),
+                        );
+                    }
+                    let root_der = std::fs::read(home.join("root.pem"))
+                        .ok()
+                        .and_then(|b| hsmca::issue::IssuerCert::from_pem_or_der(&b).ok())
+                        .map(|c| c.der);
+                    log::verify_with(
+                        &log::Paths::of_home(&home),
+                        vkey.as_deref(),
+                        root_der.as_deref(),
+                        &external,
+                    )?
                 }
-                external.extend(
-                    heads
-                        .into_iter()
-                        .map(|h| ("the token's log head".to_owned(), h)),
-                );
-            }
-            let report = log::verify_with(
-                &log::Paths::of_home(&home),
-                vkey.as_deref(),
-                root_der.as_deref(),
-                &external,
-            )?;
+                (None, None) => {
+                    return Err(Error::Usage("give --home DIR or --export DIR".into()));
+                }
+            };
             report::log_verify(&mut out, &report, json)?;
             Ok(if report.problems.is_empty() { 0 } else { 4 })
         }
@@ -695,6 +750,22 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let token = open_home_token(&home, &token_opts)?;
             let report = ceremony::create_ca(&home, &req, &token, &clock)?;
             report::ca_created(&mut out, &report, json)?;
+            Ok(0)
+        }
+        Command::Minutes {
+            home,
+            since,
+            token_opts,
+            json,
+        } => {
+            let home = Home::open(&home)?;
+            let minutes = hsmca::minutes::gather(
+                &home,
+                since.as_deref(),
+                token_opts.module.as_deref(),
+                &clock,
+            )?;
+            report::minutes(&mut out, &minutes, json)?;
             Ok(0)
         }
         Command::Profiles { command } => profiles(&mut out, command),
@@ -853,10 +924,28 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             report::crl(&mut out, &r, json)?;
             Ok(0)
         }
-        Command::Expiring { home, within, json } => {
+        Command::Expiring {
+            home,
+            within,
+            format,
+            json,
+        } => {
             let home = Home::open(&home)?;
-            let list = lifecycle::expiring(&home, within, &clock)?;
-            report::expiring(&mut out, &list, within, json)?;
+            let format = if json {
+                report::ExpiringFormat::JsonLines
+            } else {
+                format
+            };
+            if format == report::ExpiringFormat::Prometheus {
+                // Every certificate, and exit 0: a collector job runs `... > F.$$ && mv F.$$ F`.
+                let list = lifecycle::expiring(&home, within, &clock)?;
+                let now = hsmca::clock::Clock::now(&clock).unix_timestamp();
+                report::expiring_prometheus(&mut out, &list, now)?;
+                return Ok(0);
+            }
+            let within = within.unwrap_or(Duration(30 * 86_400));
+            let list = lifecycle::expiring(&home, Some(within), &clock)?;
+            report::expiring(&mut out, &list, within, format)?;
             Ok(u8::from(!list.is_empty()))
         }
         Command::Renew {
@@ -924,9 +1013,13 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Man { out: dir } => {
-            std::fs::create_dir_all(&dir).map_err(hsmca::error::at(&dir))?;
-            clap_mangen::generate_to(Args::command(), &dir).map_err(hsmca::error::at(&dir))?;
-            writeln!(out, "man pages written to {}", dir.display())?;
+            let pages = man::write_pages(&dir)?;
+            writeln!(
+                out,
+                "{} written to {}",
+                hsmca::names::count(pages.len(), "man page", "man pages"),
+                dir.display()
+            )?;
             Ok(0)
         }
     }

@@ -21,6 +21,8 @@ use hsmca::cfssl::Imported;
 use hsmca::engine::Outcome;
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
+use hsmca::minutes::Minutes;
+use hsmca::names::count;
 use hsmca::profile::Duration;
 use hsmca::profile::Profile;
 
@@ -292,7 +294,7 @@ pub(crate) fn outcomes(
         }
     }
     let ok = outcomes.iter().filter(|o| o.ok()).count();
-    writeln!(out, "{ok} of {} CSRs ok", outcomes.len())
+    writeln!(out, "{ok} of {} ok", count(outcomes.len(), "CSR", "CSRs"))
 }
 
 /// `log verify`.
@@ -314,8 +316,17 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
     if r.unsigned_tail > 0 {
         writeln!(
             out,
-            "warning: {} entries after the latest checkpoint",
-            r.unsigned_tail
+            "warning: {} after the latest checkpoint (`hsmca log recover` signs them after a look)",
+            count(r.unsigned_tail, "entry", "entries")
+        )?;
+    }
+    for e in &r.extends {
+        writeln!(
+            out,
+            "checked     {} (size {}, root {}): the log extends it",
+            safe(&e.name),
+            e.size,
+            e.root
         )?;
     }
     if let Some(note) = &r.checkpoint {
@@ -335,8 +346,8 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
         }
         writeln!(
             out,
-            "log FAILED verification ({} problems)",
-            r.problems.len()
+            "log FAILED verification ({})",
+            count(r.problems.len(), "problem", "problems")
         )
     }
 }
@@ -525,7 +536,12 @@ pub(crate) fn revoked(out: &mut impl Write, r: &Revoked, as_json: bool) -> io::R
         "revoked serial {} ({}) for {} (log entry {})",
         r.serial, r.subject, r.reason, r.log_entry
     )?;
-    writeln!(out, "Publish a new CRL for its issuer with `hsmca crl`.")
+    writeln!(
+        out,
+        "Publish a new CRL of its issuer {:?}:\n  {}",
+        r.issuer,
+        safe(&r.crl_command)
+    )
 }
 
 /// `crl`.
@@ -550,18 +566,35 @@ pub(crate) fn crl(out: &mut impl Write, r: &CrlReport, as_json: bool) -> io::Res
     )
 }
 
+/// How `expiring` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ExpiringFormat {
+    /// A table for people.
+    Text,
+    /// One JSON document: an array of certificates.
+    Json,
+    /// One JSON object per line (what `--json` gives).
+    JsonLines,
+    /// node_exporter's textfile-collector format.
+    Prometheus,
+}
+
 /// `expiring`.
 pub(crate) fn expiring(
     out: &mut impl Write,
     list: &[Expiring],
     within: Duration,
-    as_json: bool,
+    format: ExpiringFormat,
 ) -> io::Result<()> {
-    if as_json {
-        for e in list {
-            json(out, e)?;
+    match format {
+        ExpiringFormat::JsonLines => {
+            for e in list {
+                json(out, e)?;
+            }
+            return Ok(());
         }
-        return Ok(());
+        ExpiringFormat::Json => return json(out, &list),
+        ExpiringFormat::Text | ExpiringFormat::Prometheus => {}
     }
     if list.is_empty() {
         return writeln!(out, "nothing expires within {within}");
@@ -589,6 +622,64 @@ pub(crate) fn expiring(
         )?;
     }
     writeln!(out, "{} expiring within {within}", list.len())
+}
+
+/// The metric `expiring --format prometheus` writes, one sample per certificate.
+const NOT_AFTER_METRIC: &str = "hsmca_certificate_not_after_seconds";
+
+/// `expiring --format prometheus`: the Prometheus text exposition format (version 0.0.4) that
+/// node_exporter's textfile collector reads. One gauge sample per certificate, its notAfter in
+/// Unix seconds, labelled with serial, profile, subject, issuer and whether it is a CA; plus
+/// the time the file was made, so a stale file can be alerted on too.
+pub(crate) fn expiring_prometheus(
+    out: &mut impl Write,
+    list: &[Expiring],
+    now: i64,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "# HELP {NOT_AFTER_METRIC} notAfter of each unrevoked, unrenewed certificate of this CA          (and of the CAs themselves), in Unix seconds."
+    )?;
+    writeln!(out, "# TYPE {NOT_AFTER_METRIC} gauge")?;
+    for e in list {
+        writeln!(
+            out,
+            "{NOT_AFTER_METRIC}{{serial=\"{}\",profile=\"{}\",subject=\"{}\",issuer=\"{}\",ca=\"{}\"}} {}",
+            label_value(&e.serial),
+            label_value(&e.profile),
+            label_value(&e.subject),
+            label_value(&e.issuer),
+            e.ca,
+            e.not_after_seconds
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP hsmca_expiring_generated_seconds When hsmca wrote these samples, in Unix seconds."
+    )?;
+    writeln!(out, "# TYPE hsmca_expiring_generated_seconds gauge")?;
+    writeln!(out, "hsmca_expiring_generated_seconds {now}")
+}
+
+/// A label value as the exposition format requires: backslash, double quote and line feed
+/// escaped as `\\`, `\"` and `\n`. Characters a terminal would act on are first written as
+/// [`safe`] writes them (`\x1b`), and that backslash escaped in turn, so the value stays one
+/// valid label whatever a subject holds.
+fn label_value(v: &str) -> Cow<'_, str> {
+    let v = safe(v);
+    if !v.contains(['\\', '"', '\n']) {
+        return v;
+    }
+    let mut s = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    Cow::Owned(s)
 }
 
 /// `log list`.
@@ -669,13 +760,21 @@ pub(crate) fn exported(out: &mut impl Write, r: &Exported, as_json: bool) -> io:
     }
     writeln!(
         out,
-        "exported {} entries, {} checkpoints and {} inclusion proofs (against size {}) to {}",
-        r.entries,
-        r.checkpoints,
-        r.proofs,
+        "exported {}, {} and {} (against size {}), a verifier (verify.py) and its README to {}",
+        count(r.entries, "entry", "entries"),
+        count(r.checkpoints, "checkpoint", "checkpoints"),
+        count(r.proofs, "inclusion proof", "inclusion proofs"),
         r.checkpoint_size,
         r.dir.display()
     )
+}
+
+/// `minutes`.
+pub(crate) fn minutes(out: &mut impl Write, m: &Minutes, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(out, m);
+    }
+    out.write_all(m.to_markdown().as_bytes())
 }
 
 /// `plan`: the review table.
@@ -730,8 +829,8 @@ pub(crate) fn plan(out: &mut impl Write, p: &Plan, file: &Path, as_json: bool) -
         .count();
     writeln!(
         out,
-        "{issue} of {} CSRs would be issued{}",
-        p.items.len(),
+        "{issue} of {} would be issued{}",
+        count(p.items.len(), "CSR", "CSRs"),
         if p.kubeadm { " (kubeadm layout)" } else { "" }
     )?;
     writeln!(out, "plan {} written to {}", p.hash, file.display())
@@ -827,6 +926,13 @@ mod tests {
             String::from_utf8_lossy(inner),
             "ok\n\\x1b[8m \\u202e \\xff\n"
         );
+    }
+
+    #[test]
+    fn prometheus_label_values_are_escaped() {
+        assert_eq!(label_value("CN=a"), "CN=a");
+        assert_eq!(label_value("CN=a\\,b\"c"), "CN=a\\\\,b\\\"c");
+        assert_eq!(label_value("CN=a\u{1b}\nb"), "CN=a\\\\x1b\\\\x0ab");
     }
 
     #[test]

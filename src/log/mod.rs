@@ -93,7 +93,8 @@ pub enum LogError {
     Locked(PathBuf),
     /// The last line is incomplete.
     #[error(
-        "entry {entry}: incomplete last line ({bytes} bytes after the last newline): a write was interrupted or the file was truncated"
+        "entry {entry}: incomplete last line ({} after the last newline): a write was interrupted or the file was truncated",
+        crate::names::count(*bytes, "byte", "bytes")
     )]
     TornTail {
         /// The entry number the torn line would have had.
@@ -696,7 +697,7 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
             Ok(cp) if cp.size > size => {
                 if !reported {
                     reported = true;
-                    scan.problem(Some(size), format!("the log has {size} entries but a checkpoint covers {}: entries {size}..{} were removed", cp.size, cp.size - 1));
+                    scan.problem(Some(size), format!("the log has {} but a checkpoint covers {}: entries {size}..{} were removed", crate::names::count(size, "entry", "entries"), cp.size, cp.size - 1));
                 }
             }
             Ok(cp) if scan.tree.root_at(cp.size) != Some(cp.root) => {
@@ -741,7 +742,14 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
                 );
             }
             if cp.size > size && !reported {
-                scan.problem(Some(size), format!("the log has {size} entries but the checkpoint covers {}: entries were removed", cp.size));
+                scan.problem(
+                    Some(size),
+                    format!(
+                        "the log has {} but the checkpoint covers {}: entries were removed",
+                        crate::names::count(size, "entry", "entries"),
+                        cp.size
+                    ),
+                );
             } else if scan.tree.root_at(cp.size).is_some_and(|r| r != cp.root) && !reported {
                 scan.problem(
                     None,
@@ -776,6 +784,20 @@ pub struct Report {
     /// The latest signed checkpoint, as stored: the text to copy into the ceremony minutes
     /// (and give back later with `--checkpoint FILE`).
     pub checkpoint: Option<String>,
+    /// Checkpoints held outside (`--checkpoint FILE`) that verified and that the log extends.
+    pub extends: Vec<Extended>,
+}
+
+/// A checkpoint held outside the log that verified with the log key and that the log extends:
+/// the log at its size has exactly its root, so nothing before it was changed since.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Extended {
+    /// Where it came from (the file as given).
+    pub name: String,
+    /// Its tree size.
+    pub size: u64,
+    /// Its root, base64.
+    pub root: String,
 }
 
 /// Recomputes the whole log and checks it: structure, chain, every checkpoint, and the CA rules
@@ -800,7 +822,7 @@ pub fn verify_with(
 ) -> Result<Report, LogError> {
     let mut scan = Scan::read(&paths.entries(), true)?;
     if let Some((entry, bytes)) = scan.torn {
-        scan.problem(Some(entry), format!("incomplete last line ({bytes} bytes after the last newline): interrupted write or truncation; run `hsmca log recover`"));
+        scan.problem(Some(entry), format!("incomplete last line ({} after the last newline): interrupted write or truncation; run `hsmca log recover`", crate::names::count(bytes, "byte", "bytes")));
     }
     let recorded = scan.root.as_ref().map(|r| r.vkey.clone());
     let Some(recorded) = recorded else {
@@ -826,18 +848,29 @@ pub fn verify_with(
     let vkey = vkey.map_or(recorded, str::to_owned);
     let cp = check_checkpoints(paths, &mut scan, &vkey)?;
     let size = scan.tree.size();
+    let mut extends = Vec::new();
     for (name, note) in external {
         match translog::open_checkpoint(note, &vkey) {
             Err(e) => scan.problem(None, format!("{name}: {e}")),
             Ok(c) if c.size > size => scan.problem(
                 Some(size),
-                format!("{name} covers {} entries but the log has {size}: the log was truncated or rolled back", c.size),
+                format!(
+                    "{name} covers {} but the log has {size}: the log was truncated or rolled back",
+                    crate::names::count(c.size, "entry", "entries")
+                ),
             ),
             Ok(c) if scan.tree.root_at(c.size) != Some(c.root) => scan.problem(
                 None,
-                format!("{name} (size {}) does not match the log: history before it was rewritten", c.size),
+                format!(
+                    "{name} (size {}) does not match the log: history before it was rewritten",
+                    c.size
+                ),
             ),
-            Ok(_) => {}
+            Ok(c) => extends.push(Extended {
+                name: name.clone(),
+                size: c.size,
+                root: translog::b64(&c.root),
+            }),
         }
     }
     // Entries past the latest checkpoint were never signed: a crash between append and
@@ -856,6 +889,7 @@ pub fn verify_with(
     }
     let mut r = report(scan, cp, vkey);
     r.checkpoint = fs::read_to_string(paths.checkpoint()).ok();
+    r.extends = extends;
     Ok(r)
 }
 
@@ -874,6 +908,7 @@ fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
         vkey,
         problems: scan.problems,
         checkpoint: None,
+        extends: Vec::new(),
     }
 }
 
