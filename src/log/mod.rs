@@ -1200,6 +1200,29 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
     Ok(out)
 }
 
+/// The entry numbers of every issuance intent naming `csr_sha256` (for `ca create`, the SHA-256
+/// of the new key's SPKI), whatever became of it. Reads the whole file without taking the lock:
+/// for a ceremony deciding whether a key left in the token is one hsmca made, not for the
+/// issuance path.
+pub fn intents_naming(paths: &Paths, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
+    let path = paths.entries();
+    let file = open_regular(OpenOptions::new().read(true), &path)?;
+    let mut out = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(io_at(&path))?;
+        if let Ok(Entry {
+            seq,
+            body: Body::IssueIntent { csr_sha256: c, .. },
+            ..
+        }) = serde_json::from_slice::<Entry>(&line)
+            && c == csr_sha256
+        {
+            out.push(seq);
+        }
+    }
+    Ok(out)
+}
+
 /// The Merkle tree over the log's lines, for proofs.
 pub fn tree(paths: &Paths) -> Result<Tree, LogError> {
     Ok(Scan::read(&paths.entries(), false)?.tree)
