@@ -760,7 +760,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             if let Some(halt) = r.halt {
                 return Err(EngineError::Halt(halt).into());
             }
-            Ok(if r.refused == 0 { 0 } else { 1 })
+            Ok(if r.refused + r.failed == 0 { 0 } else { 1 })
         }
         Command::Revoke {
             home,

@@ -757,8 +757,8 @@ pub(crate) fn sign_dir(
     let rate = r.issued as f64 / r.seconds.max(1e-3);
     writeln!(
         out,
-        "plan {}: {} issued, {} written again, {} refused or failed, in {:.2} s ({rate:.0}/s)",
-        r.plan, r.issued, r.reissued_files, r.refused, r.seconds
+        "plan {}: {} issued, {} written again, {} refused, {} failed, in {:.2} s ({rate:.0}/s)",
+        r.plan, r.issued, r.reissued_files, r.refused, r.failed, r.seconds
     )?;
     if !r.commands.is_empty() {
         writeln!(
