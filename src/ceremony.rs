@@ -468,9 +468,6 @@ impl CreateCommand {
         if !c.label_given {
             c.label = format!("{}-{name}", c.root_label);
         }
-        if c.profile == self.name {
-            c.profile = name.into();
-        }
         c
     }
 
@@ -880,5 +877,43 @@ fn refuse_taken_label(home: &Home, cmd: &CreateCommand) -> Result<(), Error> {
         }
         .into()),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_commands_a_shell_runs_as_written() {
+        assert_eq!(quote("CN=kubernetes-ca"), "CN=kubernetes-ca");
+        assert_eq!(quote("/srv/ca"), "/srv/ca");
+        assert_eq!(quote("CN=Example CA,O=Ex"), "'CN=Example CA,O=Ex'");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        assert_eq!(quote(""), "''");
+        assert_eq!(quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        let cmd = CreateCommand {
+            name: "kubernetes-ca".into(),
+            home: PathBuf::from("/srv/my ca"),
+            profile: "kubernetes-ca".into(),
+            subject: "CN=kubernetes-ca".into(),
+            key_type: KeyType::EcdsaP256,
+            validity: None,
+            label: "root-kubernetes-ca".into(),
+            root_label: "root".into(),
+            label_given: false,
+        };
+        assert_eq!(
+            cmd.to_string(),
+            "hsmca ca create kubernetes-ca --home '/srv/my ca' --profile kubernetes-ca --subject CN=kubernetes-ca"
+        );
+        assert_eq!(
+            cmd.with_validity("30d").with_label("root-k-2").to_string(),
+            "hsmca ca create kubernetes-ca --home '/srv/my ca' --profile kubernetes-ca --subject CN=kubernetes-ca --validity 30d --key-label root-k-2"
+        );
+        // Another name keeps the profile (profiles are not renamed) and moves the default label.
+        let renamed = cmd.with_name("kubernetes-ca-2");
+        assert_eq!(renamed.profile, "kubernetes-ca");
+        assert_eq!(renamed.label, "root-kubernetes-ca-2");
     }
 }
