@@ -525,8 +525,8 @@ impl std::fmt::Display for CreateCommand {
 }
 
 /// A word for a POSIX shell: as it is when it has nothing the shell would change, else in
-/// single quotes.
-fn quote(word: &str) -> String {
+/// single quotes. For hints that are commands to paste.
+pub(crate) fn quote(word: &str) -> String {
     let plain = !word.is_empty()
         && word
             .chars()
