@@ -626,28 +626,34 @@ fn run<'a>(
         }
     };
     let unwritten = writer.finish()?;
-    // A file whose input (a kubeconfig template) was refused at release is reported again, as
-    // failed: its certificate is in the log.
-    for (path, e) in unreleased {
-        on_done(&Done::Failed {
-            file: path.display().to_string(),
-            rule: e.rule().into(),
-            error: format!(
-                "issued and logged, but not released: {}",
-                crate::error::chain(&e)
-            ),
+    // Reported above the bar, like every per-CSR line.
+    if !unreleased.is_empty() || !unwritten.is_empty() {
+        progress.above(|| -> Result<(), Error> {
+            // A file whose input (a kubeconfig template) was refused at release is reported
+            // again, as failed: its certificate is in the log.
+            for (path, e) in unreleased {
+                on_done(&Done::Failed {
+                    file: path.display().to_string(),
+                    rule: e.rule().into(),
+                    error: format!(
+                        "issued and logged, but not released: {}",
+                        crate::error::chain(&e)
+                    ),
+                })?;
+                failed += 1;
+            }
+            // A file that could not be written is reported again, as failed: its certificate is
+            // in the log, and a rerun with another --out writes it.
+            for (path, error) in unwritten {
+                on_done(&Done::Failed {
+                    file: path.display().to_string(),
+                    rule: error.rule().into(),
+                    error: format!("issued and logged, but {}", crate::error::chain(&error)),
+                })?;
+                failed += 1;
+            }
+            Ok(())
         })?;
-        failed += 1;
-    }
-    // A file that could not be written is reported again, as failed: its certificate is in
-    // the log, and a rerun with another --out writes it.
-    for (path, error) in unwritten {
-        on_done(&Done::Failed {
-            file: path.display().to_string(),
-            rule: error.rule().into(),
-            error: format!("issued and logged, but {}", crate::error::chain(&error)),
-        })?;
-        failed += 1;
     }
     progress.finish(
         handled,
