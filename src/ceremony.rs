@@ -299,6 +299,8 @@ pub enum CeremonyError {
         holder: String,
         /// The subject.
         subject: String,
+        /// The holder is a certificate in the log that the home never installed.
+        logged: bool,
         /// The command as given.
         cmd: CreateCommand,
     },
@@ -379,10 +381,21 @@ impl CeremonyError {
                 quote(&cmd.home.display().to_string()),
                 cmd.with_name(&format!("{}-2", cmd.name))
             ),
-            Self::SubjectTaken { cmd, .. } => format!(
-                "choose a subject no CA of this home has, e.g. `{}`",
-                cmd.with_subject(&format!("CN={}", cmd.name))
-            ),
+            Self::SubjectTaken { cmd, logged, .. } => {
+                let mut other = format!("CN={}", cmd.name);
+                if other == cmd.subject {
+                    other.push_str("-2");
+                }
+                let other = cmd.with_subject(&other);
+                if *logged {
+                    format!(
+                        "an earlier `ca create` logged that certificate and stopped before installing it: run it again with the key label it used (`{}` for the default one) to install it, or choose a subject of its own: `{other}`",
+                        cmd.with_default_label()
+                    )
+                } else {
+                    format!("choose a subject no CA of this home has, e.g. `{other}`")
+                }
+            }
             Self::LabelTaken { cmd, .. } => format!(
                 "give the new CA's key a label of its own: `{}`",
                 cmd.with_label(&format!("{}-{}", cmd.root_label, cmd.name))
@@ -482,6 +495,14 @@ impl CreateCommand {
         Self {
             label: label.into(),
             label_given: true,
+            ..self.clone()
+        }
+    }
+
+    fn with_default_label(&self) -> Self {
+        Self {
+            label: format!("{}-{}", self.root_label, self.name),
+            label_given: false,
             ..self.clone()
         }
     }
@@ -812,6 +833,7 @@ fn refuse_taken_subject(
             return Err(CeremonyError::SubjectTaken {
                 holder: format!("CA {name:?}"),
                 subject: engine::subject_of(&cert),
+                logged: false,
                 cmd: cmd.clone(),
             }
             .into());
@@ -847,6 +869,7 @@ fn refuse_logged_subject(
                     record.serial, record.seq
                 ),
                 subject: facts.subject_string,
+                logged: true,
                 cmd: cmd.clone(),
             }
             .into());

@@ -309,3 +309,33 @@ fn issue_14_ca_create_says_when_it_cut_the_validity_and_prints_the_fingerprint()
     );
     assert!(run.stdout().contains("  sha256   "), "{}", run.all());
 }
+
+#[test]
+fn issue_17_a_rerun_asking_for_another_key_type_says_how_to_finish_or_start_afresh() {
+    let (env, home) = root("20y");
+    let run = env.hsmca_env(
+        &create_args(&home, &[]),
+        &[("HSMCA_DANGER_CRASH_AT", "after-cert")],
+    );
+    assert!(!run.0.status.success(), "{}", run.all());
+    let run = env.hsmca(&create_args(&home, &["--key-type", "ecdsa-p384"]));
+    run.fails_with(2, "is ecdsa-p256, not ecdsa-p384");
+    let finish = format!(
+        "`hsmca ca create etcd-ca --home {} --profile etcd-ca --subject CN=etcd-ca`",
+        home.display()
+    );
+    assert!(run.stderr().contains(&finish), "{}", run.all());
+    // Another label starts afresh, but not with a subject the log's CA certificate has.
+    let run = env.hsmca(&create_args(
+        &home,
+        &["--key-type", "ecdsa-p384", "--key-label", "fresh"],
+    ));
+    run.fails_with(2, "never installed in this home");
+    let install = format!(
+        "run it again with the key label it used (`hsmca ca create etcd-ca --home {} --profile etcd-ca --subject CN=etcd-ca --key-type ecdsa-p384` for the default one)",
+        home.display()
+    );
+    assert!(run.stderr().contains(&install), "{}", run.all());
+    env.hsmca(&create_args(&home, &[])).ok();
+    usable(&env, &home);
+}
