@@ -647,7 +647,8 @@ pub fn create_ca(
     }
 
     // The key: the one an earlier run of this command left in the token, or a new one.
-    let logged = crate::log::records(session.log().paths())?;
+    // Only CA certificates: a CA key's certificate, and the subjects two CAs may not share.
+    let logged = crate::log::ca_records(session.log().paths())?;
     let (public, id, resumed) = match keys.existing(&label)? {
         None => {
             refuse_logged_subject(&logged, &subject, None, &cmd)?;

@@ -1138,6 +1138,19 @@ pub struct Record {
 
 /// Every certificate in the log, in log order. Reads the file without taking the lock.
 pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
+    records_where(paths, |_| true)
+}
+
+/// Every CA certificate in the log (basicConstraints CA: what `ca create` made), in log order,
+/// with its revocation. Holds only those in memory, however many leaves the log has.
+pub fn ca_records(paths: &Paths) -> Result<Vec<Record>, LogError> {
+    records_where(paths, |der| {
+        crate::verify::names(der).is_ok_and(|(_, _, is_ca, _)| is_ca)
+    })
+}
+
+/// The certificates whose DER `keep` accepts, in log order, with what later entries say.
+fn records_where(paths: &Paths, keep: impl Fn(&[u8]) -> bool) -> Result<Vec<Record>, LogError> {
     let path = paths.entries();
     let file = open_regular(OpenOptions::new().read(true), &path)?;
     let mut out: Vec<Record> = Vec::new();
@@ -1163,6 +1176,10 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                 ..
             } => {
                 let renews = renews_of_intent.remove(&intent_seq);
+                let der = B64.decode(cert).unwrap_or_default();
+                if !keep(&der) {
+                    continue;
+                }
                 if let Some(old) = renews.as_ref().and_then(|o| by_serial.get(o)) {
                     out[*old].renewed_by = Some(serial.clone());
                 }
@@ -1173,7 +1190,7 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                     serial,
                     profile,
                     csr_sha256,
-                    der: B64.decode(cert).unwrap_or_default(),
+                    der,
                     renews,
                     renewed_by: None,
                     revoked: None,
