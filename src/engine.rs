@@ -962,6 +962,14 @@ mod tests {
             Ok(public)
         }
 
+        fn existing(
+            &self,
+            _label: &str,
+        ) -> Result<Option<crate::token::ExistingKey>, crate::Error> {
+            // The soft token never keeps a half-made key across runs.
+            Ok(None)
+        }
+
         fn workers(
             &self,
             label: &str,
@@ -1011,6 +1019,7 @@ mod tests {
             key_type: KeyType::EcdsaP256,
             // Inside the root's ten years, whatever second this runs in.
             validity: Some(Duration::parse("3000d").unwrap()),
+            key_label: None,
         };
         ceremony::create_ca(&home, &create, token, &SystemClock).unwrap();
         Home::open(&dir.join("ca")).unwrap()

@@ -4,6 +4,7 @@
 //! profile or CA-home error (nothing signed); 3 token or PIN problem; 4 issuance log
 //! unwritable or failing verification; 5 a signed certificate failed verification, or a bug.
 
+use crate::ceremony::CeremonyError;
 use crate::engine::{EngineError, Halt};
 use crate::files::FileError;
 use crate::home::HomeError;
@@ -55,6 +56,9 @@ pub enum Error {
     /// What the log pins (policy, module, log head) or an approval refused.
     #[error(transparent)]
     Pinned(#[from] PinnedError),
+    /// `ca create` refused (nothing was signed).
+    #[error(transparent)]
+    Ceremony(Box<CeremonyError>),
     /// The issuance engine stopped a run, or the token's generator failed it.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -67,7 +71,12 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Usage(_) | Self::Home(_) | Self::Profile(_) | Self::File(_) | Self::Input(_) => 2,
+            Self::Usage(_)
+            | Self::Ceremony(_)
+            | Self::Home(_)
+            | Self::Profile(_)
+            | Self::File(_)
+            | Self::Input(_) => 2,
             Self::Pin(_) | Self::Token(_) => 3,
             // A token fault while signing a checkpoint is the token's, not the log's.
             Self::Log(LogError::CheckpointSign(e)) | Self::Issue(IssueError::Sign(e)) => {
@@ -86,7 +95,15 @@ impl Error {
     }
 
     /// What to do next, when there is something useful to say.
-    pub fn hint(&self) -> Option<&'static str> {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Self::Ceremony(e) => Some(e.hint()),
+            _ => self.fixed_hint().map(str::to_owned),
+        }
+    }
+
+    /// The hints that are the same every time.
+    fn fixed_hint(&self) -> Option<&'static str> {
         if self.disk_full() {
             return Some(match self {
                 Self::Log(_) => {
@@ -178,6 +195,12 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+impl From<CeremonyError> for Error {
+    fn from(e: CeremonyError) -> Self {
+        Self::Ceremony(Box::new(e))
+    }
+}
+
 impl From<crate::rng::SerialError> for Error {
     fn from(e: crate::rng::SerialError) -> Self {
         Self::Token(crate::token::TokenError::Serials(e))
@@ -251,7 +274,7 @@ mod tests {
             let e = || SignError::new(kind, "C_Sign returned CKR_X");
             let checkpoint = Error::Log(LogError::CheckpointSign(e()));
             assert_eq!(checkpoint.exit_code(), code, "{kind:?}");
-            assert_eq!(checkpoint.hint(), kind.hint());
+            assert_eq!(checkpoint.hint().as_deref(), kind.hint());
             assert_eq!(Error::Issue(IssueError::Sign(e())).exit_code(), code);
         }
     }

@@ -215,10 +215,18 @@ impl Home {
         }
         let ca = self.config.cas.iter().find(|c| c.name == name).ok_or_else(|| {
             let known: Vec<&str> = self.config.cas.iter().map(|c| c.name.as_str()).collect();
+            // A complete command: the shipped CA profiles are named after their CA.
+            let profile = if self.profiles_dir().join(format!("{name}.json")).is_file() {
+                crate::ceremony::quote(name)
+            } else {
+                "CA-PROFILE".to_owned()
+            };
             Error::Usage(format!(
-                "the profile's issuer {name:?} does not exist in this CA home (known: root{}{}); create it with `hsmca ca create {name}`",
+                "the profile's issuer {name:?} does not exist in this CA home (known: root{}{}); create it with `hsmca ca create {n} --home {home} --profile {profile} --subject CN={n}`",
                 if known.is_empty() { "" } else { ", " },
-                known.join(", ")
+                known.join(", "),
+                n = crate::ceremony::quote(name),
+                home = crate::ceremony::quote(&self.dir.display().to_string()),
             ))
         })?;
         let path = self.dir.join(&ca.cert);

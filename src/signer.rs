@@ -215,6 +215,9 @@ pub trait Keystore {
         label: &str,
         id: &[u8],
     ) -> Result<PublicKey, crate::Error>;
+    /// The key pair labelled `label` if the token already holds one (`ca create` run again
+    /// after a failure), with what the token says about how it was made.
+    fn existing(&self, label: &str) -> Result<Option<crate::token::ExistingKey>, crate::Error>;
     /// `count` keys for `label` on sessions of their own, one per signing thread.
     fn workers(
         &self,
@@ -263,6 +266,10 @@ impl Keystore for crate::token::Token {
         Ok(crate::token::Token::generate_key_pair(
             self, key_type, label, id,
         )?)
+    }
+
+    fn existing(&self, label: &str) -> Result<Option<crate::token::ExistingKey>, crate::Error> {
+        Ok(crate::token::Token::existing_key(self, label)?)
     }
 
     fn workers(

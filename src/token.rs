@@ -468,6 +468,35 @@ pub struct KeyProtection {
     pub never_extractable: bool,
     /// CKA_PRIVATE_EXPONENT (RSA) or CKA_VALUE (EC) is refused as sensitive.
     pub value_hidden: bool,
+    /// CKA_LOCAL: the token generated the key itself (it was not imported or unwrapped).
+    pub local: bool,
+}
+
+impl KeyProtection {
+    /// Whether the token vouches that the key was generated inside it and no copy of it can
+    /// exist outside: CKA_LOCAL, CKA_SENSITIVE and CKA_ALWAYS_SENSITIVE true, CKA_EXTRACTABLE
+    /// false and CKA_NEVER_EXTRACTABLE true. A key that is not all of these may have been
+    /// imported, or read out before it was locked down.
+    pub fn generated_here(&self) -> bool {
+        self.local
+            && self.sensitive
+            && self.always_sensitive
+            && !self.extractable
+            && self.never_extractable
+            && self.value_hidden
+    }
+}
+
+/// A key pair already in the token under a label: what `ca create` finds when it is run again
+/// after a failure left the key behind.
+#[derive(Debug, Clone)]
+pub struct ExistingKey {
+    /// Its public key.
+    pub public: PublicKey,
+    /// Its CKA_ID.
+    pub id: Vec<u8>,
+    /// How the token says it was made and is protected.
+    pub protection: KeyProtection,
 }
 
 /// An open, logged-in token.
@@ -697,6 +726,7 @@ impl Token {
                     AttributeType::Extractable,
                     AttributeType::AlwaysSensitive,
                     AttributeType::NeverExtractable,
+                    AttributeType::Local,
                     AttributeType::KeyType,
                 ],
             )
@@ -707,6 +737,7 @@ impl Token {
             always_sensitive: false,
             never_extractable: false,
             value_hidden: false,
+            local: false,
         };
         let mut secret = AttributeType::Value;
         for a in attrs {
@@ -715,6 +746,7 @@ impl Token {
                 Attribute::Extractable(v) => p.extractable = v,
                 Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
                 Attribute::NeverExtractable(v) => p.never_extractable = v,
+                Attribute::Local(v) => p.local = v,
                 Attribute::KeyType(t) if t == P11KeyType::RSA => {
                     secret = AttributeType::PrivateExponent;
                 }
@@ -727,6 +759,33 @@ impl Token {
             .map_err(p11(format!("reading attribute info of {label:?}")))?;
         p.value_hidden = matches!(info.first(), Some(AttributeInfo::Sensitive));
         Ok(p)
+    }
+
+    /// The key pair labelled `label`, if the token holds anything under that label: its public
+    /// key, CKA_ID and protection attributes. A label with only half a pair, or with several
+    /// keys, is an error (hsmca never makes either).
+    pub fn existing_key(&self, label: &str) -> Result<Option<ExistingKey>, TokenError> {
+        let private = self.find(ObjectClass::PRIVATE_KEY, label)?;
+        let public = self.find(ObjectClass::PUBLIC_KEY, label)?;
+        if private.is_empty() && public.is_empty() {
+            return Ok(None);
+        }
+        let key = self.key(label)?;
+        let id = self
+            .session
+            .get_attributes(key.handle, &[AttributeType::Id])
+            .map_err(p11(format!("reading the CKA_ID of {label:?}")))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Id(id) => Some(id),
+                _ => None,
+            })
+            .unwrap_or_default();
+        Ok(Some(ExistingKey {
+            protection: self.key_protection(label)?,
+            public: key.public,
+            id,
+        }))
     }
 
     fn private_handle(&self, label: &str) -> Result<ObjectHandle, TokenError> {

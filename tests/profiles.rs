@@ -342,7 +342,13 @@ fn intermediates_sign_their_own_profiles_and_the_chain_is_written_on_request() {
     // A profile whose issuer does not exist yet says how to make it.
     let bare = env.init("bare", "chain", "ecdsa-p256");
     let run = env.sign(&bare, "kubelet-client", &[&csr]);
-    run.fails_with(2, "hsmca ca create kubernetes-ca");
+    run.fails_with(
+        2,
+        &format!(
+            "`hsmca ca create kubernetes-ca --home {} --profile kubernetes-ca --subject CN=kubernetes-ca`",
+            bare.display()
+        ),
+    );
     // CA names are unique, and CA profiles cannot be used with sign.
     let again = env.hsmca(&[
         "ca",

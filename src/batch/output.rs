@@ -59,8 +59,11 @@ pub struct Report {
     pub issued: usize,
     /// Written again from the log.
     pub reissued_files: usize,
-    /// Refused or failed.
+    /// Refused by their profile.
     pub refused: usize,
+    /// Failed: unreadable or malformed, not signed (token failure, a run that stopped), or
+    /// issued and logged but not written.
+    pub failed: usize,
     /// Wall time of signing, seconds.
     pub seconds: f64,
     /// For Kubernetes objects: the commands that upload each signed object's status.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::plan::{Allowed, Found, Inputs, Request, discover, judge, parallel, plan_objects};
 use super::{Done, Item, JOB, Plan, Report, Verdict, chunk_ranges};
@@ -24,36 +24,178 @@ use crate::log::Body;
 use crate::profile::Profile;
 use crate::signer::{CaSigner, Keystore};
 
-/// Counts and rate on stderr: a bar on a terminal, a plain line per chunk otherwise.
+/// The live counts of a run and their line on stderr. The signing threads count each signature
+/// as it comes back (one relaxed atomic add per certificate: no lock on the hot path); the
+/// staging counts refusals, failures and certificates written again as each chunk is decided;
+/// a thread of its own draws the line. On a terminal the bar lives on its own line below the
+/// per-CSR lines: it is cleared while they are printed and drawn again under them. Elsewhere a
+/// plain line is printed when the counts changed, at most once a second.
 struct Progress {
     start: Instant,
     total: usize,
     terminal: bool,
+    issued: AtomicUsize,
+    written_again: AtomicUsize,
+    refused: AtomicUsize,
+    failed: AtomicUsize,
+    skipped: AtomicUsize,
+    /// Held while the line is drawn, and while per-CSR lines are printed above the bar.
+    screen: std::sync::Mutex<()>,
+    /// Set when the run is over: the drawing thread ends.
+    over: AtomicBool,
+}
+
+/// The counts a progress line shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Counts {
+    done: usize,
+    issued: usize,
+    written_again: usize,
+    refused: usize,
+    failed: usize,
 }
 
 impl Progress {
-    fn show(&self, done: usize, issued: usize, refused: usize) {
+    fn new(total: usize, start: Instant) -> Self {
+        Self {
+            start,
+            total,
+            terminal: std::io::stderr().is_terminal(),
+            issued: AtomicUsize::new(0),
+            written_again: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            skipped: AtomicUsize::new(0),
+            screen: std::sync::Mutex::new(()),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    /// One signature came back from the token: good, or a failure.
+    fn signed(&self, ok: bool) {
+        let counter = if ok { &self.issued } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A chunk was decided: its outcomes known before signing.
+    fn staged(&self, done: &BTreeMap<usize, Done>) {
+        for d in done.values() {
+            let counter = match d {
+                Done::Issued { .. } => &self.written_again,
+                Done::Refused { .. } => &self.refused,
+                Done::Failed { .. } => &self.failed,
+                Done::Skipped { .. } => &self.skipped,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        let c = Counts {
+            done: 0,
+            issued: self.issued.load(Ordering::Relaxed),
+            written_again: self.written_again.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        };
+        Counts {
+            done: (c.issued
+                + c.written_again
+                + c.refused
+                + c.failed
+                + self.skipped.load(Ordering::Relaxed))
+            .min(self.total),
+            ..c
+        }
+    }
+
+    fn line(&self, c: Counts) -> String {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        let line = format!(
-            "{done}/{} CSRs, {issued} issued, {refused} refused, {:.0}/s",
+        format!(
+            "{}/{} CSRs: {} issued, {} written again, {} refused, {} failed, {:.0}/s",
+            c.done,
             self.total,
-            done as f64 / secs
-        );
+            c.issued,
+            c.written_again,
+            c.refused,
+            c.failed,
+            c.done as f64 / secs
+        )
+    }
+
+    /// Draws the counts: the bar in place on a terminal, a line elsewhere.
+    fn draw(&self, c: Counts) {
+        let line = self.line(c);
         let mut err = std::io::stderr().lock();
         if self.terminal {
             let width = 30;
-            let filled = (done * width).checked_div(self.total).unwrap_or(width);
+            let filled = (c.done * width).checked_div(self.total).unwrap_or(width);
             let _ = write!(
                 err,
-                "\r[{}{}] {line}",
+                "\r\x1b[2K[{}{}] {line}",
                 "#".repeat(filled),
                 " ".repeat(width - filled)
             );
-            if done == self.total {
-                let _ = writeln!(err);
-            }
         } else {
             let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
+    /// Runs `print` (which writes per-CSR lines) with the bar cleared, then draws it below.
+    fn above<R>(&self, print: impl FnOnce() -> R) -> R {
+        let _screen = self.screen.lock();
+        if self.terminal {
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
+        }
+        let r = print();
+        if self.terminal {
+            self.draw(self.counts());
+        }
+        r
+    }
+
+    /// The drawing thread: redraws when the counts change (every 100 ms on a terminal, at most
+    /// once a second elsewhere) until the run is over.
+    fn ticker(&self) {
+        let every = if self.terminal {
+            std::time::Duration::from_millis(100)
+        } else {
+            std::time::Duration::from_secs(1)
+        };
+        let step = std::time::Duration::from_millis(50);
+        let mut last = Counts::default();
+        let mut waited = std::time::Duration::ZERO;
+        while !self.over.load(Ordering::Relaxed) {
+            std::thread::sleep(step);
+            waited += step;
+            if waited < every {
+                continue;
+            }
+            waited = std::time::Duration::ZERO;
+            let now = self.counts();
+            if now != last {
+                let _screen = self.screen.lock();
+                self.draw(now);
+                last = now;
+            }
+        }
+    }
+
+    /// The final line, with the run's exact counts (a certificate that failed its check, or a
+    /// file that could not be written, moves from issued to failed here).
+    fn finish(&self, done: usize, tally: &Tally) {
+        self.over.store(true, Ordering::Relaxed);
+        let _screen = self.screen.lock();
+        self.draw(Counts {
+            done,
+            issued: tally.issued,
+            written_again: tally.reissued,
+            refused: tally.refused,
+            failed: tally.failed,
+        });
+        if self.terminal {
+            let _ = writeln!(std::io::stderr().lock());
         }
     }
 }
@@ -272,11 +414,7 @@ fn run<'a>(
     // Outcomes go to the caller as each chunk completes, not into a list: a batch of any size
     // holds at most three chunks at a time.
     let mut commands = Vec::new();
-    let progress = Progress {
-        start,
-        total: batch.source.len(),
-        terminal: std::io::stderr().is_terminal(),
-    };
+    let progress = Progress::new(batch.source.len(), start);
     let mut tally = Tally::default();
     let writer = Writer::spawn(files::OutDir::open(out)?)?;
     let ranges = chunk_ranges(batch.source.len());
@@ -296,6 +434,12 @@ fn run<'a>(
         out,
     };
     std::thread::scope(|scope| -> Result<(), Error> {
+        let progress = &progress;
+        // Ends when the run is over (`Progress::finish`, below, or this scope failing).
+        std::thread::Builder::new()
+            .name("hsmca-progress".into())
+            .spawn_scoped(scope, move || progress.ticker())?;
+        let _over = Over(&progress.over);
         // One long-lived thread per token session, fed from one queue per issuer: a session
         // never waits for a chunk boundary, only for work.
         let (results_tx, results) = std::sync::mpsc::channel::<SignResult>();
@@ -320,7 +464,7 @@ fn run<'a>(
                 std::thread::Builder::new()
                     .name("hsmca-sign".into())
                     .spawn_scoped(scope, move || {
-                        sign_worker(&**key, &jobs, &signed_tx, stop);
+                        sign_worker(&**key, &jobs, &signed_tx, stop, progress);
                     })
                     .map_err(Error::Thread)?;
             }
@@ -354,6 +498,9 @@ fn run<'a>(
                     &mut hasher,
                 )?),
             };
+            if let Some(s) = &staged {
+                progress.staged(&s.done);
+            }
             // Collect every chunk in flight but the newest, which keeps the token busy while
             // these results are committed (at the end, collect all).
             let keep = usize::from(staged.is_some());
@@ -414,17 +561,21 @@ fn run<'a>(
                     }
                 }
                 writer.send(outputs)?;
-                for d in chunk.done.into_values() {
-                    if matches!(d, Done::Refused { .. } | Done::Failed { .. }) {
-                        tally.refused += 1;
+                progress.above(|| -> Result<(), Error> {
+                    for d in chunk.done.into_values() {
+                        match d {
+                            Done::Refused { .. } => tally.refused += 1,
+                            Done::Failed { .. } => tally.failed += 1,
+                            Done::Issued { .. } | Done::Skipped { .. } => {}
+                        }
+                        if let (true, Done::Issued { file, out, .. }) = (batch.kubernetes, &d) {
+                            commands.push((file.clone(), out.clone()));
+                        }
+                        tally.handled += 1;
+                        on_done(&d)?;
                     }
-                    if let (true, Done::Issued { file, out, .. }) = (batch.kubernetes, &d) {
-                        commands.push((file.clone(), out.clone()));
-                    }
-                    tally.handled += 1;
-                    on_done(&d)?;
-                }
-                progress.show(tally.handled, tally.issued + tally.reissued, tally.refused);
+                    Ok(())
+                })?;
             }
             if halted && in_flight.is_empty() {
                 break;
@@ -467,7 +618,8 @@ fn run<'a>(
         handled,
         issued,
         reissued,
-        mut refused,
+        refused,
+        mut failed,
     } = tally;
     // A plan decided while signing is logged once it is complete.
     let hash = match batch.source {
@@ -481,17 +633,32 @@ fn run<'a>(
             plan_sha256
         }
     };
-    let failed = writer.finish()?;
-    // A file that could not be written is reported again, as failed: its certificate is in
-    // the log, and a rerun with another --out writes it.
-    for (path, error) in failed {
-        on_done(&Done::Failed {
-            file: path.display().to_string(),
-            rule: error.rule().into(),
-            error: format!("issued and logged, but {}", crate::error::chain(&error)),
+    let unwritten = writer.finish()?;
+    // A file that could not be written is reported again, as failed, above the bar: its
+    // certificate is in the log, and a rerun with another --out writes it.
+    if !unwritten.is_empty() {
+        progress.above(|| -> Result<(), Error> {
+            for (path, error) in unwritten {
+                on_done(&Done::Failed {
+                    file: path.display().to_string(),
+                    rule: error.rule().into(),
+                    error: format!("issued and logged, but {}", crate::error::chain(&error)),
+                })?;
+                failed += 1;
+            }
+            Ok(())
         })?;
-        refused += 1;
     }
+    progress.finish(
+        handled,
+        &Tally {
+            handled,
+            issued,
+            reissued,
+            refused,
+            failed,
+        },
+    );
     let out_dir = files::OutDir::open(out)?;
     if batch.kubeadm {
         for (ca, rel) in KUBEADM_CAS {
@@ -505,7 +672,7 @@ fn run<'a>(
                         rule: e.rule().into(),
                         error: crate::error::chain(&e),
                     })?;
-                    refused += 1;
+                    failed += 1;
                 }
             }
         }
@@ -518,7 +685,7 @@ fn run<'a>(
                 rule: e.rule().into(),
                 error: crate::error::chain(&e),
             })?;
-            refused += 1;
+            failed += 1;
         }
     }
     let commands = commands
@@ -534,6 +701,7 @@ fn run<'a>(
         issued,
         reissued_files: reissued,
         refused,
+        failed,
         seconds: start.elapsed().as_secs_f64(),
         commands,
         halt: health.halt().cloned(),
@@ -660,6 +828,16 @@ struct Tally {
     issued: usize,
     reissued: usize,
     refused: usize,
+    failed: usize,
+}
+
+/// Tells the progress thread the run is over when dropped, so a run that fails still ends it.
+struct Over<'a>(&'a AtomicBool);
+
+impl Drop for Over<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The checked certificate for a position of a chunk, from the token's signature.
@@ -691,6 +869,7 @@ fn sign_worker(
     jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
     signed: &std::sync::mpsc::Sender<Signed>,
     stop: &AtomicBool,
+    progress: &Progress,
 ) {
     // A session whose token faults must stop the run stops the others at once: a token that
     // has gone away can take seconds per failed call.
@@ -704,6 +883,7 @@ fn sign_worker(
                 }
                 let tbs = &ready[pos].ready.prepared.tbs;
                 let signed = key.sign(tbs);
+                progress.signed(signed.is_ok());
                 if streak.record(signed.as_ref().map(|_| ())).is_some() {
                     stop.store(true, Ordering::SeqCst);
                 }

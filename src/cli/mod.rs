@@ -353,9 +353,13 @@ enum CaCommand {
         /// Key algorithm of the intermediate.
         #[arg(long, default_value = "ecdsa-p256", value_parser = ["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"])]
         key_type: String,
-        /// Validity (default: the profile's).
+        /// Validity (default: the profile's, cut to the issuer's notAfter if that is sooner).
         #[arg(long, value_parser = parse_duration)]
         validity: Option<Duration>,
+        /// Label of the CA key in the token (default: ROOTLABEL-NAME). A rerun after a failure
+        /// finds the key an earlier run left under the label; another label starts afresh.
+        #[arg(long)]
+        key_label: Option<String>,
         #[command(flatten)]
         token_opts: TokenOpts,
         /// Machine-readable output.
@@ -733,6 +737,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     subject,
                     key_type,
                     validity,
+                    key_label,
                     token_opts,
                     json,
                 },
@@ -746,6 +751,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 subject,
                 key_type,
                 validity,
+                key_label,
             };
             let token = open_home_token(&home, &token_opts)?;
             let report = ceremony::create_ca(&home, &req, &token, &clock)?;
@@ -881,7 +887,7 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             if let Some(halt) = r.halt {
                 return Err(EngineError::Halt(halt).into());
             }
-            Ok(if r.refused == 0 { 0 } else { 1 })
+            Ok(if r.refused + r.failed == 0 { 0 } else { 1 })
         }
         Command::Revoke {
             home,

@@ -16,7 +16,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use hsmca::batch::{self, Plan, Verdict};
-use hsmca::ceremony::{CaReport, InitReport};
+use hsmca::ceremony::{CaReport, InitReport, Resumed};
 use hsmca::cfssl::Imported;
 use hsmca::engine::Outcome;
 use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
@@ -412,23 +412,38 @@ pub(crate) fn ca_created(out: &mut impl Write, r: &CaReport, as_json: bool) -> i
     if as_json {
         return json(out, r);
     }
+    let how = match r.resumed {
+        None => "created",
+        Some(Resumed::KeyReused) => "created (with the key an earlier, failed run left)",
+        Some(Resumed::InstalledFromLog) => {
+            "installed (the certificate an earlier, failed run logged; nothing signed now)"
+        }
+    };
     writeln!(
         out,
-        "created CA {:?}: {} (serial {}, until {})",
+        "{how} CA {:?}: {} (serial {}, until {})",
         r.name, r.cert.subject, r.cert.serial, r.cert.not_after
     )?;
+    if let Some(until) = &r.clamped_to_issuer {
+        writeln!(
+            out,
+            "  validity cut to the issuer's notAfter {until}: the profile's default would outlive it"
+        )?;
+    }
     writeln!(out, "  issuer   {}", r.cert.issuer)?;
     writeln!(
         out,
         "  key      {} in the token as {:?}",
         r.cert.key_type, r.key_label
     )?;
+    writeln!(out, "  sha256   {}", r.cert_sha256)?;
     writeln!(
         out,
         "  file     {} (log entry {})",
         r.file.display(),
         r.log_entry
-    )
+    )?;
+    writeln!(out, "Record the CA's SHA-256 in the ceremony minutes.")
 }
 
 /// `profiles list`.
@@ -888,8 +903,8 @@ pub(crate) fn sign_dir(
     let rate = r.issued as f64 / r.seconds.max(1e-3);
     writeln!(
         out,
-        "plan {}: {} issued, {} written again, {} refused or failed, in {:.2} s ({rate:.0}/s)",
-        r.plan, r.issued, r.reissued_files, r.refused, r.seconds
+        "plan {}: {} issued, {} written again, {} refused, {} failed, in {:.2} s ({rate:.0}/s)",
+        r.plan, r.issued, r.reissued_files, r.refused, r.failed, r.seconds
     )?;
     if !r.commands.is_empty() {
         writeln!(

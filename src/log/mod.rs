@@ -1356,6 +1356,19 @@ pub struct Record {
 
 /// Every certificate in the log, in log order. Reads the file without taking the lock.
 pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
+    records_where(paths, |_| true)
+}
+
+/// Every CA certificate in the log (basicConstraints CA: what `ca create` made), in log order,
+/// with its revocation. Holds only those in memory, however many leaves the log has.
+pub fn ca_records(paths: &Paths) -> Result<Vec<Record>, LogError> {
+    records_where(paths, |der| {
+        crate::verify::names(der).is_ok_and(|(_, _, is_ca, _)| is_ca)
+    })
+}
+
+/// The certificates whose DER `keep` accepts, in log order, with what later entries say.
+fn records_where(paths: &Paths, keep: impl Fn(&[u8]) -> bool) -> Result<Vec<Record>, LogError> {
     let path = paths.entries();
     let file = open_regular(OpenOptions::new().read(true), &path)?;
     let mut out: Vec<Record> = Vec::new();
@@ -1384,6 +1397,10 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
             } => {
                 let (renews, policy_sha256) =
                     renews_of_intent.remove(&intent_seq).unwrap_or_default();
+                let der = B64.decode(cert).unwrap_or_default();
+                if !keep(&der) {
+                    continue;
+                }
                 if let Some(old) = renews.as_ref().and_then(|o| by_serial.get(o)) {
                     out[*old].renewed_by = Some(serial.clone());
                 }
@@ -1394,7 +1411,7 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
                     serial,
                     profile,
                     csr_sha256,
-                    der: B64.decode(cert).unwrap_or_default(),
+                    der,
                     renews,
                     policy_sha256,
                     renewed_by: None,
@@ -1427,6 +1444,29 @@ pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
 pub fn pins(paths: &Paths) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
     let scan = Scan::read(&paths.entries(), false)?;
     Ok((scan.policy, scan.module))
+}
+
+/// The entry numbers of every issuance intent naming `csr_sha256` (for `ca create`, the SHA-256
+/// of the new key's SPKI), whatever became of it. Reads the whole file without taking the lock:
+/// for a ceremony deciding whether a key left in the token is one hsmca made, not for the
+/// issuance path.
+pub fn intents_naming(paths: &Paths, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
+    let path = paths.entries();
+    let file = open_regular(OpenOptions::new().read(true), &path)?;
+    let mut out = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(io_at(&path))?;
+        if let Ok(Entry {
+            seq,
+            body: Body::IssueIntent { csr_sha256: c, .. },
+            ..
+        }) = serde_json::from_slice::<Entry>(&line)
+            && c == csr_sha256
+        {
+            out.push(seq);
+        }
+    }
+    Ok(out)
 }
 
 /// The Merkle tree over the log's lines, for proofs.
