@@ -41,8 +41,9 @@ struct Progress {
     skipped: AtomicUsize,
     /// Held while the line is drawn, and while per-CSR lines are printed above the bar.
     screen: std::sync::Mutex<()>,
-    /// Set when the run is over: the drawing thread ends.
-    over: AtomicBool,
+    /// Set when the run is over, with the drawing thread woken at once (a sleeping thread would
+    /// hold every run's exit up by its sleep).
+    over: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
 /// The counts a progress line shows.
@@ -67,7 +68,7 @@ impl Progress {
             failed: AtomicUsize::new(0),
             skipped: AtomicUsize::new(0),
             screen: std::sync::Mutex::new(()),
-            over: AtomicBool::new(false),
+            over: (std::sync::Mutex::new(false), std::sync::Condvar::new()),
         }
     }
 
@@ -163,16 +164,19 @@ impl Progress {
         } else {
             std::time::Duration::from_secs(1)
         };
-        let step = std::time::Duration::from_millis(50);
         let mut last = Counts::default();
-        let mut waited = std::time::Duration::ZERO;
-        while !self.over.load(Ordering::Relaxed) {
-            std::thread::sleep(step);
-            waited += step;
-            if waited < every {
-                continue;
+        let (lock, wake) = &self.over;
+        let Ok(mut over) = lock.lock() else {
+            return;
+        };
+        while !*over {
+            over = match wake.wait_timeout(over, every) {
+                Ok((guard, _)) => guard,
+                Err(_) => return,
+            };
+            if *over {
+                break;
             }
-            waited = std::time::Duration::ZERO;
             let now = self.counts();
             if now != last {
                 let _screen = self.screen.lock();
@@ -184,8 +188,17 @@ impl Progress {
 
     /// The final line, with the run's exact counts (a certificate that failed its check, or a
     /// file that could not be written, moves from issued to failed here).
+    /// Ends the drawing thread now.
+    fn stop(&self) {
+        let (lock, wake) = &self.over;
+        if let Ok(mut over) = lock.lock() {
+            *over = true;
+        }
+        wake.notify_all();
+    }
+
     fn finish(&self, done: usize, tally: &Tally) {
-        self.over.store(true, Ordering::Relaxed);
+        self.stop();
         let _screen = self.screen.lock();
         self.draw(Counts {
             done,
@@ -438,8 +451,9 @@ fn run<'a>(
         // Ends when the run is over (`Progress::finish`, below, or this scope failing).
         std::thread::Builder::new()
             .name("hsmca-progress".into())
-            .spawn_scoped(scope, move || progress.ticker())?;
-        let _over = Over(&progress.over);
+            .spawn_scoped(scope, move || progress.ticker())
+            .map_err(Error::Thread)?;
+        let _over = Over(progress);
         // One long-lived thread per token session, fed from one queue per issuer: a session
         // never waits for a chunk boundary, only for work.
         let (results_tx, results) = std::sync::mpsc::channel::<SignResult>();
@@ -832,11 +846,11 @@ struct Tally {
 }
 
 /// Tells the progress thread the run is over when dropped, so a run that fails still ends it.
-struct Over<'a>(&'a AtomicBool);
+struct Over<'a>(&'a Progress);
 
 impl Drop for Over<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.stop();
     }
 }
 
