@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Env, PIN, Run, run_within, s};
+use common::{Env, PIN, Run, outcomes, rule, run_within, s};
 
 /// `hsmca ARGS` with this token, killed (and the test failed) after `secs` seconds.
 fn hsmca_within(env: &Env, secs: u64, args: &[&str]) -> Run {
@@ -54,28 +53,6 @@ fn csr(path: &Path, subj: &str, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     common::openssl(&args);
-}
-
-/// `sign-dir --json` outcome lines by item (the summary dropped).
-fn outcomes(run: &Run) -> BTreeMap<String, serde_json::Value> {
-    let mut lines: Vec<serde_json::Value> = run
-        .stdout()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    lines.pop();
-    lines
-        .into_iter()
-        .map(|d| (d["file"].as_str().unwrap().to_owned(), d))
-        .collect()
-}
-
-/// The rule of a failed outcome, or the first rule of a refused one.
-fn rule(d: &serde_json::Value) -> &str {
-    d["rule"]
-        .as_str()
-        .or_else(|| d["refusals"][0]["rule"].as_str())
-        .unwrap_or_default()
 }
 
 /// Every certificate entry of the log, as JSON.

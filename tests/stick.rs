@@ -10,7 +10,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Env, PIN, Run, object, s};
+use common::{Env, PIN, Run, object, outcomes, rule, s};
 
 /// `hsmca ARGS` as `Env::hsmca` runs it, killed after `secs` seconds: exit 124 is a hang.
 fn hsmca_within(env: &Env, secs: u64, args: &[&str]) -> Run {
@@ -53,28 +53,6 @@ fn csr_at(path: &Path, cn: &str) {
 fn mkfifo(path: &Path) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-}
-
-/// `sign-dir --json` lines by input file (the summary dropped).
-fn outcomes(run: &Run) -> BTreeMap<String, serde_json::Value> {
-    let mut lines: Vec<serde_json::Value> = run
-        .stdout()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    lines.pop();
-    lines
-        .into_iter()
-        .map(|d| (d["file"].as_str().unwrap().to_owned(), d))
-        .collect()
-}
-
-/// The rule of a failed outcome, or the first rule of a refused one.
-fn rule(d: &serde_json::Value) -> &str {
-    d["rule"]
-        .as_str()
-        .or_else(|| d["refusals"][0]["rule"].as_str())
-        .unwrap_or_default()
 }
 
 /// How many certificate entries the log holds.

@@ -709,3 +709,25 @@ pub fn run_within(mut cmd: Command, limit: std::time::Duration) -> Run {
         stderr: err.join().unwrap().unwrap(),
     })
 }
+
+/// `sign-dir --json` outcome lines by input file (the summary dropped).
+pub fn outcomes(run: &Run) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut lines: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.pop();
+    lines
+        .into_iter()
+        .map(|d| (d["file"].as_str().unwrap().to_owned(), d))
+        .collect()
+}
+
+/// The rule of a failed outcome, or the first rule of a refused one.
+pub fn rule(d: &serde_json::Value) -> &str {
+    d["rule"]
+        .as_str()
+        .or_else(|| d["refusals"][0]["rule"].as_str())
+        .unwrap_or_default()
+}
