@@ -424,14 +424,7 @@ pub fn copy_home(from: &Path, to: &Path) {
 
 /// SoftHSM2's PKCS#11 module.
 pub fn softhsm_module() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("libsofthsm2.so not found: install SoftHSM2 (softhsm/install.sh)")
+    real_module()
 }
 
 /// The hash `hsmca plan` wrote into a plan: what reviewers approve with `--approve`.
