@@ -104,7 +104,9 @@ pub fn init(req: &InitRequest, pin: &Pin, clock: &dyn Clock) -> Result<InitRepor
     std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
     // Profiles are read before the token is touched: a bad one must not cost a key.
     let profiles = collect_profiles(req.profiles_from.as_deref(), &req.site)?;
-    let token = Token::open(&req.module.path, &req.token, pin)?;
+    // The module is loaded from a sealed copy of the bytes whose hash init pins.
+    let sealed = req.module.seal()?;
+    let token = Token::open(&sealed.path(), &req.token, pin)?;
     let log_type = match req.log_key_type {
         Some(t) => t,
         None if token.supports(cryptoki::mechanism::MechanismType::EDDSA) => KeyType::Ed25519,
@@ -918,7 +920,15 @@ pub struct Applied {
 /// `hsmca profiles apply`: the only way to change what is signed. Checks that every profile
 /// loads, logs the CA home's profiles and site parameters as the policy in force, and signs a
 /// checkpoint; from then on signing commands accept exactly these files.
-pub fn apply(home: &Home, keys: &dyn Keystore, clock: &dyn Clock) -> Result<Applied, Error> {
+/// `confirm` sees what would be logged (the changed files and values) before anything is, and
+/// says whether to go on: the operator reviews the very change that gets logged, not a list
+/// printed afterwards.
+pub fn apply(
+    home: &Home,
+    keys: &dyn Keystore,
+    clock: &dyn Clock,
+    confirm: &mut dyn FnMut(&Applied) -> Result<bool, Error>,
+) -> Result<Applied, Error> {
     let mut session = CaSession::open_unpinned(home, keys, clock)?;
     let entry = pinned::policy_entry(&home.dir)?;
     let Body::Policy {
@@ -941,6 +951,11 @@ pub fn apply(home: &Home, keys: &dyn Keystore, clock: &dyn Clock) -> Result<Appl
         log_entry: None,
     };
     if applied.previous.as_ref() != Some(&applied.policy_sha256) {
+        if !confirm(&applied)? {
+            return Err(Error::Usage(
+                "not applied: the policy in force is unchanged".into(),
+            ));
+        }
         applied.log_entry = session.append(vec![entry])?.first().copied();
         session.checkpoint()?;
     }

@@ -151,12 +151,14 @@ pub fn gather(
         .map_err(|e| e.to_string());
     // The module is code: it is loaded (to read the token's description, no login) only if it
     // is the one the log pins.
-    let (policy, pinned_module) = log::pins(&paths)?;
+    let root = home.root()?;
+    let (policy, pinned_module) = log::verified_pins(&paths, Some(&root.der))?;
     let token = crate::pinned::ModuleFile::hash(&module)
         .and_then(|file| file.check(pinned_module.as_ref(), false).map(|_| file))
+        .and_then(|file| file.seal())
         .map_err(|e| format!("module not loaded: {e}"))
-        .and_then(|file| {
-            token::info(&file.path, &home.config.token).map_err(|e| crate::error::chain(&e))
+        .and_then(|sealed| {
+            token::info(&sealed.path(), &home.config.token).map_err(|e| crate::error::chain(&e))
         });
 
     let mut m = Minutes {

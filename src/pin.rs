@@ -164,7 +164,16 @@ fn read_file(path: &Path) -> Result<Zeroizing<String>, PinError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
+    // Non-blocking: a FIFO planted as the PIN file must not hang the run before the check
+    // below refuses it (it is not a regular file).
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(path)
+            .map_err(io)?
+    };
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(PinError::NotAFile {

@@ -297,7 +297,8 @@ pub fn check_policy(dir: &Path, pinned: Option<&PolicyPin>) -> Result<(), Error>
 /// [`check_policy`] for commands that do not take the lock or the token (`check`, `plan`):
 /// they refuse too, so a review never shows what an edited profile would sign.
 pub fn check_home(home: &Home) -> Result<(), Error> {
-    let (policy, _) = log::pins(&log::Paths::of_home(&home.dir))?;
+    let root = home.root()?;
+    let (policy, _) = log::verified_pins(&log::Paths::of_home(&home.dir), Some(&root.der))?;
     check_policy(&home.dir, policy.as_ref())
 }
 
@@ -336,6 +337,20 @@ fn drift(home: &Home, pin: &PolicyPin, changes: Vec<String>) -> Error {
     .into()
 }
 
+/// A sealed in-memory copy of a checked module file, to load in its place.
+#[derive(Debug)]
+pub struct SealedModule {
+    file: std::fs::File,
+}
+
+impl SealedModule {
+    /// The path that loads exactly the sealed bytes.
+    pub fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
 /// A PKCS#11 module file, hashed before it is loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleFile {
@@ -358,6 +373,43 @@ impl ModuleFile {
             sha256: keys::sha256_hex(&bytes),
             path,
         })
+    }
+
+    /// A sealed in-memory copy of the module to load, made from the file read again now and
+    /// refused unless its bytes still have the hash that was checked. The token is then opened
+    /// from the copy (`/proc/self/fd/N`), so a module file swapped or rewritten after the check
+    /// (while the PIN prompt waits, say) is never what gets loaded.
+    pub fn seal(&self) -> Result<SealedModule, PinnedError> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let read = |source| PinnedError::ModuleRead {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = std::fs::read(&self.path).map_err(read)?;
+        let now = keys::sha256_hex(&bytes);
+        if now != self.sha256 {
+            return Err(PinnedError::ModuleChanged {
+                path: self.path.display().to_string(),
+                sha256: now,
+                pinned_path: self.path.display().to_string(),
+                pinned_sha256: self.sha256.clone(),
+            });
+        }
+        let sys = |e: nix::errno::Errno| read(std::io::Error::from(e));
+        let fd = memfd_create(
+            c"hsmca-pkcs11-module",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(sys)?;
+        let mut file = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut file, &bytes).map_err(read)?;
+        let seals = SealFlag::F_SEAL_WRITE
+            | SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(sys)?;
+        Ok(SealedModule { file })
     }
 
     /// The `module` entry pinning this file.

@@ -1114,10 +1114,13 @@ fn hash_module(path: &Path) -> Result<hsmca::pinned::ModuleFile, Error> {
 fn open_pinned_token(home: &Home, opts: &TokenOpts, tref: &TokenRef) -> Result<Token, Error> {
     let resolved = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
     let module = hash_module(&resolved)?;
-    let (_, pinned) = log::pins(&log::Paths::of_home(&home.dir))?;
+    let root = home.root()?;
+    let (_, pinned) = log::verified_pins(&log::Paths::of_home(&home.dir), Some(&root.der))?;
     let changed = module.check(pinned.as_ref(), opts.module.is_some())?;
+    // The bytes just checked, copied and sealed before the PIN is asked for: what is loaded.
+    let sealed = module.seal()?;
     let pin = pin::read(opts.pin_file.as_deref(), &tref.token)?;
-    let token = Token::open(&module.path, tref, &pin)?;
+    let token = Token::open(&sealed.path(), tref, &pin)?;
     drop(pin);
     if changed {
         let clock = SystemClock;
@@ -1222,7 +1225,23 @@ fn profiles(out: &mut impl Write, command: ProfilesCommand) -> Result<u8, Error>
             // Every profile must load before the PIN is asked for.
             hsmca::pinned::policy_entry(&home.dir)?;
             let token = open_home_token(&home, &token_opts)?;
-            let applied = ceremony::apply(&home, &token, &SystemClock)?;
+            // The change is shown before it is logged; on a terminal the operator confirms it.
+            let mut confirm = |a: &ceremony::Applied| -> Result<bool, Error> {
+                let mut err = std::io::stderr().lock();
+                writeln!(err, "the new policy (SHA-256 {}) changes:", a.policy_sha256)?;
+                for c in &a.changes {
+                    writeln!(err, "  {}", report::safe(c))?;
+                }
+                if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    return Ok(true);
+                }
+                write!(err, "log this policy? [y/N] ")?;
+                err.flush()?;
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+            };
+            let applied = ceremony::apply(&home, &token, &SystemClock, &mut confirm)?;
             report::applied(out, &applied, json)?;
             Ok(0)
         }

@@ -820,6 +820,53 @@ pub fn verify_with(
     root_pem_der: Option<&[u8]>,
     external: &[(String, Vec<u8>)],
 ) -> Result<Report, LogError> {
+    verify_inner(paths, vkey, root_pem_der, external, true)
+}
+
+/// The policy and module the log pins, trusted only as far as the log verifies: every entry's
+/// chain, every checkpoint under the log key the root entry records, and the pins themselves
+/// inside the part a checkpoint signs. Called before any module is loaded: a `module` or
+/// `policy` entry appended by hand past the last checkpoint, or a log that does not verify, is
+/// refused here (exit 4), so a forged pin never gets a module loaded or a PIN typed.
+pub fn verified_pins(
+    paths: &Paths,
+    root_pem_der: Option<&[u8]>,
+) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
+    // An unsigned tail is allowed (a crash leaves one, and `log recover` needs the module to
+    // sign it), but nothing in it is trusted.
+    let report = verify_inner(paths, None, root_pem_der, &[], false)?;
+    if let Some(p) = report.problems.first() {
+        return Err(LogError::Corrupt(p.clone()));
+    }
+    let signed = report.checkpoint_size.unwrap_or(0);
+    let (policy, module) = pins(paths)?;
+    let unsigned = policy
+        .as_ref()
+        .map(|p| ("policy", p.seq))
+        .into_iter()
+        .chain(module.as_ref().map(|m| ("module", m.seq)))
+        .find(|(_, seq)| *seq >= signed);
+    if let Some((kind, seq)) = unsigned {
+        return Err(LogError::Corrupt(Problem {
+            entry: Some(seq),
+            message: format!(
+                "a {kind} entry past the latest checkpoint is not trusted: only `hsmca profiles \
+                 apply` and `--module` write one, and they sign it at once; remove what was \
+                 appended by hand (the checkpoint in the ceremony minutes says where the log \
+                 ended)"
+            ),
+        }));
+    }
+    Ok((policy, module))
+}
+
+fn verify_inner(
+    paths: &Paths,
+    vkey: Option<&str>,
+    root_pem_der: Option<&[u8]>,
+    external: &[(String, Vec<u8>)],
+    flag_unsigned_tail: bool,
+) -> Result<Report, LogError> {
     let mut scan = Scan::read(&paths.entries(), true)?;
     if let Some((entry, bytes)) = scan.torn {
         scan.problem(Some(entry), format!("incomplete last line ({} after the last newline): interrupted write or truncation; run `hsmca log recover`", crate::names::count(bytes, "byte", "bytes")));
@@ -878,7 +925,7 @@ pub fn verify_with(
     // checkpoint in place. `log recover` signs them (after a look at what they are).
     let signed = cp.unwrap_or(0);
     let recovered = scan.last_recovery.is_some_and(|r| r >= signed);
-    if size > signed && !recovered && scan.torn.is_none() {
+    if flag_unsigned_tail && size > signed && !recovered && scan.torn.is_none() {
         scan.problem(
             Some(signed),
             format!(
