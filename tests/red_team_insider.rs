@@ -167,3 +167,47 @@ fn red2_a_policy_entry_appended_with_a_broken_chain_is_not_signed_under() {
     run.fails_with(4, "log verify");
     assert!(!a.with_extension("crt").exists());
 }
+
+#[test]
+fn red2_a_pin_file_readable_by_others_is_refused_and_the_pin_never_echoed() {
+    let env = Env::new("pinfile");
+    let home = env.init("ca", "pinfile", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let sign = |pin_file: &Path, pin: &str| {
+        env.hsmca_env(
+            &[
+                "sign",
+                "--home",
+                s(&home),
+                "--profile",
+                "test-any-key",
+                "--pin-file",
+                s(pin_file),
+                s(&a),
+            ],
+            &[("HSMCA_PIN", pin)],
+        )
+    };
+    let loose = env.path("pin.txt");
+    std::fs::write(&loose, "wr0ngPIN99\n").unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let run = sign(&loose, "");
+    run.fails_with(3, "chmod 600");
+    assert!(!run.all().contains("wr0ngPIN99"), "{}", run.all());
+    assert!(!a.with_extension("crt").exists());
+    // A wrong PIN from the environment is refused without being echoed.
+    let run = env.hsmca_env(
+        &[
+            "sign",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&a),
+        ],
+        &[("HSMCA_PIN", "wr0ngPIN99")],
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert!(!run.all().contains("wr0ngPIN99"), "{}", run.all());
+    assert!(!a.with_extension("crt").exists());
+}
