@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::{Env, copy_home, plan_hash, s};
@@ -121,6 +121,18 @@ fn issue_13_a_ca_home_without_a_logged_policy_is_refused_with_a_hint() {
     let text = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
     let first = text.lines().next().unwrap();
     std::fs::write(home.join("log/entries.jsonl"), format!("{first}\n")).unwrap();
+    // Its checkpoints end at the root entry, as an old home's did.
+    for e in std::fs::read_dir(home.join("log/checkpoints")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "000000000001" {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    std::fs::copy(
+        home.join("log/checkpoints/000000000001"),
+        home.join("log/checkpoint"),
+    )
+    .unwrap();
     let run = env.hsmca(&[
         "check",
         "--home",
@@ -133,50 +145,11 @@ fn issue_13_a_ca_home_without_a_logged_policy_is_refused_with_a_hint() {
     assert!(run.stderr().contains("profiles apply"), "{}", run.all());
 }
 
-/// A forwarding PKCS#11 module, as an attacker would put in hsmca.json to log the PIN: every
-/// call goes to SoftHSM2; loading it writes a marker file, so the test sees whether it was
-/// ever loaded.
-fn shim(env: &Env) -> (PathBuf, PathBuf) {
-    common::require("cc");
-    let real = common::softhsm_module();
-    let marker = env.path("shim-loaded");
-    let src = env.path("shim.c");
-    std::fs::write(
-        &src,
-        format!(
-            r#"#include <dlfcn.h>
-#include <stdio.h>
-typedef unsigned long CK_RV;
-typedef CK_RV (*get_list)(void **);
-__attribute__((constructor)) static void loaded(void) {{
-    FILE *f = fopen("{marker}", "w");
-    if (f) {{ fputs("loaded\n", f); fclose(f); }}
-}}
-CK_RV C_GetFunctionList(void **list) {{
-    void *real = dlopen("{real}", RTLD_NOW | RTLD_LOCAL);
-    if (!real) return 5;
-    return ((get_list)dlsym(real, "C_GetFunctionList"))(list);
-}}
-"#,
-            marker = marker.display(),
-            real = real.display()
-        ),
-    )
-    .unwrap();
-    let so = env.path("shim.so");
-    let st = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o", s(&so), s(&src), "-ldl"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "cc failed");
-    (so, marker)
-}
-
 #[test]
 fn issue_13_another_module_is_refused_before_it_is_loaded_unless_named_and_logged() {
     let env = Env::new("module");
     let home = env.init("ca", "module", "ecdsa-p256");
-    let (so, marker) = shim(&env);
+    let (so, marker) = common::forwarding_shim(&env);
     let csr = env.p256_csr("c/x.csr", "/CN=x");
 
     // From hsmca.json.

@@ -211,3 +211,58 @@ fn red2_a_pin_file_readable_by_others_is_refused_and_the_pin_never_echoed() {
     assert!(!run.all().contains("wr0ngPIN99"), "{}", run.all());
     assert!(!a.with_extension("crt").exists());
 }
+
+/// The critical one the second red team found: a `module` entry appended by hand (chained
+/// correctly, past the last checkpoint) naming a PIN-logging module, with hsmca.json pointing at
+/// it. The operator's next command, and `log recover` (which an exit-4 hint suggests), must
+/// refuse before the module is ever loaded; the same goes for a forged `policy` entry.
+#[test]
+fn red2_a_forged_pin_past_the_checkpoint_never_gets_a_module_loaded_or_signed() {
+    let env = Env::new("red2pin");
+    let home = env.init("ca", "red2pin", "ecdsa-p256");
+    let (so, marker) = common::forwarding_shim(&env);
+    let csr = env.p256_csr("c/x.csr", "/CN=x");
+    let sha = {
+        let d = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&so).unwrap());
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    // Appended after the last line, chained exactly as hsmca chains (the Merkle root of the
+    // lines before it), the earlier lines untouched: only the checkpoint does not cover it.
+    let existing = lines(&home);
+    let mut tree = hsmca::log::translog::Tree::default();
+    for l in &existing {
+        tree.push(l.as_bytes());
+    }
+    let mut forged: serde_json::Value = existing
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|e| e["type"] == "module")
+        .unwrap();
+    forged["seq"] = existing.len().into();
+    forged["prev"] = hsmca::log::translog::b64(&tree.root()).into();
+    forged["path"] = s(&so).into();
+    forged["sha256"] = sha.into();
+    let mut text = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    text.push_str(&serde_json::to_string(&forged).unwrap());
+    text.push('\n');
+    std::fs::write(home.join("log/entries.jsonl"), text).unwrap();
+    let config_path = home.join("hsmca.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["module"] = s(&so).into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let run = env.sign(&home, "test-any-key", &[&csr]);
+    run.fails_with(4, "past the latest checkpoint is not trusted");
+    assert!(!marker.exists(), "the forged module was loaded");
+    let run = env.hsmca(&["log", "recover", "--home", s(&home)]);
+    run.fails_with(4, "past the latest checkpoint is not trusted");
+    assert!(
+        !marker.exists(),
+        "the forged module was loaded by log recover"
+    );
+    assert!(!csr.with_extension("crt").exists());
+}

@@ -724,3 +724,42 @@ pub fn rule(d: &serde_json::Value) -> &str {
         .or_else(|| d["refusals"][0]["rule"].as_str())
         .unwrap_or_default()
 }
+
+/// A forwarding PKCS#11 module, as an attacker would put in hsmca.json to log the PIN: every
+/// call goes to SoftHSM2; loading it writes a marker file, so the test sees whether it was
+/// ever loaded.
+pub fn forwarding_shim(env: &Env) -> (PathBuf, PathBuf) {
+    require("cc");
+    let real = softhsm_module();
+    let marker = env.path("shim-loaded");
+    let src = env.path("shim.c");
+    std::fs::write(
+        &src,
+        format!(
+            r#"#include <dlfcn.h>
+#include <stdio.h>
+typedef unsigned long CK_RV;
+typedef CK_RV (*get_list)(void **);
+__attribute__((constructor)) static void loaded(void) {{
+    FILE *f = fopen("{marker}", "w");
+    if (f) {{ fputs("loaded\n", f); fclose(f); }}
+}}
+CK_RV C_GetFunctionList(void **list) {{
+    void *real = dlopen("{real}", RTLD_NOW | RTLD_LOCAL);
+    if (!real) return 5;
+    return ((get_list)dlsym(real, "C_GetFunctionList"))(list);
+}}
+"#,
+            marker = marker.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    let so = env.path("shim.so");
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o", s(&so), s(&src), "-ldl"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "cc failed");
+    (so, marker)
+}
