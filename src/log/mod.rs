@@ -832,8 +832,8 @@ pub fn verified_pins(
     paths: &Paths,
     root_pem_der: Option<&[u8]>,
 ) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
-    // An unsigned tail is allowed (a crash leaves one, and `log recover` needs the module to
-    // sign it), but nothing in it is trusted.
+    // An unsigned tail and a torn last line are allowed (a crash leaves them, and `log recover`
+    // needs the module to sign or set them aside), but nothing in them is trusted.
     let report = verify_inner(paths, None, root_pem_der, &[], false)?;
     if let Some(p) = report.problems.first() {
         return Err(LogError::Corrupt(p.clone()));
@@ -867,8 +867,10 @@ fn verify_inner(
     external: &[(String, Vec<u8>)],
     flag_unsigned_tail: bool,
 ) -> Result<Report, LogError> {
+    // `flag_unsigned_tail` false: a crash's leftovers (a torn line, entries past the last
+    // checkpoint) are not problems here; callers trust nothing in them.
     let mut scan = Scan::read(&paths.entries(), true)?;
-    if let Some((entry, bytes)) = scan.torn {
+    if let (true, Some((entry, bytes))) = (flag_unsigned_tail, scan.torn) {
         scan.problem(Some(entry), format!("incomplete last line ({} after the last newline): interrupted write or truncation; run `hsmca log recover`", crate::names::count(bytes, "byte", "bytes")));
     }
     let recorded = scan.root.as_ref().map(|r| r.vkey.clone());
