@@ -937,7 +937,9 @@ fn verify_inner(
         );
     }
     let mut r = report(scan, cp, vkey);
-    r.checkpoint = fs::read_to_string(paths.checkpoint()).ok();
+    r.checkpoint = read_regular(&paths.checkpoint())
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
     r.extends = extends;
     Ok(r)
 }
@@ -1112,8 +1114,7 @@ impl Log {
 
     /// The latest signed checkpoint, as stored.
     pub fn latest_checkpoint(&self) -> Result<Vec<u8>, LogError> {
-        let path = self.paths.checkpoint();
-        fs::read(&path).map_err(io_at(&path))
+        read_regular(&self.paths.checkpoint())
     }
 
     /// The last `policy` entry in full (expanded profiles and site), read back from the file.
