@@ -1123,7 +1123,7 @@ impl Log {
             return Ok(None);
         };
         let path = self.paths.entries();
-        let mut f = File::open(&path).map_err(io_at(&path))?;
+        let mut f = open_regular(OpenOptions::new().read(true), &path)?;
         f.seek(SeekFrom::Start(pin.at.0)).map_err(io_at(&path))?;
         let mut buf = vec![0; pin.at.1];
         f.read_exact(&mut buf).map_err(io_at(&path))?;
@@ -1140,7 +1140,7 @@ impl Log {
     /// they are read back from the file when asked for.
     pub fn compromised(&self) -> Result<Vec<(String, Vec<u8>)>, LogError> {
         let path = self.paths.entries();
-        let mut f = File::open(&path).map_err(io_at(&path))?;
+        let mut f = open_regular(OpenOptions::new().read(true), &path)?;
         let mut out = Vec::new();
         for (serial, (seq, offset, len)) in &self.scan.compromised {
             f.seek(SeekFrom::Start(*offset)).map_err(io_at(&path))?;
