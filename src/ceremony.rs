@@ -709,7 +709,7 @@ pub fn create_ca(
 
     // The key: the one an earlier run of this command left in the token, or a new one.
     // Only CA certificates: a CA key's certificate, and the subjects two CAs may not share.
-    let logged = crate::log::ca_records(session.log().paths())?;
+    let logged = session.log().ca_records()?;
     let (public, id, resumed) = match keys.existing(&label)? {
         None => {
             refuse_logged_subject(&logged, &subject, None, &cmd)?;
@@ -740,7 +740,7 @@ pub fn create_ca(
                 );
             }
             refuse_logged_subject(&logged, &subject, Some(&fingerprint), &cmd)?;
-            let seen = !crate::log::intents_naming(session.log().paths(), &fingerprint)?.is_empty();
+            let seen = !session.log().intents_naming(&fingerprint)?.is_empty();
             if !seen && !found.protection.generated_here() {
                 return Err(CeremonyError::ForeignKey {
                     protection: found.protection,

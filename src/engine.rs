@@ -325,7 +325,7 @@ impl<'t> CaSession<'t> {
 
     /// Closes intents a crashed run left open (nothing was released for them).
     fn close_open_intents(&mut self) -> Result<(), Error> {
-        let open = self.log.open_intents();
+        let open = self.log.open_intents()?;
         if !open.is_empty() {
             let reason = "a previous run stopped before logging the result; nothing was released";
             let bodies = open
@@ -1165,7 +1165,7 @@ mod tests {
         .unwrap();
         assert!(done.outcomes.iter().all(Outcome::ok), "{:?}", done.outcomes);
         log_verifies(&home);
-        let log = crate::log::records(&crate::log::Paths::of_home(&home.dir)).unwrap();
+        let log = crate::log::records(&home.dir, &crate::log::Query::default()).unwrap();
         let leaves = log.iter().filter(|r| r.profile == "kube-proxy").count();
         assert_eq!(leaves, 8, "a, b, c and d0-d4, once each");
     }

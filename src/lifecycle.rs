@@ -90,7 +90,7 @@ pub fn revoke(
     let serial = normalise_serial(serial);
     let mut session = CaSession::open(home, keys, clock)?;
     let log = session.log();
-    if !log.has_cert(&serial) {
+    if !log.has_cert(&serial)? {
         return Err(Error::Usage(format!(
             "serial {serial} was never issued by this CA (see `hsmca log list`)"
         )));
@@ -98,9 +98,13 @@ pub fn revoke(
     if log.is_revoked(&serial) {
         return Err(Error::Usage(format!("serial {serial} is already revoked")));
     }
-    let record = log::records(log.paths())?
+    let record = log
+        .records(&log::Query {
+            serial: Some(serial.clone()),
+            ..log::Query::default()
+        })?
         .into_iter()
-        .find(|r| r.serial == serial);
+        .next();
     let facts = record.and_then(|r| verify::describe(&r.der).ok());
     let subject = facts
         .as_ref()
@@ -207,7 +211,8 @@ pub fn crl(
         verify::names(&issuer.der).map_err(|e| Error::Internal(e.to_string()))?;
     let now = clock.now();
     let mut entries = Vec::new();
-    for r in log::records(session.log().paths())? {
+    // From the critical entries the checkpoint signs: a CRL never misses a revocation.
+    for r in session.log().revocations()? {
         let Some(rev) = &r.revoked else { continue };
         let facts = verify::describe(&r.der).map_err(|e| Error::Internal(e.to_string()))?;
         if facts.issuer_der != issuer_subject {
@@ -345,7 +350,12 @@ pub fn expiring(
     };
     let root_facts = verify::describe(&root.der).map_err(|e| Error::Internal(e.to_string()))?;
     push(root_facts.serial.clone(), "root".into(), &root_facts, true);
-    for r in log::records(&log::Paths::of_home(&home.dir))? {
+    let query = log::Query {
+        current: true,
+        not_after_before: horizon.map(|h| h.unix_timestamp() + 1),
+        ..log::Query::default()
+    };
+    for r in log::records(&home.dir, &query)? {
         if r.revoked.is_some() || r.renewed_by.is_some() {
             continue;
         }
@@ -369,7 +379,18 @@ pub fn renew(
     clock: &dyn Clock,
 ) -> Result<crate::sign::Signed, Error> {
     let mut session = CaSession::open(home, keys, clock)?;
-    let records = log::records(session.log().paths())?;
+    let records: Vec<log::Record> = serials
+        .iter()
+        .map(|s| {
+            session.log().records(&log::Query {
+                serial: Some(normalise_serial(s)),
+                ..log::Query::default()
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     let mut outcomes: Vec<Option<Outcome>> = Vec::new();
     let mut ready = Vec::new();
     let mut ready_at = Vec::new();
@@ -537,7 +558,17 @@ pub fn list(home: &Home, filter: &Filter, clock: &dyn Clock) -> Result<Vec<Liste
     let serial = filter.serial.as_deref().map(normalise_serial);
     let now = clock.now();
     let mut out = Vec::new();
-    for r in log::records(&log::Paths::of_home(&home.dir))? {
+    // The index narrows the search; the checks below still apply to every record it gives.
+    let query = log::Query {
+        serial: serial.clone(),
+        profile: filter.profile.clone(),
+        subject_contains: filter.subject.clone(),
+        since: since.map(|t| t.unix_timestamp()),
+        until: until.map(|t| t.unix_timestamp()),
+        revoked: filter.revoked,
+        ..log::Query::default()
+    };
+    for r in log::records(&home.dir, &query)? {
         let facts = verify::describe(&r.der).map_err(|e| Error::Internal(e.to_string()))?;
         let logged = parse_time(&r.time)?;
         let keep = filter.profile.as_ref().is_none_or(|p| *p == r.profile)

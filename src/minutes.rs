@@ -152,7 +152,7 @@ pub fn gather(
     // The module is code: it is loaded (to read the token's description, no login) only if it
     // is the one the log pins.
     let root = home.root()?;
-    let (policy, pinned_module) = log::verified_pins(&paths, Some(&root.der))?;
+    let (policy, pinned_module) = log::verified_pins(&home.dir, Some(&root.der))?;
     let token = crate::pinned::ModuleFile::hash(&module)
         .and_then(|file| file.check(pinned_module.as_ref(), false).map(|_| file))
         .and_then(|file| file.seal())

@@ -298,7 +298,7 @@ pub fn check_policy(dir: &Path, pinned: Option<&PolicyPin>) -> Result<(), Error>
 /// they refuse too, so a review never shows what an edited profile would sign.
 pub fn check_home(home: &Home) -> Result<(), Error> {
     let root = home.root()?;
-    let (policy, _) = log::verified_pins(&log::Paths::of_home(&home.dir), Some(&root.der))?;
+    let (policy, _) = log::verified_pins(&home.dir, Some(&root.der))?;
     check_policy(&home.dir, policy.as_ref())
 }
 

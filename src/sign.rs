@@ -97,17 +97,13 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
 
 /// Keys revoked for key compromise, read from the log without the lock (for `check`).
 fn compromised_keys(home: &Home) -> Result<BTreeMap<String, String>, Error> {
-    let records = crate::log::records(&crate::log::Paths::of_home(&home.dir))?;
-    Ok(records
+    let log = crate::log::Log::open_mode(&home.dir, crate::log::Mode::Tolerant)?;
+    Ok(log
+        .compromised()?
         .into_iter()
-        .filter(|r| {
-            r.revoked
-                .as_ref()
-                .is_some_and(|v| v.reason == "key-compromise")
-        })
-        .filter_map(|r| {
-            let (key, _) = crate::verify::key_and_expiry(&r.der).ok()?;
-            Some((key.fingerprint(), r.serial))
+        .filter_map(|(serial, der)| {
+            let (key, _) = crate::verify::key_and_expiry(&der).ok()?;
+            Some((key.fingerprint(), serial))
         })
         .collect())
 }

@@ -481,11 +481,33 @@ enum LogCommand {
         /// A checkpoint kept outside (minutes, auditor): the log must extend it. Repeatable.
         #[arg(long, value_name = "FILE")]
         checkpoint: Vec<PathBuf>,
+        /// Check only what was appended after this checkpoint (kept from an earlier
+        /// verification or the minutes): the latest checkpoint must extend it, and every entry
+        /// after it is re-hashed and checked. Time grows with what was appended, not with the
+        /// log.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with_all = ["export", "checkpoint", "token", "vkey"]
+        )]
+        from_checkpoint: Option<PathBuf>,
         /// Also log in to the token and check the log against the head it keeps.
         #[arg(long)]
         token: bool,
         #[command(flatten)]
         token_opts: TokenOpts,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the log's index (`log/index.sqlite`) and tree hashes (`log/hashes`) from
+    /// `entries.jsonl`, then check them against the latest checkpoint. Both are derived: an
+    /// index that does not match the log is rebuilt on its own when a command opens the log;
+    /// this does it on demand (after a restore, or to time it).
+    Reindex {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -652,11 +674,18 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                     export,
                     vkey,
                     checkpoint,
+                    from_checkpoint,
                     token,
                     token_opts,
                     json,
                 },
         } => {
+            if let (Some(file), Some(home)) = (&from_checkpoint, &home) {
+                let note = std::fs::read(file).map_err(hsmca::error::at(file))?;
+                let report = log::verify_since(home, &file.display().to_string(), &note)?;
+                report::log_verify(&mut out, &report, json)?;
+                return Ok(if report.problems.is_empty() { 0 } else { 4 });
+            }
             let mut external = checkpoint
                 .iter()
                 .map(|p| {
@@ -705,6 +734,29 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             };
             report::log_verify(&mut out, &report, json)?;
             Ok(if report.problems.is_empty() { 0 } else { 4 })
+        }
+        Command::Log {
+            command: LogCommand::Reindex { home, json },
+        } => {
+            let log = log::reindex(&home)?;
+            let summary = serde_json::json!({
+                "entries": log.size(),
+                "checkpoint_size": log.checkpoint_size(),
+                "index": log.paths().index(),
+                "hashes": log.paths().hashes(),
+            });
+            if json {
+                writeln!(out, "{summary}")?;
+            } else {
+                writeln!(
+                    out,
+                    "reindexed {} from {}: the index and tree hashes match the latest checkpoint (size {})",
+                    hsmca::names::count(log.size(), "entry", "entries"),
+                    log.paths().entries().display(),
+                    log.checkpoint_size()
+                )?;
+            }
+            Ok(0)
         }
         Command::Log {
             command:
@@ -1115,7 +1167,7 @@ fn open_pinned_token(home: &Home, opts: &TokenOpts, tref: &TokenRef) -> Result<T
     let resolved = token::resolve_module(opts.module.as_deref(), home.config.module.as_deref())?;
     let module = hash_module(&resolved)?;
     let root = home.root()?;
-    let (_, pinned) = log::verified_pins(&log::Paths::of_home(&home.dir), Some(&root.der))?;
+    let (_, pinned) = log::verified_pins(&home.dir, Some(&root.der))?;
     let changed = module.check(pinned.as_ref(), opts.module.is_some())?;
     // The bytes just checked, copied and sealed before the PIN is asked for: what is loaded.
     let sealed = module.seal()?;

@@ -313,6 +313,14 @@ pub(crate) fn log_verify(out: &mut impl Write, r: &Report, as_json: bool) -> io:
     let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     writeln!(out, "counts      {}", counts.join(", "))?;
     writeln!(out, "vkey        {}", r.vkey)?;
+    if r.from > 0 {
+        writeln!(
+            out,
+            "checked     entries {}..{} (after the given checkpoint; entries before it as that checkpoint signed them)",
+            r.from,
+            r.entries.saturating_sub(1)
+        )?;
+    }
     if r.unsigned_tail > 0 {
         writeln!(
             out,

@@ -10,23 +10,25 @@
 //! `hsmca log recover`, which quarantines the bytes and logs that it did.
 
 pub mod entry;
+pub mod index;
 pub mod translog;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use time::OffsetDateTime;
 
-use crate::clock::rfc3339;
-use crate::files;
 use crate::keys::{self, PublicKey};
-use crate::signer::{FaultKind, SignError};
+use crate::signer::SignError;
 pub use entry::{Body, Entry};
-use translog::{NoteKey, Tree};
+pub use index::Query;
+use translog::Tree;
+pub(crate) use writer::Mode;
+pub use writer::{Log, Recovered, recover, reindex, verify_since};
 
 /// Longest accepted line (tlog-tiles entry bundles hold at most 65 535 bytes per entry).
 pub const MAX_LINE: usize = 65_535;
@@ -60,6 +62,18 @@ impl Paths {
     /// Verifier key file.
     pub fn vkey(&self) -> PathBuf {
         self.dir.join("log.vkey")
+    }
+    /// The Merkle tree's stored hashes (derived; see [`translog::Tree`]).
+    pub fn hashes(&self) -> PathBuf {
+        self.dir.join("hashes")
+    }
+    /// The query index (derived; see [`index`]).
+    pub fn index(&self) -> PathBuf {
+        self.dir.join("index.sqlite")
+    }
+    /// Space kept free for a last checkpoint on a full disk.
+    pub fn reserve(&self) -> PathBuf {
+        self.dir.join("reserve")
     }
     /// Where torn tails are kept.
     pub fn quarantine(&self) -> PathBuf {
@@ -115,6 +129,15 @@ pub enum LogError {
     /// The writer hit an fsync failure earlier.
     #[error("the log writer stopped after an earlier fsync failure")]
     Poisoned,
+    /// The index (or the hashes file) cannot be used: it is rebuilt from the log when opened
+    /// for writing; this error is what remains when it cannot be.
+    #[error("{}: the log's index: {message}", .path.display())]
+    Index {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// An entry would be longer than [`MAX_LINE`].
     #[error("a log entry of {0} bytes exceeds the {MAX_LINE}-byte limit")]
     TooLong(usize),
@@ -281,20 +304,24 @@ struct Scan {
     serials: HashSet<u128>,
     intents: HashMap<u64, Intent>,
     resolved: HashSet<u64>,
-    issued: HashMap<u128, (u64, u64, usize)>,
     counts: HashMap<&'static str, u64>,
     problems: Vec<Problem>,
     torn: Option<(u64, u64)>,
-    /// Where each serial's certificate entry is: (seq, offset, length).
-    cert_at: HashMap<u128, (u64, u64, usize)>,
+    /// Serials of the certificates seen so far.
+    cert_at: HashSet<u128>,
     /// Revoked serials and the entry that revoked them.
     revoked: HashMap<u128, u64>,
     /// Open or resolved CRL intents: issuer, number, TBS hash.
     crl_intents: HashMap<u64, (String, u64, String)>,
     /// Highest cRLNumber used per issuer.
     crl_numbers: HashMap<String, u64>,
-    /// Subject DER and key of the root and of every CA certificate seen so far.
-    ca_keys: Vec<(Vec<u8>, PublicKey)>,
+    /// Subject DER, key and entry of the root and of every CA certificate seen so far
+    /// (shared with the threads that check certificates).
+    ca_keys: CaKeys,
+    /// Where certificates go to be checked off this thread (a deep scan only).
+    sink: Option<Sink>,
+    /// CRLs to check once every CA key is known: (seq, CRL base64, SHA-256, TBS hash).
+    crls: Vec<(u64, String, String, String)>,
     /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
     chain_verified: u64,
     /// The last `policy` entry.
@@ -303,8 +330,6 @@ struct Scan {
     module: Option<ModulePin>,
     /// The last `recovery` entry.
     last_recovery: Option<u64>,
-    /// Certificates revoked for key compromise: (serial, where the cert entry is).
-    compromised: Vec<(String, (u64, u64, usize))>,
 }
 
 impl Scan {
@@ -315,11 +340,72 @@ impl Scan {
         });
     }
 
-    /// Reads `entries.jsonl`. With `deep`, also checks every certificate's hash and signature.
+    /// Reads `entries.jsonl`. With `deep`, also checks every certificate's hash and signature,
+    /// on every core: this thread reads, parses and chains the lines while worker threads check
+    /// certificates (the costly part: a signature verification each), so a full verification
+    /// of a million entries takes what the machine's cores can give, not one core's time.
     fn read(path: &Path, deep: bool) -> Result<Self, LogError> {
+        if !deep {
+            return Self::read_lines(path, None);
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(2, std::num::NonZero::get)
+            .clamp(1, 16);
+        let ca_keys = CaKeys::default();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<CertJob>>(threads * 4);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (rx, ca_keys) = (rx.clone(), ca_keys.clone());
+                std::thread::spawn(move || check_worker(&rx, &ca_keys))
+            })
+            .collect();
+        let sink = Sink {
+            tx,
+            batch: Vec::with_capacity(SINK_BATCH),
+        };
+        let mut scan = Self {
+            ca_keys: ca_keys.clone(),
+            ..Self::default()
+        };
+        let read = scan.read_into(path, Some(sink));
+        let mut deferred = Vec::new();
+        for w in workers {
+            match w.join() {
+                Ok((problems, later)) => {
+                    scan.problems.extend(problems);
+                    deferred.extend(later);
+                }
+                Err(_) => scan.problem(None, "a certificate check thread failed"),
+            }
+        }
+        read?;
+        // Certificates whose issuer was not yet known when they were checked (its entry was
+        // being checked on another thread), then CRLs, with every CA key now known.
+        for (seq, der) in deferred {
+            if let Some(p) = ca_keys.verify_cert(seq, &der) {
+                scan.problem(Some(seq), p);
+            }
+        }
+        for (seq, crl, sha, tbs) in std::mem::take(&mut scan.crls) {
+            scan.check_crl(seq, &crl, &sha, &tbs);
+        }
+        scan.problems.sort_by_key(|p| (p.entry.is_none(), p.entry));
+        Ok(scan)
+    }
+
+    fn read_lines(path: &Path, sink: Option<Sink>) -> Result<Self, LogError> {
+        let mut scan = Self::default();
+        scan.read_into(path, sink)?;
+        Ok(scan)
+    }
+
+    fn read_into(&mut self, path: &Path, sink: Option<Sink>) -> Result<(), LogError> {
+        let deep = sink.is_some();
+        self.sink = sink;
         let file = open_regular(OpenOptions::new().read(true), path)?;
         let mut reader = BufReader::with_capacity(1 << 16, file);
-        let mut scan = Self::default();
+        let scan = self;
         let mut line = Vec::new();
         let mut offset = 0u64;
         let (mut order_reported, mut chain_reported) = (false, false);
@@ -362,7 +448,11 @@ impl Scan {
             offset += n as u64;
             scan.valid_len = offset;
         }
-        Ok(scan)
+        // Sends the last batch and closes the channel, so the workers finish.
+        if let Some(mut sink) = scan.sink.take() {
+            sink.flush();
+        }
+        Ok(())
     }
 
     fn note(&mut self, seq: u64, offset: u64, len: usize, entry: Entry, deep: bool) {
@@ -456,19 +546,12 @@ impl Scan {
                     );
                 }
                 if deep {
-                    self.check_cert(seq, &cert, &cert_sha256, &intent);
+                    self.check_cert(seq, cert, cert_sha256, &intent);
                 }
-                self.cert_at.insert(key(&serial), (seq, offset, len));
-                self.issued
-                    .insert(issued_key(&csr_sha256, &profile), (seq, offset, len));
+                self.cert_at.insert(key(&serial));
             }
-            Body::Revocation { serial, reason, .. } => {
-                if reason == "key-compromise"
-                    && let Some(at) = self.cert_at.get(&key(&serial))
-                {
-                    self.compromised.push((serial.clone(), *at));
-                }
-                if !self.cert_at.contains_key(&key(&serial)) {
+            Body::Revocation { serial, .. } => {
+                if !self.cert_at.contains(&key(&serial)) {
                     self.problem(
                         Some(seq),
                         format!("revokes serial {serial}, which this log never issued"),
@@ -518,7 +601,7 @@ impl Scan {
                     );
                 }
                 if deep {
-                    self.check_crl(seq, &crl, &crl_sha256, &tbs_sha256);
+                    self.crls.push((seq, crl, crl_sha256, tbs_sha256));
                 }
             }
             Body::Abandon { intent_seq, .. } => {
@@ -557,47 +640,24 @@ impl Scan {
         }
     }
 
-    fn check_cert(&mut self, seq: u64, cert_b64: &str, cert_sha256: &str, intent: &Intent) {
-        let der = B64.decode(cert_b64).unwrap_or_default();
-        if keys::sha256_hex(&der) != cert_sha256 {
-            self.problem(Some(seq), "certificate does not match its recorded SHA-256");
-            return;
-        }
-        let tbs = crate::asn1::first_inner_element(&der).unwrap_or_default();
-        if keys::sha256_hex(tbs) != intent.tbs_sha256 {
-            self.problem(
-                Some(seq),
-                "certificate's TBS differs from the one its intent recorded",
-            );
-        }
+    fn check_cert(&mut self, seq: u64, cert_b64: String, cert_sha256: String, intent: &Intent) {
         self.ensure_root_key();
-        let Ok((issuer, subject, is_ca, key)) = crate::verify::names(&der) else {
-            self.problem(Some(seq), "certificate does not parse");
-            return;
-        };
-        match self.ca_keys.iter().find(|(name, _)| *name == issuer) {
-            Some((_, k)) if crate::verify::signature(&der, k).is_ok() => {}
-            Some(_) => self.problem(
-                Some(seq),
-                "certificate signature does not verify under its issuer's key",
-            ),
-            None => self.problem(
-                Some(seq),
-                "certificate's issuer is neither the root nor a CA in this log",
-            ),
-        }
-        if is_ca {
-            self.ca_keys.push((subject, key));
+        if let Some(sink) = &mut self.sink {
+            sink.send(CertJob {
+                seq,
+                cert_b64,
+                cert_sha256,
+                tbs_sha256: intent.tbs_sha256.clone(),
+            });
         }
     }
 
     /// The root's key is the first CA key; added when the first artefact is checked.
     fn ensure_root_key(&mut self) {
-        if self.ca_keys.is_empty()
-            && let Some(root) = &self.root
+        if let Some(root) = &self.root
             && let Ok((issuer, _, _, key)) = crate::verify::names(&root.cert_der)
         {
-            self.ca_keys.push((issuer, key));
+            self.ca_keys.add_root(issuer, key);
         }
     }
 
@@ -617,48 +677,12 @@ impl Scan {
         }
         let verified = crate::verify::crl_issuer(&der)
             .ok()
-            .is_some_and(|(issuer, sig)| {
-                self.ca_keys
-                    .iter()
-                    .any(|(name, key)| *name == issuer && key.verify(tbs, &sig))
-            });
+            .is_some_and(|(issuer, sig)| self.ca_keys.verify_crl(seq, &issuer, tbs, &sig));
         if !verified {
             self.problem(
                 Some(seq),
                 "CRL signature does not verify under its issuer's key",
             );
-        }
-    }
-
-    fn issued(
-        &self,
-        path: &Path,
-        csr_sha256: &str,
-        profile: &str,
-    ) -> Result<Option<Issued>, LogError> {
-        let Some(&(seq, offset, len)) = self.issued.get(&issued_key(csr_sha256, profile)) else {
-            return Ok(None);
-        };
-        let mut f = open_regular(OpenOptions::new().read(true), path)?;
-        f.seek(SeekFrom::Start(offset)).map_err(io_at(path))?;
-        let mut buf = vec![0; len];
-        f.read_exact(&mut buf).map_err(io_at(path))?;
-        let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
-            LogError::Corrupt(Problem {
-                entry: Some(seq),
-                message: e.to_string(),
-            })
-        })?;
-        match entry.body {
-            Body::Cert { serial, cert, .. } => Ok(Some(Issued {
-                seq,
-                serial,
-                cert_der: B64.decode(cert).unwrap_or_default(),
-            })),
-            _ => Err(LogError::Corrupt(Problem {
-                entry: Some(seq),
-                message: "expected a cert entry".into(),
-            })),
         }
     }
 }
@@ -786,6 +810,9 @@ pub struct Report {
     pub checkpoint: Option<String>,
     /// Checkpoints held outside (`--checkpoint FILE`) that verified and that the log extends.
     pub extends: Vec<Extended>,
+    /// The first entry checked: 0 for a full verification, the given checkpoint's size for
+    /// `--from-checkpoint`.
+    pub from: u64,
 }
 
 /// A checkpoint held outside the log that verified with the log key and that the log extends:
@@ -829,17 +856,24 @@ pub fn verify_with(
 /// `policy` entry appended by hand past the last checkpoint, or a log that does not verify, is
 /// refused here (exit 4), so a forged pin never gets a module loaded or a PIN typed.
 pub fn verified_pins(
-    paths: &Paths,
+    home: &Path,
     root_pem_der: Option<&[u8]>,
 ) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
     // An unsigned tail and a torn last line are allowed (a crash leaves them, and `log recover`
-    // needs the module to sign or set them aside), but nothing in them is trusted.
-    let report = verify_inner(paths, None, root_pem_der, &[], false)?;
-    if let Some(p) = report.problems.first() {
-        return Err(LogError::Corrupt(p.clone()));
+    // needs the module to sign or set them aside), but nothing in them is trusted. Opening
+    // checks the checkpoint's signature, the tree under it and the chain of critical entries
+    // (policies and modules among them) it signs, in time independent of the log's length.
+    let log = Log::open_mode(home, Mode::Tolerant)?;
+    if let Some(der) = root_pem_der
+        && der != log.root().cert_der.as_slice()
+    {
+        return Err(LogError::Corrupt(Problem {
+            entry: Some(0),
+            message: "root.pem is not the root certificate recorded in entry 0".into(),
+        }));
     }
-    let signed = report.checkpoint_size.unwrap_or(0);
-    let (policy, module) = pins(paths)?;
+    let signed = log.checkpoint_size();
+    let (policy, module) = (log.policy().cloned(), log.module().cloned());
     let unsigned = policy
         .as_ref()
         .map(|p| ("policy", p.seq))
@@ -960,402 +994,8 @@ fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
         problems: scan.problems,
         checkpoint: None,
         extends: Vec::new(),
+        from: 0,
     }
-}
-
-/// The single writer of a log. Holds `HOME/LOCK` until dropped.
-pub struct Log {
-    paths: Paths,
-    _lock: File,
-    file: File,
-    scan: Scan,
-    root: RootInfo,
-    checkpoint_size: u64,
-    poisoned: bool,
-}
-
-fn take_lock(home: &Path) -> Result<File, LogError> {
-    let path = home.join("LOCK");
-    let f = open_regular(
-        OpenOptions::new().create(true).truncate(false).write(true),
-        &path,
-    )?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(fs::TryLockError::WouldBlock) => Err(LogError::Locked(home.to_path_buf())),
-        Err(fs::TryLockError::Error(e)) => Err(io_at(&path)(e)),
-    }
-}
-
-impl Log {
-    /// Creates a new log in `home` whose entry 0 records the root, and signs its first
-    /// checkpoint. `home` must not have a log yet.
-    pub fn create(
-        home: &Path,
-        root: Body,
-        now: OffsetDateTime,
-        key: &NoteKey<'_>,
-    ) -> Result<Self, LogError> {
-        let Body::Root {
-            origin,
-            log_vkey,
-            cert,
-            ..
-        } = &root
-        else {
-            return Err(LogError::Checkpoint(
-                "the first entry must be the root".into(),
-            ));
-        };
-        let info = RootInfo {
-            origin: origin.clone(),
-            vkey: log_vkey.clone(),
-            cert_der: B64.decode(cert).unwrap_or_default(),
-        };
-        let paths = Paths::of_home(home);
-        fs::create_dir_all(paths.checkpoints()).map_err(io_at(&paths.dir))?;
-        let lock = take_lock(home)?;
-        let path = paths.entries();
-        let file = open_regular(OpenOptions::new().append(true).create_new(true), &path)?;
-        files::sync_dir(&paths.dir).map_err(|e| LogError::Checkpoint(e.to_string()))?;
-        files::write_new(&paths.vkey(), format!("{log_vkey}\n").as_bytes())
-            .map_err(|e| LogError::Checkpoint(e.to_string()))?;
-        let mut log = Self {
-            paths,
-            _lock: lock,
-            file,
-            scan: Scan::default(),
-            root: info,
-            checkpoint_size: 0,
-            poisoned: false,
-        };
-        log.append(vec![root], now)?;
-        log.checkpoint(key)?;
-        Ok(log)
-    }
-
-    /// Opens the log of `home` for appending: takes the lock, reads and checks every entry
-    /// and the latest checkpoint. Refuses a torn tail or any integrity problem.
-    pub fn open(home: &Path) -> Result<Self, LogError> {
-        let lock = take_lock(home)?;
-        let paths = Paths::of_home(home);
-        let mut scan = Scan::read(&paths.entries(), false)?;
-        if let Some((entry, bytes)) = scan.torn {
-            return Err(LogError::TornTail { entry, bytes });
-        }
-        let root = scan.root.clone().ok_or_else(|| {
-            LogError::Corrupt(Problem {
-                entry: Some(0),
-                message: "not the root entry".into(),
-            })
-        })?;
-        let checkpoint_size = check_checkpoints(&paths, &mut scan, &root.vkey)?.unwrap_or(0);
-        if let Some(p) = scan.problems.first() {
-            return Err(LogError::Corrupt(p.clone()));
-        }
-        let path = paths.entries();
-        let file = open_regular(OpenOptions::new().append(true), &path)?;
-        Ok(Self {
-            paths,
-            _lock: lock,
-            file,
-            scan,
-            root,
-            checkpoint_size,
-            poisoned: false,
-        })
-    }
-
-    /// The root entry's facts.
-    pub fn root(&self) -> &RootInfo {
-        &self.root
-    }
-
-    /// Number of entries.
-    pub fn size(&self) -> u64 {
-        self.scan.tree.size()
-    }
-
-    /// Whether a serial (hex) was ever used.
-    pub fn serial_used(&self, serial: &str) -> bool {
-        self.scan.serials.contains(&key(serial))
-    }
-
-    /// Whether this log issued a certificate with this serial (hex).
-    pub fn has_cert(&self, serial: &str) -> bool {
-        self.scan.cert_at.contains_key(&key(serial))
-    }
-
-    /// Whether the serial (hex) has been revoked.
-    pub fn is_revoked(&self, serial: &str) -> bool {
-        self.scan.revoked.contains_key(&key(serial))
-    }
-
-    /// The policy in force (the last `policy` entry), if the log has one.
-    pub fn policy(&self) -> Option<&PolicyPin> {
-        self.scan.policy.as_ref()
-    }
-
-    /// The pinned PKCS#11 module (the last `module` entry), if the log has one.
-    pub fn module(&self) -> Option<&ModulePin> {
-        self.scan.module.as_ref()
-    }
-
-    /// The tree root over the first `size` entries, to compare with a checkpoint kept
-    /// elsewhere (the token's copy of the log head).
-    pub fn root_at(&self, size: u64) -> Option<[u8; 32]> {
-        self.scan.tree.root_at(size)
-    }
-
-    /// Entries appended since the latest checkpoint.
-    pub fn unsigned(&self) -> u64 {
-        self.size().saturating_sub(self.checkpoint_size)
-    }
-
-    /// The latest signed checkpoint, as stored.
-    pub fn latest_checkpoint(&self) -> Result<Vec<u8>, LogError> {
-        read_regular(&self.paths.checkpoint())
-    }
-
-    /// The last `policy` entry in full (expanded profiles and site), read back from the file.
-    pub fn policy_entry(&self) -> Result<Option<Body>, LogError> {
-        let Some(pin) = &self.scan.policy else {
-            return Ok(None);
-        };
-        let path = self.paths.entries();
-        let mut f = open_regular(OpenOptions::new().read(true), &path)?;
-        f.seek(SeekFrom::Start(pin.at.0)).map_err(io_at(&path))?;
-        let mut buf = vec![0; pin.at.1];
-        f.read_exact(&mut buf).map_err(io_at(&path))?;
-        let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
-            LogError::Corrupt(Problem {
-                entry: Some(pin.seq),
-                message: e.to_string(),
-            })
-        })?;
-        Ok(Some(entry.body))
-    }
-
-    /// Every certificate revoked for key compromise: its serial and DER. Few in any CA, so
-    /// they are read back from the file when asked for.
-    pub fn compromised(&self) -> Result<Vec<(String, Vec<u8>)>, LogError> {
-        let path = self.paths.entries();
-        let mut f = open_regular(OpenOptions::new().read(true), &path)?;
-        let mut out = Vec::new();
-        for (serial, (seq, offset, len)) in &self.scan.compromised {
-            f.seek(SeekFrom::Start(*offset)).map_err(io_at(&path))?;
-            let mut buf = vec![0; *len];
-            f.read_exact(&mut buf).map_err(io_at(&path))?;
-            let entry: Entry = serde_json::from_slice(&buf).map_err(|e| {
-                LogError::Corrupt(Problem {
-                    entry: Some(*seq),
-                    message: e.to_string(),
-                })
-            })?;
-            if let Body::Cert { cert, .. } = entry.body {
-                out.push((serial.clone(), B64.decode(cert).unwrap_or_default()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The highest cRLNumber used for `issuer` (0 if none).
-    pub fn last_crl_number(&self, issuer: &str) -> u64 {
-        self.scan.crl_numbers.get(issuer).copied().unwrap_or(0)
-    }
-
-    /// Path of `entries.jsonl`.
-    pub fn paths(&self) -> &Paths {
-        &self.paths
-    }
-
-    /// Intents with no result: the previous run stopped between intent and result.
-    pub fn open_intents(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .scan
-            .intents
-            .keys()
-            .chain(self.scan.crl_intents.keys())
-            .filter(|s| !self.scan.resolved.contains(s))
-            .copied()
-            .collect();
-        v.sort_unstable();
-        v
-    }
-
-    /// The certificate already issued for this CSR under this profile, if any.
-    pub fn issued(&self, csr_sha256: &str, profile: &str) -> Result<Option<Issued>, LogError> {
-        self.scan.issued(&self.paths.entries(), csr_sha256, profile)
-    }
-
-    /// Appends entries with one write and one fsync; returns their numbers. On a failed write
-    /// the file is cut back to its previous length, so no partial line stays behind.
-    pub fn append(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
-        if self.poisoned {
-            return Err(LogError::Poisoned);
-        }
-        let mark = self.scan.tree.mark();
-        let result = self.append_at(bodies, now);
-        if result.is_err() {
-            self.scan.tree.rewind(mark);
-        }
-        result
-    }
-
-    fn append_at(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
-        let tree = &mut self.scan.tree;
-        let mut buf = Vec::new();
-        let mut written = Vec::with_capacity(bodies.len());
-        let time = rfc3339(now);
-        for body in bodies {
-            let seq = tree.size();
-            let entry = Entry {
-                v: entry::VERSION,
-                seq,
-                time: time.clone(),
-                prev: translog::b64(&tree.root()),
-                body,
-            };
-            let line =
-                serde_json::to_vec(&entry).map_err(|e| LogError::Checkpoint(e.to_string()))?;
-            if line.len() > MAX_LINE {
-                return Err(LogError::TooLong(line.len()));
-            }
-            tree.push(&line);
-            written.push((self.scan.valid_len + buf.len() as u64, line.len(), entry));
-            buf.extend_from_slice(&line);
-            buf.push(b'\n');
-        }
-        let path = self.paths.entries();
-        if let Err(e) = self.file.write_all(&buf) {
-            // Cut back a partial write (e.g. ENOSPC) so the file ends on a whole line.
-            let cut = self
-                .file
-                .set_len(self.scan.valid_len)
-                .and_then(|()| self.file.sync_all());
-            if cut.is_err() {
-                self.poisoned = true;
-            }
-            return Err(io_at(&path)(e));
-        }
-        if let Err(source) = self.file.sync_data() {
-            self.poisoned = true;
-            return Err(LogError::Sync { path, source });
-        }
-        let seqs = written.iter().map(|(_, _, e)| e.seq).collect();
-        for (offset, len, entry) in written {
-            self.scan.note(entry.seq, offset, len, entry, false);
-        }
-        self.scan.valid_len += buf.len() as u64;
-        Ok(seqs)
-    }
-
-    /// Signs a checkpoint for the current size with the log key and writes it durably
-    /// (`checkpoints/<size>` write-once, then `checkpoint` replaced atomically).
-    pub fn checkpoint(&mut self, key: &NoteKey<'_>) -> Result<(), LogError> {
-        if self.poisoned {
-            return Err(LogError::Poisoned);
-        }
-        let size = self.size();
-        if size == self.checkpoint_size && size > 0 && self.paths.checkpoint().exists() {
-            return Ok(());
-        }
-        let note = translog::sign_checkpoint(&self.root.origin, size, self.scan.tree.root(), key)
-            .map_err(|e| match key.take_error() {
-            Some(sign) => LogError::CheckpointSign(sign),
-            None => LogError::Checkpoint(e),
-        })?;
-        translog::open_checkpoint(&note, &self.root.vkey).map_err(|e| {
-            LogError::CheckpointSign(SignError::new(
-                FaultKind::BadSignature,
-                format!("the token's checkpoint does not verify: {e}"),
-            ))
-        })?;
-        let numbered = self.paths.checkpoints().join(format!("{size:012}"));
-        match files::write_new(&numbered, &note) {
-            Ok(_) | Err(files::FileError::Exists(_)) => {}
-            Err(e) => return Err(LogError::Checkpoint(e.to_string())),
-        }
-        files::replace(&self.paths.checkpoint(), &note)
-            .map_err(|e| LogError::Checkpoint(e.to_string()))?;
-        self.checkpoint_size = size;
-        Ok(())
-    }
-}
-
-/// What `recover` did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Recovered {
-    /// Bytes cut from the end.
-    pub bytes_removed: u64,
-    /// Where they were kept.
-    pub quarantine: Option<String>,
-    /// Intents closed as abandoned.
-    pub abandoned: Vec<u64>,
-    /// Entries that were past the latest checkpoint, now signed by the recovery's checkpoint.
-    pub signed_tail: u64,
-}
-
-/// `hsmca log recover`: sets a torn tail aside in `quarantine/`, cuts the file back to its last
-/// whole line, and records both the recovery and every open intent as abandoned, then
-/// checkpoints. Complete lines are never touched: a damaged complete line is tampering.
-pub fn recover(
-    home: &Path,
-    now: OffsetDateTime,
-    key: &NoteKey<'_>,
-) -> Result<(Log, Recovered), LogError> {
-    let lock = take_lock(home)?;
-    let paths = Paths::of_home(home);
-    let path = paths.entries();
-    let scan = Scan::read(&path, false)?;
-    let mut removed = None;
-    if scan.torn.is_some() {
-        let mut f = open_regular(OpenOptions::new().read(true).write(true), &path)?;
-        let mut tail = Vec::new();
-        f.seek(SeekFrom::Start(scan.valid_len))
-            .map_err(io_at(&path))?;
-        f.read_to_end(&mut tail).map_err(io_at(&path))?;
-        let sha = keys::sha256_hex(&tail);
-        let name = format!("{}-{}.bin", rfc3339(now).replace(':', ""), &sha[..16]);
-        let q = paths.quarantine().join(&name);
-        files::write_new(&q, &tail).map_err(|e| LogError::Checkpoint(e.to_string()))?;
-        f.set_len(scan.valid_len).map_err(io_at(&path))?;
-        f.sync_all().map_err(|source| LogError::Sync {
-            path: path.clone(),
-            source,
-        })?;
-        removed = Some((tail.len() as u64, sha, format!("quarantine/{name}")));
-    }
-    drop(lock);
-    let mut log = Log::open(home)?;
-    let mut bodies = Vec::new();
-    let mut result = Recovered {
-        bytes_removed: 0,
-        quarantine: None,
-        abandoned: Vec::new(),
-        signed_tail: log.unsigned(),
-    };
-    if let Some((bytes_removed, removed_sha256, quarantine)) = removed {
-        result.bytes_removed = bytes_removed;
-        result.quarantine = Some(quarantine.clone());
-        bodies.push(Body::Recovery {
-            bytes_removed,
-            removed_sha256,
-            quarantine,
-        });
-    }
-    for intent_seq in log.open_intents() {
-        result.abandoned.push(intent_seq);
-        bodies.push(Body::Abandon {
-            intent_seq,
-            reason: "recovery: no result was logged; nothing was released".into(),
-        });
-    }
-    if !bodies.is_empty() {
-        log.append(bodies, now)?;
-    }
-    log.checkpoint(key)?;
-    Ok((log, result))
 }
 
 /// The public key of the root recorded in a log, for checks without the token.
@@ -1404,122 +1044,166 @@ pub struct Record {
     pub revoked: Option<Revoked>,
 }
 
-/// Every certificate in the log, in log order. Reads the file without taking the lock.
-pub fn records(paths: &Paths) -> Result<Vec<Record>, LogError> {
-    records_where(paths, |_| true)
+/// The certificates `q` selects, in log order, each read back and proven against the
+/// checkpoint. Takes the lock for the moment it reads (and catches the index up); while
+/// another hsmca command holds it, fails with [`LogError::Locked`].
+pub fn records(home: &Path, q: &Query) -> Result<Vec<Record>, LogError> {
+    Log::open_mode(home, Mode::Tolerant)?.records(q)
 }
 
-/// Every CA certificate in the log (basicConstraints CA: what `ca create` made), in log order,
-/// with its revocation. Holds only those in memory, however many leaves the log has.
-pub fn ca_records(paths: &Paths) -> Result<Vec<Record>, LogError> {
-    records_where(paths, |der| {
-        crate::verify::names(der).is_ok_and(|(_, _, is_ca, _)| is_ca)
-    })
+/// The policy and module the log pins, trusted only as far as the checkpoint signs them (see
+/// [`verified_pins`]). For `check` and `plan`, which sign nothing.
+pub fn pins(home: &Path) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
+    let log = Log::open_mode(home, Mode::Tolerant)?;
+    Ok((log.policy().cloned(), log.module().cloned()))
 }
 
-/// The certificates whose DER `keep` accepts, in log order, with what later entries say.
-fn records_where(paths: &Paths, keep: impl Fn(&[u8]) -> bool) -> Result<Vec<Record>, LogError> {
-    let path = paths.entries();
-    let file = open_regular(OpenOptions::new().read(true), &path)?;
-    let mut out: Vec<Record> = Vec::new();
-    let mut renews_of_intent: HashMap<u64, (Option<String>, Option<String>)> = HashMap::new();
-    let mut by_serial: HashMap<String, usize> = HashMap::new();
-    for line in BufReader::new(file).split(b'\n') {
-        let line = line.map_err(io_at(&path))?;
-        let Ok(entry) = serde_json::from_slice::<Entry>(&line) else {
-            continue;
-        };
-        match entry.body {
-            Body::IssueIntent {
-                renews,
-                policy_sha256,
-                ..
-            } => {
-                renews_of_intent.insert(entry.seq, (renews, policy_sha256));
-            }
-            Body::Cert {
-                intent_seq,
-                serial,
-                profile,
-                csr_sha256,
-                cert,
-                ..
-            } => {
-                let (renews, policy_sha256) =
-                    renews_of_intent.remove(&intent_seq).unwrap_or_default();
-                let der = B64.decode(cert).unwrap_or_default();
-                if !keep(&der) {
-                    continue;
-                }
-                if let Some(old) = renews.as_ref().and_then(|o| by_serial.get(o)) {
-                    out[*old].renewed_by = Some(serial.clone());
-                }
-                by_serial.insert(serial.clone(), out.len());
-                out.push(Record {
-                    seq: entry.seq,
-                    time: entry.time,
-                    serial,
-                    profile,
-                    csr_sha256,
-                    der,
-                    renews,
-                    policy_sha256,
-                    renewed_by: None,
-                    revoked: None,
-                });
-            }
-            Body::Revocation {
-                serial,
-                reason,
-                revocation_time,
-                invalidity_date,
-            } => {
-                if let Some(i) = by_serial.get(&serial) {
-                    out[*i].revoked = Some(Revoked {
-                        seq: entry.seq,
-                        reason,
-                        revocation_time,
-                        invalidity_date,
-                    });
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
-/// The policy and module the log pins, read without the lock (for `check`, `plan`, and
-/// before a module is loaded).
-pub fn pins(paths: &Paths) -> Result<(Option<PolicyPin>, Option<ModulePin>), LogError> {
-    let scan = Scan::read(&paths.entries(), false)?;
-    Ok((scan.policy, scan.module))
-}
-
-/// The entry numbers of every issuance intent naming `csr_sha256` (for `ca create`, the SHA-256
-/// of the new key's SPKI), whatever became of it. Reads the whole file without taking the lock:
-/// for a ceremony deciding whether a key left in the token is one hsmca made, not for the
-/// issuance path.
-pub fn intents_naming(paths: &Paths, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
-    let path = paths.entries();
-    let file = open_regular(OpenOptions::new().read(true), &path)?;
-    let mut out = Vec::new();
-    for line in BufReader::new(file).split(b'\n') {
-        let line = line.map_err(io_at(&path))?;
-        if let Ok(Entry {
-            seq,
-            body: Body::IssueIntent { csr_sha256: c, .. },
-            ..
-        }) = serde_json::from_slice::<Entry>(&line)
-            && c == csr_sha256
-        {
-            out.push(seq);
-        }
-    }
-    Ok(out)
-}
-
-/// The Merkle tree over the log's lines, for proofs.
+/// The Merkle tree over the log's lines, for proofs (computed in memory from the lines).
 pub fn tree(paths: &Paths) -> Result<Tree, LogError> {
     Ok(Scan::read(&paths.entries(), false)?.tree)
+}
+
+/// Certificates sent to a checking thread at a time.
+const SINK_BATCH: usize = 256;
+
+/// A certificate to check: its entry, base64 DER, recorded SHA-256 and its intent's TBS hash.
+struct CertJob {
+    seq: u64,
+    cert_b64: String,
+    cert_sha256: String,
+    tbs_sha256: String,
+}
+
+/// The reading thread's end of the channel to the checking threads.
+#[derive(Debug)]
+struct Sink {
+    tx: std::sync::mpsc::SyncSender<Vec<CertJob>>,
+    batch: Vec<CertJob>,
+}
+
+impl std::fmt::Debug for CertJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CertJob({})", self.seq)
+    }
+}
+
+impl Sink {
+    fn send(&mut self, job: CertJob) {
+        self.batch.push(job);
+        if self.batch.len() == SINK_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(SINK_BATCH));
+        // A closed channel means every worker died; the join reports it.
+        let _ = self.tx.send(batch);
+    }
+}
+
+/// The CA keys a log has shown so far, shared by the checking threads: subject DER, key, and
+/// the entry that introduced it (a certificate is checked only against CAs logged before it).
+#[derive(Debug, Clone, Default)]
+struct CaKeys(std::sync::Arc<std::sync::RwLock<Vec<CaKey>>>);
+
+/// A CA's subject DER, key, and the entry that introduced it.
+type CaKey = (Vec<u8>, PublicKey, u64);
+
+impl CaKeys {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<CaKey>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, subject: Vec<u8>, key: PublicKey, seq: u64) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((subject, key, seq));
+    }
+
+    fn add_root(&self, subject: Vec<u8>, key: PublicKey) {
+        if self.read().is_empty() {
+            self.add(subject, key, 0);
+        }
+    }
+
+    /// Checks a certificate's signature under the CA logged before `seq` whose subject is
+    /// its issuer. `None` if it verifies.
+    fn verify_cert(&self, seq: u64, der: &[u8]) -> Option<&'static str> {
+        let Ok((issuer, _, _, _)) = crate::verify::names(der) else {
+            return Some("certificate does not parse");
+        };
+        let keys = self.read();
+        match keys
+            .iter()
+            .find(|(name, _, at)| *name == issuer && *at < seq)
+        {
+            Some((_, k, _)) if crate::verify::signature(der, k).is_ok() => None,
+            Some(_) => Some("certificate signature does not verify under its issuer's key"),
+            None => Some("certificate's issuer is neither the root nor a CA in this log"),
+        }
+    }
+
+    fn verify_crl(&self, seq: u64, issuer: &[u8], tbs: &[u8], sig: &[u8]) -> bool {
+        self.read()
+            .iter()
+            .any(|(name, key, at)| name == issuer && *at < seq && key.verify(tbs, sig))
+    }
+}
+
+/// One checking thread: hashes, TBS and signature of each certificate it is sent. A
+/// certificate whose issuer is not known yet is handed back for a check after all threads
+/// finish (its CA may be on another thread right now). Returns its problems and those.
+fn check_worker(
+    rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Vec<CertJob>>>,
+    ca_keys: &CaKeys,
+) -> (Vec<Problem>, Vec<(u64, Vec<u8>)>) {
+    let mut problems = Vec::new();
+    let mut deferred = Vec::new();
+    loop {
+        let Ok(batch) = rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv()
+        else {
+            break;
+        };
+        for job in batch {
+            let mut problem = |m: &str| {
+                problems.push(Problem {
+                    entry: Some(job.seq),
+                    message: m.into(),
+                });
+            };
+            let der = B64.decode(&job.cert_b64).unwrap_or_default();
+            if keys::sha256_hex(&der) != job.cert_sha256 {
+                problem("certificate does not match its recorded SHA-256");
+                continue;
+            }
+            let tbs = crate::asn1::first_inner_element(&der).unwrap_or_default();
+            if keys::sha256_hex(tbs) != job.tbs_sha256 {
+                problem("certificate's TBS differs from the one its intent recorded");
+            }
+            let Ok((issuer, subject, is_ca, key)) = crate::verify::names(&der) else {
+                problem("certificate does not parse");
+                continue;
+            };
+            if is_ca {
+                ca_keys.add(subject, key, job.seq);
+            }
+            let known = ca_keys
+                .read()
+                .iter()
+                .any(|(name, _, at)| *name == issuer && *at < job.seq);
+            if !known {
+                deferred.push((job.seq, der));
+            } else if let Some(m) = ca_keys.verify_cert(job.seq, &der) {
+                problem(m);
+            }
+        }
+    }
+    (problems, deferred)
 }

@@ -16,10 +16,20 @@ const TYPE_ED25519: u8 = 0x01;
 const TYPE_ECDSA: u8 = 0x02;
 
 /// An RFC 6962 tree over the log's lines, kept as Go sumdb's "stored hashes" (about two hashes
-/// per entry), so the root at any earlier size is cheap to recompute.
-#[derive(Debug, Default, Clone)]
+/// per entry), so the root at any earlier size and any inclusion proof are cheap to recompute.
+///
+/// In memory for a scan; for the writer, backed by a file (`log/hashes`, 32 bytes per stored
+/// hash in stored-hash order) so that opening a log of a million entries reads only the right
+/// edge of the tree, not every line. Hashes are kept in memory until [`Tree::flush`] writes
+/// them, which the log does only after the lines they hash are durable: the file is derived
+/// data that may lag the log, never lead it.
+#[derive(Debug, Default)]
 pub struct Tree {
+    /// Hashes not yet in `file` (all of them for an in-memory tree).
     stored: Pages,
+    /// Stored hashes already in `file`.
+    base: u64,
+    file: Option<std::fs::File>,
     size: u64,
 }
 
@@ -62,24 +72,91 @@ impl Pages {
     }
 }
 
-struct Stored<'a>(&'a Pages);
-
-impl HashReader for Stored<'_> {
+impl HashReader for Tree {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog::Error> {
+        use std::os::unix::fs::FileExt;
         indexes
             .iter()
-            .map(|i| {
-                usize::try_from(*i)
-                    .ok()
-                    .and_then(|i| self.0.get(i))
-                    .copied()
-                    .ok_or(tlog::Error::IndexesNotInTree)
+            .map(|&i| {
+                if i >= self.base {
+                    return usize::try_from(i - self.base)
+                        .ok()
+                        .and_then(|i| self.stored.get(i))
+                        .copied()
+                        .ok_or(tlog::Error::IndexesNotInTree);
+                }
+                let file = self.file.as_ref().ok_or(tlog::Error::IndexesNotInTree)?;
+                let mut h = [0u8; 32];
+                file.read_exact_at(&mut h, i * 32)
+                    .map_err(|_| tlog::Error::IndexesNotInTree)?;
+                Ok(Hash(h))
             })
             .collect()
     }
 }
 
 impl Tree {
+    /// The tree of the first `size` leaves whose stored hashes are in `file`. Hashes past them
+    /// (a run that wrote hashes and died before its index caught up) are cut off; a file too
+    /// short for `size` is an error, and the caller rebuilds it from the log.
+    pub fn on_file(file: std::fs::File, size: u64) -> std::io::Result<Self> {
+        let base = tlog::stored_hash_count(size);
+        let len = file.metadata()?.len();
+        if len < base * 32 {
+            return Err(std::io::Error::other(format!(
+                "holds {} hashes but {size} entries need {base}",
+                len / 32
+            )));
+        }
+        if len > base * 32 {
+            file.set_len(base * 32)?;
+        }
+        Ok(Self {
+            stored: Pages::default(),
+            base,
+            file: Some(file),
+            size,
+        })
+    }
+
+    /// The tree of the first `size` leaves in `file`, to grow in memory only: the file is
+    /// never written or cut (for checking what was appended after a checkpoint).
+    pub fn overlay(file: std::fs::File, size: u64) -> std::io::Result<Self> {
+        let base = tlog::stored_hash_count(size);
+        if file.metadata()?.len() < base * 32 {
+            return Err(std::io::Error::other(format!(
+                "holds too few hashes for {size} entries"
+            )));
+        }
+        Ok(Self {
+            stored: Pages::default(),
+            base,
+            file: Some(file),
+            size,
+        })
+    }
+
+    /// Whether the tree of `new_size` leaves with root `new_root` extends the one of
+    /// `old_size` with `old_root`: an RFC 6962 consistency proof taken from this tree and
+    /// checked against both roots, so it holds whatever the hashes file contains.
+    pub fn consistent(
+        &self,
+        old_size: u64,
+        old_root: [u8; 32],
+        new_size: u64,
+        new_root: [u8; 32],
+    ) -> bool {
+        tlog::prove_tree(new_size, old_size, self).is_ok_and(|p| {
+            tlog::check_tree(&p, new_size, Hash(new_root), old_size, Hash(old_root)).is_ok()
+        })
+    }
+
+    /// An empty tree written to `file` (truncated).
+    pub fn new_on_file(file: std::fs::File) -> std::io::Result<Self> {
+        file.set_len(0)?;
+        Self::on_file(file, 0)
+    }
+
     /// Number of leaves.
     pub fn size(&self) -> u64 {
         self.size
@@ -88,11 +165,40 @@ impl Tree {
     /// Appends a leaf (the exact line bytes, without the newline).
     pub fn push(&mut self, leaf: &[u8]) {
         // stored_hashes only reads hashes this tree already holds.
-        if let Ok(new) = tlog::stored_hashes(self.size, leaf, &Stored(&self.stored)) {
+        if let Ok(new) = tlog::stored_hashes(self.size, leaf, self) {
             for h in new {
                 self.stored.push(h);
             }
             self.size += 1;
+        }
+    }
+
+    /// Writes the hashes held in memory to the file (no-op for an in-memory tree). Called only
+    /// once the lines they hash are durable; not synced here (see [`Tree::sync`]).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let mut buf = Vec::with_capacity(self.stored.len * 32);
+        for page in &self.stored.pages {
+            for h in page {
+                buf.extend_from_slice(&h.0);
+            }
+        }
+        file.write_all_at(&buf, self.base * 32)?;
+        self.base += self.stored.len as u64;
+        self.stored = Pages::default();
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the file (before a checkpoint, so the tree a checkpoint signs is on
+    /// disk with it).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
         }
     }
 
@@ -103,10 +209,13 @@ impl Tree {
 
     /// Forgets every leaf pushed since `mark`: an append whose write failed. Cheaper than
     /// cloning the tree before every append, which held two copies of every hash (megabytes at
-    /// 100,000 certificates) and copied them once per chunk.
+    /// 100,000 certificates) and copied them once per chunk. Leaves already flushed are never
+    /// rewound (they were durable in the log).
     pub fn rewind(&mut self, (size, stored): (u64, usize)) {
-        self.size = size;
-        self.stored.truncate(stored);
+        if stored <= self.stored.len {
+            self.size = size;
+            self.stored.truncate(stored);
+        }
     }
 
     /// Root at `size` (≤ current size); the empty-tree hash for 0.
@@ -114,9 +223,7 @@ impl Tree {
         if size > self.size {
             return None;
         }
-        tlog::tree_hash(size, &Stored(&self.stored))
-            .ok()
-            .map(|h| h.0)
+        tlog::tree_hash(size, self).ok().map(|h| h.0)
     }
 
     /// RFC 6962 inclusion proof of leaf `index` in the tree of `size` leaves, sibling first.
@@ -124,15 +231,42 @@ impl Tree {
         if size > self.size {
             return None;
         }
-        tlog::prove_record(size, index, &Stored(&self.stored))
+        tlog::prove_record(size, index, self)
             .ok()
             .map(|p| p.into_iter().map(|h| h.0).collect())
+    }
+
+    /// The stored leaf hash of entry `index`.
+    pub fn leaf(&self, index: u64) -> Option<[u8; 32]> {
+        if index >= self.size {
+            return None;
+        }
+        self.read_hashes(&[tlog::stored_hash_index(0, index)])
+            .ok()
+            .and_then(|v| v.first().map(|h| h.0))
     }
 
     /// Root of the whole tree.
     pub fn root(&self) -> [u8; 32] {
         self.root_at(self.size).unwrap_or(tlog::EMPTY_HASH.0)
     }
+}
+
+/// The RFC 6962 leaf hash of a line.
+pub fn leaf_hash(line: &[u8]) -> [u8; 32] {
+    tlog::record_hash(line).0
+}
+
+/// Whether `proof` leads from leaf `index` (hash `leaf`) to `root` of a tree of `size`.
+pub fn check_inclusion(
+    proof: &[[u8; 32]],
+    size: u64,
+    root: [u8; 32],
+    index: u64,
+    leaf: [u8; 32],
+) -> bool {
+    let p: Vec<Hash> = proof.iter().map(|h| Hash(*h)).collect();
+    tlog::check_record(&p, size, Hash(root), index, Hash(leaf)).is_ok()
 }
 
 /// Base64 of a root hash.
@@ -230,15 +364,18 @@ pub fn vkey(origin: &str, key: &PublicKey) -> Result<String, String> {
     Ok(format!("{origin}+{id:08x}+{}", B64.encode(enc)))
 }
 
-/// Signs a checkpoint for `size` / `root` and returns the signed note bytes.
+/// Signs a checkpoint for `size` / `root` and returns the signed note bytes. `extension` is
+/// zero or more C2SP extension lines, each ending in a newline (verifiers that do not know them
+/// skip them).
 pub fn sign_checkpoint(
     origin: &str,
     size: u64,
     root: [u8; 32],
+    extension: &str,
     key: &NoteKey<'_>,
 ) -> Result<Vec<u8>, String> {
-    let body =
-        tlog_tiles::Checkpoint::new(origin, size, Hash(root), "").map_err(|e| e.to_string())?;
+    let body = tlog_tiles::Checkpoint::new(origin, size, Hash(root), extension)
+        .map_err(|e| e.to_string())?;
     let mut note = Note::new(&body.to_bytes(), &[]).map_err(|e| e.to_string())?;
     note.add_sigs(&[key]).map_err(|e| e.to_string())?;
     Ok(note.to_bytes())
@@ -265,6 +402,8 @@ pub struct VerifiedCheckpoint {
     pub size: u64,
     /// Root hash.
     pub root: [u8; 32],
+    /// Extension lines (signed with the rest), each ending in a newline.
+    pub extension: String,
 }
 
 /// Parses a signed checkpoint and checks its signature against `vkey`.
@@ -279,6 +418,7 @@ pub fn open_checkpoint(note_bytes: &[u8], vkey: &str) -> Result<VerifiedCheckpoi
         origin: cp.origin().to_owned(),
         size: cp.size(),
         root: cp.hash().0,
+        extension: cp.extension().to_owned(),
     })
 }
 
