@@ -320,6 +320,8 @@ struct Scan {
     ca_keys: CaKeys,
     /// Where certificates go to be checked off this thread (a deep scan only).
     sink: Option<Sink>,
+    /// Whether the root's key is in `ca_keys`.
+    root_key_added: bool,
     /// CRLs to check once every CA key is known: (seq, CRL base64, SHA-256, TBS hash).
     crls: Vec<(u64, String, String, String)>,
     /// Entries `0..chain_verified` are proven intact by a later entry's `prev`.
@@ -652,12 +654,17 @@ impl Scan {
         }
     }
 
-    /// The root's key is the first CA key; added when the first artefact is checked.
+    /// The root's key is the first CA key; added when the first artefact is checked (once:
+    /// parsing the root for every certificate was most of this thread's time).
     fn ensure_root_key(&mut self) {
+        if self.root_key_added {
+            return;
+        }
         if let Some(root) = &self.root
             && let Ok((issuer, _, _, key)) = crate::verify::names(&root.cert_der)
         {
             self.ca_keys.add_root(issuer, key);
+            self.root_key_added = true;
         }
     }
 
