@@ -208,6 +208,16 @@ impl Home {
         }
     }
 
+    /// The site parameters and the keys `site.json` sets (none without the file).
+    pub fn site_with_origins(&self) -> Result<(Site, std::collections::BTreeSet<String>), Error> {
+        let path = self.dir.join("site.json");
+        if path.exists() {
+            Ok(Site::load_with_origins(&path)?)
+        } else {
+            Ok((Site::default(), std::collections::BTreeSet::new()))
+        }
+    }
+
     /// The issuing CA named by a profile: its certificate and the label of its token key.
     pub fn issuer(&self, name: &str) -> Result<(IssuerCert, String), Error> {
         if name == "root" {

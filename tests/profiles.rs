@@ -461,7 +461,7 @@ fn profile_commands_list_show_lint_and_import_cfssl() {
     assert!(
         run.stdout().contains("vm1.csr: would issue")
             && run.stdout().contains(
-                "rule subject.CN expects \"system:node:{node}\", got \"system:node:vm9\""
+                "rule subject.CN expects \"system:node:{node}\" with {node} one of \"vm1\", \"vm2\", \"vm3\" (from site parameter node_names; to allow another, add it to node_names in HOME/site.json, then run hsmca profiles apply), got \"system:node:vm9\""
             ),
         "{}",
         run.stdout()
@@ -641,4 +641,160 @@ fn name_constraints_on_an_intermediate_are_enforced_by_openssl() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("permitted subtree violation"), "{said}");
+}
+
+/// Issue 16: neutral site defaults, `init` and `site show` print every setting with its
+/// origin, a refusal names the site parameter that would allow the value, and a site.json
+/// change goes through `profiles apply` (shown, logged), after which the value is allowed.
+#[test]
+fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply() {
+    let env = Env::new("site");
+    let site = env.path("site.json");
+    std::fs::write(&site, r#"{"node_names": ["node-a", "node-b", "node-c"]}"#).unwrap();
+    let home = env.path("ca");
+    let init = env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "site",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=Site Root",
+        "--site",
+        s(&site),
+    ]);
+    init.ok();
+    let printed = init.stdout();
+    assert!(printed.contains("site settings"), "{printed}");
+    let line = |text: &str, key: &str| -> String {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_owned()
+    };
+    assert!(line(&printed, "node_names").contains("set"), "{printed}");
+    assert!(line(&printed, "countries").contains("default"), "{printed}");
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+
+    // site show: every known key, with value and origin, as text and JSON.
+    let shown = env.hsmca(&["site", "show", "--home", s(&home), "--json"]);
+    shown.ok();
+    let settings: Vec<serde_json::Value> = serde_json::from_str(&shown.stdout()).unwrap();
+    let get = |settings: &[serde_json::Value], key: &str| {
+        settings
+            .iter()
+            .find(|v| v["name"] == key)
+            .unwrap_or_else(|| panic!("no {key}"))
+            .clone()
+    };
+    // init writes every value in force into site.json, so all of them are `set` there.
+    let countries = get(&settings, "countries");
+    assert_eq!(countries["value"], serde_json::json!([]));
+    assert_eq!(countries["origin"], "set");
+    assert_eq!(get(&settings, "service_ip")["value"], "10.96.0.1");
+    assert_eq!(
+        get(&settings, "node_ip_ranges")["value"],
+        serde_json::json!([])
+    );
+    assert_eq!(get(&settings, "kubeadm_single_label_names")["value"], false);
+    // A key site.json leaves out is the default.
+    let path = home.join("site.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    value.as_object_mut().unwrap().remove("countries");
+    value["countries"] = serde_json::json!(["DE"]);
+    value.as_object_mut().unwrap().remove("states");
+    std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let text = env.hsmca(&["site", "show", "--home", s(&home)]);
+    text.ok();
+    assert!(
+        line(&text.stdout(), "states").contains("default"),
+        "{}",
+        text.all()
+    );
+    assert!(
+        line(&text.stdout(), "countries").contains("[\"DE\"]"),
+        "{}",
+        text.all()
+    );
+
+    // The edit is not in force until applied: every command refuses until then.
+    let worker = env.p256_csr("c/worker.csr", "/O=system:nodes/CN=system:node:worker-01");
+    env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&worker),
+    ])
+    .fails_with(2, "site.json changed");
+    let applied = env.hsmca(&["profiles", "apply", "--home", s(&home)]);
+    applied.ok();
+    assert!(
+        applied.stdout().contains("site.json changed") && applied.stdout().contains("countries"),
+        "{}",
+        applied.all()
+    );
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert!(
+        log.lines().last().unwrap().contains("\"type\":\"policy\""),
+        "{log}"
+    );
+
+    // The refusal names node_names, lists its values and says how to change it.
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&worker),
+    ]);
+    assert_eq!(run.code(), 1, "{}", run.all());
+    let out = run.stdout();
+    for want in [
+        "rule subject.CN expects \"system:node:{node}\" with {node} one of \"node-a\", \"node-b\", \"node-c\" (from site parameter node_names",
+        "then run hsmca profiles apply",
+        "\"system:node:worker-01\"",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    // An OU no site list allows names org_units; C=DE is now allowed by countries.
+    let proxy = env.p256_csr("c/proxy.csr", "/C=DE/O=k8s/OU=Ops/CN=system:kube-proxy");
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kube-proxy",
+        "--json",
+        s(&proxy),
+    ]);
+    let outcome: serde_json::Value =
+        serde_json::from_str(run.stdout().lines().next().unwrap()).unwrap();
+    assert_eq!(
+        rules_of(&outcome),
+        vec!["subject.OU".to_owned()],
+        "{}",
+        run.all()
+    );
+    let expected = outcome["refusals"][0]["expected"].as_str().unwrap();
+    assert!(
+        expected.starts_with("nothing: site parameter org_units is empty"),
+        "{expected}"
+    );
 }

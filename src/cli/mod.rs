@@ -78,8 +78,9 @@ enum Command {
         /// Install the profiles from this directory instead of the shipped ones.
         #[arg(long, value_name = "DIR")]
         profiles: Option<PathBuf>,
-        /// Site parameters (JSON object: cluster_domain, service_ip, node_ip_ranges, ...);
-        /// default: the built-in values, written to HOME/site.json.
+        /// Site parameters (JSON object: cluster_name, cluster_domain, service_ip, node_names,
+        /// node_ip_ranges, ...; see SITE PARAMETERS); keys left out take the built-in default.
+        /// Every value in force is written to HOME/site.json and printed.
         #[arg(long, value_name = "FILE")]
         site: Option<PathBuf>,
         #[command(flatten)]
@@ -315,6 +316,11 @@ enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// The site parameters the profiles use (HOME/site.json).
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
     /// Work with the issuance log.
     Log {
         #[command(subcommand)]
@@ -418,6 +424,20 @@ enum ProfilesCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Every site parameter with its value in force and its origin: `set` in HOME/site.json,
+    /// or the built-in `default`. Needs no token.
+    Show {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Machine-readable output (one JSON document).
         #[arg(long)]
         json: bool,
     },
@@ -562,6 +582,10 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             json,
         } => {
             let tref = token_ref(&token)?;
+            let (site, site_given) = match &site {
+                Some(path) => Site::load_with_origins(path)?,
+                None => (Site::default(), std::collections::BTreeSet::new()),
+            };
             let key_type = KeyType::from_name(&key_type)
                 .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
             let log_key_type = log_key_type.as_deref().and_then(KeyType::from_name);
@@ -578,10 +602,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 log_key_type,
                 origin: log_origin,
                 profiles_from: profiles,
-                site: match site {
-                    Some(path) => Site::load(&path)?,
-                    None => Site::default(),
-                },
+                site,
+                site_given,
             };
             hsmca::issue::parse_subject(&req.subject)?;
             let pin = pin::read(token_opts.pin_file.as_deref(), &req.token.token)?;
@@ -1011,6 +1033,14 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let home = Home::open(&home)?;
             let r = lifecycle::export(&home, &dir)?;
             report::exported(&mut out, &r, json)?;
+            Ok(0)
+        }
+        Command::Site {
+            command: SiteCommand::Show { home, json },
+        } => {
+            let home = Home::open(&home)?;
+            let (site, given) = home.site_with_origins()?;
+            report::site(&mut out, &site.settings(&given), json)?;
             Ok(0)
         }
         Command::Completions { shell } => {

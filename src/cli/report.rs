@@ -23,8 +23,8 @@ use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
 use hsmca::minutes::Minutes;
 use hsmca::names::count;
-use hsmca::profile::Duration;
 use hsmca::profile::Profile;
+use hsmca::profile::{Duration, SiteOrigin, SiteSetting};
 
 /// Whether `c` must not reach a terminal raw: C0 and C1 controls, DEL, and the invisible or
 /// reordering format characters (bidi embeddings, overrides and isolates, zero-width
@@ -200,10 +200,48 @@ pub(crate) fn init(out: &mut impl Write, r: &InitReport, as_json: bool) -> io::R
     writeln!(out, "  log key     {} ; verifier key:", r.log_key_type)?;
     writeln!(out, "  {}", r.log_vkey)?;
     writeln!(out, "  profiles    {}", r.profiles.join(", "))?;
+    writeln!(out, "site settings (HOME/site.json):")?;
+    site_table(out, &r.site)?;
     writeln!(
         out,
-        "Record the root SHA-256 and the verifier key in the ceremony minutes."
+        "Record the root SHA-256 and the verifier key in the ceremony minutes. Check the site \
+         settings: change one by editing HOME/site.json, then run hsmca profiles apply."
     )
+}
+
+/// `site show`: every parameter, its value in force and where it comes from.
+pub(crate) fn site(
+    out: &mut impl Write,
+    settings: &[SiteSetting],
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(out, &settings);
+    }
+    site_table(out, settings)?;
+    writeln!(
+        out,
+        "Change a value by editing HOME/site.json, then run hsmca profiles apply (logged); \
+         man hsmca-site-show says what each key is for."
+    )
+}
+
+fn site_table(out: &mut impl Write, settings: &[SiteSetting]) -> io::Result<()> {
+    let width = settings.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for s in settings {
+        let origin = match s.origin {
+            SiteOrigin::Set => "set",
+            SiteOrigin::Default => "default",
+        };
+        writeln!(
+            out,
+            "  {:width$}  {:7}  {}",
+            s.name,
+            origin,
+            safe(&s.value.to_string())
+        )?;
+    }
+    Ok(())
 }
 
 /// `sign` and `check`: one block per CSR, then a count.

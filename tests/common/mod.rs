@@ -123,12 +123,17 @@ impl Env {
         self.hsmca(&args)
     }
 
-    /// A CA home at `rel` with a root of `key_type`.
+    /// A CA home at `rel` with a root of `key_type`, under the seed tutorial's site
+    /// (`tests/data/site/seed.json`: its C/ST/L/OU values, node names under `*.internal` in
+    /// the private ranges), set explicitly as an operator would: the defaults allow none.
     pub fn init(&self, rel: &str, token: &str, key_type: &str) -> PathBuf {
         let home = self.path(rel);
         let label = format!("root-{rel}");
+        let site = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/site/seed.json");
         self.hsmca(&[
             "init",
+            "--site",
+            site.to_str().unwrap(),
             "--home",
             home.to_str().unwrap(),
             "--token",
@@ -270,7 +275,8 @@ impl Env {
         let site = self.path("site.json");
         std::fs::write(
             &site,
-            r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
+            r#"{"kubeadm_single_label_names": true, "node_names": ["node1"],
+                "node_ip_ranges": ["10.0.0.0/8"]}"#,
         )
         .unwrap();
         let home = self.path("ca");
