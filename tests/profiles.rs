@@ -798,3 +798,105 @@ fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply(
         "{expected}"
     );
 }
+
+/// Issue 16: `check --profile auto` with a cfssl-era admin CSR (made by `cfssl genkey`, as
+/// the seed tutorial made its admin-csr.json) points to super-admin and says a batch needs
+/// `--allow-profile super-admin`; a node CSR is accepted by kubelet-client; CA profiles are
+/// never offered.
+#[test]
+fn check_auto_finds_the_profiles_that_fit_and_the_closest_that_do_not() {
+    require("cfssl");
+    require("cfssljson");
+    let env = Env::new("auto");
+    let home = env.init_k8s("ca", "auto");
+    let dir = env.path("c");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("admin-csr.json"),
+        r#"{"CN":"admin","hosts":[],"key":{"algo":"rsa","size":2048},
+            "names":[{"C":"CN","ST":"BeiJing","L":"BeiJing","O":"system:masters","OU":"System"}]}"#,
+    )
+    .unwrap();
+    let made = Command::new("sh")
+        .current_dir(&dir)
+        .args(["-c", "cfssl genkey admin-csr.json | cfssljson -bare admin"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let admin = dir.join("admin.csr");
+    let node = env.p256_csr("c/node1.csr", "/O=system:nodes/CN=system:node:node1");
+
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "auto",
+        "--json",
+        s(&admin),
+        s(&node),
+    ]);
+    assert_eq!(
+        run.code(),
+        1,
+        "the admin CSR fits no profile: {}",
+        run.all()
+    );
+    let lines: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let admin_check = &lines[0];
+    assert_eq!(admin_check["accepted"], serde_json::json!([]));
+    let closest = admin_check["closest"].as_array().unwrap();
+    assert_eq!(closest[0]["profile"], "super-admin", "{admin_check}");
+    assert_eq!(closest[0]["danger"], true);
+    let rules: Vec<&str> = closest[0]["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert!(rules.contains(&"subject.CN"), "{rules:?}");
+    assert!(closest.len() <= 3);
+    let node_check = &lines[1];
+    let accepted: Vec<&str> = node_check["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["profile"].as_str().unwrap())
+        .collect();
+    assert_eq!(accepted, vec!["kubelet-client"], "{node_check}");
+    for line in &lines {
+        for fit in line["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(line["closest"].as_array().unwrap())
+        {
+            assert!(!fit["profile"].as_str().unwrap().ends_with("-ca"), "{line}");
+        }
+    }
+
+    // The text says the same, with the note and the command that signs.
+    let text = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "auto",
+        s(&admin),
+        s(&node),
+    ]);
+    let out = text.stdout();
+    assert!(
+        out.contains("no profile accepts it")
+            && out.contains("super-admin (")
+            && out.contains("need --allow-profile super-admin")
+            && out.contains("rule subject.CN expects \"kubernetes-super-admin\", got \"admin\"")
+            && out.contains("--profile kubelet-client")
+            && out.contains("1 of 2 CSRs accepted"),
+        "{out}"
+    );
+}

@@ -68,10 +68,16 @@ const EXAMPLES: &[(&str, &[(&str, &str)])] = &[
     ),
     (
         "check",
-        &[(
-            "What would be issued, or every violated rule; no token, no PIN",
-            "hsmca check --home /srv/ca --profile kubelet-client node7.csr",
-        )],
+        &[
+            (
+                "What would be issued, or every violated rule; no token, no PIN",
+                "hsmca check --home /srv/ca --profile kubelet-client node7.csr",
+            ),
+            (
+                "Which profiles would take these CSRs, and why the closest others refuse them",
+                "hsmca check --home /srv/ca --profile auto admin.csr node7.csr",
+            ),
+        ],
     ),
     (
         "plan",

@@ -120,11 +120,14 @@ enum Command {
         json: bool,
     },
     /// Show what `sign` would issue, or every violation, without the token or a PIN.
+    /// `--profile auto` judges each CSR under every leaf profile instead: which accept it, and
+    /// for the closest that refuse it, why.
     Check {
         /// The CA home.
         #[arg(long, value_name = "DIR")]
         home: PathBuf,
-        /// Profile name.
+        /// Profile name, or `auto`: every leaf profile of the home (CA profiles are never
+        /// offered; dangerous ones are marked, since a batch needs --allow-profile for them).
         #[arg(long)]
         profile: String,
         /// CSR files, PEM or DER.
@@ -651,6 +654,16 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             json,
         } => {
             let home = Home::open(&home)?;
+            hsmca::pinned::check_home(&home)?;
+            if profile == "auto" {
+                let checks = sign::check_auto(&home, &csrs, validity, &clock)?;
+                report::auto_checks(&mut out, &checks, &home.dir, json)?;
+                return Ok(if checks.iter().all(sign::AutoCheck::ok) {
+                    0
+                } else {
+                    1
+                });
+            }
             let req = SignRequest {
                 profile,
                 csrs,
@@ -658,7 +671,6 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain: false,
                 validity,
             };
-            hsmca::pinned::check_home(&home)?;
             let outcomes = sign::check(&home, &req, &clock)?;
             report::outcomes(&mut out, &outcomes, json)?;
             Ok(if outcomes.iter().all(Outcome::ok) {
