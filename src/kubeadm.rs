@@ -47,11 +47,13 @@ pub const KUBEADM: [(&str, &str); 12] = [
     ("scheduler.conf.csr", "scheduler"),
 ];
 
-/// Where kubeadm expects each CA certificate when the CA key is kept outside (external CA).
+/// Where kubeadm expects each CA certificate when the CA key is kept outside (external CA),
+/// by a profile that CA issues: the CA is that profile's `issuer`, so a site's `cluster_name`
+/// (`prod-eu-kubernetes-ca`) picks the cluster's own intermediates.
 pub(crate) const KUBEADM_CAS: [(&str, &str); 3] = [
-    ("kubernetes-ca", "pki/ca.crt"),
-    ("etcd-ca", "pki/etcd/ca.crt"),
-    ("front-proxy-ca", "pki/front-proxy-ca.crt"),
+    ("apiserver", "pki/ca.crt"),
+    ("etcd-server", "pki/etcd/ca.crt"),
+    ("front-proxy-client", "pki/front-proxy-ca.crt"),
 ];
 
 /// Why a kubeconfig template could not be completed. Each variant has a stable rule id

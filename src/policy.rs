@@ -806,13 +806,20 @@ fn names(params: &BTreeSet<String>) -> String {
 }
 
 /// The complete way out through the logged policy change: `{verb} countries in
-/// HOME/site.json, then run hsmca profiles apply`.
+/// HOME/site.json, then run hsmca profiles apply`; for a single-value parameter
+/// (`cluster_name`), `change cluster_name in ...`.
 fn site_way_out(params: &BTreeSet<String>, verb: &str) -> String {
+    let single = params.iter().all(|p| {
+        crate::profile::SITE_KEYS
+            .iter()
+            .any(|k| k.name == p && k.kind == crate::profile::SiteKind::One)
+    });
     let target = if params.len() == 1 {
         names(params)
     } else {
         "the right one".to_owned()
     };
+    let verb = if single { "or change" } else { verb };
     format!("{verb} {target} in HOME/site.json, then run hsmca profiles apply")
 }
 

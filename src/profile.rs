@@ -1198,4 +1198,50 @@ mod tests {
             Err(ProfileError::NotFound { .. })
         ));
     }
+
+    #[test]
+    fn an_empty_single_value_drops_with_its_separator() {
+        let mut site = Site::default();
+        let mut sources = Sources::new();
+        let expand =
+            |site: &Site, s: &str, sources: &mut Sources| site.expand_str(s, "k", sources).unwrap();
+        for (text, want) in [
+            ("${cluster_name} kubernetes-ca", "kubernetes-ca"),
+            ("${cluster_name}-etcd-ca", "etcd-ca"),
+            ("root of ${cluster_name}", "root of"),
+            ("a${cluster_name}b", "ab"),
+        ] {
+            assert_eq!(expand(&site, text, &mut sources), want);
+        }
+        assert_eq!(
+            sources
+                .get("k")
+                .map(|s| s.iter().cloned().collect::<Vec<_>>()),
+            Some(vec!["cluster_name".to_owned()])
+        );
+        site.0
+            .insert("cluster_name".into(), SiteValue::One("prod-eu".into()));
+        assert_eq!(
+            expand(&site, "${cluster_name} kubernetes-ca", &mut sources),
+            "prod-eu kubernetes-ca"
+        );
+        assert_eq!(
+            expand(&site, "${cluster_name}-etcd-ca", &mut sources),
+            "prod-eu-etcd-ca"
+        );
+    }
+
+    #[test]
+    fn site_values_of_the_wrong_kind_are_refused_naming_the_key() {
+        let err = Site::parse(r#"{"countries": "DE"}"#, Path::new("site.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("site.json") && err.contains("countries"),
+            "{err}"
+        );
+        assert!(err.contains("a list of strings"), "{err}");
+        // A profile's own parameter may be anything.
+        assert!(Site::parse(r#"{"my_domains": ["a.example"]}"#, Path::new("s")).is_ok());
+    }
 }

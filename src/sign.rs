@@ -156,8 +156,9 @@ pub fn check_auto(
         if profile.ca.is_some() {
             continue;
         }
-        let issuer = home.issuer(&profile.issuer).ok().map(|(cert, _)| cert);
+        let issuer = home.issuer(&profile.issuer).map(|(cert, _)| cert);
         let issuer_subject = issuer.as_ref().map(engine::subject_of).unwrap_or_default();
+        let issuer = issuer.map_err(|e| e.to_string());
         profiles.push((profile, issuer, issuer_subject));
     }
     let mut checks = Vec::with_capacity(csrs.len());
@@ -196,16 +197,11 @@ pub fn check_auto(
                 Ok(d) => fit.cert = Some(CertSummary::of(&d, issuer_subject)),
                 Err(refusals) => fit.refusals = refusals,
             }
-            if issuer.is_none() {
+            if let Err(missing) = issuer {
                 fit.cert = None;
                 fit.refusals.push(Refusal {
                     rule: "profile.issuer".into(),
-                    expected: format!(
-                        "its issuer, made first with `hsmca ca create {0} --home {1} --profile \
-                         {0} --subject CN={0}`",
-                        profile.issuer,
-                        crate::ceremony::quote(&home.dir.display().to_string())
-                    ),
+                    expected: format!("an issuer that exists: {missing}"),
                     value: profile.issuer.clone(),
                 });
             }

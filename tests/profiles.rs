@@ -900,3 +900,144 @@ fn check_auto_finds_the_profiles_that_fit_and_the_closest_that_do_not() {
         "{out}"
     );
 }
+
+/// Issue 16: several clusters under one root. The site's `cluster_name` names the cluster's
+/// intermediates (`prod-eu-kubernetes-ca`, CN "prod-eu kubernetes-ca") and makes them the
+/// issuer of the leaf profiles; switching it is a logged policy change. Each cluster's
+/// kubelet certificate chains to the one root through its own intermediate only.
+#[test]
+fn two_clusters_share_one_root_each_with_its_own_intermediate() {
+    let env = Env::new("clusters");
+    let site = env.path("site.json");
+    std::fs::write(
+        &site,
+        r#"{"cluster_name": "prod-eu", "node_names": ["node-a"]}"#,
+    )
+    .unwrap();
+    let home = env.path("ca");
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "clusters",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=Shared Root",
+        "--site",
+        s(&site),
+    ])
+    .ok();
+    let create = |name: &str, cn: &str| {
+        env.hsmca(&[
+            "ca",
+            "create",
+            name,
+            "--home",
+            s(&home),
+            "--profile",
+            "kubernetes-ca",
+            "--subject",
+            &format!("CN={cn}"),
+        ])
+    };
+    // Without the cluster's name the CN is refused, and the refusal names cluster_name.
+    let bare = create("kubernetes-ca", "kubernetes-ca");
+    assert_ne!(bare.code(), 0);
+    assert!(
+        bare.all().contains("\"prod-eu kubernetes-ca\"") && bare.all().contains("cluster_name"),
+        "{}",
+        bare.all()
+    );
+    create("prod-eu-kubernetes-ca", "prod-eu kubernetes-ca").ok();
+    let a = env.p256_csr("c/node-a.csr", "/O=system:nodes/CN=system:node:node-a");
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        "--chain",
+        s(&a),
+    ])
+    .ok();
+
+    // The second cluster: change cluster_name (and its nodes), apply, create its intermediate.
+    let path = home.join("site.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    value["cluster_name"] = "staging".into();
+    value["node_names"] = serde_json::json!(["node-s"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let applied = env.hsmca(&["profiles", "apply", "--home", s(&home)]);
+    applied.ok();
+    assert!(
+        applied.stdout().contains("cluster_name"),
+        "{}",
+        applied.all()
+    );
+    // Before its intermediate exists, a kubelet CSR is refused with the command that makes it.
+    let b = env.p256_csr("c/node-s.csr", "/O=system:nodes/CN=system:node:node-s");
+    let missing = env.sign(&home, "kubelet-client", &[&b]);
+    assert!(
+        missing
+            .all()
+            .contains("hsmca ca create staging-kubernetes-ca --home")
+            && missing
+                .all()
+                .contains("--profile kubernetes-ca --subject 'CN=staging kubernetes-ca'"),
+        "{}",
+        missing.all()
+    );
+    create("staging-kubernetes-ca", "staging kubernetes-ca").ok();
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        "--chain",
+        s(&b),
+    ])
+    .ok();
+
+    let root = home.join("root.pem");
+    for (leaf, issuer) in [(&a, "prod-eu kubernetes-ca"), (&b, "staging kubernetes-ca")] {
+        let cert = leaf.with_extension("crt");
+        assert!(
+            openssl(&["x509", "-in", s(&cert), "-noout", "-issuer"]).contains(issuer),
+            "{}",
+            cert.display()
+        );
+        // The file holds the leaf, its cluster's intermediate and the root.
+        let verified = openssl(&[
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&cert),
+            s(&cert),
+        ]);
+        assert!(verified.contains(": OK"), "{verified}");
+    }
+    // A cluster's certificate does not chain through the other cluster's intermediate.
+    let other = env.path("staging-ca.pem");
+    std::fs::write(
+        &other,
+        std::fs::read(home.join("cas/staging-kubernetes-ca.pem")).unwrap(),
+    )
+    .unwrap();
+    let crossed = Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&other),
+            s(&a.with_extension("crt")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!crossed.status.success());
+}
