@@ -125,6 +125,8 @@ pub struct Decision {
     pub issuer: String,
     /// Set when this is an intermediate CA certificate.
     pub ca: Option<crate::profile::CaRule>,
+    /// The CRL URI for a cRLDistributionPoints extension, when the profile and site give one.
+    pub crl_distribution_point: Option<String>,
     /// notBefore (now minus [`BACKDATE`]).
     pub not_before: OffsetDateTime,
     /// notAfter.
@@ -559,6 +561,7 @@ pub fn decide(
         uris,
         issuer: profile.issuer.clone(),
         ca: profile.ca.clone(),
+        crl_distribution_point: profile.crl_uri.clone(),
         not_before,
         not_after: not_after.unwrap_or(ctx.issuer_not_after),
         serial: ctx.serial.clone(),

@@ -47,6 +47,15 @@ pub struct Profile {
     pub extended_key_usage: Vec<ExtKeyUsage>,
     /// Lifetime.
     pub validity: ValidityRule,
+    /// Certificates carry a cRLDistributionPoints extension (RFC 5280 4.2.1.13) pointing at
+    /// their issuer's CRL, `${crl_url}/ISSUER.crl`, when the site sets `crl_url`; nothing
+    /// otherwise. Publish each `hsmca crl --issuer ISSUER` output under that name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub crl_distribution_point: bool,
+    /// The CRL URI this profile's certificates carry, from `crl_distribution_point` and the
+    /// site's `crl_url` at load time.
+    #[serde(skip)]
+    pub crl_uri: Option<String>,
     /// Must be true for a profile to allow `O=system:masters` (cluster-admin that RBAC cannot
     /// revoke); only the break-glass `super-admin` profile sets it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -438,6 +447,16 @@ impl Profile {
         let mut profile: Self = serde_json::from_value(value).map_err(|e| syntax(e.to_string()))?;
         profile.danger_site = site.danger_profiles().any(|n| n == stem);
         profile.site_sources = sources;
+        if profile.crl_distribution_point
+            && let Some(SiteValue::One(base)) = site.0.get("crl_url")
+            && !base.is_empty()
+        {
+            profile.crl_uri = Some(format!(
+                "{}/{}.crl",
+                base.trim_end_matches('/'),
+                profile.issuer
+            ));
+        }
         if profile.name != stem {
             return Err(invalid(
                 path,
@@ -826,7 +845,7 @@ pub const SITE_KEYS: &[SiteKey] = &[
         name: "crl_url",
         kind: SiteKind::One,
         default: &[""],
-        meaning: "http(s) URL of the CRL, put in certificates of profiles with crl_distribution_point; empty: none",
+        meaning: "http(s) URL where each issuer's CRL is published as ISSUER.crl; profiles with crl_distribution_point put URL/ISSUER.crl in their certificates; empty: none",
     },
     SiteKey {
         name: "danger_profiles",
@@ -928,6 +947,19 @@ impl Site {
                     ),
                 });
             }
+        }
+        if let Some(SiteValue::One(url)) = given.0.get("crl_url")
+            && !url.is_empty()
+            && !is_crl_url(url)
+        {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                key: "crl_url".into(),
+                problem: format!(
+                    "{url:?} is not an http:// or https:// URL with a host (printable ASCII, no \
+                     spaces, query or fragment); leave it \"\" for no CRL distribution point"
+                ),
+            });
         }
         // Parameters the file leaves out keep their defaults, so a site file written before a
         // parameter existed still loads.
@@ -1111,6 +1143,21 @@ impl Site {
         out.push_str(rest);
         Ok(out)
     }
+}
+
+/// A URL relying parties can fetch a CRL from: `http` (RFC 5280 4.2.1.13 recommends it for
+/// CRLs) or `https`, a host, printable ASCII (an IA5String), no query or fragment.
+fn is_crl_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or_default();
+        !host.is_empty()
+            && url
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '"' | '\\'))
+    })
 }
 
 fn invalid(path: &Path, key: &str, problem: String) -> ProfileError {

@@ -1041,3 +1041,95 @@ fn two_clusters_share_one_root_each_with_its_own_intermediate() {
         .unwrap();
     assert!(!crossed.status.success());
 }
+
+/// Issue 16: with the site's `crl_url`, certificates of profiles with
+/// `crl_distribution_point` carry a cRLDistributionPoints URI to their issuer's CRL
+/// (`URL/ISSUER.crl`), pkilint-clean; a profile without it carries none; a URL that is not
+/// http(s) is refused when the site is loaded, naming the key.
+#[test]
+fn crl_distribution_point_from_the_site_is_pkilint_clean() {
+    require("lint_pkix_cert");
+    let env = Env::new("cdp");
+    let bad = env.path("bad.json");
+    std::fs::write(&bad, r#"{"crl_url": "ldap://pki.example.com/crl"}"#).unwrap();
+    let args = |site: &Path, home: &Path| {
+        vec![
+            "init".to_owned(),
+            "--home".into(),
+            s(home).into(),
+            "--token".into(),
+            "cdp".into(),
+            "--key-type".into(),
+            "ecdsa-p256".into(),
+            "--subject".into(),
+            "CN=CDP Root".into(),
+            "--site".into(),
+            s(site).into(),
+        ]
+    };
+    let refused = env.hsmca(
+        &args(&bad, &env.path("bad"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    refused.fails_with(2, "crl_url");
+    assert!(
+        refused.all().contains("ldap://pki.example.com/crl"),
+        "{}",
+        refused.all()
+    );
+
+    let site = env.path("site.json");
+    std::fs::write(&site, r#"{"crl_url": "http://pki.example.com/crl/"}"#).unwrap();
+    let home = env.path("ca");
+    env.hsmca(
+        &args(&site, &home)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .ok();
+    env.install_test_any_key(&home);
+    env.hsmca(&[
+        "ca",
+        "create",
+        "kubernetes-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubernetes-ca",
+        "--subject",
+        "CN=kubernetes-ca",
+    ])
+    .ok();
+    let node = env.p256_csr("c/node.csr", "/O=system:nodes/CN=system:node:node1");
+    env.sign(&home, "kubelet-client", &[&node]).ok();
+    let any = env.p256_csr("c/any.csr", "/CN=any.test.internal");
+    env.sign(&home, "test-any-key", &[&any]).ok();
+
+    let text = |cert: &Path| openssl(&["x509", "-in", s(cert), "-noout", "-text"]);
+    let leaf = node.with_extension("crt");
+    let intermediate = home.join("cas/kubernetes-ca.pem");
+    for (cert, uri) in [
+        (&leaf, "URI:http://pki.example.com/crl/kubernetes-ca.crl"),
+        (&intermediate, "URI:http://pki.example.com/crl/root.crl"),
+    ] {
+        let t = text(cert);
+        assert!(
+            t.contains("X509v3 CRL Distribution Points") && t.contains(uri),
+            "{}: {t}",
+            cert.display()
+        );
+        assert_eq!(
+            pkilint_errors(cert),
+            Vec::<String>::new(),
+            "{}",
+            cert.display()
+        );
+    }
+    assert!(
+        !text(&any.with_extension("crt")).contains("CRL Distribution Points"),
+        "a profile without crl_distribution_point carries none"
+    );
+}
