@@ -333,7 +333,49 @@ pub(crate) fn outcomes(
         single_outcome(out, o)?;
     }
     let ok = outcomes.iter().filter(|o| o.ok()).count();
-    writeln!(out, "{ok} of {} ok", count(outcomes.len(), "CSR", "CSRs"))
+    writeln!(
+        out,
+        "{ok} of {} ok{}",
+        count(outcomes.len(), "CSR", "CSRs"),
+        tally(outcomes)
+    )
+}
+
+/// ` (2 issued, 1 written again, 1 refused)`: the outcomes counted apart, so a rerun that only
+/// wrote files again does not read as issuance.
+fn tally(outcomes: &[Outcome]) -> String {
+    let mut n = [0usize; 5];
+    for o in outcomes {
+        let i = match o {
+            Outcome::Issued {
+                already_issued: false,
+                ..
+            } => 0,
+            Outcome::Issued { .. } => 1,
+            Outcome::WouldIssue { .. } => 2,
+            Outcome::Refused { .. } => 3,
+            Outcome::Failed { .. } => 4,
+        };
+        n[i] += 1;
+    }
+    let words = [
+        "issued",
+        "written again",
+        "would issue",
+        "refused",
+        "failed",
+    ];
+    let parts: Vec<String> = n
+        .iter()
+        .zip(words)
+        .filter(|(k, _)| **k > 0)
+        .map(|(k, w)| format!("{k} {w}"))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }
 
 /// One CSR's outcome, as `sign`, `check` and `check --profile auto` print it.
