@@ -773,7 +773,7 @@ pub const SITE_KEYS: &[SiteKey] = &[
         name: "cluster_name",
         kind: SiteKind::One,
         default: &[""],
-        meaning: "names this cluster's intermediates (\"${cluster_name} kubernetes-ca\"); empty: one cluster per root",
+        meaning: "names this cluster's intermediates: CA CN \"${cluster_name} kubernetes-ca\", leaf issuer \"${cluster_name}-kubernetes-ca\"; empty: plain kubernetes-ca",
     },
     SiteKey {
         name: "cluster_domain",

@@ -731,6 +731,20 @@ fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply(
         text.all()
     );
 
+    // Every key is documented where operators look: --help and the man page.
+    let help = env.hsmca(&["site", "show", "--help"]).stdout();
+    let man = env.path("man");
+    env.hsmca(&["man", "--out", s(&man)]).ok();
+    let page = std::fs::read_to_string(man.join("hsmca-site-show.1")).unwrap();
+    assert!(page.contains("SITE PARAMETERS"), "{page}");
+    for setting in &settings {
+        let key = setting["name"].as_str().unwrap();
+        assert!(
+            help.contains(key) && page.contains(key),
+            "{key}"
+        );
+    }
+
     // The edit is not in force until applied: every command refuses until then.
     let worker = env.p256_csr("c/worker.csr", "/O=system:nodes/CN=system:node:worker-01");
     env.hsmca(&[

@@ -329,7 +329,7 @@ fn help_text(path: &str) -> String {
         for (k, v) in site_parameters() {
             let _ = writeln!(s, "  {k}\n      {v}");
         }
-        s.push_str(SITE_NOTE);
+        let _ = write!(s, "\n{SITE_NOTE}");
     }
     s.trim_end().to_owned()
 }
