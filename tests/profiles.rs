@@ -649,22 +649,11 @@ fn name_constraints_on_an_intermediate_are_enforced_by_openssl() {
 #[test]
 fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply() {
     let env = Env::new("site");
-    let site = env.path("site.json");
-    std::fs::write(&site, r#"{"node_names": ["node-a", "node-b", "node-c"]}"#).unwrap();
-    let home = env.path("ca");
-    let init = env.hsmca(&[
-        "init",
-        "--home",
-        s(&home),
-        "--token",
+    let (home, init) = env.init_with_site(
+        "ca",
         "site",
-        "--key-type",
-        "ecdsa-p256",
-        "--subject",
-        "CN=Site Root",
-        "--site",
-        s(&site),
-    ]);
+        r#"{"node_names": ["node-a", "node-b", "node-c"]}"#,
+    );
     init.ok();
     let printed = init.stdout();
     assert!(printed.contains("site settings"), "{printed}");
@@ -676,18 +665,8 @@ fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply(
     };
     assert!(line(&printed, "node_names").contains("set"), "{printed}");
     assert!(line(&printed, "countries").contains("default"), "{printed}");
-    env.hsmca(&[
-        "ca",
-        "create",
-        "kubernetes-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "kubernetes-ca",
-        "--subject",
-        "CN=kubernetes-ca",
-    ])
-    .ok();
+    env.ca_create(&home, "kubernetes-ca", "kubernetes-ca", "kubernetes-ca")
+        .ok();
 
     // site show: every known key, with value and origin, as text and JSON.
     let shown = env.hsmca(&["site", "show", "--home", s(&home), "--json"]);
@@ -739,10 +718,7 @@ fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply(
     assert!(page.contains("SITE PARAMETERS"), "{page}");
     for setting in &settings {
         let key = setting["name"].as_str().unwrap();
-        assert!(
-            help.contains(key) && page.contains(key),
-            "{key}"
-        );
+        assert!(help.contains(key) && page.contains(key), "{key}");
     }
 
     // The edit is not in force until applied: every command refuses until then.
@@ -922,40 +898,13 @@ fn check_auto_finds_the_profiles_that_fit_and_the_closest_that_do_not() {
 #[test]
 fn two_clusters_share_one_root_each_with_its_own_intermediate() {
     let env = Env::new("clusters");
-    let site = env.path("site.json");
-    std::fs::write(
-        &site,
-        r#"{"cluster_name": "prod-eu", "node_names": ["node-a"]}"#,
-    )
-    .unwrap();
-    let home = env.path("ca");
-    env.hsmca(&[
-        "init",
-        "--home",
-        s(&home),
-        "--token",
+    let (home, init) = env.init_with_site(
+        "ca",
         "clusters",
-        "--key-type",
-        "ecdsa-p256",
-        "--subject",
-        "CN=Shared Root",
-        "--site",
-        s(&site),
-    ])
-    .ok();
-    let create = |name: &str, cn: &str| {
-        env.hsmca(&[
-            "ca",
-            "create",
-            name,
-            "--home",
-            s(&home),
-            "--profile",
-            "kubernetes-ca",
-            "--subject",
-            &format!("CN={cn}"),
-        ])
-    };
+        r#"{"cluster_name": "prod-eu", "node_names": ["node-a"]}"#,
+    );
+    init.ok();
+    let create = |name: &str, cn: &str| env.ca_create(&home, name, "kubernetes-ca", cn);
     // Without the cluster's name the CN is refused, and the refusal names cluster_name.
     let bare = create("kubernetes-ca", "kubernetes-ca");
     assert_ne!(bare.code(), 0);
@@ -1064,29 +1013,8 @@ fn two_clusters_share_one_root_each_with_its_own_intermediate() {
 fn crl_distribution_point_from_the_site_is_pkilint_clean() {
     require("lint_pkix_cert");
     let env = Env::new("cdp");
-    let bad = env.path("bad.json");
-    std::fs::write(&bad, r#"{"crl_url": "ldap://pki.example.com/crl"}"#).unwrap();
-    let args = |site: &Path, home: &Path| {
-        vec![
-            "init".to_owned(),
-            "--home".into(),
-            s(home).into(),
-            "--token".into(),
-            "cdp".into(),
-            "--key-type".into(),
-            "ecdsa-p256".into(),
-            "--subject".into(),
-            "CN=CDP Root".into(),
-            "--site".into(),
-            s(site).into(),
-        ]
-    };
-    let refused = env.hsmca(
-        &args(&bad, &env.path("bad"))
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let (_, refused) =
+        env.init_with_site("bad", "cdp", r#"{"crl_url": "ldap://pki.example.com/crl"}"#);
     refused.fails_with(2, "crl_url");
     assert!(
         refused.all().contains("ldap://pki.example.com/crl"),
@@ -1094,29 +1022,12 @@ fn crl_distribution_point_from_the_site_is_pkilint_clean() {
         refused.all()
     );
 
-    let site = env.path("site.json");
-    std::fs::write(&site, r#"{"crl_url": "http://pki.example.com/crl/"}"#).unwrap();
-    let home = env.path("ca");
-    env.hsmca(
-        &args(&site, &home)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .ok();
+    let (home, init) =
+        env.init_with_site("ca", "cdp", r#"{"crl_url": "http://pki.example.com/crl/"}"#);
+    init.ok();
     env.install_test_any_key(&home);
-    env.hsmca(&[
-        "ca",
-        "create",
-        "kubernetes-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "kubernetes-ca",
-        "--subject",
-        "CN=kubernetes-ca",
-    ])
-    .ok();
+    env.ca_create(&home, "kubernetes-ca", "kubernetes-ca", "kubernetes-ca")
+        .ok();
     let node = env.p256_csr("c/node.csr", "/O=system:nodes/CN=system:node:node1");
     env.sign(&home, "kubelet-client", &[&node]).ok();
     let any = env.p256_csr("c/any.csr", "/CN=any.test.internal");

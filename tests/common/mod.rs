@@ -150,6 +150,43 @@ impl Env {
         home
     }
 
+    /// `hsmca init` of a P-256 root at `rel` with `site` (JSON text, written to
+    /// `rel.site.json`) as its site file; the run is returned for tests of its output or refusal.
+    pub fn init_with_site(&self, rel: &str, token: &str, site: &str) -> (PathBuf, Run) {
+        let site_file = self.path(&format!("{rel}.site.json"));
+        std::fs::write(&site_file, site).unwrap();
+        let home = self.path(rel);
+        let run = self.hsmca(&[
+            "init",
+            "--home",
+            s(&home),
+            "--token",
+            token,
+            "--key-type",
+            "ecdsa-p256",
+            "--subject",
+            &format!("CN={rel} Root"),
+            "--site",
+            s(&site_file),
+        ]);
+        (home, run)
+    }
+
+    /// `hsmca ca create NAME --home HOME --profile PROFILE --subject "CN=CN"`.
+    pub fn ca_create(&self, home: &Path, name: &str, profile: &str, cn: &str) -> Run {
+        self.hsmca(&[
+            "ca",
+            "create",
+            name,
+            "--home",
+            s(home),
+            "--profile",
+            profile,
+            "--subject",
+            &format!("CN={cn}"),
+        ])
+    }
+
     /// Installs the suite's `test-any-key` profile (any key type, any DNS name, root-issued;
     /// not shipped) the sanctioned way: the file into HOME/profiles, then `profiles apply`.
     pub fn install_test_any_key(&self, home: &Path) {
