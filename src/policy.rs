@@ -750,8 +750,12 @@ fn pattern_expected(profile: &Profile, pattern: &str) -> String {
         return format!("{pattern:?}");
     };
     if part_rule.values.is_empty() {
+        let any = match part_rule.kind {
+            crate::profile::PartKind::DnsLabel => "any DNS label",
+            crate::profile::PartKind::DnsName => "any DNS name",
+        };
         return format!(
-            "{pattern:?} with {{{part}}} any DNS name (site parameter {} is empty)",
+            "{pattern:?} with {{{part}}} {any} (site parameter {} is empty)",
             names(params)
         );
     }

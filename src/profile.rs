@@ -82,8 +82,10 @@ pub struct AttrRule {
     /// The attribute must be present.
     #[serde(default)]
     pub required: bool,
-    /// Exact allowed values.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Exact allowed values. Always written out, even empty: an attribute whose site list is
+    /// empty shows `"values": []` (nothing allowed) in `profiles show` and the logged policy,
+    /// never a bare `{}` that reads like "anything".
+    #[serde(default)]
     pub values: Vec<String>,
     /// Allowed shapes with one named part, e.g. `system:node:{node}`; the part's rule is in
     /// the profile's `parts`.
@@ -948,6 +950,22 @@ impl Site {
                 });
             }
         }
+        // The cluster name becomes part of CA names (`prod-eu-kubernetes-ca`), which profiles
+        // use as `issuer`: the same characters, so a bad one is named here, not in every profile.
+        if let Some(SiteValue::One(name)) = given.0.get("cluster_name")
+            && !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                key: "cluster_name".into(),
+                problem: format!(
+                    "{name:?} may hold only letters, digits, '-' and '_' (it names CAs, e.g. \
+                     {name}-kubernetes-ca)"
+                ),
+            });
+        }
         if let Some(SiteValue::One(url)) = given.0.get("crl_url")
             && !url.is_empty()
             && !is_crl_url(url)
@@ -1288,6 +1306,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("a list of strings"), "{err}");
+        let err = Site::parse(r#"{"cluster_name": "prod eu"}"#, Path::new("site.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster_name") && err.contains("prod eu"),
+            "{err}"
+        );
         // A profile's own parameter may be anything.
         assert!(Site::parse(r#"{"my_domains": ["a.example"]}"#, Path::new("s")).is_ok());
     }
