@@ -230,7 +230,11 @@ pub fn check_auto(
 fn group_violations(fit: &Fit) -> usize {
     fit.refusals
         .iter()
-        .filter(|r| r.rule == "subject.O" || r.rule.starts_with("subject.O."))
+        .filter(|r| {
+            r.rule == "subject.O"
+                || r.rule.starts_with("subject.O.")
+                || (r.rule == "subject.attribute" && r.value.starts_with("O="))
+        })
         .count()
 }
 
