@@ -675,9 +675,11 @@ fn run<'a>(
     );
     let out_dir = files::OutDir::open(out)?;
     if batch.kubeadm {
-        for (profile, rel) in KUBEADM_CAS {
-            let issuer = home.profile(profile).map(|p| p.issuer);
-            if let Ok((cert, _)) = issuer.and_then(|ca| home.issuer(&ca)) {
+        for (profile, plain, rel) in KUBEADM_CAS {
+            let ca = home
+                .profile(profile)
+                .map_or_else(|_| plain.to_owned(), |p| p.issuer);
+            if let Ok((cert, _)) = home.issuer(&ca) {
                 // Something planted at a CA file's name fails that file, not the batch: every
                 // certificate is already issued and written.
                 let pem = engine::pem("CERTIFICATE", &cert.der);
