@@ -34,8 +34,12 @@ echo "== root key ceremony" >&2
 # Site parameters: the seed cluster's service IP, node addresses and names. The seed's
 # apiserver request lists the single-label name `kubernetes` (pods reach the API by it), which
 # RFC 5280 name checkers reject: kubeadm_single_label_names lets the apiserver profile take it.
-cat >"$work/site.json" <<'SITE'
+# cluster_name "seed" names this cluster's intermediates (seed-kubernetes-ca, CN "seed
+# kubernetes-ca"), so another cluster can later get its own under the same root.
+cluster=seed
+cat >"$work/site.json" <<SITE
 {
+  "cluster_name": "$cluster",
   "cluster_domain": "cluster.local",
   "service_ip": "10.254.0.1",
   "node_ip_ranges": ["192.168.115.0/24"],
@@ -51,9 +55,11 @@ cat >"$work/site.json" <<'SITE'
 SITE
 "$hsmca" init --home "$work/ca" --token quickstart --key-type ecdsa-p384 \
   --subject "CN=Quickstart Kubernetes Root CA,O=hsmca quickstart" --validity 20y --site "$work/site.json"
-echo "== offline intermediates, keys in the same token" >&2
+echo "== the site settings in force" >&2
+"$hsmca" site show --home "$work/ca"
+echo "== offline intermediates of cluster \"$cluster\", keys in the same token" >&2
 for ca in kubernetes-ca etcd-ca front-proxy-ca; do
-  "$hsmca" ca create "$ca" --home "$work/ca" --profile "$ca" --subject "CN=$ca"
+  "$hsmca" ca create "$cluster-$ca" --home "$work/ca" --profile "$ca" --subject "CN=$cluster $ca"
 done
 
 echo "== CSRs from the cluster (openssl req, and cfssl for the seed's own k8s-csr.json; keys stay with the CSRs)" >&2
@@ -111,7 +117,8 @@ req flanneld "$seed/CN=flanneld" "" rsa
 # A hostile CSR: a node asking to be cluster-admin. It must be refused.
 req evil-node "/O=system:masters/CN=system:node:vm1"
 
-echo "== what would be issued (no token needed)" >&2
+echo "== which profile fits each CSR, and what would be issued (no token needed)" >&2
+"$hsmca" check --home "$work/ca" --profile auto "$csr/kubelet-vm1.csr" "$csr/evil-node.csr" || true
 "$hsmca" check --home "$work/ca" --profile kubelet-client "$csr/kubelet-vm1.csr" "$csr/evil-node.csr" || true
 
 echo "== signing" >&2
@@ -148,4 +155,7 @@ for c in "$out"/*.crt; do
 done
 echo
 echo "CA home: $work/ca   certificates: $out   log: $work/ca/log/entries.jsonl"
+echo "cluster: $cluster (intermediates $cluster-kubernetes-ca, $cluster-etcd-ca, $cluster-front-proxy-ca)."
+echo "Another cluster under the same root: set cluster_name in $work/ca/site.json, run"
+echo "hsmca profiles apply, then hsmca ca create NAME-kubernetes-ca ... --subject 'CN=NAME kubernetes-ca'."
 echo "minutes: $work/minutes.md   export: $work/export   monitoring: $work/hsmca.prom"

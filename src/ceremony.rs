@@ -52,6 +52,8 @@ pub struct InitRequest {
     pub profiles_from: Option<PathBuf>,
     /// Site parameters the profiles refer to.
     pub site: Site,
+    /// The keys the operator's site file set (the others are defaults), for the report.
+    pub site_given: std::collections::BTreeSet<String>,
 }
 
 /// What `init` made.
@@ -75,6 +77,10 @@ pub struct InitReport {
     pub log_vkey: String,
     /// Installed profiles.
     pub profiles: Vec<String>,
+    /// The site parameters in force (all written to HOME/site.json, so a later hsmca with
+    /// other defaults cannot change this CA's policy unlogged), each with its origin: `set` in
+    /// the `--site` file, or the `default`.
+    pub site: Vec<crate::profile::SiteSetting>,
 }
 
 /// Random positive serial from the token: 16 bytes (127 bits of entropy), top bit clear and
@@ -250,6 +256,7 @@ pub fn init_with(
         log_key_type: log_type,
         log_vkey: vkey,
         profiles: profiles.iter().map(|(n, _)| n.clone()).collect(),
+        site: req.site.settings(&req.site_given),
     })
 }
 

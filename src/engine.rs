@@ -1002,6 +1002,7 @@ mod tests {
             origin: None,
             profiles_from: None,
             site: Site::default(),
+            site_given: std::collections::BTreeSet::new(),
         };
         let profiles = ceremony::collect_profiles(None, &req.site).unwrap();
         let place = Place {

@@ -208,6 +208,16 @@ impl Home {
         }
     }
 
+    /// The site parameters and the keys `site.json` sets (none without the file).
+    pub fn site_with_origins(&self) -> Result<(Site, std::collections::BTreeSet<String>), Error> {
+        let path = self.dir.join("site.json");
+        if path.exists() {
+            Ok(Site::load_with_origins(&path)?)
+        } else {
+            Ok((Site::default(), std::collections::BTreeSet::new()))
+        }
+    }
+
     /// The issuing CA named by a profile: its certificate and the label of its token key.
     pub fn issuer(&self, name: &str) -> Result<(IssuerCert, String), Error> {
         if name == "root" {
@@ -215,18 +225,27 @@ impl Home {
         }
         let ca = self.config.cas.iter().find(|c| c.name == name).ok_or_else(|| {
             let known: Vec<&str> = self.config.cas.iter().map(|c| c.name.as_str()).collect();
-            // A complete command: the shipped CA profiles are named after their CA.
-            let profile = if self.profiles_dir().join(format!("{name}.json")).is_file() {
-                crate::ceremony::quote(name)
+            // A complete command: the shipped CA profiles are named after their CA, which a
+            // site's cluster_name prefixes (`prod-eu-kubernetes-ca`, CN "prod-eu kubernetes-ca").
+            let is_profile = |p: &str| self.profiles_dir().join(format!("{p}.json")).is_file();
+            let (profile, cn) = if is_profile(name) {
+                (crate::ceremony::quote(name), name.to_owned())
+            } else if let Some((cluster, p)) = name
+                .match_indices('-')
+                .map(|(i, _)| (&name[..i], &name[i + 1..]))
+                .find(|(_, p)| is_profile(p))
+            {
+                (crate::ceremony::quote(p), format!("{cluster} {p}"))
             } else {
-                "CA-PROFILE".to_owned()
+                ("CA-PROFILE".to_owned(), name.to_owned())
             };
             Error::Usage(format!(
-                "the profile's issuer {name:?} does not exist in this CA home (known: root{}{}); create it with `hsmca ca create {n} --home {home} --profile {profile} --subject CN={n}`",
+                "the profile's issuer {name:?} does not exist in this CA home (known: root{}{}); create it with `hsmca ca create {n} --home {home} --profile {profile} --subject {subject}`",
                 if known.is_empty() { "" } else { ", " },
                 known.join(", "),
                 n = crate::ceremony::quote(name),
                 home = crate::ceremony::quote(&self.dir.display().to_string()),
+                subject = crate::ceremony::quote(&format!("CN={cn}")),
             ))
         })?;
         let path = self.dir.join(&ca.cert);

@@ -357,6 +357,13 @@ fn leaf_params(d: &Decision) -> Result<CertificateParams, IssueError> {
             ExtKeyUsage::ClientAuth => ExtendedKeyUsagePurpose::ClientAuth,
         })
         .collect();
+    p.crl_distribution_points = d
+        .crl_distribution_point
+        .iter()
+        .map(|uri| rcgen::CrlDistributionPoint {
+            uris: vec![uri.clone()],
+        })
+        .collect();
     p.use_authority_key_identifier_extension = true;
     Ok(p)
 }

@@ -47,11 +47,18 @@ pub const KUBEADM: [(&str, &str); 12] = [
     ("scheduler.conf.csr", "scheduler"),
 ];
 
-/// Where kubeadm expects each CA certificate when the CA key is kept outside (external CA).
-pub(crate) const KUBEADM_CAS: [(&str, &str); 3] = [
-    ("kubernetes-ca", "pki/ca.crt"),
-    ("etcd-ca", "pki/etcd/ca.crt"),
-    ("front-proxy-ca", "pki/front-proxy-ca.crt"),
+/// Where kubeadm expects each CA certificate when the CA key is kept outside (external CA),
+/// by a profile that CA issues: the CA is that profile's `issuer`, so a site's `cluster_name`
+/// (`prod-eu-kubernetes-ca`) picks the cluster's own intermediates. The CA's plain name is
+/// used when the home has no such profile.
+pub(crate) const KUBEADM_CAS: [(&str, &str, &str); 3] = [
+    ("apiserver", "kubernetes-ca", "pki/ca.crt"),
+    ("etcd-server", "etcd-ca", "pki/etcd/ca.crt"),
+    (
+        "front-proxy-client",
+        "front-proxy-ca",
+        "pki/front-proxy-ca.crt",
+    ),
 ];
 
 /// Why a kubeconfig template could not be completed. Each variant has a stable rule id

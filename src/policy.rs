@@ -125,6 +125,8 @@ pub struct Decision {
     pub issuer: String,
     /// Set when this is an intermediate CA certificate.
     pub ca: Option<crate::profile::CaRule>,
+    /// The CRL URI for a cRLDistributionPoints extension, when the profile and site give one.
+    pub crl_distribution_point: Option<String>,
     /// notBefore (now minus [`BACKDATE`]).
     pub not_before: OffsetDateTime,
     /// notAfter.
@@ -369,25 +371,21 @@ pub fn decide(
             .iter()
             .any(|p| pattern_matches(profile, p, value));
         if !exact && !shaped {
-            let expected = one_of(
-                rule.values
-                    .iter()
-                    .chain(rule.patterns.iter())
-                    .map(String::as_str),
+            refuse(
+                &format!("subject.{name}"),
+                attr_expected(profile, name),
+                value.clone(),
             );
-            refuse(&format!("subject.{name}"), expected, value.clone());
         }
         subject.push((attr.clone(), value.clone()));
     }
     for (name, rule) in &profile.subject {
         if rule.required && !csr.subject.iter().any(|(a, _)| a.name() == name) {
-            let expected = one_of(
-                rule.values
-                    .iter()
-                    .chain(rule.patterns.iter())
-                    .map(String::as_str),
+            refuse(
+                &format!("subject.{name}.required"),
+                attr_expected(profile, name),
+                String::new(),
             );
-            refuse(&format!("subject.{name}.required"), expected, String::new());
         }
     }
     subject.sort_by_key(|(a, _)| SUBJECT_ORDER.iter().position(|o| o == a));
@@ -434,7 +432,10 @@ pub fn decide(
                 } else if !checked.contains('.') && !profile.san.single_label_dns {
                     refuse(
                         "san.dns.single_label",
-                        "a name with at least two labels, e.g. node1.cluster.internal".into(),
+                        format!(
+                            "a name with at least two labels, e.g. node1.cluster.internal{}",
+                            single_label_way_out(profile)
+                        ),
                         name.clone(),
                     );
                 } else if !profile
@@ -443,11 +444,7 @@ pub fn decide(
                     .iter()
                     .any(|allowed| dns_allowed(profile, allowed, &checked))
                 {
-                    refuse(
-                        "san.dns",
-                        one_of(profile.san.dns.iter().map(String::as_str)),
-                        name.clone(),
-                    );
+                    refuse("san.dns", san_expected(profile, "san.dns"), name.clone());
                 } else {
                     dns_names.push(name.clone());
                 }
@@ -462,11 +459,7 @@ pub fn decide(
                 {
                     ip_addresses.push(*ip);
                 } else {
-                    refuse(
-                        "san.ip",
-                        one_of(profile.san.ip.iter().map(String::as_str)),
-                        ip.to_string(),
-                    );
+                    refuse("san.ip", san_expected(profile, "san.ip"), ip.to_string());
                 }
             }
             San::Email(e) if profile.san.email.contains(e) => emails.push(e.clone()),
@@ -568,6 +561,7 @@ pub fn decide(
         uris,
         issuer: profile.issuer.clone(),
         ca: profile.ca.clone(),
+        crl_distribution_point: profile.crl_uri.clone(),
         not_before,
         not_after: not_after.unwrap_or(ctx.issuer_not_after),
         serial: ctx.serial.clone(),
@@ -695,13 +689,145 @@ fn k8s_refusal(rule: &str, expected: impl Into<String>, value: impl Into<String>
     }
 }
 
+/// How many allowed values a refusal lists before it gives only the count.
+const SHOWN: usize = 6;
+
 fn one_of<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let v: Vec<String> = items.map(|s| format!("{s:?}")).collect();
     match v.len() {
         0 => "nothing (the profile allows none)".into(),
         1 => v.concat(),
+        n if n > SHOWN => format!("one of {}, ... ({n} in all)", v[..SHOWN].join(", ")),
         _ => format!("one of {}", v.join(", ")),
     }
+}
+
+/// What a subject attribute may be, naming the site parameters its values and its
+/// patterns' parts come from: `"system:node:{node}" with {node} one of "node-a", "node-b"
+/// (from site parameter node_names: ...)`.
+fn attr_expected(profile: &Profile, name: &str) -> String {
+    let Some(rule) = profile.subject.get(name) else {
+        return one_of(std::iter::empty());
+    };
+    let key = format!("subject.{name}.values");
+    let from_site = profile.site_sources.get(&key);
+    let mut shown: Vec<String> = rule.values.iter().map(|v| format!("{v:?}")).collect();
+    shown.extend(rule.patterns.iter().map(|p| pattern_expected(profile, p)));
+    let listed = match shown.len() {
+        0 => "nothing".to_owned(),
+        1 => shown.concat(),
+        n if n > SHOWN => format!("one of {}, ... ({n} in all)", shown[..SHOWN].join(", ")),
+        _ => format!("one of {}", shown.join(", ")),
+    };
+    match from_site {
+        Some(params) if rule.values.is_empty() && rule.patterns.is_empty() => format!(
+            "nothing: site parameter {} is empty ({})",
+            names(params),
+            site_way_out(params, "list the values to allow in")
+        ),
+        Some(params) => format!(
+            "{listed} (from site parameter {}; {})",
+            names(params),
+            site_way_out(params, "to allow another, add it to")
+        ),
+        None if rule.values.is_empty() && rule.patterns.is_empty() => {
+            "nothing (the profile allows none)".into()
+        }
+        None => listed,
+    }
+}
+
+/// A pattern, with what its part may be when the part's values come from the site.
+fn pattern_expected(profile: &Profile, pattern: &str) -> String {
+    let Some((_, _, part_rule)) = profile.part_of(pattern) else {
+        return format!("{pattern:?}");
+    };
+    let part = pattern
+        .split_once('{')
+        .and_then(|(_, r)| r.split_once('}'))
+        .map_or("", |(p, _)| p);
+    let Some(params) = profile.site_sources.get(&format!("parts.{part}.values")) else {
+        return format!("{pattern:?}");
+    };
+    if part_rule.values.is_empty() {
+        let any = match part_rule.kind {
+            crate::profile::PartKind::DnsLabel => "any DNS label",
+            crate::profile::PartKind::DnsName => "any DNS name",
+        };
+        return format!(
+            "{pattern:?} with {{{part}}} {any} (site parameter {} is empty)",
+            names(params)
+        );
+    }
+    format!(
+        "{pattern:?} with {{{part}}} {} (from site parameter {}; {})",
+        one_of(part_rule.values.iter().map(String::as_str)),
+        names(params),
+        site_way_out(params, "to allow another, add it to")
+    )
+}
+
+/// The allowed SANs of one kind, naming the site parameters that fill the list.
+fn san_expected(profile: &Profile, key: &str) -> String {
+    let list = if key == "san.ip" {
+        &profile.san.ip
+    } else {
+        &profile.san.dns
+    };
+    let listed = one_of(list.iter().map(String::as_str));
+    match profile.site_sources.get(key) {
+        Some(params) if list.is_empty() => format!(
+            "nothing: site parameter {} {} empty ({})",
+            names(params),
+            if params.len() == 1 { "is" } else { "are" },
+            site_way_out(params, "list the values to allow in")
+        ),
+        Some(params) => format!(
+            "{listed} (the list takes site parameter{} {}; {})",
+            if params.len() == 1 { "" } else { "s" },
+            names(params),
+            site_way_out(params, "to allow another, add it to")
+        ),
+        None => listed,
+    }
+}
+
+/// For `san.dns.single_label`: the site switch that lifts it, when the profile has one.
+fn single_label_way_out(profile: &Profile) -> String {
+    match profile.site_sources.get("san.single_label_dns") {
+        Some(params) => format!(
+            "; or set the site switch {} to true in HOME/site.json, then run hsmca profiles \
+             apply (pkilint reports such names)",
+            names(params)
+        ),
+        None => String::new(),
+    }
+}
+
+fn names(params: &BTreeSet<String>) -> String {
+    params
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The complete way out through the logged policy change: `{verb} countries in
+/// HOME/site.json, then run hsmca profiles apply`; for a single-value parameter
+/// (`cluster_name`), `change cluster_name in ...`.
+fn site_way_out(params: &BTreeSet<String>, verb: &str) -> String {
+    let single = params.iter().all(|p| {
+        crate::profile::SITE_KEYS
+            .iter()
+            .any(|k| k.name == p && k.kind == crate::profile::SiteKind::One)
+    });
+    let target = if params.len() == 1 {
+        names(params)
+    } else {
+        "the right one".to_owned()
+    };
+    let verb = if single { "or change" } else { verb };
+    format!("{verb} {target} in HOME/site.json, then run hsmca profiles apply")
 }
 
 /// `allowed` is an exact name, a pattern with one `{part}`, or `*.suffix`, which matches one
@@ -1453,5 +1579,66 @@ mod tests {
         assert!(load(&format!("{bad_usage}}}")).contains("only for CA profiles"));
         let no_cn = base.replace(r#""required":true,"#, "");
         assert!(load(&format!("{no_cn}}}")).contains("must require a CN"));
+    }
+
+    /// Issue 16: a refusal whose allowed values come from the site names the parameter, lists
+    /// the values and says how to change it.
+    #[test]
+    fn refusals_name_the_site_parameter_that_would_allow_the_value() {
+        use rcgen::DnType::*;
+        let site = crate::profile::Site::parse(
+            r#"{"node_names":["node-a","node-b","node-c"],"countries":["DE","FR"]}"#,
+            std::path::Path::new("site.json"),
+        )
+        .unwrap();
+        let text = r#"{"name":"k","key_types":["ecdsa-p256"],
+            "parts":{"node":{"kind":"dns_label","values":["${node_names}"]}},
+            "subject":{"CN":{"required":true,"patterns":["system:node:{node}"]},
+                       "C":{"values":["${countries}"]},"ST":{"values":["${states}"]}},
+            "san":{"dns":["${node_domains}","api.example.com"],"ip":["${node_ip_ranges}"],
+                   "single_label_dns":"${kubeadm_single_label_names}"},
+            "key_usage":["digital_signature"],"extended_key_usage":["client_auth"],
+            "validity":{"default":"1d","max":"2d"}}"#;
+        let profile = Profile::parse(text, std::path::Path::new("k.json"), "k", &site).unwrap();
+        let worker = csr(
+            &[
+                (CommonName, "system:node:worker-01"),
+                (CountryName, "US"),
+                (StateOrProvinceName, "Bavaria"),
+            ],
+            &["worker", "w.example.org", "10.1.2.3"],
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        );
+        let refusals = decide(&profile, &worker, &ctx()).unwrap_err();
+        let expected = |rule: &str| {
+            refusals
+                .iter()
+                .find(|r| r.rule == rule)
+                .map(|r| r.expected.clone())
+                .unwrap_or_else(|| panic!("no {rule} in {refusals:?}"))
+        };
+        let cn = expected("subject.CN");
+        for want in [
+            "node_names",
+            "\"node-a\", \"node-b\", \"node-c\"",
+            "hsmca profiles apply",
+        ] {
+            assert!(cn.contains(want), "{want}: {cn}");
+        }
+        assert!(expected("subject.C").contains("\"DE\", \"FR\" (from site parameter countries"));
+        let st = expected("subject.ST");
+        assert!(
+            st.starts_with("nothing: site parameter states is empty"),
+            "{st}"
+        );
+        assert!(expected("san.dns.single_label").contains("kubeadm_single_label_names"));
+        assert!(expected("san.dns").contains("node_domains"));
+        assert!(expected("san.ip").contains("node_ip_ranges"));
+        // A long list shows its first values and the count.
+        let many: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+        assert_eq!(
+            one_of(many.iter().map(String::as_str)),
+            r#"one of "n0", "n1", "n2", "n3", "n4", "n5", ... (20 in all)"#
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! unknown keys and self-contradictory values, naming the file and the key, so a typo can never
 //! silently widen what a profile signs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,15 @@ pub struct Profile {
     pub extended_key_usage: Vec<ExtKeyUsage>,
     /// Lifetime.
     pub validity: ValidityRule,
+    /// Certificates carry a cRLDistributionPoints extension (RFC 5280 4.2.1.13) pointing at
+    /// their issuer's CRL, `${crl_url}/ISSUER.crl`, when the site sets `crl_url`; nothing
+    /// otherwise. Publish each `hsmca crl --issuer ISSUER` output under that name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub crl_distribution_point: bool,
+    /// The CRL URI this profile's certificates carry, from `crl_distribution_point` and the
+    /// site's `crl_url` at load time.
+    #[serde(skip)]
+    pub crl_uri: Option<String>,
     /// Must be true for a profile to allow `O=system:masters` (cluster-admin that RBAC cannot
     /// revoke); only the break-glass `super-admin` profile sets it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -56,7 +65,15 @@ pub struct Profile {
     /// `--allow-profile` (see [`Profile::danger`]).
     #[serde(skip)]
     pub danger_site: bool,
+    /// Which site parameters filled which key at load time (`subject.C.values` ->
+    /// `countries`), so a refusal can say which parameter in `site.json` would let a value in.
+    #[serde(skip)]
+    pub site_sources: Sources,
 }
+
+/// Profile keys (`san.dns`, `subject.C.values`, `parts.node.values`) and the site parameters
+/// whose values went into them.
+pub type Sources = BTreeMap<String, BTreeSet<String>>;
 
 /// Rule for one subject attribute.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,8 +82,10 @@ pub struct AttrRule {
     /// The attribute must be present.
     #[serde(default)]
     pub required: bool,
-    /// Exact allowed values.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Exact allowed values. Always written out, even empty: an attribute whose site list is
+    /// empty shows `"values": []` (nothing allowed) in `profiles show` and the logged policy,
+    /// never a bare `{}` that reads like "anything".
+    #[serde(default)]
     pub values: Vec<String>,
     /// Allowed shapes with one named part, e.g. `system:node:{node}`; the part's rule is in
     /// the profile's `parts`.
@@ -415,7 +434,8 @@ impl Profile {
         };
         let mut value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?;
-        site.expand(&mut value, "")
+        let mut sources = Sources::new();
+        site.expand(&mut value, "", &mut sources)
             .map_err(|(key, problem)| invalid(path, &key, problem))?;
         let mut todo = Vec::new();
         crate::cfssl::todos(&value, "", &mut todo);
@@ -428,6 +448,17 @@ impl Profile {
         }
         let mut profile: Self = serde_json::from_value(value).map_err(|e| syntax(e.to_string()))?;
         profile.danger_site = site.danger_profiles().any(|n| n == stem);
+        profile.site_sources = sources;
+        if profile.crl_distribution_point
+            && let Some(SiteValue::One(base)) = site.0.get("crl_url")
+            && !base.is_empty()
+        {
+            profile.crl_uri = Some(format!(
+                "{}/{}.crl",
+                base.trim_end_matches('/'),
+                profile.issuer
+            ));
+        }
         if profile.name != stem {
             return Err(invalid(
                 path,
@@ -555,7 +586,10 @@ impl Profile {
                     ),
                 );
             }
-            if rule.values.is_empty() && rule.patterns.is_empty() {
+            // An attribute whose values all come from an empty site list allows nothing, and
+            // the refusal names the list (no C unless the site lists countries).
+            let from_site = self.site_sources.contains_key(&format!("{key}.values"));
+            if rule.values.is_empty() && rule.patterns.is_empty() && !from_site {
                 return err(
                     &key,
                     "give values or patterns; an attribute that may hold anything is not allowed"
@@ -679,29 +713,197 @@ pub enum SiteValue {
     Many(Vec<String>),
 }
 
+/// How a site parameter is used in profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    /// A list, spliced into the list a profile uses it in as `"${name}"`.
+    List,
+    /// One string, put into a profile string as `${name}`.
+    One,
+    /// `true` or `false`, a profile value `"${name}"` standing alone.
+    Switch,
+}
+
+impl SiteKind {
+    /// The word `site show` and the man page print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::One => "one",
+            Self::Switch => "switch",
+        }
+    }
+}
+
+/// One site parameter hsmca knows: its kind, its default and what it is for.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteKey {
+    /// The key in `site.json`, used in profiles as `${name}`.
+    pub name: &'static str,
+    /// List, one value, or switch.
+    pub kind: SiteKind,
+    /// The default's items (a list), its value (one; `true`/`false` for a switch).
+    pub default: &'static [&'static str],
+    /// One line for operators.
+    pub meaning: &'static str,
+}
+
+impl SiteKey {
+    /// The default as a site value.
+    pub fn default_value(&self) -> SiteValue {
+        let first = self.default.first().copied().unwrap_or_default();
+        match self.kind {
+            SiteKind::List => {
+                SiteValue::Many(self.default.iter().map(|s| (*s).to_owned()).collect())
+            }
+            SiteKind::One => SiteValue::One(first.to_owned()),
+            SiteKind::Switch => SiteValue::Switch(first == "true"),
+        }
+    }
+}
+
+/// Every site parameter hsmca knows, in one place: the defaults, `hsmca site show`, the man
+/// page and `--help` all read this table. Defaults are neutral: nothing about a particular
+/// cluster is allowed until the site says so (no C, ST, L or OU; no node names, domains or
+/// address ranges). The two exceptions are kubeadm's own defaults, which a cluster built
+/// with kubeadm has unless it changed them: `networking.dnsDomain` `cluster.local`, and the
+/// first address of `networking.serviceSubnet` `10.96.0.0/12`, the API server's service IP
+/// `10.96.0.1` (kubeadm `cmd/kubeadm/app/apis/kubeadm/v1beta4/defaults.go`).
+pub const SITE_KEYS: &[SiteKey] = &[
+    SiteKey {
+        name: "cluster_name",
+        kind: SiteKind::One,
+        default: &[""],
+        meaning: "names this cluster's intermediates: CA CN \"${cluster_name} kubernetes-ca\", leaf issuer \"${cluster_name}-kubernetes-ca\"; empty: plain kubernetes-ca",
+    },
+    SiteKey {
+        name: "cluster_domain",
+        kind: SiteKind::One,
+        default: &["cluster.local"],
+        meaning: "the cluster's DNS domain (kubeadm dnsDomain): kubernetes.default.svc.${cluster_domain}",
+    },
+    SiteKey {
+        name: "service_ip",
+        kind: SiteKind::One,
+        default: &["10.96.0.1"],
+        meaning: "the API server's service IP, the first address of kubeadm's serviceSubnet",
+    },
+    SiteKey {
+        name: "node_names",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "the values {node} may take in system:node:{node} and node SANs; empty: any DNS label",
+    },
+    SiteKey {
+        name: "node_domains",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "node DNS names in server certificates (exact names or *.suffix); empty: none",
+    },
+    SiteKey {
+        name: "node_ip_ranges",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "node addresses in server certificates (CIDR ranges); empty: none",
+    },
+    SiteKey {
+        name: "apiserver_names",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "extra DNS names of the API server (a load balancer); empty: none",
+    },
+    SiteKey {
+        name: "kubeadm_single_label_names",
+        kind: SiteKind::Switch,
+        default: &["false"],
+        meaning: "accept kubeadm's single-label SANs (kubernetes, localhost, the node name); pkilint flags them",
+    },
+    SiteKey {
+        name: "countries",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "C values the seed-style profiles allow; empty: no C",
+    },
+    SiteKey {
+        name: "states",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "ST values the seed-style profiles allow; empty: no ST",
+    },
+    SiteKey {
+        name: "localities",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "L values the seed-style profiles allow; empty: no L",
+    },
+    SiteKey {
+        name: "org_units",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "OU values the seed-style profiles allow; empty: no OU",
+    },
+    SiteKey {
+        name: "crl_url",
+        kind: SiteKind::One,
+        default: &[""],
+        meaning: "http(s) URL where each issuer's CRL is published as ISSUER.crl; profiles with crl_distribution_point put URL/ISSUER.crl in their certificates; empty: none",
+    },
+    SiteKey {
+        name: "danger_profiles",
+        kind: SiteKind::List,
+        default: &[],
+        meaning: "profiles a batch issues only when named with --allow-profile",
+    },
+];
+
+/// Where a site parameter's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteOrigin {
+    /// The built-in default ([`SITE_KEYS`]).
+    Default,
+    /// Given in the site file.
+    Set,
+}
+
+/// One site parameter as `init` and `site show` print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteSetting {
+    /// The key.
+    pub name: String,
+    /// `list`, `one` or `switch`; `profile` for a key hsmca does not know (a profile's own).
+    pub kind: &'static str,
+    /// The value in force.
+    pub value: SiteValue,
+    /// Set in the file, or the default.
+    pub origin: SiteOrigin,
+    /// What it is for (empty for a profile's own key).
+    pub meaning: &'static str,
+}
+
 impl Default for Site {
     fn default() -> Self {
-        let one = |v: &str| SiteValue::One(v.into());
-        let many = |v: &[&str]| SiteValue::Many(v.iter().map(|s| (*s).to_owned()).collect());
-        Self(BTreeMap::from([
-            ("cluster_domain".into(), one("cluster.local")),
-            ("service_ip".into(), one("10.96.0.1")),
-            (
-                "node_ip_ranges".into(),
-                many(&["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fd00::/8"]),
-            ),
-            ("node_domains".into(), many(&["*.internal"])),
-            ("node_names".into(), many(&[])),
-            ("apiserver_names".into(), many(&[])),
-            (
-                "kubeadm_single_label_names".into(),
-                SiteValue::Switch(false),
-            ),
-            ("countries".into(), many(&["CN"])),
-            ("states".into(), many(&["BeiJing", "FuZhou"])),
-            ("localities".into(), many(&["BeiJing", "FuZhou"])),
-            ("org_units".into(), many(&["System"])),
-        ]))
+        Self(
+            SITE_KEYS
+                .iter()
+                .map(|k| (k.name.to_owned(), k.default_value()))
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Display for SiteValue {
+    /// JSON, as in `site.json`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Switch(on) => write!(f, "{on}"),
+            Self::One(v) => write!(f, "{v:?}"),
+            Self::Many(items) => {
+                let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+                write!(f, "[{}]", quoted.join(", "))
+            }
+        }
     }
 }
 
@@ -721,11 +923,117 @@ impl Site {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        for (name, value) in &given.0 {
+            let Some(key) = SITE_KEYS.iter().find(|k| k.name == name) else {
+                continue;
+            };
+            let fits = matches!(
+                (key.kind, value),
+                (SiteKind::List, SiteValue::Many(_))
+                    | (SiteKind::One, SiteValue::One(_))
+                    | (SiteKind::Switch, SiteValue::Switch(_))
+            );
+            if !fits {
+                return Err(ProfileError::Invalid {
+                    path: path.to_path_buf(),
+                    key: name.clone(),
+                    problem: format!(
+                        "must be {} (default {}), got {}",
+                        match key.kind {
+                            SiteKind::List => "a list of strings",
+                            SiteKind::One => "a string",
+                            SiteKind::Switch => "true or false",
+                        },
+                        key.default_value(),
+                        value
+                    ),
+                });
+            }
+        }
+        // The cluster name becomes part of CA names (`prod-eu-kubernetes-ca`), which profiles
+        // use as `issuer`: the same characters, so a bad one is named here, not in every profile.
+        if let Some(SiteValue::One(name)) = given.0.get("cluster_name")
+            && !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                key: "cluster_name".into(),
+                problem: format!(
+                    "{name:?} may hold only letters, digits, '-' and '_' (it names CAs, e.g. \
+                     {name}-kubernetes-ca)"
+                ),
+            });
+        }
+        if let Some(SiteValue::One(url)) = given.0.get("crl_url")
+            && !url.is_empty()
+            && !is_crl_url(url)
+        {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                key: "crl_url".into(),
+                problem: format!(
+                    "{url:?} is not an http:// or https:// URL with a host (printable ASCII, no \
+                     spaces, query or fragment); leave it \"\" for no CRL distribution point"
+                ),
+            });
+        }
         // Parameters the file leaves out keep their defaults, so a site file written before a
         // parameter existed still loads.
         let mut site = Self::default();
         site.0.extend(given.0);
         Ok(site)
+    }
+
+    /// Reads `site.json` and says which keys it sets (the others are defaults).
+    pub fn load_with_origins(path: &Path) -> Result<(Self, BTreeSet<String>), ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let site = Self::parse(&text, path)?;
+        let given: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| ProfileError::Syntax {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok((site, given.into_keys().collect()))
+    }
+
+    /// Every parameter in force: the known ones in [`SITE_KEYS`] order, then any a profile of
+    /// the site's own uses, each with its origin (`given` holds the keys the file sets).
+    pub fn settings(&self, given: &BTreeSet<String>) -> Vec<SiteSetting> {
+        let origin = |name: &str| {
+            if given.contains(name) {
+                SiteOrigin::Set
+            } else {
+                SiteOrigin::Default
+            }
+        };
+        let known = SITE_KEYS.iter().map(|k| SiteSetting {
+            name: k.name.to_owned(),
+            kind: k.kind.name(),
+            value: self
+                .0
+                .get(k.name)
+                .cloned()
+                .unwrap_or_else(|| k.default_value()),
+            origin: origin(k.name),
+            meaning: k.meaning,
+        });
+        let own = self
+            .0
+            .iter()
+            .filter(|(n, _)| !SITE_KEYS.iter().any(|k| k.name == n.as_str()))
+            .map(|(n, v)| SiteSetting {
+                name: n.clone(),
+                kind: "profile",
+                value: v.clone(),
+                origin: origin(n),
+                meaning: "",
+            });
+        known.chain(own).collect()
     }
 
     /// Profiles the site marks dangerous (`"danger_profiles": ["name", ...]`).
@@ -738,8 +1046,15 @@ impl Site {
         list.iter().map(String::as_str)
     }
 
-    /// Replaces every `${name}` in `value`; `at` is the key path for messages.
-    fn expand(&self, value: &mut serde_json::Value, at: &str) -> Result<(), (String, String)> {
+    /// Replaces every `${name}` in `value`; `at` is the key path for messages. Which
+    /// parameters filled which key (`subject.C.values`, `san.dns`, `parts.node.values`) goes
+    /// into `sources`, so a refusal can name the site parameter that would let a value in.
+    fn expand(
+        &self,
+        value: &mut serde_json::Value,
+        at: &str,
+        sources: &mut Sources,
+    ) -> Result<(), (String, String)> {
         use serde_json::Value;
         match value {
             Value::String(s) => {
@@ -748,25 +1063,29 @@ impl Site {
                     .and_then(|r| r.strip_suffix('}'))
                     .map(|n| self.0.get(n));
                 if let Some(Some(SiteValue::Switch(on))) = whole {
+                    let name = s[2..s.len() - 1].to_owned();
+                    sources.entry(at.to_owned()).or_default().insert(name);
                     *value = Value::Bool(*on);
                 } else {
-                    *s = self.expand_str(s, at)?;
+                    *s = self.expand_str(s, at, sources)?;
                 }
             }
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items.drain(..) {
                     if let Value::String(s) = &item
-                        && let Some(SiteValue::Many(list)) = s
-                            .strip_prefix("${")
-                            .and_then(|r| r.strip_suffix('}'))
-                            .and_then(|n| self.0.get(n))
+                        && let Some(name) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}'))
+                        && let Some(SiteValue::Many(list)) = self.0.get(name)
                     {
+                        sources
+                            .entry(at.to_owned())
+                            .or_default()
+                            .insert(name.to_owned());
                         out.extend(list.iter().cloned().map(Value::String));
                         continue;
                     }
                     let mut item = item;
-                    self.expand(&mut item, at)?;
+                    self.expand(&mut item, at, sources)?;
                     out.push(item);
                 }
                 *items = out;
@@ -778,7 +1097,7 @@ impl Site {
                     } else {
                         format!("{at}.{k}")
                     };
-                    self.expand(v, &path)?;
+                    self.expand(v, &path, sources)?;
                 }
             }
             _ => {}
@@ -786,7 +1105,15 @@ impl Site {
         Ok(())
     }
 
-    fn expand_str(&self, s: &str, at: &str) -> Result<String, (String, String)> {
+    /// `${name}` inside a string takes a single value. An empty value drops cleanly: with
+    /// the one space or `-` that follows it (`"${cluster_name} kubernetes-ca"` becomes
+    /// `"kubernetes-ca"`), or that precedes it at the end of the string.
+    fn expand_str(
+        &self,
+        s: &str,
+        at: &str,
+        sources: &mut Sources,
+    ) -> Result<String, (String, String)> {
         let mut out = String::with_capacity(s.len());
         let mut rest = s;
         while let Some(start) = rest.find("${") {
@@ -796,8 +1123,21 @@ impl Site {
                 .ok_or_else(|| (at.to_owned(), format!("unclosed ${{ in {s:?}")))?
                 + start;
             let name = &rest[start + 2..end];
+            let mut after = end + 1;
             match self.0.get(name) {
-                Some(SiteValue::One(v)) => out.push_str(v),
+                Some(SiteValue::One(v)) => {
+                    sources
+                        .entry(at.to_owned())
+                        .or_default()
+                        .insert(name.to_owned());
+                    if !v.is_empty() {
+                        out.push_str(v);
+                    } else if rest[after..].starts_with([' ', '-']) {
+                        after += 1;
+                    } else if rest[after..].is_empty() && out.ends_with([' ', '-']) {
+                        out.pop();
+                    }
+                }
                 Some(SiteValue::Many(_) | SiteValue::Switch(_)) => {
                     return Err((
                         at.to_owned(),
@@ -816,11 +1156,26 @@ impl Site {
                     ));
                 }
             }
-            rest = &rest[end + 1..];
+            rest = &rest[after..];
         }
         out.push_str(rest);
         Ok(out)
     }
+}
+
+/// A URL relying parties can fetch a CRL from: `http` (RFC 5280 4.2.1.13 recommends it for
+/// CRLs) or `https`, a host, printable ASCII (an IA5String), no query or fragment.
+fn is_crl_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or_default();
+        !host.is_empty()
+            && url
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '"' | '\\'))
+    })
 }
 
 fn invalid(path: &Path, key: &str, problem: String) -> ProfileError {
@@ -907,5 +1262,58 @@ mod tests {
             Profile::load_named(dir.path(), "../p", &Site::default()),
             Err(ProfileError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn an_empty_single_value_drops_with_its_separator() {
+        let mut site = Site::default();
+        let mut sources = Sources::new();
+        let expand =
+            |site: &Site, s: &str, sources: &mut Sources| site.expand_str(s, "k", sources).unwrap();
+        for (text, want) in [
+            ("${cluster_name} kubernetes-ca", "kubernetes-ca"),
+            ("${cluster_name}-etcd-ca", "etcd-ca"),
+            ("root of ${cluster_name}", "root of"),
+            ("a${cluster_name}b", "ab"),
+        ] {
+            assert_eq!(expand(&site, text, &mut sources), want);
+        }
+        assert_eq!(
+            sources
+                .get("k")
+                .map(|s| s.iter().cloned().collect::<Vec<_>>()),
+            Some(vec!["cluster_name".to_owned()])
+        );
+        site.0
+            .insert("cluster_name".into(), SiteValue::One("prod-eu".into()));
+        assert_eq!(
+            expand(&site, "${cluster_name} kubernetes-ca", &mut sources),
+            "prod-eu kubernetes-ca"
+        );
+        assert_eq!(
+            expand(&site, "${cluster_name}-etcd-ca", &mut sources),
+            "prod-eu-etcd-ca"
+        );
+    }
+
+    #[test]
+    fn site_values_of_the_wrong_kind_are_refused_naming_the_key() {
+        let err = Site::parse(r#"{"countries": "DE"}"#, Path::new("site.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("site.json") && err.contains("countries"),
+            "{err}"
+        );
+        assert!(err.contains("a list of strings"), "{err}");
+        let err = Site::parse(r#"{"cluster_name": "prod eu"}"#, Path::new("site.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster_name") && err.contains("prod eu"),
+            "{err}"
+        );
+        // A profile's own parameter may be anything.
+        assert!(Site::parse(r#"{"my_domains": ["a.example"]}"#, Path::new("s")).is_ok());
     }
 }

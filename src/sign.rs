@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+
 use crate::clock::Clock;
 use crate::csr::{self, VerifiedCsr};
 use crate::engine::{self, CaSession, CertSummary, Outcome, Ready, Withheld};
 use crate::error::Error;
 use crate::home::Home;
-use crate::policy::{self, Context, Purpose};
+use crate::policy::{self, Context, Purpose, Refusal};
 use crate::profile::Duration;
 use crate::signer::Keystore;
 
@@ -93,6 +95,147 @@ pub fn check(home: &Home, req: &SignRequest, clock: &dyn Clock) -> Result<Vec<Ou
             },
         })
         .collect())
+}
+
+/// How many of the profiles that refuse a CSR `check --profile auto` shows, closest first.
+pub const CLOSEST: usize = 3;
+
+/// One profile judged for one CSR by `check --profile auto`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fit {
+    /// The profile.
+    pub profile: String,
+    /// A dangerous profile (system:masters, or the site's `danger_profiles`): `plan` and
+    /// `sign-dir` issue it only when named with `--allow-profile`.
+    pub danger: bool,
+    /// What would be issued, when the profile accepts the CSR.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<CertSummary>,
+    /// Every rule it violates (empty when it accepts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refusals: Vec<Refusal>,
+}
+
+/// `check --profile auto` for one CSR: the profiles that accept it, and the closest that do
+/// not (fewest violations of the group, O, then fewest violations), with why.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoCheck {
+    /// The CSR file.
+    pub csr: PathBuf,
+    /// Profiles under which it would be issued.
+    pub accepted: Vec<Fit>,
+    /// Up to [`CLOSEST`] profiles that refuse it, fewest violations first.
+    pub closest: Vec<Fit>,
+    /// Set when the CSR itself is unusable (unreadable, malformed, bad signature).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<Outcome>,
+}
+
+impl AutoCheck {
+    /// Some profile accepts it.
+    pub fn ok(&self) -> bool {
+        !self.accepted.is_empty()
+    }
+}
+
+/// `hsmca check --profile auto`: every CSR against every leaf profile of the home, without
+/// the token. CA profiles are never offered: no CSR gets a CA certificate (rule
+/// `profile.ca`). Dangerous profiles are judged like the others and marked. A profile whose
+/// issuer was not created yet is refused by `profile.issuer`, with the command that creates it.
+pub fn check_auto(
+    home: &Home,
+    csrs: &[PathBuf],
+    validity: Option<Duration>,
+    clock: &dyn Clock,
+) -> Result<Vec<AutoCheck>, Error> {
+    let root = home.root()?;
+    let compromised = std::sync::Arc::new(compromised_keys(home)?);
+    let mut profiles = Vec::new();
+    for name in crate::profile::list(&home.profiles_dir()) {
+        let profile = home.profile(&name)?;
+        if profile.ca.is_some() {
+            continue;
+        }
+        let issuer = home.issuer(&profile.issuer).map(|(cert, _)| cert);
+        let issuer_subject = issuer.as_ref().map(engine::subject_of).unwrap_or_default();
+        let issuer = issuer.map_err(|e| e.to_string());
+        profiles.push((profile, issuer, issuer_subject));
+    }
+    let mut checks = Vec::with_capacity(csrs.len());
+    for path in csrs {
+        let csr = match load_csr(path) {
+            Ok(c) => c,
+            Err(failed) => {
+                checks.push(AutoCheck {
+                    csr: path.clone(),
+                    accepted: Vec::new(),
+                    closest: Vec::new(),
+                    failed: Some(*failed),
+                });
+                continue;
+            }
+        };
+        let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+        for (profile, issuer, issuer_subject) in &profiles {
+            let ctx = Context {
+                purpose: Purpose::Leaf,
+                kubernetes: None,
+                now: clock.now(),
+                serial: vec![0; 16],
+                requested_validity: validity,
+                issuer_not_after: issuer.as_ref().unwrap_or(&root).not_after,
+                allow_profiles: None,
+                compromised: compromised.clone(),
+            };
+            let mut fit = Fit {
+                profile: profile.name.clone(),
+                danger: profile.danger(),
+                cert: None,
+                refusals: Vec::new(),
+            };
+            match policy::decide(profile, &csr, &ctx) {
+                Ok(d) => fit.cert = Some(CertSummary::of(&d, issuer_subject)),
+                Err(refusals) => fit.refusals = refusals,
+            }
+            if let Err(missing) = issuer {
+                fit.cert = None;
+                fit.refusals.push(Refusal {
+                    rule: "profile.issuer".into(),
+                    expected: format!("an issuer that exists: {missing}"),
+                    value: profile.issuer.clone(),
+                });
+            }
+            if fit.refusals.is_empty() {
+                accepted.push(fit);
+            } else {
+                refused.push(fit);
+            }
+        }
+        refused.sort_by_cached_key(|f| (group_violations(f), f.refusals.len(), f.profile.clone()));
+        refused.truncate(CLOSEST);
+        checks.push(AutoCheck {
+            csr: path.clone(),
+            accepted,
+            closest: refused,
+            failed: None,
+        });
+    }
+    Ok(checks)
+}
+
+/// Refusals of the subject's O, the Kubernetes group the CSR asks to be in: what it really
+/// asks for, so `check --profile auto` ranks a profile that grants that group closest (a
+/// cfssl admin CSR with O=system:masters is nearest to super-admin, not to a profile that
+/// only happens to allow its C and OU).
+fn group_violations(fit: &Fit) -> usize {
+    fit.refusals
+        .iter()
+        .filter(|r| {
+            r.rule == "subject.O"
+                || r.rule.starts_with("subject.O.")
+                || (r.rule == "subject.attribute" && r.value.starts_with("O="))
+        })
+        .count()
 }
 
 /// Keys revoked for key compromise, read from the log without the lock (for `check`).

@@ -334,3 +334,63 @@ fn a_kubeconfig_template_that_cannot_be_completed_fails_its_item_with_the_rule()
     assert!(good.contains("client-certificate-data: LS0t"), "{good}");
     assert!(out.join("pki/apiserver.crt").exists());
 }
+
+/// Issue 16: with a site `cluster_name`, a kubeadm tree comes back signed by that cluster's
+/// intermediates, and `pki/ca.crt`, `pki/etcd/ca.crt` and `pki/front-proxy-ca.crt` are those
+/// intermediates (the leaf profiles' issuers), each verifying the certificates beside it.
+#[test]
+fn a_kubeadm_tree_of_a_named_cluster_gets_that_clusters_intermediates() {
+    let env = Env::new("named");
+    let (home, init) = env.init_with_site(
+        "ca",
+        "named",
+        r#"{"cluster_name": "prod-eu", "kubeadm_single_label_names": true,
+            "node_names": ["node1"], "node_ip_ranges": ["10.0.0.0/8"]}"#,
+    );
+    init.ok();
+    for ca in ["kubernetes-ca", "etcd-ca", "front-proxy-ca"] {
+        env.ca_create(
+            &home,
+            &format!("prod-eu-{ca}"),
+            ca,
+            &format!("prod-eu {ca}"),
+        )
+        .ok();
+    }
+    let tree = env.kubeadm_tree("kubeadm", "node1", "10.0.0.11", "https://10.0.0.11:6443");
+    let out = env.path("back");
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&tree),
+        "--out",
+        s(&out),
+        "--allow-profile",
+        "super-admin",
+    ])
+    .ok();
+    let root = home.join("root.pem");
+    for (ca, cn, leaf) in [
+        ("pki/ca.crt", "prod-eu kubernetes-ca", "pki/apiserver.crt"),
+        ("pki/etcd/ca.crt", "prod-eu etcd-ca", "pki/etcd/server.crt"),
+        (
+            "pki/front-proxy-ca.crt",
+            "prod-eu front-proxy-ca",
+            "pki/front-proxy-client.crt",
+        ),
+    ] {
+        let ca = out.join(ca);
+        let subject = common::openssl(&["x509", "-in", s(&ca), "-noout", "-subject"]);
+        assert!(subject.contains(cn), "{subject}");
+        let verified = common::openssl(&[
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&ca),
+            s(&out.join(leaf)),
+        ]);
+        assert!(verified.contains(": OK"), "{verified}");
+    }
+}

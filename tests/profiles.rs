@@ -461,7 +461,7 @@ fn profile_commands_list_show_lint_and_import_cfssl() {
     assert!(
         run.stdout().contains("vm1.csr: would issue")
             && run.stdout().contains(
-                "rule subject.CN expects \"system:node:{node}\", got \"system:node:vm9\""
+                "rule subject.CN expects \"system:node:{node}\" with {node} one of \"vm1\", \"vm2\", \"vm3\" (from site parameter node_names; to allow another, add it to node_names in HOME/site.json, then run hsmca profiles apply), got \"system:node:vm9\""
             ),
         "{}",
         run.stdout()
@@ -641,4 +641,420 @@ fn name_constraints_on_an_intermediate_are_enforced_by_openssl() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("permitted subtree violation"), "{said}");
+}
+
+/// Issue 16: neutral site defaults, `init` and `site show` print every setting with its
+/// origin, a refusal names the site parameter that would allow the value, and a site.json
+/// change goes through `profiles apply` (shown, logged), after which the value is allowed.
+#[test]
+fn site_settings_are_shown_with_their_origin_and_changed_through_profiles_apply() {
+    let env = Env::new("site");
+    let (home, init) = env.init_with_site(
+        "ca",
+        "site",
+        r#"{"node_names": ["node-a", "node-b", "node-c"]}"#,
+    );
+    init.ok();
+    let printed = init.stdout();
+    assert!(printed.contains("site settings"), "{printed}");
+    let line = |text: &str, key: &str| -> String {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_owned()
+    };
+    assert!(line(&printed, "node_names").contains("set"), "{printed}");
+    assert!(line(&printed, "countries").contains("default"), "{printed}");
+    env.ca_create(&home, "kubernetes-ca", "kubernetes-ca", "kubernetes-ca")
+        .ok();
+
+    // site show: every known key, with value and origin, as text and JSON.
+    let shown = env.hsmca(&["site", "show", "--home", s(&home), "--json"]);
+    shown.ok();
+    let settings: Vec<serde_json::Value> = serde_json::from_str(&shown.stdout()).unwrap();
+    let get = |settings: &[serde_json::Value], key: &str| {
+        settings
+            .iter()
+            .find(|v| v["name"] == key)
+            .unwrap_or_else(|| panic!("no {key}"))
+            .clone()
+    };
+    // init writes every value in force into site.json, so all of them are `set` there.
+    let countries = get(&settings, "countries");
+    assert_eq!(countries["value"], serde_json::json!([]));
+    assert_eq!(countries["origin"], "set");
+    assert_eq!(get(&settings, "service_ip")["value"], "10.96.0.1");
+    assert_eq!(
+        get(&settings, "node_ip_ranges")["value"],
+        serde_json::json!([])
+    );
+    assert_eq!(get(&settings, "kubeadm_single_label_names")["value"], false);
+    // A key site.json leaves out is the default.
+    let path = home.join("site.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    value.as_object_mut().unwrap().remove("countries");
+    value["countries"] = serde_json::json!(["DE"]);
+    value.as_object_mut().unwrap().remove("states");
+    std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let text = env.hsmca(&["site", "show", "--home", s(&home)]);
+    text.ok();
+    assert!(
+        line(&text.stdout(), "states").contains("default"),
+        "{}",
+        text.all()
+    );
+    assert!(
+        line(&text.stdout(), "countries").contains("[\"DE\"]"),
+        "{}",
+        text.all()
+    );
+
+    // Every key is documented where operators look: --help and the man page.
+    let help = env.hsmca(&["site", "show", "--help"]).stdout();
+    let man = env.path("man");
+    env.hsmca(&["man", "--out", s(&man)]).ok();
+    let page = std::fs::read_to_string(man.join("hsmca-site-show.1")).unwrap();
+    assert!(page.contains("SITE PARAMETERS"), "{page}");
+    for setting in &settings {
+        let key = setting["name"].as_str().unwrap();
+        assert!(help.contains(key) && page.contains(key), "{key}");
+    }
+
+    // The edit is not in force until applied: every command refuses until then.
+    let worker = env.p256_csr("c/worker.csr", "/O=system:nodes/CN=system:node:worker-01");
+    env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&worker),
+    ])
+    .fails_with(2, "site.json changed");
+    let applied = env.hsmca(&["profiles", "apply", "--home", s(&home)]);
+    applied.ok();
+    assert!(
+        applied.stdout().contains("site.json changed") && applied.stdout().contains("countries"),
+        "{}",
+        applied.all()
+    );
+    let log = std::fs::read_to_string(home.join("log/entries.jsonl")).unwrap();
+    assert!(
+        log.lines().last().unwrap().contains("\"type\":\"policy\""),
+        "{log}"
+    );
+
+    // The refusal names node_names, lists its values and says how to change it.
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        s(&worker),
+    ]);
+    assert_eq!(run.code(), 1, "{}", run.all());
+    let out = run.stdout();
+    for want in [
+        "rule subject.CN expects \"system:node:{node}\" with {node} one of \"node-a\", \"node-b\", \"node-c\" (from site parameter node_names",
+        "then run hsmca profiles apply",
+        "\"system:node:worker-01\"",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    // An OU no site list allows names org_units; C=DE is now allowed by countries.
+    let proxy = env.p256_csr("c/proxy.csr", "/C=DE/O=k8s/OU=Ops/CN=system:kube-proxy");
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "kube-proxy",
+        "--json",
+        s(&proxy),
+    ]);
+    let outcome: serde_json::Value =
+        serde_json::from_str(run.stdout().lines().next().unwrap()).unwrap();
+    assert_eq!(
+        rules_of(&outcome),
+        vec!["subject.OU".to_owned()],
+        "{}",
+        run.all()
+    );
+    let expected = outcome["refusals"][0]["expected"].as_str().unwrap();
+    assert!(
+        expected.starts_with("nothing: site parameter org_units is empty"),
+        "{expected}"
+    );
+}
+
+/// Issue 16: `check --profile auto` with a cfssl-era admin CSR (made by `cfssl genkey`, as
+/// the seed tutorial made its admin-csr.json) points to super-admin and says a batch needs
+/// `--allow-profile super-admin`; a node CSR is accepted by kubelet-client; CA profiles are
+/// never offered.
+#[test]
+fn check_auto_finds_the_profiles_that_fit_and_the_closest_that_do_not() {
+    require("cfssl");
+    require("cfssljson");
+    let env = Env::new("auto");
+    let home = env.init_k8s("ca", "auto");
+    let dir = env.path("c");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("admin-csr.json"),
+        r#"{"CN":"admin","hosts":[],"key":{"algo":"rsa","size":2048},
+            "names":[{"C":"CN","ST":"BeiJing","L":"BeiJing","O":"system:masters","OU":"System"}]}"#,
+    )
+    .unwrap();
+    let made = Command::new("sh")
+        .current_dir(&dir)
+        .args(["-c", "cfssl genkey admin-csr.json | cfssljson -bare admin"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let admin = dir.join("admin.csr");
+    let node = env.p256_csr("c/node1.csr", "/O=system:nodes/CN=system:node:node1");
+
+    let run = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "auto",
+        "--json",
+        s(&admin),
+        s(&node),
+    ]);
+    assert_eq!(
+        run.code(),
+        1,
+        "the admin CSR fits no profile: {}",
+        run.all()
+    );
+    let lines: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let admin_check = &lines[0];
+    assert_eq!(admin_check["accepted"], serde_json::json!([]));
+    let closest = admin_check["closest"].as_array().unwrap();
+    assert_eq!(closest[0]["profile"], "super-admin", "{admin_check}");
+    assert_eq!(closest[0]["danger"], true);
+    let rules: Vec<&str> = closest[0]["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert!(rules.contains(&"subject.CN"), "{rules:?}");
+    assert!(closest.len() <= 3);
+    let node_check = &lines[1];
+    let accepted: Vec<&str> = node_check["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["profile"].as_str().unwrap())
+        .collect();
+    assert_eq!(accepted, vec!["kubelet-client"], "{node_check}");
+    for line in &lines {
+        for fit in line["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(line["closest"].as_array().unwrap())
+        {
+            assert!(!fit["profile"].as_str().unwrap().ends_with("-ca"), "{line}");
+        }
+    }
+
+    // The text says the same, with the note and the command that signs.
+    let text = env.hsmca(&[
+        "check",
+        "--home",
+        s(&home),
+        "--profile",
+        "auto",
+        s(&admin),
+        s(&node),
+    ]);
+    let out = text.stdout();
+    assert!(
+        out.contains("no profile accepts it")
+            && out.contains("super-admin (")
+            && out.contains("need --allow-profile super-admin")
+            && out.contains("rule subject.CN expects \"kubernetes-super-admin\", got \"admin\"")
+            && out.contains("--profile kubelet-client")
+            && out.contains("1 of 2 CSRs accepted"),
+        "{out}"
+    );
+}
+
+/// Issue 16: several clusters under one root. The site's `cluster_name` names the cluster's
+/// intermediates (`prod-eu-kubernetes-ca`, CN "prod-eu kubernetes-ca") and makes them the
+/// issuer of the leaf profiles; switching it is a logged policy change. Each cluster's
+/// kubelet certificate chains to the one root through its own intermediate only.
+#[test]
+fn two_clusters_share_one_root_each_with_its_own_intermediate() {
+    let env = Env::new("clusters");
+    let (home, init) = env.init_with_site(
+        "ca",
+        "clusters",
+        r#"{"cluster_name": "prod-eu", "node_names": ["node-a"]}"#,
+    );
+    init.ok();
+    let create = |name: &str, cn: &str| env.ca_create(&home, name, "kubernetes-ca", cn);
+    // Without the cluster's name the CN is refused, and the refusal names cluster_name.
+    let bare = create("kubernetes-ca", "kubernetes-ca");
+    assert_ne!(bare.code(), 0);
+    assert!(
+        bare.all().contains("\"prod-eu kubernetes-ca\"") && bare.all().contains("cluster_name"),
+        "{}",
+        bare.all()
+    );
+    create("prod-eu-kubernetes-ca", "prod-eu kubernetes-ca").ok();
+    let a = env.p256_csr("c/node-a.csr", "/O=system:nodes/CN=system:node:node-a");
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        "--chain",
+        s(&a),
+    ])
+    .ok();
+
+    // The second cluster: change cluster_name (and its nodes), apply, create its intermediate.
+    let path = home.join("site.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    value["cluster_name"] = "staging".into();
+    value["node_names"] = serde_json::json!(["node-s"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let applied = env.hsmca(&["profiles", "apply", "--home", s(&home)]);
+    applied.ok();
+    assert!(
+        applied.stdout().contains("cluster_name"),
+        "{}",
+        applied.all()
+    );
+    // Before its intermediate exists, a kubelet CSR is refused with the command that makes it.
+    let b = env.p256_csr("c/node-s.csr", "/O=system:nodes/CN=system:node:node-s");
+    let missing = env.sign(&home, "kubelet-client", &[&b]);
+    assert!(
+        missing
+            .all()
+            .contains("hsmca ca create staging-kubernetes-ca --home")
+            && missing
+                .all()
+                .contains("--profile kubernetes-ca --subject 'CN=staging kubernetes-ca'"),
+        "{}",
+        missing.all()
+    );
+    create("staging-kubernetes-ca", "staging kubernetes-ca").ok();
+    env.hsmca(&[
+        "sign",
+        "--home",
+        s(&home),
+        "--profile",
+        "kubelet-client",
+        "--chain",
+        s(&b),
+    ])
+    .ok();
+
+    let root = home.join("root.pem");
+    for (leaf, issuer) in [(&a, "prod-eu kubernetes-ca"), (&b, "staging kubernetes-ca")] {
+        let cert = leaf.with_extension("crt");
+        assert!(
+            openssl(&["x509", "-in", s(&cert), "-noout", "-issuer"]).contains(issuer),
+            "{}",
+            cert.display()
+        );
+        // The file holds the leaf, its cluster's intermediate and the root.
+        let verified = openssl(&[
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&cert),
+            s(&cert),
+        ]);
+        assert!(verified.contains(": OK"), "{verified}");
+    }
+    // A cluster's certificate does not chain through the other cluster's intermediate.
+    let other = env.path("staging-ca.pem");
+    std::fs::write(
+        &other,
+        std::fs::read(home.join("cas/staging-kubernetes-ca.pem")).unwrap(),
+    )
+    .unwrap();
+    let crossed = Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            s(&root),
+            "-untrusted",
+            s(&other),
+            s(&a.with_extension("crt")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!crossed.status.success());
+}
+
+/// Issue 16: with the site's `crl_url`, certificates of profiles with
+/// `crl_distribution_point` carry a cRLDistributionPoints URI to their issuer's CRL
+/// (`URL/ISSUER.crl`), pkilint-clean; a profile without it carries none; a URL that is not
+/// http(s) is refused when the site is loaded, naming the key.
+#[test]
+fn crl_distribution_point_from_the_site_is_pkilint_clean() {
+    require("lint_pkix_cert");
+    let env = Env::new("cdp");
+    let (_, refused) =
+        env.init_with_site("bad", "cdp", r#"{"crl_url": "ldap://pki.example.com/crl"}"#);
+    refused.fails_with(2, "crl_url");
+    assert!(
+        refused.all().contains("ldap://pki.example.com/crl"),
+        "{}",
+        refused.all()
+    );
+
+    let (home, init) =
+        env.init_with_site("ca", "cdp", r#"{"crl_url": "http://pki.example.com/crl/"}"#);
+    init.ok();
+    env.install_test_any_key(&home);
+    env.ca_create(&home, "kubernetes-ca", "kubernetes-ca", "kubernetes-ca")
+        .ok();
+    let node = env.p256_csr("c/node.csr", "/O=system:nodes/CN=system:node:node1");
+    env.sign(&home, "kubelet-client", &[&node]).ok();
+    let any = env.p256_csr("c/any.csr", "/CN=any.test.internal");
+    env.sign(&home, "test-any-key", &[&any]).ok();
+
+    let text = |cert: &Path| openssl(&["x509", "-in", s(cert), "-noout", "-text"]);
+    let leaf = node.with_extension("crt");
+    let intermediate = home.join("cas/kubernetes-ca.pem");
+    for (cert, uri) in [
+        (&leaf, "URI:http://pki.example.com/crl/kubernetes-ca.crl"),
+        (&intermediate, "URI:http://pki.example.com/crl/root.crl"),
+    ] {
+        let t = text(cert);
+        assert!(
+            t.contains("X509v3 CRL Distribution Points") && t.contains(uri),
+            "{}: {t}",
+            cert.display()
+        );
+        assert_eq!(
+            pkilint_errors(cert),
+            Vec::<String>::new(),
+            "{}",
+            cert.display()
+        );
+    }
+    assert!(
+        !text(&any.with_extension("crt")).contains("CRL Distribution Points"),
+        "a profile without crl_distribution_point carries none"
+    );
 }

@@ -94,3 +94,63 @@ fn issue_17_progress_counts_each_outcome_apart_and_moves_with_each_certificate()
     );
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+/// Issue 16: a rerun that only writes files again issues nothing, says so (`written again`,
+/// not `issued`), and leaves no log entry after the last signed checkpoint: the checkpoint
+/// covers every entry, and `log verify` passes.
+#[test]
+fn a_rerun_that_only_writes_again_says_so_and_leaves_no_unsigned_entry() {
+    let env = Env::new("rerun");
+    let home = env.init("ca", "rerun", "ecdsa-p256");
+    for i in 0..3 {
+        env.p256_csr(&format!("in/c-{i}.csr"), &format!("/CN=c{i}"));
+    }
+    let input = env.path("in");
+    let sign_dir = |out: &str| {
+        env.hsmca(&[
+            "sign-dir",
+            "--home",
+            s(&home),
+            "--profile",
+            "test-any-key",
+            s(&input),
+            "--out",
+            s(&env.path(out)),
+        ])
+    };
+    let covered = || {
+        let entries = std::fs::read_to_string(home.join("log/entries.jsonl"))
+            .unwrap()
+            .lines()
+            .count();
+        let checkpoint = std::fs::read_to_string(home.join("log/checkpoint")).unwrap();
+        let size: usize = checkpoint.lines().nth(1).unwrap().parse().unwrap();
+        (entries, size)
+    };
+    sign_dir("out1").ok();
+    let rerun = sign_dir("out2");
+    rerun.ok();
+    assert!(
+        rerun.all().contains("0 issued, 3 written again"),
+        "{}",
+        rerun.all()
+    );
+    let (entries, size) = covered();
+    assert_eq!(entries, size, "every entry under the last checkpoint");
+    // The same with `sign`, one CSR at a time.
+    let again = env.sign(&home, "test-any-key", &[&env.path("in/c-0.csr")]);
+    again.ok();
+    assert!(
+        again.stdout().contains("1 of 1 CSR ok (1 written again)"),
+        "{}",
+        again.all()
+    );
+    assert_eq!(
+        covered(),
+        (entries, size),
+        "nothing logged by a rerun of sign"
+    );
+    let verify = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    verify.ok();
+    assert!(!verify.all().contains("unsigned"), "{}", verify.all());
+}

@@ -675,8 +675,11 @@ fn run<'a>(
     );
     let out_dir = files::OutDir::open(out)?;
     if batch.kubeadm {
-        for (ca, rel) in KUBEADM_CAS {
-            if let Ok((cert, _)) = home.issuer(ca) {
+        for (profile, plain, rel) in KUBEADM_CAS {
+            let ca = home
+                .profile(profile)
+                .map_or_else(|_| plain.to_owned(), |p| p.issuer);
+            if let Ok((cert, _)) = home.issuer(&ca) {
                 // Something planted at a CA file's name fails that file, not the batch: every
                 // certificate is already issued and written.
                 let pem = engine::pem("CERTIFICATE", &cert.der);

@@ -60,11 +60,24 @@ const EXAMPLES: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     (
-        "check",
+        "site show",
         &[(
-            "What would be issued, or every violated rule; no token, no PIN",
-            "hsmca check --home /srv/ca --profile kubelet-client node7.csr",
+            "Every site parameter in force, and whether site.json sets it or it is the default",
+            "hsmca site show --home /srv/ca",
         )],
+    ),
+    (
+        "check",
+        &[
+            (
+                "What would be issued, or every violated rule; no token, no PIN",
+                "hsmca check --home /srv/ca --profile kubelet-client node7.csr",
+            ),
+            (
+                "Which profiles would take these CSRs, and why the closest others refuse them",
+                "hsmca check --home /srv/ca --profile auto admin.csr node7.csr",
+            ),
+        ],
     ),
     (
         "plan",
@@ -250,6 +263,33 @@ const EXIT_STATUS: &[(&str, &str)] = &[
     ),
 ];
 
+/// SITE PARAMETERS: every key of `HOME/site.json`, from the one table the defaults and `hsmca
+/// site show` use.
+fn site_parameters() -> Vec<(String, String)> {
+    hsmca::profile::SITE_KEYS
+        .iter()
+        .map(|k| {
+            (
+                format!(
+                    "{} ({}, default {})",
+                    k.name,
+                    k.kind.name(),
+                    k.default_value()
+                ),
+                k.meaning.to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Commands whose help and man page list the site parameters.
+fn shows_site(path: &str) -> bool {
+    matches!(path, "" | "init" | "site" | "site show" | "profiles apply")
+}
+
+const SITE_NOTE: &str = "Change them by editing HOME/site.json, then run hsmca profiles apply \
+(the logged policy change); hsmca site show prints the values in force and where each comes from.";
+
 fn examples(path: &str) -> &'static [(&'static str, &'static str)] {
     EXAMPLES
         .iter()
@@ -283,6 +323,13 @@ fn help_text(path: &str) -> String {
         }
     } else {
         s.push_str("\nEnvironment, files and exit status: hsmca --help, or man hsmca.");
+    }
+    if shows_site(path) {
+        let _ = writeln!(s, "\n\nSite parameters (HOME/site.json):");
+        for (k, v) in site_parameters() {
+            let _ = writeln!(s, "  {k}\n      {v}");
+        }
+        let _ = write!(s, "\n{SITE_NOTE}");
     }
     s.trim_end().to_owned()
 }
@@ -358,6 +405,12 @@ fn page(cmd: &clap::Command, path: &str) -> Result<Vec<u8>, std::io::Error> {
     section(&mut extra, "ENVIRONMENT", ENVIRONMENT);
     section(&mut extra, "FILES", FILES);
     section(&mut extra, "EXIT STATUS", EXIT_STATUS);
+    if shows_site(path) {
+        let keys = site_parameters();
+        let items: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        section(&mut extra, "SITE PARAMETERS", &items);
+        let _ = writeln!(extra, ".PP\n{}", roff(SITE_NOTE));
+    }
     out.extend_from_slice(extra.as_bytes());
     if cmd.get_version().is_some() {
         man.render_version_section(&mut out)?;

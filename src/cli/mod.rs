@@ -78,8 +78,9 @@ enum Command {
         /// Install the profiles from this directory instead of the shipped ones.
         #[arg(long, value_name = "DIR")]
         profiles: Option<PathBuf>,
-        /// Site parameters (JSON object: cluster_domain, service_ip, node_ip_ranges, ...);
-        /// default: the built-in values, written to HOME/site.json.
+        /// Site parameters (JSON object: cluster_name, cluster_domain, service_ip, node_names,
+        /// node_ip_ranges, ...; see SITE PARAMETERS); keys left out take the built-in default.
+        /// Every value in force is written to HOME/site.json and printed.
         #[arg(long, value_name = "FILE")]
         site: Option<PathBuf>,
         #[command(flatten)]
@@ -119,11 +120,14 @@ enum Command {
         json: bool,
     },
     /// Show what `sign` would issue, or every violation, without the token or a PIN.
+    /// `--profile auto` judges each CSR under every leaf profile instead: which accept it, and
+    /// for the closest that refuse it, why.
     Check {
         /// The CA home.
         #[arg(long, value_name = "DIR")]
         home: PathBuf,
-        /// Profile name.
+        /// Profile name, or `auto`: every leaf profile of the home (CA profiles are never
+        /// offered; dangerous ones are marked, since a batch needs --allow-profile for them).
         #[arg(long)]
         profile: String,
         /// CSR files, PEM or DER.
@@ -315,6 +319,11 @@ enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// The site parameters the profiles use (HOME/site.json).
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
     /// Work with the issuance log.
     Log {
         #[command(subcommand)]
@@ -418,6 +427,20 @@ enum ProfilesCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Every site parameter with its value in force and its origin: `set` in HOME/site.json,
+    /// or the built-in `default`. Needs no token.
+    Show {
+        /// The CA home.
+        #[arg(long, value_name = "DIR")]
+        home: PathBuf,
+        /// Machine-readable output (one JSON document).
         #[arg(long)]
         json: bool,
     },
@@ -584,6 +607,10 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             json,
         } => {
             let tref = token_ref(&token)?;
+            let (site, site_given) = match &site {
+                Some(path) => Site::load_with_origins(path)?,
+                None => (Site::default(), std::collections::BTreeSet::new()),
+            };
             let key_type = KeyType::from_name(&key_type)
                 .ok_or_else(|| Error::Usage(format!("unknown key type {key_type}")))?;
             let log_key_type = log_key_type.as_deref().and_then(KeyType::from_name);
@@ -600,10 +627,8 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 log_key_type,
                 origin: log_origin,
                 profiles_from: profiles,
-                site: match site {
-                    Some(path) => Site::load(&path)?,
-                    None => Site::default(),
-                },
+                site,
+                site_given,
             };
             hsmca::issue::parse_subject(&req.subject)?;
             let pin = pin::read(token_opts.pin_file.as_deref(), &req.token.token)?;
@@ -651,6 +676,16 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             json,
         } => {
             let home = Home::open(&home)?;
+            hsmca::pinned::check_home(&home)?;
+            if profile == "auto" {
+                let checks = sign::check_auto(&home, &csrs, validity, &clock)?;
+                report::auto_checks(&mut out, &checks, &home.dir, json)?;
+                return Ok(if checks.iter().all(sign::AutoCheck::ok) {
+                    0
+                } else {
+                    1
+                });
+            }
             let req = SignRequest {
                 profile,
                 csrs,
@@ -658,7 +693,6 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
                 chain: false,
                 validity,
             };
-            hsmca::pinned::check_home(&home)?;
             let outcomes = sign::check(&home, &req, &clock)?;
             report::outcomes(&mut out, &outcomes, json)?;
             Ok(if outcomes.iter().all(Outcome::ok) {
@@ -1063,6 +1097,14 @@ pub(crate) fn run(args: Args) -> Result<u8, Error> {
             let home = Home::open(&home)?;
             let r = lifecycle::export(&home, &dir)?;
             report::exported(&mut out, &r, json)?;
+            Ok(0)
+        }
+        Command::Site {
+            command: SiteCommand::Show { home, json },
+        } => {
+            let home = Home::open(&home)?;
+            let (site, given) = home.site_with_origins()?;
+            report::site(&mut out, &site.settings(&given), json)?;
             Ok(0)
         }
         Command::Completions { shell } => {

@@ -23,8 +23,9 @@ use hsmca::lifecycle::{CrlReport, Expiring, Exported, Listed, Revoked};
 use hsmca::log::{Recovered, Report};
 use hsmca::minutes::Minutes;
 use hsmca::names::count;
-use hsmca::profile::Duration;
 use hsmca::profile::Profile;
+use hsmca::profile::{Duration, SiteOrigin, SiteSetting};
+use hsmca::sign::{AutoCheck, Fit};
 
 /// Whether `c` must not reach a terminal raw: C0 and C1 controls, DEL, and the invisible or
 /// reordering format characters (bidi embeddings, overrides and isolates, zero-width
@@ -200,10 +201,120 @@ pub(crate) fn init(out: &mut impl Write, r: &InitReport, as_json: bool) -> io::R
     writeln!(out, "  log key     {} ; verifier key:", r.log_key_type)?;
     writeln!(out, "  {}", r.log_vkey)?;
     writeln!(out, "  profiles    {}", r.profiles.join(", "))?;
+    writeln!(out, "site settings (HOME/site.json):")?;
+    site_table(out, &r.site)?;
     writeln!(
         out,
-        "Record the root SHA-256 and the verifier key in the ceremony minutes."
+        "Record the root SHA-256 and the verifier key in the ceremony minutes. Check the site \
+         settings: change one by editing HOME/site.json, then run hsmca profiles apply."
     )
+}
+
+/// `check --profile auto`: per CSR, the profiles that accept it (with the command that signs
+/// it), else the closest that refuse it and every rule each violates.
+pub(crate) fn auto_checks(
+    out: &mut impl Write,
+    checks: &[AutoCheck],
+    home: &Path,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        for c in checks {
+            json(out, c)?;
+        }
+        return Ok(());
+    }
+    let danger = |f: &Fit| {
+        if f.danger {
+            format!(
+                "; dangerous: plan and sign-dir need --allow-profile {}",
+                f.profile
+            )
+        } else {
+            String::new()
+        }
+    };
+    for c in checks {
+        let csr = c.csr.display().to_string();
+        if let Some(failed) = &c.failed {
+            single_outcome(out, failed)?;
+            continue;
+        }
+        for f in &c.accepted {
+            let subject = f.cert.as_ref().map_or("", |cert| cert.subject.as_str());
+            writeln!(
+                out,
+                "{}: accepted by profile {} (subject {}{})",
+                safe(&csr),
+                f.profile,
+                safe(subject),
+                danger(f)
+            )?;
+            writeln!(
+                out,
+                "    hsmca sign --home {} --profile {} {}",
+                safe(&home.display().to_string()),
+                f.profile,
+                safe(&csr)
+            )?;
+        }
+        if c.accepted.is_empty() {
+            writeln!(out, "{}: no profile accepts it; the closest:", safe(&csr))?;
+            for f in &c.closest {
+                writeln!(
+                    out,
+                    "  {} ({}{}):",
+                    f.profile,
+                    count(f.refusals.len(), "violation", "violations"),
+                    danger(f)
+                )?;
+                for r in &f.refusals {
+                    writeln!(out, "    {}", safe(&r.to_string()))?;
+                }
+            }
+        }
+    }
+    let ok = checks.iter().filter(|c| c.ok()).count();
+    writeln!(
+        out,
+        "{ok} of {} accepted by some profile",
+        count(checks.len(), "CSR", "CSRs")
+    )
+}
+
+/// `site show`: every parameter, its value in force and where it comes from.
+pub(crate) fn site(
+    out: &mut impl Write,
+    settings: &[SiteSetting],
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(out, &settings);
+    }
+    site_table(out, settings)?;
+    writeln!(
+        out,
+        "Change a value by editing HOME/site.json, then run hsmca profiles apply (logged); \
+         man hsmca-site-show says what each key is for."
+    )
+}
+
+fn site_table(out: &mut impl Write, settings: &[SiteSetting]) -> io::Result<()> {
+    let width = settings.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for s in settings {
+        let origin = match s.origin {
+            SiteOrigin::Set => "set",
+            SiteOrigin::Default => "default",
+        };
+        writeln!(
+            out,
+            "  {:width$}  {:7}  {}",
+            s.name,
+            origin,
+            safe(&s.value.to_string())
+        )?;
+    }
+    Ok(())
 }
 
 /// `sign` and `check`: one block per CSR, then a count.
@@ -219,82 +330,130 @@ pub(crate) fn outcomes(
         return Ok(());
     }
     for o in outcomes {
-        match o {
-            Outcome::Issued {
-                csr,
-                cert,
-                file,
-                log_entry,
-                already_issued,
-            } => {
-                let how = if *already_issued {
-                    "already issued; written again"
-                } else {
-                    "issued"
-                };
-                writeln!(
-                    out,
-                    "{}: {how} serial {} -> {} (log entry {log_entry})",
-                    safe(&csr.display().to_string()),
-                    cert.serial,
-                    safe(&file.display().to_string())
-                )?;
-                writeln!(
-                    out,
-                    "    subject {} ; until {}",
-                    safe(&cert.subject),
-                    cert.not_after
-                )?;
-            }
-            Outcome::WouldIssue { csr, cert } => {
-                writeln!(
-                    out,
-                    "{}: would issue under profile {:?}",
-                    safe(&csr.display().to_string()),
-                    cert.profile
-                )?;
-                writeln!(out, "    subject   {}", safe(&cert.subject))?;
-                writeln!(out, "    issuer    {}", cert.issuer)?;
-                writeln!(out, "    key       {}", cert.key_type)?;
-                writeln!(
-                    out,
-                    "    SANs      {}",
-                    if cert.sans.is_empty() {
-                        "(none)".into()
-                    } else {
-                        safe(&cert.sans.join(", ")).into_owned()
-                    }
-                )?;
-                writeln!(
-                    out,
-                    "    usage     {} ; {}",
-                    cert.key_usage.join(", "),
-                    cert.extended_key_usage.join(", ")
-                )?;
-                writeln!(
-                    out,
-                    "    validity  {} .. {}",
-                    cert.not_before, cert.not_after
-                )?;
-            }
-            Outcome::Refused { csr, refusals } => {
-                writeln!(out, "{}: refused", safe(&csr.display().to_string()))?;
-                for r in refusals {
-                    writeln!(out, "    {}", safe(&r.to_string()))?;
-                }
-            }
-            Outcome::Failed { csr, rule, error } => {
-                writeln!(
-                    out,
-                    "{}: failed: {} (rule {rule})",
-                    safe(&csr.display().to_string()),
-                    safe(error)
-                )?;
-            }
-        }
+        single_outcome(out, o)?;
     }
     let ok = outcomes.iter().filter(|o| o.ok()).count();
-    writeln!(out, "{ok} of {} ok", count(outcomes.len(), "CSR", "CSRs"))
+    writeln!(
+        out,
+        "{ok} of {} ok{}",
+        count(outcomes.len(), "CSR", "CSRs"),
+        tally(outcomes)
+    )
+}
+
+/// ` (2 issued, 1 written again, 1 refused)`: the outcomes counted apart, so a rerun that only
+/// wrote files again does not read as issuance.
+fn tally(outcomes: &[Outcome]) -> String {
+    let mut n = [0usize; 5];
+    for o in outcomes {
+        let i = match o {
+            Outcome::Issued {
+                already_issued: false,
+                ..
+            } => 0,
+            Outcome::Issued { .. } => 1,
+            Outcome::WouldIssue { .. } => 2,
+            Outcome::Refused { .. } => 3,
+            Outcome::Failed { .. } => 4,
+        };
+        n[i] += 1;
+    }
+    let words = [
+        "issued",
+        "written again",
+        "would issue",
+        "refused",
+        "failed",
+    ];
+    let parts: Vec<String> = n
+        .iter()
+        .zip(words)
+        .filter(|(k, _)| **k > 0)
+        .map(|(k, w)| format!("{k} {w}"))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
+/// One CSR's outcome, as `sign`, `check` and `check --profile auto` print it.
+fn single_outcome(out: &mut impl Write, o: &Outcome) -> io::Result<()> {
+    match o {
+        Outcome::Issued {
+            csr,
+            cert,
+            file,
+            log_entry,
+            already_issued,
+        } => {
+            let how = if *already_issued {
+                "already issued; written again"
+            } else {
+                "issued"
+            };
+            writeln!(
+                out,
+                "{}: {how} serial {} -> {} (log entry {log_entry})",
+                safe(&csr.display().to_string()),
+                cert.serial,
+                safe(&file.display().to_string())
+            )?;
+            writeln!(
+                out,
+                "    subject {} ; until {}",
+                safe(&cert.subject),
+                cert.not_after
+            )?;
+        }
+        Outcome::WouldIssue { csr, cert } => {
+            writeln!(
+                out,
+                "{}: would issue under profile {:?}",
+                safe(&csr.display().to_string()),
+                cert.profile
+            )?;
+            writeln!(out, "    subject   {}", safe(&cert.subject))?;
+            writeln!(out, "    issuer    {}", cert.issuer)?;
+            writeln!(out, "    key       {}", cert.key_type)?;
+            writeln!(
+                out,
+                "    SANs      {}",
+                if cert.sans.is_empty() {
+                    "(none)".into()
+                } else {
+                    safe(&cert.sans.join(", ")).into_owned()
+                }
+            )?;
+            writeln!(
+                out,
+                "    usage     {} ; {}",
+                cert.key_usage.join(", "),
+                cert.extended_key_usage.join(", ")
+            )?;
+            writeln!(
+                out,
+                "    validity  {} .. {}",
+                cert.not_before, cert.not_after
+            )?;
+        }
+        Outcome::Refused { csr, refusals } => {
+            writeln!(out, "{}: refused", safe(&csr.display().to_string()))?;
+            for r in refusals {
+                writeln!(out, "    {}", safe(&r.to_string()))?;
+            }
+        }
+        Outcome::Failed { csr, rule, error } => {
+            writeln!(
+                out,
+                "{}: failed: {} (rule {rule})",
+                safe(&csr.display().to_string()),
+                safe(error)
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// `log verify`.

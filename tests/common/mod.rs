@@ -123,12 +123,17 @@ impl Env {
         self.hsmca(&args)
     }
 
-    /// A CA home at `rel` with a root of `key_type`.
+    /// A CA home at `rel` with a root of `key_type`, under the seed tutorial's site
+    /// (`tests/data/site/seed.json`: its C/ST/L/OU values, node names under `*.internal` in
+    /// the private ranges), set explicitly as an operator would: the defaults allow none.
     pub fn init(&self, rel: &str, token: &str, key_type: &str) -> PathBuf {
         let home = self.path(rel);
         let label = format!("root-{rel}");
+        let site = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/site/seed.json");
         self.hsmca(&[
             "init",
+            "--site",
+            site.to_str().unwrap(),
             "--home",
             home.to_str().unwrap(),
             "--token",
@@ -143,6 +148,43 @@ impl Env {
         .ok();
         self.install_test_any_key(&home);
         home
+    }
+
+    /// `hsmca init` of a P-256 root at `rel` with `site` (JSON text, written to
+    /// `rel.site.json`) as its site file; the run is returned for tests of its output or refusal.
+    pub fn init_with_site(&self, rel: &str, token: &str, site: &str) -> (PathBuf, Run) {
+        let site_file = self.path(&format!("{rel}.site.json"));
+        std::fs::write(&site_file, site).unwrap();
+        let home = self.path(rel);
+        let run = self.hsmca(&[
+            "init",
+            "--home",
+            s(&home),
+            "--token",
+            token,
+            "--key-type",
+            "ecdsa-p256",
+            "--subject",
+            &format!("CN={rel} Root"),
+            "--site",
+            s(&site_file),
+        ]);
+        (home, run)
+    }
+
+    /// `hsmca ca create NAME --home HOME --profile PROFILE --subject "CN=CN"`.
+    pub fn ca_create(&self, home: &Path, name: &str, profile: &str, cn: &str) -> Run {
+        self.hsmca(&[
+            "ca",
+            "create",
+            name,
+            "--home",
+            s(home),
+            "--profile",
+            profile,
+            "--subject",
+            &format!("CN={cn}"),
+        ])
     }
 
     /// Installs the suite's `test-any-key` profile (any key type, any DNS name, root-issued;
@@ -270,7 +312,8 @@ impl Env {
         let site = self.path("site.json");
         std::fs::write(
             &site,
-            r#"{"kubeadm_single_label_names": true, "node_names": ["node1"]}"#,
+            r#"{"kubeadm_single_label_names": true, "node_names": ["node1"],
+                "node_ip_ranges": ["10.0.0.0/8"]}"#,
         )
         .unwrap();
         let home = self.path("ca");
