@@ -32,7 +32,8 @@ command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null;
 cargo build --release --quiet --manifest-path "$repo/Cargo.toml" --examples --bins
 bin=$repo/target/release
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# BENCH_KEEP=1 keeps the work directory (the big home) for more measurements.
+trap 'if [ -n "${BENCH_KEEP:-}" ]; then echo "bench-log.sh: kept $work" >&2; else rm -rf "$work"; fi' EXIT
 # Throwaway benchmark tokens: their PINs are set here, in the open.
 export HSMCA_PIN=123456 HSMCA_SO_PIN=87654321
 cores=$(nproc)

@@ -55,6 +55,42 @@ pub fn signature(der: &[u8], issuer: &PublicKey) -> Result<(), VerifyError> {
     }
 }
 
+/// What a log verifier needs of a certificate, from one parse: issuer and subject (DER),
+/// the signature, and the key only when the certificate is a CA's (a leaf's key is never
+/// needed to check anything after it).
+pub struct Parts {
+    /// Issuer name, DER.
+    pub issuer: Vec<u8>,
+    /// Subject name, DER.
+    pub subject: Vec<u8>,
+    /// The signature bits.
+    pub signature: Vec<u8>,
+    /// The subject key, for a CA certificate.
+    pub ca_key: Option<PublicKey>,
+}
+
+/// [`Parts`] of a DER certificate.
+pub fn parts(der: &[u8]) -> Result<Parts, VerifyError> {
+    let cert = parse(der)?;
+    let tbs = cert.tbs_certificate();
+    let enc = |n: &x509_cert::name::Name| n.to_der().map_err(|e| VerifyError::Parse(e.to_string()));
+    let is_ca = matches!(tbs.get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
+    Ok(Parts {
+        issuer: enc(tbs.issuer())?,
+        subject: enc(tbs.subject())?,
+        signature: cert
+            .signature()
+            .as_bytes()
+            .ok_or(VerifyError::Signature)?
+            .to_vec(),
+        ca_key: if is_ca {
+            Some(PublicKey::from_spki(tbs.subject_public_key_info())?)
+        } else {
+            None
+        },
+    })
+}
+
 /// The certificate's public key and notAfter.
 pub fn key_and_expiry(der: &[u8]) -> Result<(PublicKey, time::OffsetDateTime), VerifyError> {
     let cert = parse(der)?;

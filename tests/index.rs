@@ -292,3 +292,70 @@ fn verify_from_a_checkpoint_checks_what_was_appended_and_catches_tampering_there
     assert_eq!(run.code(), 4, "{}", run.all());
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+#[test]
+fn full_verify_checks_every_certificate_signature_on_the_worker_threads() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let env = Env::new("idxverify");
+    let home = env.init("ca", "idxverify", "ecdsa-p256");
+    // More certificates than one batch of work for a checking thread.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let input = env.path("in");
+    std::fs::create_dir_all(&input).unwrap();
+    for i in 0..600 {
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("c-{i}"));
+        std::fs::write(
+            input.join(format!("c-{i}.csr")),
+            p.serialize_request(&key).unwrap().pem().unwrap(),
+        )
+        .unwrap();
+    }
+    let out = env.path("out");
+    env.hsmca(&[
+        "sign-dir",
+        "--home",
+        s(&home),
+        s(&input),
+        "--profile",
+        "test-any-key",
+        "--out",
+        s(&out),
+    ])
+    .ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+
+    // One certificate's signature is changed, and its recorded SHA-256 with it: only the
+    // signature check can tell (the chain and checkpoints also report the edit).
+    let entries = home.join("log/entries.jsonl");
+    let text = std::fs::read_to_string(&entries).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let target = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("\"type\":\"cert\""))
+        .nth(450)
+        .map(|(i, _)| i)
+        .unwrap();
+    let mut entry: serde_json::Value = serde_json::from_str(&lines[target]).unwrap();
+    let mut der = b64.decode(entry["cert"].as_str().unwrap()).unwrap();
+    let last = der.len() - 3;
+    der[last] ^= 0x01;
+    let sha = ring::digest::digest(&ring::digest::SHA256, &der);
+    let hex: String = sha.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    entry["cert"] = b64.encode(&der).into();
+    entry["cert_sha256"] = hex.into();
+    lines[target] = serde_json::to_string(&entry).unwrap();
+    std::fs::write(&entries, lines.join("\n") + "\n").unwrap();
+    let run = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    assert_eq!(run.code(), 4, "{}", run.all());
+    assert!(
+        run.stdout().contains(&format!(
+            "problem: entry {target}: certificate signature does not verify under its issuer's key"
+        )),
+        "{}",
+        run.all()
+    );
+}

@@ -1138,20 +1138,34 @@ impl CaKeys {
     }
 
     /// Checks a certificate's signature under the CA logged before `seq` whose subject is
-    /// its issuer. `None` if it verifies.
+    /// its issuer, once every CA is known. `None` if it verifies.
     fn verify_cert(&self, seq: u64, der: &[u8]) -> Option<&'static str> {
-        let Ok((issuer, _, _, _)) = crate::verify::names(der) else {
+        let Ok(parts) = crate::verify::parts(der) else {
             return Some("certificate does not parse");
         };
+        let tbs = crate::asn1::first_inner_element(der).unwrap_or_default();
+        self.check(seq, &parts, tbs).unwrap_or(Some(
+            "certificate's issuer is neither the root nor a CA in this log",
+        ))
+    }
+
+    /// The signature check of a parsed certificate: `None` if no CA logged before `seq` has
+    /// its issuer's name (not known yet), else `Some(None)` if it verifies or `Some(problem)`.
+    fn check(
+        &self,
+        seq: u64,
+        parts: &crate::verify::Parts,
+        tbs: &[u8],
+    ) -> Option<Option<&'static str>> {
         let keys = self.read();
-        match keys
+        let (_, key, _) = keys
             .iter()
-            .find(|(name, _, at)| *name == issuer && *at < seq)
-        {
-            Some((_, k, _)) if crate::verify::signature(der, k).is_ok() => None,
-            Some(_) => Some("certificate signature does not verify under its issuer's key"),
-            None => Some("certificate's issuer is neither the root nor a CA in this log"),
-        }
+            .find(|(name, _, at)| *name == parts.issuer && *at < seq)?;
+        Some(if key.verify(tbs, &parts.signature) {
+            None
+        } else {
+            Some("certificate signature does not verify under its issuer's key")
+        })
     }
 
     fn verify_crl(&self, seq: u64, issuer: &[u8], tbs: &[u8], sig: &[u8]) -> bool {
@@ -1194,21 +1208,17 @@ fn check_worker(
             if keys::sha256_hex(tbs) != job.tbs_sha256 {
                 problem("certificate's TBS differs from the one its intent recorded");
             }
-            let Ok((issuer, subject, is_ca, key)) = crate::verify::names(&der) else {
+            let Ok(parts) = crate::verify::parts(&der) else {
                 problem("certificate does not parse");
                 continue;
             };
-            if is_ca {
-                ca_keys.add(subject, key, job.seq);
+            if let Some(key) = &parts.ca_key {
+                ca_keys.add(parts.subject.clone(), key.clone(), job.seq);
             }
-            let known = ca_keys
-                .read()
-                .iter()
-                .any(|(name, _, at)| *name == issuer && *at < job.seq);
-            if !known {
-                deferred.push((job.seq, der));
-            } else if let Some(m) = ca_keys.verify_cert(job.seq, &der) {
-                problem(m);
+            match ca_keys.check(job.seq, &parts, tbs) {
+                None => deferred.push((job.seq, der)),
+                Some(Some(m)) => problem(m),
+                Some(None) => {}
             }
         }
     }
