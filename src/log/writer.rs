@@ -273,7 +273,7 @@ fn catch_up(
     tree: &mut Tree,
     index: &mut Index,
     meta: Meta,
-) -> Result<Result<Derived0, Stale>, LogError> {
+) -> Result<Result<CaughtUp, Stale>, LogError> {
     let path = paths.entries();
     let file = open_regular(OpenOptions::new().read(true), &path)?;
     let len = file.metadata().map_err(io_at(&path))?.len();
@@ -339,13 +339,14 @@ fn catch_up(
         bytes: offset,
         root: tree.root(),
     })?;
-    Ok(Ok(Derived0 {
+    Ok(Ok(CaughtUp {
         bytes: offset,
         torn,
     }))
 }
 
-struct Derived0 {
+/// Where catching up ended: bytes of whole lines, and a torn last line if one was found.
+struct CaughtUp {
     bytes: u64,
     torn: Option<(u64, u64)>,
 }
@@ -362,31 +363,25 @@ fn cert_facts(body: &Body) -> Option<crate::verify::CertFacts> {
 }
 
 /// Opens and catches up the derived files, rebuilding them from the log if they do not match.
+/// Returns why they were rebuilt, if they were.
 fn derived(paths: &Paths) -> Result<(Derived, Option<String>), LogError> {
-    let mut rebuilt = None;
-    if let Ok((mut tree, mut index, meta)) = open_derived(paths)? {
-        match catch_up(paths, &mut tree, &mut index, meta)? {
-            Ok(d) => {
-                return Ok((
-                    Derived {
-                        tree,
-                        index,
-                        bytes: d.bytes,
-                        torn: d.torn,
-                    },
-                    None,
-                ));
+    let why = match open_derived(paths)? {
+        Ok((mut tree, mut index, meta)) => match catch_up(paths, &mut tree, &mut index, meta)? {
+            Ok(CaughtUp { bytes, torn }) => {
+                let d = Derived {
+                    tree,
+                    index,
+                    bytes,
+                    torn,
+                };
+                return Ok((d, None));
             }
-            Err(Stale(why)) => rebuilt = Some(why),
-        }
-    } else if let Err(Stale(why)) = open_derived(paths)? {
-        rebuilt = Some(why);
-    }
-    if let Some(why) = &rebuilt {
-        say_rebuilding(why);
-    }
-    let (d, _) = rebuild(paths)?;
-    Ok((d, rebuilt))
+            Err(Stale(why)) => why,
+        },
+        Err(Stale(why)) => why,
+    };
+    say_rebuilding(&why);
+    Ok((rebuild(paths)?, Some(why)))
 }
 
 /// Tells the operator why a command that should be quick reads the whole log: the index is
@@ -398,19 +393,16 @@ fn say_rebuilding(why: &str) {
 }
 
 /// Rebuilds the hashes file and the index from `entries.jsonl`.
-fn rebuild(paths: &Paths) -> Result<(Derived, ()), LogError> {
+fn rebuild(paths: &Paths) -> Result<Derived, LogError> {
     let (mut tree, mut index) = new_derived(paths)?;
     let meta = index.meta()?;
     match catch_up(paths, &mut tree, &mut index, meta)? {
-        Ok(d) => Ok((
-            Derived {
-                tree,
-                index,
-                bytes: d.bytes,
-                torn: d.torn,
-            },
-            (),
-        )),
+        Ok(CaughtUp { bytes, torn }) => Ok(Derived {
+            tree,
+            index,
+            bytes,
+            torn,
+        }),
         Err(Stale(why)) => Err(LogError::Corrupt(Problem {
             entry: None,
             message: why,
@@ -602,7 +594,7 @@ impl Log {
                 Ok(c) => break c,
                 Err(Stale(why)) if rebuilt.is_none() => {
                     say_rebuilding(&why);
-                    d = rebuild(&paths)?.0;
+                    d = rebuild(&paths)?;
                     rebuilt = Some(why);
                 }
                 Err(Stale(why)) => {
@@ -872,15 +864,22 @@ impl Log {
     /// Every CA certificate in the log (what `ca create` made), in log order, with its
     /// revocation: from the critical entries.
     pub fn ca_records(&self) -> Result<Vec<Record>, LogError> {
-        let mut out = Vec::new();
+        let rows = self.index.certs(&Query {
+            ca: true,
+            ..Query::default()
+        })?;
+        // Only those the critical entries name: the index cannot add or hide a CA.
+        let mut out = Vec::with_capacity(self.critical.ca.len());
         for seq in &self.critical.ca {
-            let rows = self.index.certs(&Query {
-                ca: true,
-                ..Query::default()
+            let row = rows.iter().find(|r| r.seq == *seq).cloned().ok_or_else(|| {
+                LogError::Index {
+                    path: self.paths.index(),
+                    message: format!(
+                        "entry {seq} is a CA certificate the index does not list; run `hsmca log reindex --home DIR`"
+                    ),
+                }
             })?;
-            if let Some(row) = rows.into_iter().find(|r| r.seq == *seq) {
-                out.push(self.record(row)?);
-            }
+            out.push(self.record(row)?);
         }
         Ok(out)
     }
