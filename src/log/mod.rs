@@ -298,7 +298,9 @@ pub(crate) fn issued_key(csr_sha256: &str, profile: &str) -> u128 {
 /// Everything learnt by reading the log once.
 #[derive(Debug, Default)]
 struct Scan {
+    /// The whole tree (for proofs), or, for a verification, only its compact range.
     tree: Tree,
+    stream: Option<translog::Streaming>,
     valid_len: u64,
     root: Option<RootInfo>,
     serials: HashSet<u128>,
@@ -335,6 +337,25 @@ struct Scan {
 }
 
 impl Scan {
+    fn size(&self) -> u64 {
+        self.stream
+            .as_ref()
+            .map_or_else(|| self.tree.size(), translog::Streaming::size)
+    }
+
+    fn root(&self) -> [u8; 32] {
+        self.stream
+            .as_ref()
+            .map_or_else(|| self.tree.root(), translog::Streaming::root)
+    }
+
+    fn root_at(&self, size: u64) -> Option<[u8; 32]> {
+        match &self.stream {
+            Some(s) => s.root_at(size),
+            None => self.tree.root_at(size),
+        }
+    }
+
     fn problem(&mut self, entry: Option<u64>, message: impl Into<String>) {
         self.problems.push(Problem {
             entry,
@@ -350,6 +371,12 @@ impl Scan {
         if !deep {
             return Self::read_lines(path, None);
         }
+        Self::read_deep(path, Vec::new())
+    }
+
+    /// [`Scan::read`] with every check, keeping the tree only as its compact range plus the
+    /// roots at `sizes` (the checkpoints to check): memory does not grow with the log.
+    fn read_deep(path: &Path, sizes: Vec<u64>) -> Result<Self, LogError> {
         let threads = std::thread::available_parallelism()
             .map_or(2, std::num::NonZero::get)
             .clamp(1, 16);
@@ -368,6 +395,7 @@ impl Scan {
         };
         let mut scan = Self {
             ca_keys: ca_keys.clone(),
+            stream: Some(translog::Streaming::remembering(sizes)),
             ..Self::default()
         };
         let read = scan.read_into(path, Some(sink));
@@ -417,13 +445,13 @@ impl Scan {
             if n == 0 {
                 break;
             }
-            let seq = scan.tree.size();
+            let seq = scan.size();
             if line.last() != Some(&b'\n') {
                 scan.torn = Some((seq, n as u64));
                 break;
             }
             let leaf = &line[..line.len() - 1];
-            let prev = translog::b64(&scan.tree.root());
+            let prev = translog::b64(&scan.root());
             match serde_json::from_slice::<Entry>(leaf) {
                 Err(e) => scan.problem(Some(seq), format!("not a valid log entry ({e})")),
                 Ok(entry) => {
@@ -446,7 +474,10 @@ impl Scan {
                     scan.note(seq, offset, leaf.len(), entry, deep);
                 }
             }
-            scan.tree.push(leaf);
+            match &mut scan.stream {
+                Some(stream) => stream.push(leaf),
+                None => scan.tree.push(leaf),
+            }
             offset += n as u64;
             scan.valid_len = offset;
         }
@@ -696,7 +727,7 @@ impl Scan {
 
 /// Checks the stored checkpoints against the recomputed tree; returns the latest one's size.
 fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Option<u64>, LogError> {
-    let size = scan.tree.size();
+    let size = scan.size();
     let mut sizes: Vec<(u64, PathBuf)> = fs::read_dir(paths.checkpoints())
         .map_err(io_at(&paths.checkpoints()))?
         .flatten()
@@ -731,7 +762,7 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
                     scan.problem(Some(size), format!("the log has {} but a checkpoint covers {}: entries {size}..{} were removed", crate::names::count(size, "entry", "entries"), cp.size, cp.size - 1));
                 }
             }
-            Ok(cp) if scan.tree.root_at(cp.size) != Some(cp.root) => {
+            Ok(cp) if scan.root_at(cp.size) != Some(cp.root) => {
                 if !reported {
                     reported = true;
                     let (from, to) = (
@@ -781,7 +812,7 @@ fn check_checkpoints(paths: &Paths, scan: &mut Scan, vkey: &str) -> Result<Optio
                         cp.size
                     ),
                 );
-            } else if scan.tree.root_at(cp.size).is_some_and(|r| r != cp.root) && !reported {
+            } else if scan.root_at(cp.size).is_some_and(|r| r != cp.root) && !reported {
                 scan.problem(
                     None,
                     format!(
@@ -910,7 +941,7 @@ fn verify_inner(
 ) -> Result<Report, LogError> {
     // `flag_unsigned_tail` false: a crash's leftovers (a torn line, entries past the last
     // checkpoint) are not problems here; callers trust nothing in them.
-    let mut scan = Scan::read(&paths.entries(), true)?;
+    let mut scan = Scan::read_deep(&paths.entries(), checkpoint_sizes(paths, external))?;
     if let (true, Some((entry, bytes))) = (flag_unsigned_tail, scan.torn) {
         scan.problem(Some(entry), format!("incomplete last line ({} after the last newline): interrupted write or truncation; run `hsmca log recover`", crate::names::count(bytes, "byte", "bytes")));
     }
@@ -937,7 +968,7 @@ fn verify_inner(
     }
     let vkey = vkey.map_or(recorded, str::to_owned);
     let cp = check_checkpoints(paths, &mut scan, &vkey)?;
-    let size = scan.tree.size();
+    let size = scan.size();
     let mut extends = Vec::new();
     for (name, note) in external {
         match translog::open_checkpoint(note, &vkey) {
@@ -949,7 +980,7 @@ fn verify_inner(
                     crate::names::count(c.size, "entry", "entries")
                 ),
             ),
-            Ok(c) if scan.tree.root_at(c.size) != Some(c.root) => scan.problem(
+            Ok(c) if scan.root_at(c.size) != Some(c.root) => scan.problem(
                 None,
                 format!(
                     "{name} (size {}) does not match the log: history before it was rewritten",
@@ -985,11 +1016,38 @@ fn verify_inner(
     Ok(r)
 }
 
+/// The sizes of every checkpoint a verification compares with the tree: stored, latest and
+/// given. Read (not yet verified) before the stream, so it keeps their roots as it passes.
+fn checkpoint_sizes(paths: &Paths, external: &[(String, Vec<u8>)]) -> Vec<u64> {
+    let size_of = |note: &[u8]| {
+        signed_note::Note::from_bytes(note)
+            .ok()
+            .and_then(|n| tlog_tiles::Checkpoint::from_bytes(n.text()).ok())
+            .map(|c| c.size())
+    };
+    let mut sizes = Vec::new();
+    for e in fs::read_dir(paths.checkpoints())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        sizes.extend(e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()));
+        sizes.extend(read_regular(&e.path()).ok().and_then(|b| size_of(&b)));
+    }
+    sizes.extend(
+        read_regular(&paths.checkpoint())
+            .ok()
+            .and_then(|b| size_of(&b)),
+    );
+    sizes.extend(external.iter().filter_map(|(_, note)| size_of(note)));
+    sizes
+}
+
 fn report(scan: Scan, checkpoint_size: Option<u64>, vkey: String) -> Report {
-    let entries = scan.tree.size();
+    let entries = scan.size();
     Report {
         entries,
-        root: translog::b64(&scan.tree.root()),
+        root: translog::b64(&scan.root()),
         checkpoint_size,
         unsigned_tail: entries.saturating_sub(checkpoint_size.unwrap_or(0)),
         counts: scan

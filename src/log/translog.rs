@@ -252,6 +252,76 @@ impl Tree {
     }
 }
 
+/// An RFC 6962 tree kept as its compact range (the roots of its perfect subtrees, at most
+/// 64), for a verifier that streams the log: memory does not grow with the log. It knows the
+/// root at its current size and at the sizes it was asked to remember before the stream
+/// passed them (the checkpoints to check).
+#[derive(Debug, Default)]
+pub struct Streaming {
+    /// (height, hash) of each perfect subtree, largest first.
+    range: Vec<(u32, Hash)>,
+    size: u64,
+    /// Sizes whose root to keep, and the roots kept.
+    remember: std::collections::BTreeMap<u64, Option<[u8; 32]>>,
+}
+
+impl Streaming {
+    /// A streaming tree that keeps the root at each of `sizes` as it passes them.
+    pub fn remembering(sizes: impl IntoIterator<Item = u64>) -> Self {
+        let mut t = Self {
+            remember: sizes.into_iter().map(|s| (s, None)).collect(),
+            ..Self::default()
+        };
+        if let Some(slot) = t.remember.get_mut(&0) {
+            *slot = Some(tlog::EMPTY_HASH.0);
+        }
+        t
+    }
+
+    /// Number of leaves.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf (the exact line bytes, without the newline).
+    pub fn push(&mut self, leaf: &[u8]) {
+        let mut node = (0u32, tlog::record_hash(leaf));
+        while let Some(&(h, left)) = self.range.last() {
+            if h != node.0 {
+                break;
+            }
+            self.range.pop();
+            node = (h + 1, tlog::node_hash(left, node.1));
+        }
+        self.range.push(node);
+        self.size += 1;
+        if self.remember.contains_key(&self.size) {
+            let root = self.root();
+            self.remember.insert(self.size, Some(root));
+        }
+    }
+
+    /// Root of the whole tree.
+    pub fn root(&self) -> [u8; 32] {
+        let mut it = self.range.iter().rev();
+        let Some(&(_, mut acc)) = it.next() else {
+            return tlog::EMPTY_HASH.0;
+        };
+        for &(_, left) in it {
+            acc = tlog::node_hash(left, acc);
+        }
+        acc.0
+    }
+
+    /// Root at `size`: the current size, or one remembered.
+    pub fn root_at(&self, size: u64) -> Option<[u8; 32]> {
+        if size == self.size {
+            return Some(self.root());
+        }
+        self.remember.get(&size).copied().flatten()
+    }
+}
+
 /// The RFC 6962 leaf hash of a line.
 pub fn leaf_hash(line: &[u8]) -> [u8; 32] {
     tlog::record_hash(line).0
@@ -507,6 +577,26 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_streaming_tree_agrees_with_the_stored_one_at_every_size_it_remembers() {
+        let mut full = Tree::default();
+        let mut streaming = Streaming::remembering([0, 1, 5, 64, 1000, 1023, 1024, 4097]);
+        for i in 0..5000u64 {
+            let leaf = format!("{{\"seq\":{i}}}");
+            full.push(leaf.as_bytes());
+            streaming.push(leaf.as_bytes());
+            assert_eq!(streaming.root(), full.root(), "size {}", i + 1);
+        }
+        for size in [0, 1, 5, 64, 1000, 1023, 1024, 4097, 5000] {
+            assert_eq!(streaming.root_at(size), full.root_at(size), "size {size}");
+        }
+        assert_eq!(
+            streaming.root_at(77),
+            None,
+            "a size it was not asked to remember"
+        );
+    }
 
     #[test]
     fn rfc6962_vectors_from_the_reference_notes() {
