@@ -26,7 +26,7 @@ const SCHEMA: &str = "
 CREATE TABLE meta(k TEXT PRIMARY KEY, v ANY) STRICT, WITHOUT ROWID;
 CREATE TABLE certs(
   seq INTEGER PRIMARY KEY, serial TEXT NOT NULL, profile TEXT NOT NULL,
-  csr_sha256 TEXT NOT NULL, subject TEXT NOT NULL, issuer TEXT NOT NULL, issuer_der BLOB NOT NULL,
+  csr_sha256 TEXT NOT NULL, subject TEXT NOT NULL,
   not_after INTEGER NOT NULL, is_ca INTEGER NOT NULL, time TEXT NOT NULL, time_unix INTEGER NOT NULL,
   offset INTEGER NOT NULL, len INTEGER NOT NULL, renews TEXT, policy_sha256 TEXT,
   renewed_by TEXT, rev_seq INTEGER) STRICT;
@@ -501,15 +501,8 @@ impl Batch<'_> {
                     })
                     .map_err(|e| self.err(e))?
                     .unwrap_or_default();
-                let (subject, issuer, issuer_der, not_after) = facts
-                    .map(|f| {
-                        (
-                            f.subject_string.clone(),
-                            f.issuer_string.clone(),
-                            f.issuer_der.clone(),
-                            f.not_after.unix_timestamp(),
-                        )
-                    })
+                let (subject, not_after) = facts
+                    .map(|f| (f.subject_string.clone(), f.not_after.unix_timestamp()))
                     .unwrap_or_default();
                 let time_unix = time::OffsetDateTime::parse(
                     &entry.time,
@@ -519,7 +512,7 @@ impl Batch<'_> {
                 .unwrap_or(0);
                 self.tx
                     .prepare_cached(
-                        "INSERT INTO certs VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,NULL,NULL)",
+                        "INSERT INTO certs VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,NULL,NULL)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
@@ -528,8 +521,6 @@ impl Batch<'_> {
                             profile,
                             csr_sha256,
                             subject,
-                            issuer,
-                            issuer_der,
                             not_after,
                             is_ca,
                             entry.time,
