@@ -439,7 +439,12 @@ fn crashes_and_kill_9_mid_batch_lose_nothing_and_never_issue_twice() {
         s(&out),
     ];
     // Deterministic crash points, then real SIGKILLs at a few moments.
-    for point in ["after-intent", "before-index", "after-cert", "after-checkpoint"] {
+    for point in [
+        "after-intent",
+        "before-index",
+        "after-cert",
+        "after-checkpoint",
+    ] {
         let run = env.hsmca_env(&args, &[("HSMCA_DANGER_CRASH_AT", point)]);
         assert!(!run.0.status.success(), "{point}: did not crash");
         check_after_crash(&env, &home, &out);

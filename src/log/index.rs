@@ -416,6 +416,26 @@ fn schema_of(c: &Connection) -> rusqlite::Result<std::collections::BTreeSet<Stri
     rows.collect()
 }
 
+/// What the index keeps of a logged certificate (see [`crate::verify::index_facts`]).
+#[derive(Debug, Clone)]
+pub(crate) struct CertFacts {
+    pub(crate) subject: String,
+    pub(crate) not_after: i64,
+    pub(crate) is_ca: bool,
+}
+
+impl CertFacts {
+    /// The facts of a DER certificate, if it parses.
+    pub(crate) fn of(der: &[u8]) -> Option<Self> {
+        let (subject, not_after, is_ca) = crate::verify::index_facts(der).ok()?;
+        Some(Self {
+            subject,
+            not_after,
+            is_ca,
+        })
+    }
+}
+
 /// Rows being added, committed with the meta they bring the index to.
 pub(crate) struct Batch<'a> {
     tx: rusqlite::Transaction<'a>,
@@ -450,7 +470,7 @@ impl Batch<'_> {
         offset: u64,
         len: usize,
         entry: &Entry,
-        facts: Option<&crate::verify::CertFacts>,
+        facts: Option<&CertFacts>,
     ) -> Result<(), LogError> {
         let seq = entry.seq as i64;
         let is_ca = facts.is_some_and(|f| f.is_ca);
@@ -502,7 +522,7 @@ impl Batch<'_> {
                     .map_err(|e| self.err(e))?
                     .unwrap_or_default();
                 let (subject, not_after) = facts
-                    .map(|f| (f.subject_string.clone(), f.not_after.unix_timestamp()))
+                    .map(|f| (f.subject.clone(), f.not_after))
                     .unwrap_or_default();
                 let time_unix = time::OffsetDateTime::parse(
                     &entry.time,

@@ -352,12 +352,9 @@ struct CaughtUp {
 }
 
 /// The facts of a `cert` entry's certificate, for the index.
-fn cert_facts(body: &Body) -> Option<crate::verify::CertFacts> {
+fn cert_facts(body: &Body) -> Option<index::CertFacts> {
     match body {
-        Body::Cert { cert, .. } => {
-            let der = B64.decode(cert).ok()?;
-            crate::verify::describe(&der).ok()
-        }
+        Body::Cert { cert, .. } => index::CertFacts::of(&B64.decode(cert).ok()?),
         _ => None,
     }
 }
@@ -1012,7 +1009,7 @@ impl Log {
     fn index_written(
         &mut self,
         written: &[(u64, usize, [u8; 32], Entry)],
-        facts: &[Option<crate::verify::CertFacts>],
+        facts: &[Option<index::CertFacts>],
     ) -> Result<(), LogError> {
         self.tree.flush().map_err(io_at(&self.paths.hashes()))?;
         let mut batch = self.index.batch()?;
