@@ -58,7 +58,6 @@ pub(crate) struct CertRow {
     pub serial: String,
     pub profile: String,
     pub csr_sha256: String,
-    pub time: String,
     pub offset: u64,
     pub len: usize,
     pub renews: Option<String>,
@@ -232,7 +231,7 @@ impl Index {
     /// Certificates matching `q`, in log order.
     pub(crate) fn certs(&self, q: &Query) -> Result<Vec<CertRow>, LogError> {
         let mut sql = String::from(
-            "SELECT seq, serial, profile, csr_sha256, time, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE 1",
+            "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE 1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         use rusqlite::types::Value;
@@ -289,7 +288,7 @@ impl Index {
     ) -> Result<Option<CertRow>, LogError> {
         self.conn
             .prepare_cached(
-                "SELECT seq, serial, profile, csr_sha256, time, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE csr_sha256 = ?1 AND profile = ?2 ORDER BY seq LIMIT 1",
+                "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE csr_sha256 = ?1 AND profile = ?2 ORDER BY seq LIMIT 1",
             )
             .and_then(|mut s| s.query_row(params![csr_sha256, profile], cert_row).optional())
             .map_err(|e| db_error(&self.path, e))
@@ -299,7 +298,7 @@ impl Index {
     pub(crate) fn cert(&self, serial: &str) -> Result<Option<CertRow>, LogError> {
         self.conn
             .prepare_cached(
-                "SELECT seq, serial, profile, csr_sha256, time, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE serial = ?1 ORDER BY seq LIMIT 1",
+                "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE serial = ?1 ORDER BY seq LIMIT 1",
             )
             .and_then(|mut s| s.query_row(params![serial], cert_row).optional())
             .map_err(|e| db_error(&self.path, e))
@@ -400,12 +399,11 @@ fn cert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
         serial: r.get(1)?,
         profile: r.get(2)?,
         csr_sha256: r.get(3)?,
-        time: r.get(4)?,
-        offset: r.get::<_, i64>(5)? as u64,
-        len: r.get::<_, i64>(6)? as usize,
-        renews: r.get(7)?,
-        policy_sha256: r.get(8)?,
-        renewed_by: r.get(9)?,
+        offset: r.get::<_, i64>(4)? as u64,
+        len: r.get::<_, i64>(5)? as usize,
+        renews: r.get(6)?,
+        policy_sha256: r.get(7)?,
+        renewed_by: r.get(8)?,
     })
 }
 

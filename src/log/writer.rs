@@ -88,8 +88,9 @@ struct Critical {
     revoked: HashMap<String, Revoked>,
     /// Highest cRLNumber per issuer.
     crl_numbers: HashMap<String, u64>,
-    /// CA certificate entries: seq.
-    ca: Vec<u64>,
+    /// CA certificate entries: (seq, offset, length), so they are read back from the log
+    /// without asking the index which certificates are CAs.
+    ca: Vec<(u64, u64, usize)>,
 }
 
 impl Critical {
@@ -147,7 +148,7 @@ impl Critical {
                 let n = self.crl_numbers.entry(issuer.clone()).or_default();
                 *n = (*n).max(*crl_number);
             }
-            Body::Cert { .. } => self.ca.push(seq),
+            Body::Cert { .. } => self.ca.push((seq, offset, len)),
             _ => {}
         }
     }
@@ -787,17 +788,27 @@ impl Log {
         Ok(Some(self.read_proven(pin.seq, pin.at.0, pin.at.1)?.body))
     }
 
-    /// The certificate with this serial as logged, proven against the checkpoint.
-    fn cert_der(&self, row: &CertRow) -> Result<Vec<u8>, LogError> {
-        match self.read_proven(row.seq, row.offset, row.len)?.body {
-            Body::Cert { serial, cert, .. } if serial == row.serial => {
-                Ok(B64.decode(cert).unwrap_or_default())
+    /// The certificate of an index row as logged, proven against the checkpoint: the entry
+    /// the row points at must be a `cert` entry with the row's serial, profile and CSR hash,
+    /// so an edited row can neither hand out another certificate nor file one under another
+    /// CSR. Returns the certificate's DER and the time it was logged.
+    fn proven_cert(&self, row: &CertRow) -> Result<(Vec<u8>, String), LogError> {
+        let entry = self.read_proven(row.seq, row.offset, row.len)?;
+        match entry.body {
+            Body::Cert {
+                serial,
+                cert,
+                profile,
+                csr_sha256,
+                ..
+            } if serial == row.serial && profile == row.profile && csr_sha256 == row.csr_sha256 => {
+                Ok((B64.decode(cert).unwrap_or_default(), entry.time))
             }
             _ => Err(LogError::Index {
                 path: self.paths.index(),
                 message: format!(
-                    "entry {} is not the certificate of serial {}; run `hsmca log reindex --home DIR`",
-                    row.seq, row.serial
+                    "entry {} is not the certificate of serial {} (profile {}, CSR sha256 {}) the index says; run `hsmca log reindex --home DIR`",
+                    row.seq, row.serial, row.profile, row.csr_sha256
                 ),
             }),
         }
@@ -815,9 +826,15 @@ impl Log {
             .collect();
         serials.sort();
         for serial in serials {
-            if let Some(row) = self.index.cert(serial)? {
-                out.push((serial.clone(), self.cert_der(&row)?));
-            }
+            // A revoked serial always has its certificate in the log (`revoke` checks); an
+            // index without it was edited, and skipping it would unblock the key.
+            let row = self.index.cert(serial)?.ok_or_else(|| LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "serial {serial} is revoked for key compromise but the index has no certificate for it; run `hsmca log reindex --home DIR`"
+                ),
+            })?;
+            out.push((serial.clone(), self.proven_cert(&row)?.0));
         }
         Ok(out)
     }
@@ -845,10 +862,10 @@ impl Log {
     }
 
     fn record(&self, row: CertRow) -> Result<Record, LogError> {
-        let der = self.cert_der(&row)?;
+        let (der, time) = self.proven_cert(&row)?;
         Ok(Record {
             seq: row.seq,
-            time: row.time,
+            time,
             revoked: self.critical.revoked.get(&row.serial).cloned(),
             serial: row.serial,
             profile: row.profile,
@@ -873,14 +890,24 @@ impl Log {
     /// revocation: from the critical entries.
     pub fn ca_records(&self) -> Result<Vec<Record>, LogError> {
         let mut out = Vec::new();
-        for seq in &self.critical.ca {
-            let rows = self.index.certs(&Query {
-                ca: true,
-                ..Query::default()
-            })?;
-            if let Some(row) = rows.into_iter().find(|r| r.seq == *seq) {
-                out.push(self.record(row)?);
-            }
+        for &(seq, offset, len) in &self.critical.ca {
+            // Read from the log at the place the signed chain vouches for, then matched with
+            // its index row: a row edited to hide a CA (not a CA, another serial) is refused,
+            // never skipped, or `ca create` would give a logged CA's subject to another key.
+            let Body::Cert { serial, .. } = self.read_proven(seq, offset, len)?.body else {
+                continue;
+            };
+            let row = self
+                .index
+                .cert(&serial)?
+                .filter(|r| r.seq == seq)
+                .ok_or_else(|| LogError::Index {
+                    path: self.paths.index(),
+                    message: format!(
+                        "the CA certificate serial {serial} (entry {seq}) is not in the index; run `hsmca log reindex --home DIR`"
+                    ),
+                })?;
+            out.push(self.record(row)?);
         }
         Ok(out)
     }
@@ -916,7 +943,7 @@ impl Log {
         let Some(row) = self.index.issued(csr_sha256, profile)? else {
             return Ok(None);
         };
-        let cert_der = self.cert_der(&row)?;
+        let (cert_der, _) = self.proven_cert(&row)?;
         Ok(Some(Issued {
             seq: row.seq,
             serial: row.serial,

@@ -1,0 +1,228 @@
+//! Red team, issue 15: an insider who can write every file of the CA home (but has no PIN)
+//! edits the log's SQLite index with the `sqlite3` tool an auditor would use, so that the
+//! operator's next ordinary command signs, releases or refuses the wrong thing. Each test here
+//! was an attack that worked against the first index; the index is derived data, so every
+//! answer that decides what is signed or released must be proven against the log.
+#![allow(clippy::unwrap_used, reason = "tests panic on failure")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Env, openssl, require, s};
+
+/// Runs `sqlite3 DB SQL` on the CA home's index and returns its output.
+fn sqlite(home: &Path, sql: &str) -> String {
+    require("sqlite3");
+    let out = Command::new("sqlite3")
+        .arg(home.join("log/index.sqlite"))
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Signs these CSRs in one run; returns their serials in order.
+fn sign(env: &Env, home: &Path, csrs: &[&Path]) -> Vec<String> {
+    let mut args = vec![
+        "sign",
+        "--home",
+        s(home),
+        "--profile",
+        "test-any-key",
+        "--json",
+    ];
+    args.extend(csrs.iter().map(|p| s(p)));
+    let run = env.hsmca(&args);
+    run.ok();
+    run.stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["cert"]["serial"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Certificate entries in `entries.jsonl` (the log, not the index).
+fn logged_certs(home: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(home.join("log/entries.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["type"] == "cert")
+        .collect()
+}
+
+#[test]
+fn red3_a_compromised_certificate_dropped_from_the_index_still_blocks_its_key() {
+    let env = Env::new("r3blk");
+    let home = env.init("ca", "r3blk", "ecdsa-p256");
+    let csr = env.p256_csr("c/a.csr", "/CN=a");
+    let serial = sign(&env, &home, &[&csr]).pop().unwrap();
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &serial,
+        "--reason",
+        "key-compromise",
+    ])
+    .ok();
+    // The insider deletes the compromised certificate's row: the revocation itself is a
+    // critical entry the checkpoint signs, but the key it blocks was looked up in the index.
+    sqlite(
+        &home,
+        &format!("DELETE FROM certs WHERE serial = '{serial}'"),
+    );
+    // A new CSR for the compromised key, another subject.
+    let other = env.path("c/b.csr");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        s(&csr.with_extension("key")),
+        "-subj",
+        "/CN=b",
+        "-out",
+        s(&other),
+    ]);
+    let run = env.sign(&home, "test-any-key", &[&other]);
+    assert!(
+        !other.with_extension("crt").exists(),
+        "a certificate was issued for a key revoked for key compromise: {}",
+        run.all()
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert_eq!(logged_certs(&home).len(), 1, "nothing new was signed");
+    // `log reindex` repairs the index, and the blocklist refuses the key by its rule.
+    env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+    let run = env.sign(&home, "test-any-key", &[&other]);
+    run.code_is(1);
+    assert!(run.stdout().contains("key.compromised"), "{}", run.all());
+    assert!(!other.with_extension("crt").exists());
+}
+
+#[test]
+fn red3_a_rerun_never_writes_back_another_csrs_certificate_the_index_points_at() {
+    let env = Env::new("r3swap");
+    let home = env.init("ca", "r3swap", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    let serials = sign(&env, &home, &[&a, &b]);
+    assert_eq!(serials.len(), 2);
+    let (sa, sb) = (&serials[0], &serials[1]);
+    // The insider points a's row (CSR hash, profile) at b's certificate entry: seq, serial and
+    // place all b's, so the line read back is a real, proven certificate of this log.
+    sqlite(
+        &home,
+        &format!(
+            "CREATE TEMP TABLE b AS SELECT * FROM certs WHERE serial = '{sb}'; \
+             DELETE FROM certs WHERE serial = '{sb}'; \
+             UPDATE certs SET seq = (SELECT seq FROM b), serial = (SELECT serial FROM b), \
+               offset = (SELECT offset FROM b), len = (SELECT len FROM b) WHERE serial = '{sa}';"
+        ),
+    );
+    // The operator reruns a's CSR (its certificate was lost): the log's certificate for a,
+    // or nothing; never b's.
+    let crt = a.with_extension("crt");
+    std::fs::remove_file(&crt).unwrap();
+    let run = env.sign(&home, "test-any-key", &[&a]);
+    if crt.exists() {
+        let subject = openssl(&["x509", "-in", s(&crt), "-noout", "-subject", "-serial"]);
+        assert!(
+            subject.contains("CN = a") || subject.contains("CN=a"),
+            "a rerun of a's CSR wrote back another certificate: {subject}\n{}",
+            run.all()
+        );
+    } else {
+        assert_eq!(run.code(), 4, "{}", run.all());
+        assert!(run.stderr().contains("reindex"), "{}", run.all());
+    }
+    assert_eq!(logged_certs(&home).len(), 2, "nothing new was signed");
+    // After `log reindex` the rerun writes back a's own certificate.
+    env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+    if crt.exists() {
+        std::fs::remove_file(&crt).unwrap();
+    }
+    env.sign(&home, "test-any-key", &[&a]).ok();
+    let serial = openssl(&["x509", "-in", s(&crt), "-noout", "-serial"]);
+    assert!(
+        serial.trim().to_lowercase().ends_with(&sa.to_lowercase()),
+        "{serial} vs {sa}"
+    );
+    assert_eq!(logged_certs(&home).len(), 2);
+}
+
+/// A root with the shim as its module (`ca create` needs the etcd profiles of `init`).
+fn root(env: &Env) -> PathBuf {
+    let home = env.path("ca");
+    env.hsmca(&[
+        "init",
+        "--home",
+        s(&home),
+        "--token",
+        "r3ca",
+        "--key-type",
+        "ecdsa-p256",
+        "--subject",
+        "CN=red3 Root",
+        "--key-label",
+        "root",
+    ])
+    .ok();
+    home
+}
+
+#[test]
+fn red3_an_intermediate_hidden_from_the_index_still_holds_its_subject() {
+    let env = Env::new("r3ca");
+    let home = root(&env);
+    let create = |label: &str| {
+        env.hsmca(&[
+            "ca",
+            "create",
+            "etcd-ca",
+            "--home",
+            s(&home),
+            "--profile",
+            "etcd-ca",
+            "--subject",
+            "CN=etcd-ca",
+            "--key-label",
+            label,
+        ])
+    };
+    create("root-etcd-ca").ok();
+    let cas = |home: &Path| {
+        logged_certs(home)
+            .iter()
+            .filter(|e| e["profile"] == "etcd-ca")
+            .count()
+    };
+    assert_eq!(cas(&home), 1);
+    // The insider takes the intermediate out of the home (config and certificate file, which
+    // are theirs to write) and marks its index row as a leaf: the log still holds the CA
+    // certificate for CN=etcd-ca, which `ca create` must find before giving the subject to
+    // another key.
+    let config = home.join("hsmca.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("cas");
+    std::fs::write(&config, json.to_string()).unwrap();
+    std::fs::remove_file(home.join("cas/etcd-ca.pem")).unwrap();
+    sqlite(&home, "UPDATE certs SET is_ca = 0 WHERE is_ca = 1");
+    let run = create("root-etcd-ca-2");
+    assert_ne!(
+        run.code(),
+        0,
+        "a second CA took a logged CA's subject: {}",
+        run.all()
+    );
+    assert!(run.stderr().contains("etcd-ca"), "{}", run.all());
+    assert_eq!(cas(&home), 1, "one CA certificate for CN=etcd-ca");
+}
