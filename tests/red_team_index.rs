@@ -226,3 +226,67 @@ fn red3_an_intermediate_hidden_from_the_index_still_holds_its_subject() {
     assert!(run.stderr().contains("etcd-ca"), "{}", run.all());
     assert_eq!(cas(&home), 1, "one CA certificate for CN=etcd-ca");
 }
+
+#[test]
+fn red3_huge_or_negative_numbers_in_the_index_never_crash_hsmca() {
+    let env = Env::new("r3big");
+    let home = env.init("ca", "r3big", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    sign(&env, &home, &[&a]);
+    let saved = env.path("saved.sqlite");
+    sqlite(&home, "PRAGMA wal_checkpoint(TRUNCATE)");
+    std::fs::copy(home.join("log/index.sqlite"), &saved).unwrap();
+    // Rows the open checks (the critical entries' places, the size the index reflects): the
+    // index is rebuilt from the log and the command works. These panicked (capacity
+    // overflow, multiply overflow) or failed with an I/O error blaming entries.jsonl.
+    let rebuilt = [
+        "UPDATE critical SET len = -1 WHERE seq = 0",
+        "UPDATE critical SET len = 4000000000 WHERE seq = 0",
+        "UPDATE critical SET offset = 100000000 WHERE seq = 0",
+        "UPDATE meta SET v = 9223372036854775807 WHERE k = 'size'",
+    ];
+    // Rows read only when a command needs them: refused, naming the index and `log
+    // reindex`. The first aborted the process (a 9 EB allocation), the others blamed
+    // entries.jsonl.
+    let refused = [
+        "UPDATE certs SET len = 9000000000000000000",
+        "UPDATE certs SET len = 4000000000",
+        "UPDATE certs SET offset = -5",
+    ];
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    for (sql, rebuilds) in rebuilt
+        .iter()
+        .map(|q| (q, true))
+        .chain(refused.iter().map(|q| (q, false)))
+    {
+        std::fs::copy(&saved, home.join("log/index.sqlite")).unwrap();
+        sqlite(&home, sql);
+        let list = env.hsmca(&["log", "list", "--home", s(&home)]);
+        let run = env.sign(&home, "test-any-key", &[&a, &b]);
+        if rebuilds {
+            list.ok();
+            assert!(
+                list.stderr().contains("rebuilding"),
+                "{sql}: {}",
+                list.all()
+            );
+            run.ok();
+            std::fs::remove_file(b.with_extension("crt")).unwrap();
+            // The rebuilt index is the one kept for the next round's copy.
+            std::fs::copy(&saved, home.join("log/index.sqlite")).unwrap();
+            env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+            sqlite(&home, "PRAGMA wal_checkpoint(TRUNCATE)");
+            std::fs::copy(home.join("log/index.sqlite"), &saved).unwrap();
+        } else {
+            for run in [&list, &run] {
+                run.code_is(4);
+                assert!(
+                    run.stderr().contains("index.sqlite") && run.stderr().contains("reindex"),
+                    "{sql}: {}",
+                    run.all()
+                );
+            }
+            assert!(!b.with_extension("crt").exists());
+        }
+    }
+}

@@ -419,13 +419,23 @@ fn rebuild(paths: &Paths) -> Result<(Derived, ()), LogError> {
     }
 }
 
-/// Reads one line of `entries.jsonl` by its place, as the index gives it.
-fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, LogError> {
+/// Reads one line of `entries.jsonl` by its place, as the index gives it. `Ok(None)` if no
+/// line can be there (longer than [`MAX_LINE`], or past the end of the file): the index is
+/// hostile data, and its numbers are checked before a buffer is sized by them.
+fn read_at(path: &Path, offset: u64, len: usize) -> Result<Option<Vec<u8>>, LogError> {
     use std::os::unix::fs::FileExt;
     let f = open_regular(OpenOptions::new().read(true), path)?;
+    let size = f.metadata().map_err(io_at(path))?.len();
+    let fits = len <= MAX_LINE
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size);
+    if !fits {
+        return Ok(None);
+    }
     let mut buf = vec![0; len];
     f.read_exact_at(&mut buf, offset).map_err(io_at(path))?;
-    Ok(buf)
+    Ok(Some(buf))
 }
 
 /// Loads the critical entries through the index and checks their chain against the one `cp`
@@ -445,7 +455,11 @@ fn load_critical(
         if seq >= cp.size && at_checkpoint.is_none() {
             at_checkpoint = Some(critical.chain);
         }
-        let line = read_at(&entries, offset, len)?;
+        let Some(line) = read_at(&entries, offset, len)? else {
+            return Ok(Err(Stale(format!(
+                "the index places entry {seq} at bytes {offset}..+{len}, outside entries.jsonl"
+            ))));
+        };
         let leaf = translog::leaf_hash(&line);
         if tree.leaf(seq) != Some(leaf) {
             return Ok(Err(Stale(format!(
@@ -749,14 +763,18 @@ impl Log {
     /// be that entry: its hash is the tree's leaf, and (for a signed entry) the tree's path
     /// from it leads to the root the checkpoint signs.
     fn read_proven(&self, seq: u64, offset: u64, len: usize) -> Result<Entry, LogError> {
-        let line = read_at(&self.paths.entries(), offset, len)?;
-        let leaf = translog::leaf_hash(&line);
         let bad = |why: &str| LogError::Index {
             path: self.paths.index(),
             message: format!(
                 "entry {seq}: {why}; run `hsmca log reindex --home DIR`, then `hsmca log verify`"
             ),
         };
+        let line = read_at(&self.paths.entries(), offset, len)?.ok_or_else(|| {
+            bad(&format!(
+                "the index places it at bytes {offset}..+{len}, outside entries.jsonl"
+            ))
+        })?;
+        let leaf = translog::leaf_hash(&line);
         if self.tree.leaf(seq) != Some(leaf) {
             return Err(bad("the index points at another line"));
         }
