@@ -290,3 +290,47 @@ fn red3_huge_or_negative_numbers_in_the_index_never_crash_hsmca() {
         }
     }
 }
+
+#[test]
+fn red3_intents_marked_open_in_the_index_are_not_abandoned_in_the_signed_log() {
+    let env = Env::new("r3open");
+    let home = env.init("ca", "r3open", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    assert_eq!(sign(&env, &home, &[&a, &b]).len(), 2);
+    let abandons = |home: &Path| {
+        std::fs::read_to_string(home.join("log/entries.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(r#""type":"abandon""#))
+            .count()
+    };
+    let saved = env.path("saved.sqlite");
+    sqlite(&home, "PRAGMA wal_checkpoint(TRUNCATE)");
+    std::fs::copy(home.join("log/index.sqlite"), &saved).unwrap();
+    // The insider marks both issued certificates' intents open again, or makes up an open
+    // intent at the root entry: the next writer would sign an `abandon` ("nothing was
+    // released") for a certificate that was released, and `log verify` would fail forever.
+    let c = env.p256_csr("c/c.csr", "/CN=c");
+    for sql in [
+        "UPDATE intents SET open = 1",
+        "INSERT INTO intents VALUES(0, NULL, NULL, NULL, NULL, 1)",
+    ] {
+        std::fs::copy(&saved, home.join("log/index.sqlite")).unwrap();
+        sqlite(&home, sql);
+        let run = env.sign(&home, "test-any-key", &[&c]);
+        run.code_is(4);
+        assert!(
+            run.stderr().contains("index.sqlite") && run.stderr().contains("reindex"),
+            "{sql}: {}",
+            run.all()
+        );
+        assert_eq!(abandons(&home), 0, "{sql}: {}", run.all());
+        assert!(!c.with_extension("crt").exists());
+        env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+    }
+    env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+    env.sign(&home, "test-any-key", &[&c]).ok();
+    assert_eq!(abandons(&home), 0);
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}

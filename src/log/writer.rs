@@ -952,8 +952,85 @@ impl Log {
     }
 
     /// Intents with no result: the previous run stopped between intent and result.
+    ///
+    /// The index says which; the caller signs an `abandon` ("nothing was released") for
+    /// each, so its answer is checked against the log before it is believed: the lines from
+    /// the first intent it names to the end are read back and re-hashed into the tree (which
+    /// must give the checkpoint's root and the log's), and the intents still open in them
+    /// must be exactly the ones named. Costs what was appended since that intent, and
+    /// nothing when there is none.
     pub fn open_intents(&self) -> Result<Vec<u64>, LogError> {
-        self.index.open_intents()
+        let claimed = self.index.open_intents()?;
+        let Some(&first) = claimed.first() else {
+            return Ok(claimed);
+        };
+        let found = self.intents_open_since(first)?;
+        if found != claimed {
+            return Err(LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "lists intents {claimed:?} as open, but the log has {found:?} open from entry {first}; run `hsmca log reindex --home DIR`"
+                ),
+            });
+        }
+        Ok(found)
+    }
+
+    /// The intents at or after entry `from` with no result, read from `entries.jsonl` and
+    /// proven: the lines are hashed onto the tree's left part (from `log/hashes`) and must
+    /// give both the checkpoint's root and the log's, so no line was changed or left out.
+    fn intents_open_since(&self, from: u64) -> Result<Vec<u64>, LogError> {
+        let bad = |why: String| LogError::Index {
+            path: self.paths.index(),
+            message: format!("{why}; run `hsmca log reindex --home DIR`"),
+        };
+        let (start, offset) = self.index.place_at_or_before(from)?;
+        if start > from || offset > self.bytes {
+            return Err(bad(format!("places entry {start} at byte {offset}")));
+        }
+        let hashes = open_regular(OpenOptions::new().read(true), &self.paths.hashes())?;
+        let mut tree = Tree::overlay(hashes, start).map_err(io_at(&self.paths.hashes()))?;
+        let path = self.paths.entries();
+        let mut file = open_regular(OpenOptions::new().read(true), &path)?;
+        file.seek(SeekFrom::Start(offset)).map_err(io_at(&path))?;
+        let mut reader = BufReader::new(std::io::Read::take(file, self.bytes - offset));
+        let mut open = std::collections::BTreeSet::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(io_at(&path))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            let leaf = &line[..n - 1];
+            let seq = tree.size();
+            if seq >= from
+                && let Ok(entry) = serde_json::from_slice::<Entry>(leaf)
+            {
+                match entry.body {
+                    Body::IssueIntent { .. } | Body::CrlIntent { .. } => {
+                        open.insert(seq);
+                    }
+                    Body::Cert { intent_seq, .. }
+                    | Body::Crl { intent_seq, .. }
+                    | Body::Abandon { intent_seq, .. } => {
+                        open.remove(&intent_seq);
+                    }
+                    _ => {}
+                }
+            }
+            tree.push(leaf);
+        }
+        let cp = &self.checkpoint;
+        if tree.size() != self.size()
+            || tree.root() != self.tree.root()
+            || tree.root_at(cp.size) != Some(cp.root)
+        {
+            return Err(bad(format!(
+                "the lines of entries.jsonl from entry {start} (byte {offset}) do not give the log's tree"
+            )));
+        }
+        Ok(open.into_iter().collect())
     }
 
     /// The certificate already issued for this CSR under this profile, if any.
