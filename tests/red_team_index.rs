@@ -334,3 +334,40 @@ fn red3_intents_marked_open_in_the_index_are_not_abandoned_in_the_signed_log() {
     assert_eq!(abandons(&home), 0);
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+#[test]
+fn red3_a_revoked_certificate_dropped_from_the_index_is_not_issued_again_on_a_rerun() {
+    let env = Env::new("r3rev");
+    let home = env.init("ca", "r3rev", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let serial = sign(&env, &home, &[&a]).pop().unwrap();
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        &serial,
+        "--reason",
+        "superseded",
+    ])
+    .ok();
+    // The insider deletes the revoked certificate's row: a rerun of its CSR no longer finds
+    // it "already issued (revoked)" and would sign the same request again.
+    sqlite(
+        &home,
+        &format!("DELETE FROM certs WHERE serial = '{serial}'"),
+    );
+    std::fs::remove_file(a.with_extension("crt")).unwrap();
+    let run = env.sign(&home, "test-any-key", &[&a]);
+    assert!(
+        !a.with_extension("crt").exists(),
+        "a revoked request was signed again: {}",
+        run.all()
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert_eq!(logged_certs(&home).len(), 1, "nothing new was signed");
+    env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+    let run = env.sign(&home, "test-any-key", &[&a]);
+    assert!(run.all().contains("revoked"), "{}", run.all());
+    assert!(!a.with_extension("crt").exists());
+    assert_eq!(logged_certs(&home).len(), 1);
+}

@@ -183,6 +183,8 @@ pub struct Log {
     behind: bool,
     /// Why, when a checkpoint found it (reported by the next append).
     behind_error: Option<LogError>,
+    /// (CSR hash, profile) of every revoked certificate: its serial. Filled on first use.
+    revoked_requests: std::sync::OnceLock<HashMap<(String, String), String>>,
 }
 
 pub(crate) fn take_lock(home: &Path) -> Result<File, LogError> {
@@ -592,6 +594,7 @@ impl Log {
             poisoned: false,
             behind: false,
             behind_error: None,
+            revoked_requests: std::sync::OnceLock::new(),
         };
         log.append(vec![root], now)?;
         log.checkpoint(key)?;
@@ -651,6 +654,7 @@ impl Log {
             poisoned: false,
             behind: false,
             behind_error: None,
+            revoked_requests: std::sync::OnceLock::new(),
         })
     }
 
@@ -857,6 +861,19 @@ impl Log {
         Ok(out)
     }
 
+    /// (CSR hash, profile) of every revoked certificate, proven: see [`Log::issued`].
+    fn revoked_requests(&self) -> Result<&HashMap<(String, String), String>, LogError> {
+        if let Some(map) = self.revoked_requests.get() {
+            return Ok(map);
+        }
+        let map = self
+            .revocations()?
+            .into_iter()
+            .map(|r| ((r.csr_sha256, r.profile), r.serial))
+            .collect();
+        Ok(self.revoked_requests.get_or_init(|| map))
+    }
+
     /// Every revoked certificate: its record (DER proven against the checkpoint), in the
     /// order of revocation. From the critical entries, so a CRL never misses one the index
     /// lost.
@@ -1036,6 +1053,18 @@ impl Log {
     /// The certificate already issued for this CSR under this profile, if any.
     pub fn issued(&self, csr_sha256: &str, profile: &str) -> Result<Option<Issued>, LogError> {
         let Some(row) = self.index.issued(csr_sha256, profile)? else {
+            // "Not issued" signs the request (again): an index that lost the row of a revoked
+            // certificate must not get its request signed anew. Revoked certificates are few
+            // and their serials come from the entries the checkpoint signs.
+            let key = (csr_sha256.to_owned(), profile.to_owned());
+            if let Some(serial) = self.revoked_requests()?.get(&key) {
+                return Err(LogError::Index {
+                    path: self.paths.index(),
+                    message: format!(
+                        "has no certificate for CSR sha256 {csr_sha256} under profile {profile}, but the log issued serial {serial} for it and revoked it; run `hsmca log reindex --home DIR`"
+                    ),
+                });
+            }
             return Ok(None);
         };
         let (cert_der, _) = self.proven_cert(&row)?;
@@ -1117,6 +1146,9 @@ impl Log {
         for ((offset, len, leaf, entry), facts) in written.iter().zip(&facts) {
             if index::is_critical(&entry.body, facts.as_ref().is_some_and(|f| f.is_ca)) {
                 self.critical.note(entry.seq, *offset, *len, leaf, entry);
+            }
+            if matches!(entry.body, Body::Revocation { .. }) {
+                self.revoked_requests = std::sync::OnceLock::new();
             }
         }
         crate::engine::danger_crash_point("before-index");
