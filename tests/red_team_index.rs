@@ -371,3 +371,46 @@ fn red3_a_revoked_certificate_dropped_from_the_index_is_not_issued_again_on_a_re
     assert!(!a.with_extension("crt").exists());
     assert_eq!(logged_certs(&home).len(), 1);
 }
+
+#[test]
+fn red3_a_certificate_dropped_from_the_index_can_still_be_revoked() {
+    let env = Env::new("r3revoke");
+    let home = env.init("ca", "r3revoke", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let serial = sign(&env, &home, &[&a]).pop().unwrap();
+    // The insider deletes the row of a certificate that is about to be revoked: `revoke`
+    // said "never issued by this CA" (exit 2), and the certificate stayed off every CRL.
+    sqlite(
+        &home,
+        &format!("DELETE FROM certs WHERE serial = '{serial}'"),
+    );
+    let revoke = || {
+        env.hsmca(&[
+            "revoke",
+            "--home",
+            s(&home),
+            &serial,
+            "--reason",
+            "key-compromise",
+        ])
+    };
+    let run = revoke();
+    run.code_is(4);
+    assert!(
+        run.stderr().contains(&serial) && run.stderr().contains("reindex"),
+        "{}",
+        run.all()
+    );
+    // A serial never issued is still refused as such.
+    let run = env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        "0badbadbadbadbadbadbadbadbadbad0",
+        "--reason",
+        "superseded",
+    ]);
+    run.fails_with(2, "never issued");
+    env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+    revoke().ok();
+}

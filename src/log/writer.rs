@@ -726,9 +726,37 @@ impl Log {
         self.index.serial_used(serial).unwrap_or(true)
     }
 
-    /// Whether this log issued a certificate with this serial (hex).
+    /// Whether this log issued a certificate with this serial (hex). A serial the index does
+    /// not know is looked for in the whole log (read back and proven, so seconds for a
+    /// million entries): "never issued" makes `revoke` refuse, and an index that lost a row
+    /// must not keep a certificate from being revoked.
     pub fn has_cert(&self, serial: &str) -> Result<bool, LogError> {
-        Ok(self.index.cert(serial)?.is_some())
+        if self.index.cert(serial)?.is_some() {
+            return Ok(true);
+        }
+        let needle = format!("\"serial\":\"{serial}\"");
+        let mut found = None;
+        self.scan_proven(0, |seq, leaf| {
+            if found.is_none()
+                && leaf.windows(needle.len()).any(|w| w == needle.as_bytes())
+                && let Ok(Entry {
+                    body: Body::Cert { serial: s, .. },
+                    ..
+                }) = serde_json::from_slice::<Entry>(leaf)
+                && s == serial
+            {
+                found = Some(seq);
+            }
+        })?;
+        match found {
+            None => Ok(false),
+            Some(seq) => Err(LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "has no row for serial {serial}, which the log issued (entry {seq}); run `hsmca log reindex --home DIR`"
+                ),
+            }),
+        }
     }
 
     /// Whether the serial (hex) has been revoked (from the critical entries the checkpoint
@@ -993,10 +1021,35 @@ impl Log {
         Ok(found)
     }
 
-    /// The intents at or after entry `from` with no result, read from `entries.jsonl` and
-    /// proven: the lines are hashed onto the tree's left part (from `log/hashes`) and must
-    /// give both the checkpoint's root and the log's, so no line was changed or left out.
+    /// The intents at or after entry `from` with no result, read back and proven (see
+    /// [`Log::scan_proven`]).
     fn intents_open_since(&self, from: u64) -> Result<Vec<u64>, LogError> {
+        let mut open = std::collections::BTreeSet::new();
+        self.scan_proven(from, |seq, leaf| {
+            let Ok(entry) = serde_json::from_slice::<Entry>(leaf) else {
+                return;
+            };
+            match entry.body {
+                Body::IssueIntent { .. } | Body::CrlIntent { .. } => {
+                    open.insert(seq);
+                }
+                Body::Cert { intent_seq, .. }
+                | Body::Crl { intent_seq, .. }
+                | Body::Abandon { intent_seq, .. } => {
+                    open.remove(&intent_seq);
+                }
+                _ => {}
+            }
+        })?;
+        Ok(open.into_iter().collect())
+    }
+
+    /// Hands `each` every line of `entries.jsonl` from entry `from` to the last whole line,
+    /// then proves they were the log's: they are hashed onto the tree's left part (from
+    /// `log/hashes`) and must give both the checkpoint's root and the log's, so no line was
+    /// changed or left out. For answers the index gives that decide what is signed; what
+    /// `each` saw counts only once this returns `Ok`.
+    fn scan_proven(&self, from: u64, mut each: impl FnMut(u64, &[u8])) -> Result<(), LogError> {
         let bad = |why: String| LogError::Index {
             path: self.paths.index(),
             message: format!("{why}; run `hsmca log reindex --home DIR`"),
@@ -1010,8 +1063,8 @@ impl Log {
         let path = self.paths.entries();
         let mut file = open_regular(OpenOptions::new().read(true), &path)?;
         file.seek(SeekFrom::Start(offset)).map_err(io_at(&path))?;
-        let mut reader = BufReader::new(std::io::Read::take(file, self.bytes - offset));
-        let mut open = std::collections::BTreeSet::new();
+        let mut reader =
+            BufReader::with_capacity(1 << 16, std::io::Read::take(file, self.bytes - offset));
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -1020,21 +1073,8 @@ impl Log {
                 break;
             }
             let leaf = &line[..n - 1];
-            let seq = tree.size();
-            if seq >= from
-                && let Ok(entry) = serde_json::from_slice::<Entry>(leaf)
-            {
-                match entry.body {
-                    Body::IssueIntent { .. } | Body::CrlIntent { .. } => {
-                        open.insert(seq);
-                    }
-                    Body::Cert { intent_seq, .. }
-                    | Body::Crl { intent_seq, .. }
-                    | Body::Abandon { intent_seq, .. } => {
-                        open.remove(&intent_seq);
-                    }
-                    _ => {}
-                }
+            if tree.size() >= from {
+                each(tree.size(), leaf);
             }
             tree.push(leaf);
         }
@@ -1047,7 +1087,7 @@ impl Log {
                 "the lines of entries.jsonl from entry {start} (byte {offset}) do not give the log's tree"
             )));
         }
-        Ok(open.into_iter().collect())
+        Ok(())
     }
 
     /// The certificate already issued for this CSR under this profile, if any.
