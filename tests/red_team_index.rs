@@ -158,15 +158,15 @@ fn red3_a_rerun_never_writes_back_another_csrs_certificate_the_index_points_at()
     assert_eq!(logged_certs(&home).len(), 2);
 }
 
-/// A root with the shim as its module (`ca create` needs the etcd profiles of `init`).
-fn root(env: &Env) -> PathBuf {
+/// A root made by `init` on token `token` (`ca create` needs the etcd profiles of `init`).
+fn root(env: &Env, token: &str) -> PathBuf {
     let home = env.path("ca");
     env.hsmca(&[
         "init",
         "--home",
         s(&home),
         "--token",
-        "r3ca",
+        token,
         "--key-type",
         "ecdsa-p256",
         "--subject",
@@ -181,7 +181,7 @@ fn root(env: &Env) -> PathBuf {
 #[test]
 fn red3_an_intermediate_hidden_from_the_index_still_holds_its_subject() {
     let env = Env::new("r3ca");
-    let home = root(&env);
+    let home = root(&env, "r3ca");
     let create = |label: &str| {
         env.hsmca(&[
             "ca",
@@ -413,4 +413,99 @@ fn red3_a_certificate_dropped_from_the_index_can_still_be_revoked() {
     run.fails_with(2, "never issued");
     env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
     revoke().ok();
+}
+
+#[test]
+fn red3_an_intent_made_up_in_the_index_does_not_vouch_for_an_imported_key() {
+    let env = Env::new("r3fk");
+    let home = root(&env, "r3fk");
+    // A key imported under the label the CA's key would get (CKA_LOCAL false): `ca create`
+    // takes it only if the log shows an earlier run of its own made it (an intent naming
+    // its public key).
+    let pem = env.path("foreign.pem");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        s(&pem),
+    ]);
+    let pkcs8 = env.path("foreign.p8");
+    openssl(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        s(&pem),
+        "-out",
+        s(&pkcs8),
+    ]);
+    let spki = env.path("foreign.spki");
+    openssl(&[
+        "pkey",
+        "-in",
+        s(&pem),
+        "-pubout",
+        "-outform",
+        "DER",
+        "-out",
+        s(&spki),
+    ]);
+    let fingerprint = hsmca::keys::sha256_hex(&std::fs::read(&spki).unwrap());
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &env.conf)
+        .args([
+            "--import",
+            s(&pkcs8),
+            "--token",
+            "r3fk",
+            "--label",
+            "root-etcd-ca",
+        ])
+        .args(["--id", "abcd", "--pin", common::PIN])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The insider makes up that intent in the index, at the root entry's number.
+    sqlite(
+        &home,
+        &format!("INSERT INTO intents VALUES(0, 'ab', '{fingerprint}', NULL, NULL, 0)"),
+    );
+    let run = env.hsmca(&[
+        "ca",
+        "create",
+        "etcd-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "etcd-ca",
+        "--subject",
+        "CN=etcd-ca",
+    ]);
+    assert!(
+        !home.join("cas/etcd-ca.pem").exists(),
+        "a CA was made on an imported key: {}",
+        run.all()
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    // Once the index is rebuilt, the key is refused for what it is.
+    env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
+    let run = env.hsmca(&[
+        "ca",
+        "create",
+        "etcd-ca",
+        "--home",
+        s(&home),
+        "--profile",
+        "etcd-ca",
+        "--subject",
+        "CN=etcd-ca",
+    ]);
+    run.fails_with(2, "the issuance log has never seen");
 }

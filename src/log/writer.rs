@@ -977,8 +977,38 @@ impl Log {
 
     /// The entry numbers of every issuance intent naming `csr_sha256` (for `ca create`, the
     /// SHA-256 of the new key's SPKI), whatever became of it.
+    ///
+    /// An intent vouches for a key (`ca create` takes a key the token did not generate only
+    /// if an earlier run of its own logged one), so what the index lists is read back from
+    /// the log from the first one on and proven; a row made up in the index is refused.
+    /// Costs the lines after that intent: a ceremony command, seconds at most.
     pub fn intents_naming(&self, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
-        self.index.intents_naming(csr_sha256)
+        let claimed = self.index.intents_naming(csr_sha256)?;
+        let Some(&first) = claimed.first() else {
+            return Ok(claimed);
+        };
+        let needle = csr_sha256.as_bytes();
+        let mut found = Vec::new();
+        self.scan_proven(first, |seq, leaf| {
+            if leaf.windows(needle.len()).any(|w| w == needle)
+                && let Ok(Entry {
+                    body: Body::IssueIntent { csr_sha256: c, .. },
+                    ..
+                }) = serde_json::from_slice::<Entry>(leaf)
+                && c == csr_sha256
+            {
+                found.push(seq);
+            }
+        })?;
+        if found != claimed {
+            return Err(LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "lists intents {claimed:?} naming {csr_sha256}, but the log has {found:?} from entry {first}; run `hsmca log reindex --home DIR`"
+                ),
+            });
+        }
+        Ok(found)
     }
 
     /// The highest cRLNumber used for `issuer` (0 if none).
