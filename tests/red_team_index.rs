@@ -509,3 +509,54 @@ fn red3_an_intent_made_up_in_the_index_does_not_vouch_for_an_imported_key() {
     ]);
     run.fails_with(2, "the issuance log has never seen");
 }
+
+#[test]
+fn red3_a_line_appended_by_hand_and_hidden_from_the_index_is_not_buried_by_the_next_writer() {
+    let env = Env::new("r3bury");
+    let home = env.init("ca", "r3bury", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let serial = sign(&env, &home, &[&a]).pop().unwrap();
+    // The insider appends a revocation with the right number and chain hash (anyone can
+    // compute them), then tells the index it has seen every byte: the O(1) open read
+    // nothing past the index, so the line was in no tree, not an unsigned tail, and the next
+    // writer appended after it and signed a tree without it (log verify then failed).
+    let path = home.join("log/entries.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut tree = hsmca::log::translog::Tree::default();
+    for l in text.lines() {
+        tree.push(l.as_bytes());
+    }
+    let forged = serde_json::json!({
+        "v": 1,
+        "seq": tree.size(),
+        "time": "2026-01-01T00:00:00Z",
+        "prev": hsmca::log::translog::b64(&tree.root()),
+        "type": "revocation",
+        "serial": serial,
+        "reason": "superseded",
+        "revocation_time": "2026-01-01T00:00:00Z",
+    });
+    let with_forged = format!("{text}{forged}\n");
+    std::fs::write(&path, &with_forged).unwrap();
+    sqlite(
+        &home,
+        &format!(
+            "UPDATE meta SET v = {} WHERE k = 'bytes'",
+            with_forged.len()
+        ),
+    );
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    let run = env.sign(&home, "test-any-key", &[&b]);
+    assert!(
+        !b.with_extension("crt").exists(),
+        "signed after a line no checkpoint covers: {}",
+        run.all()
+    );
+    run.code_is(4);
+    assert!(run.stderr().contains("recover"), "{}", run.all());
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        with_forged,
+        "nothing appended after the forged line"
+    );
+}

@@ -484,6 +484,49 @@ fn load_critical(
     }
 }
 
+/// Whether the whole line that ends where the derived files say the log ends (`d.bytes`) is
+/// the tree's last entry, proven against the checkpoint when it signs that entry. The index
+/// says how many bytes it has read; one that claims more than it read (a line appended by
+/// hand and never hashed) would leave that line out of every tree while the next writer
+/// appends after it, so the log on disk would no longer be the one checkpoints sign.
+fn last_line_is_last_entry(
+    paths: &Paths,
+    d: &Derived,
+    cp: &VerifiedCheckpoint,
+) -> Result<bool, LogError> {
+    use std::os::unix::fs::FileExt;
+    let size = d.tree.size();
+    let Some(last) = size.checked_sub(1) else {
+        return Ok(d.bytes == 0);
+    };
+    let path = paths.entries();
+    let file = open_regular(OpenOptions::new().read(true), &path)?;
+    let window = d.bytes.min(MAX_LINE as u64 + 1);
+    let mut buf = vec![0; usize::try_from(window).unwrap_or(MAX_LINE + 1)];
+    if file.read_exact_at(&mut buf, d.bytes - window).is_err() {
+        return Ok(false);
+    }
+    let Some(body) = buf.strip_suffix(b"\n") else {
+        return Ok(false);
+    };
+    let line = match body.iter().rposition(|&b| b == b'\n') {
+        Some(nl) => &body[nl + 1..],
+        None if window == d.bytes => body,
+        None => return Ok(false),
+    };
+    let leaf = translog::leaf_hash(line);
+    if d.tree.leaf(last) != Some(leaf) {
+        return Ok(false);
+    }
+    if last >= cp.size {
+        // An unsigned tail: nothing signs it, and writers refuse it anyway.
+        return Ok(true);
+    }
+    Ok(d.tree
+        .prove(last, cp.size)
+        .is_some_and(|p| translog::check_inclusion(&p, cp.size, cp.root, last, leaf)))
+}
+
 /// Entry 0's facts, read from the first line (needed to check the checkpoint's signature
 /// before anything else is believed; the line itself is then checked like every critical
 /// entry).
@@ -690,6 +733,13 @@ impl Log {
                     cp.size
                 ),
             }));
+        }
+        if !fresh && !last_line_is_last_entry(paths, d, cp)? {
+            return Ok(Err(Stale(format!(
+                "the line of entries.jsonl ending at byte {} is not entry {}",
+                d.bytes,
+                size.saturating_sub(1)
+            ))));
         }
         match load_critical(paths, &d.tree, &d.index, cp)? {
             Ok(_) if Chain::of(cp).is_none() && !fresh => Ok(Err(Stale(
