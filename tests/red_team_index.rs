@@ -560,3 +560,83 @@ fn red3_a_line_appended_by_hand_and_hidden_from_the_index_is_not_buried_by_the_n
         "nothing appended after the forged line"
     );
 }
+
+/// Runs `sqlite3` on the index with the schema writable (an insider's tool, not hsmca's).
+fn sqlite_schema_edit(home: &Path, sql: &str) {
+    sqlite(home, &format!("PRAGMA writable_schema = ON; {sql}"));
+}
+
+#[test]
+fn red3_a_crl_lists_the_revoked_serial_even_when_the_index_btree_lies() {
+    let env = Env::new("r3btree");
+    let home = env.init("ca", "r3btree", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    let serials = sign(&env, &home, &[&a, &b]);
+    let (sa, sb) = (&serials[0], &serials[1]);
+    env.hsmca(&[
+        "revoke",
+        "--home",
+        s(&home),
+        sa,
+        "--reason",
+        "key-compromise",
+    ])
+    .ok();
+    // The insider rebuilds the serial index's b-tree over another column, keyed so that a's
+    // serial finds b's row, and puts the schema text back exactly as hsmca writes it: the
+    // schema check passes, and `WHERE serial = a` returns b's row (with a's serial, read
+    // from the index). Held: the row is proven against the entry it points at, which is b's.
+    sqlite_schema_edit(
+        &home,
+        "UPDATE sqlite_schema SET sql = 'CREATE INDEX certs_serial ON certs(subject)' WHERE name = 'certs_serial';",
+    );
+    sqlite(
+        &home,
+        &format!(
+            "REINDEX certs_serial; UPDATE certs SET subject = '{sa}' WHERE serial = '{sb}'; \
+             UPDATE certs SET subject = 'CN=a' WHERE serial = '{sa}';"
+        ),
+    );
+    sqlite_schema_edit(
+        &home,
+        "UPDATE sqlite_schema SET sql = 'CREATE INDEX certs_serial ON certs(serial)' WHERE name = 'certs_serial';",
+    );
+    let crl = env.path("root.crl");
+    let run = env.hsmca(&[
+        "crl",
+        "--home",
+        s(&home),
+        "--issuer",
+        "root",
+        "--next-update",
+        "7d",
+        "--out",
+        s(&crl),
+    ]);
+    if crl.exists() {
+        let text = openssl(&["crl", "-in", s(&crl), "-noout", "-text"]).to_lowercase();
+        let flat = text.replace([':', ' '], "");
+        assert!(
+            flat.contains(&format!("serialnumber{sa}")) && !flat.contains(sb.as_str()),
+            "the CRL does not list exactly the revoked serial {sa}:\n{text}\n{}",
+            run.all()
+        );
+    } else {
+        run.code_is(4);
+    }
+    // And the compromised key stays blocked: a new CSR for a's key is not signed.
+    let other = env.path("c/a2.csr");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        s(&a.with_extension("key")),
+        "-subj",
+        "/CN=a2",
+        "-out",
+        s(&other),
+    ]);
+    let run = env.sign(&home, "test-any-key", &[&other]);
+    assert!(!other.with_extension("crt").exists(), "{}", run.all());
+}

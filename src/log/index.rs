@@ -286,22 +286,45 @@ impl Index {
         csr_sha256: &str,
         profile: &str,
     ) -> Result<Option<CertRow>, LogError> {
-        self.conn
+        let row = self
+            .conn
             .prepare_cached(
                 "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE csr_sha256 = ?1 AND profile = ?2 ORDER BY seq LIMIT 1",
             )
             .and_then(|mut s| s.query_row(params![csr_sha256, profile], cert_row).optional())
-            .map_err(|e| db_error(&self.path, e))
+            .map_err(|e| db_error(&self.path, e))?;
+        self.answers(row, |r| r.csr_sha256 == csr_sha256 && r.profile == profile)
     }
 
     /// The certificate with this serial, if any.
     pub(crate) fn cert(&self, serial: &str) -> Result<Option<CertRow>, LogError> {
-        self.conn
+        let row = self
+            .conn
             .prepare_cached(
                 "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE serial = ?1 ORDER BY seq LIMIT 1",
             )
             .and_then(|mut s| s.query_row(params![serial], cert_row).optional())
-            .map_err(|e| db_error(&self.path, e))
+            .map_err(|e| db_error(&self.path, e))?;
+        self.answers(row, |r| r.serial == serial)
+    }
+
+    /// A row a lookup returned, refused if it does not hold what was looked up: a b-tree
+    /// rebuilt over another column under the same schema text answers with any row.
+    fn answers(
+        &self,
+        row: Option<CertRow>,
+        matches: impl FnOnce(&CertRow) -> bool,
+    ) -> Result<Option<CertRow>, LogError> {
+        match row {
+            Some(r) if !matches(&r) => Err(LogError::Index {
+                path: self.path.clone(),
+                message: format!(
+                    "a lookup returned the row of serial {} (entry {}), which is not what was asked; run `hsmca log reindex --home DIR`",
+                    r.serial, r.seq
+                ),
+            }),
+            other => Ok(other),
+        }
     }
 
     /// Whether any intent used this serial.

@@ -995,7 +995,16 @@ impl Log {
         self.index
             .certs(q)?
             .into_iter()
-            .map(|row| self.record(row))
+            .map(|row| match &q.serial {
+                Some(s) if *s != row.serial => Err(LogError::Index {
+                    path: self.paths.index(),
+                    message: format!(
+                        "asked for serial {s}, it returned serial {} (entry {}); run `hsmca log reindex --home DIR`",
+                        row.serial, row.seq
+                    ),
+                }),
+                _ => self.record(row),
+            })
             .collect()
     }
 
