@@ -640,3 +640,36 @@ fn red3_a_crl_lists_the_revoked_serial_even_when_the_index_btree_lies() {
     let run = env.sign(&home, "test-any-key", &[&other]);
     assert!(!other.with_extension("crt").exists(), "{}", run.all());
 }
+
+#[test]
+fn red3_a_critical_row_of_the_wrong_type_gets_the_index_rebuilt() {
+    let env = Env::new("r3ty");
+    let home = env.init("ca", "r3ty", "ecdsa-p256");
+    let a = env.p256_csr("c/a.csr", "/CN=a");
+    sign(&env, &home, &[&a]);
+    // STRICT is only in the schema text: the insider makes the table loose, writes text
+    // where a length goes, and puts the text back. Every command failed (exit 4) until
+    // someone thought of `log reindex`.
+    let strict = sqlite(
+        &home,
+        "SELECT sql FROM sqlite_schema WHERE name = 'critical'",
+    );
+    let set = |sql: &str| {
+        sqlite(
+            &home,
+            &format!(
+                "PRAGMA writable_schema = ON; UPDATE sqlite_schema SET sql = '{}' WHERE name = 'critical'",
+                sql.replace('\'', "''")
+            ),
+        );
+    };
+    set(&strict.replace(") STRICT", ")"));
+    sqlite(&home, "UPDATE critical SET len = 'abc' WHERE seq = 0");
+    set(&strict);
+    let run = env.hsmca(&["log", "list", "--home", s(&home)]);
+    run.ok();
+    assert!(run.stderr().contains("rebuilding"), "{}", run.all());
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    env.sign(&home, "test-any-key", &[&b]).ok();
+    env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
+}

@@ -453,7 +453,13 @@ fn load_critical(
     let mut critical = Critical::default();
     let mut at_checkpoint = None;
     let entries = paths.entries();
-    for (seq, offset, len) in index.critical()? {
+    // A row of the wrong type (a table made loose and back with `writable_schema`) is an
+    // index to rebuild like any other that does not match.
+    let rows = match index.critical() {
+        Ok(rows) => rows,
+        Err(e) => return Ok(Err(Stale(e.to_string()))),
+    };
+    for (seq, offset, len) in rows {
         if seq >= cp.size && at_checkpoint.is_none() {
             at_checkpoint = Some(critical.chain);
         }
