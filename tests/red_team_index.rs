@@ -58,21 +58,55 @@ fn logged_certs(home: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn red3_a_compromised_certificate_dropped_from_the_index_still_blocks_its_key() {
-    let env = Env::new("r3blk");
-    let home = env.init("ca", "r3blk", "ecdsa-p256");
+/// Signs `csr` and checks nothing was released or signed: no certificate file, a failing
+/// exit, and still `certs` certificate entries in the log.
+#[track_caller]
+fn nothing_signed(env: &Env, home: &Path, csr: &Path, certs: usize, what: &str) {
+    let run = env.sign(home, "test-any-key", &[csr]);
+    assert!(
+        !csr.with_extension("crt").exists(),
+        "signed for {what}: {}",
+        run.all()
+    );
+    assert_ne!(run.code(), 0, "{}", run.all());
+    assert_eq!(logged_certs(home).len(), certs, "nothing new was signed");
+}
+
+/// A new CA home (token `label`) that signed one CSR, `c/a.csr` for CN=a: the env, the
+/// home, the CSR and the certificate's serial.
+fn one_signed(label: &str) -> (Env, PathBuf, PathBuf, String) {
+    let env = Env::new(label);
+    let home = env.init("ca", label, "ecdsa-p256");
     let csr = env.p256_csr("c/a.csr", "/CN=a");
     let serial = sign(&env, &home, &[&csr]).pop().unwrap();
-    env.hsmca(&[
-        "revoke",
-        "--home",
-        s(&home),
-        &serial,
-        "--reason",
-        "key-compromise",
-    ])
-    .ok();
+    (env, home, csr, serial)
+}
+
+/// `hsmca revoke --home HOME SERIAL --reason REASON`.
+fn revoke(env: &Env, home: &Path, serial: &str, reason: &str) -> common::Run {
+    env.hsmca(&["revoke", "--home", s(home), serial, "--reason", reason])
+}
+
+/// A new CSR at `rel` for the key of `csr` (made by `Env::p256_csr`), subject `/CN=cn`.
+fn csr_for_key_of(env: &Env, csr: &Path, rel: &str, cn: &str) -> PathBuf {
+    let out = env.path(rel);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        s(&csr.with_extension("key")),
+        "-subj",
+        &format!("/CN={cn}"),
+        "-out",
+        s(&out),
+    ]);
+    out
+}
+
+#[test]
+fn red3_a_compromised_certificate_dropped_from_the_index_still_blocks_its_key() {
+    let (env, home, csr, serial) = one_signed("r3blk");
+    revoke(&env, &home, &serial, "key-compromise").ok();
     // The insider deletes the compromised certificate's row: the revocation itself is a
     // critical entry the checkpoint signs, but the key it blocks was looked up in the index.
     sqlite(
@@ -80,25 +114,8 @@ fn red3_a_compromised_certificate_dropped_from_the_index_still_blocks_its_key() 
         &format!("DELETE FROM certs WHERE serial = '{serial}'"),
     );
     // A new CSR for the compromised key, another subject.
-    let other = env.path("c/b.csr");
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        s(&csr.with_extension("key")),
-        "-subj",
-        "/CN=b",
-        "-out",
-        s(&other),
-    ]);
-    let run = env.sign(&home, "test-any-key", &[&other]);
-    assert!(
-        !other.with_extension("crt").exists(),
-        "a certificate was issued for a key revoked for key compromise: {}",
-        run.all()
-    );
-    assert_ne!(run.code(), 0, "{}", run.all());
-    assert_eq!(logged_certs(&home).len(), 1, "nothing new was signed");
+    let other = csr_for_key_of(&env, &csr, "c/b.csr", "b");
+    nothing_signed(&env, &home, &other, 1, "a key revoked for key compromise");
     // `log reindex` repairs the index, and the blocklist refuses the key by its rule.
     env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
     let run = env.sign(&home, "test-any-key", &[&other]);
@@ -158,6 +175,23 @@ fn red3_a_rerun_never_writes_back_another_csrs_certificate_the_index_points_at()
     assert_eq!(logged_certs(&home).len(), 2);
 }
 
+/// `hsmca ca create etcd-ca` (profile etcd-ca, CN=etcd-ca) with its key under `label`.
+fn create_etcd_ca(env: &Env, home: &Path, label: &str) -> common::Run {
+    env.hsmca(&[
+        "ca",
+        "create",
+        "etcd-ca",
+        "--home",
+        s(home),
+        "--profile",
+        "etcd-ca",
+        "--subject",
+        "CN=etcd-ca",
+        "--key-label",
+        label,
+    ])
+}
+
 /// A root made by `init` on token `token` (`ca create` needs the etcd profiles of `init`).
 fn root(env: &Env, token: &str) -> PathBuf {
     let home = env.path("ca");
@@ -182,22 +216,7 @@ fn root(env: &Env, token: &str) -> PathBuf {
 fn red3_an_intermediate_hidden_from_the_index_still_holds_its_subject() {
     let env = Env::new("r3ca");
     let home = root(&env, "r3ca");
-    let create = |label: &str| {
-        env.hsmca(&[
-            "ca",
-            "create",
-            "etcd-ca",
-            "--home",
-            s(&home),
-            "--profile",
-            "etcd-ca",
-            "--subject",
-            "CN=etcd-ca",
-            "--key-label",
-            label,
-        ])
-    };
-    create("root-etcd-ca").ok();
+    create_etcd_ca(&env, &home, "root-etcd-ca").ok();
     let cas = |home: &Path| {
         logged_certs(home)
             .iter()
@@ -216,7 +235,7 @@ fn red3_an_intermediate_hidden_from_the_index_still_holds_its_subject() {
     std::fs::write(&config, json.to_string()).unwrap();
     std::fs::remove_file(home.join("cas/etcd-ca.pem")).unwrap();
     sqlite(&home, "UPDATE certs SET is_ca = 0 WHERE is_ca = 1");
-    let run = create("root-etcd-ca-2");
+    let run = create_etcd_ca(&env, &home, "root-etcd-ca-2");
     assert_ne!(
         run.code(),
         0,
@@ -337,19 +356,8 @@ fn red3_intents_marked_open_in_the_index_are_not_abandoned_in_the_signed_log() {
 
 #[test]
 fn red3_a_revoked_certificate_dropped_from_the_index_is_not_issued_again_on_a_rerun() {
-    let env = Env::new("r3rev");
-    let home = env.init("ca", "r3rev", "ecdsa-p256");
-    let a = env.p256_csr("c/a.csr", "/CN=a");
-    let serial = sign(&env, &home, &[&a]).pop().unwrap();
-    env.hsmca(&[
-        "revoke",
-        "--home",
-        s(&home),
-        &serial,
-        "--reason",
-        "superseded",
-    ])
-    .ok();
+    let (env, home, a, serial) = one_signed("r3rev");
+    revoke(&env, &home, &serial, "superseded").ok();
     // The insider deletes the revoked certificate's row: a rerun of its CSR no longer finds
     // it "already issued (revoked)" and would sign the same request again.
     sqlite(
@@ -357,14 +365,7 @@ fn red3_a_revoked_certificate_dropped_from_the_index_is_not_issued_again_on_a_re
         &format!("DELETE FROM certs WHERE serial = '{serial}'"),
     );
     std::fs::remove_file(a.with_extension("crt")).unwrap();
-    let run = env.sign(&home, "test-any-key", &[&a]);
-    assert!(
-        !a.with_extension("crt").exists(),
-        "a revoked request was signed again: {}",
-        run.all()
-    );
-    assert_ne!(run.code(), 0, "{}", run.all());
-    assert_eq!(logged_certs(&home).len(), 1, "nothing new was signed");
+    nothing_signed(&env, &home, &a, 1, "a revoked request");
     env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
     let run = env.sign(&home, "test-any-key", &[&a]);
     assert!(run.all().contains("revoked"), "{}", run.all());
@@ -374,27 +375,14 @@ fn red3_a_revoked_certificate_dropped_from_the_index_is_not_issued_again_on_a_re
 
 #[test]
 fn red3_a_certificate_dropped_from_the_index_can_still_be_revoked() {
-    let env = Env::new("r3revoke");
-    let home = env.init("ca", "r3revoke", "ecdsa-p256");
-    let a = env.p256_csr("c/a.csr", "/CN=a");
-    let serial = sign(&env, &home, &[&a]).pop().unwrap();
+    let (env, home, _, serial) = one_signed("r3revoke");
     // The insider deletes the row of a certificate that is about to be revoked: `revoke`
     // said "never issued by this CA" (exit 2), and the certificate stayed off every CRL.
     sqlite(
         &home,
         &format!("DELETE FROM certs WHERE serial = '{serial}'"),
     );
-    let revoke = || {
-        env.hsmca(&[
-            "revoke",
-            "--home",
-            s(&home),
-            &serial,
-            "--reason",
-            "key-compromise",
-        ])
-    };
-    let run = revoke();
+    let run = revoke(&env, &home, &serial, "key-compromise");
     run.code_is(4);
     assert!(
         run.stderr().contains(&serial) && run.stderr().contains("reindex"),
@@ -402,17 +390,15 @@ fn red3_a_certificate_dropped_from_the_index_can_still_be_revoked() {
         run.all()
     );
     // A serial never issued is still refused as such.
-    let run = env.hsmca(&[
-        "revoke",
-        "--home",
-        s(&home),
+    let run = revoke(
+        &env,
+        &home,
         "0badbadbadbadbadbadbadbadbadbad0",
-        "--reason",
         "superseded",
-    ]);
+    );
     run.fails_with(2, "never issued");
     env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
-    revoke().ok();
+    revoke(&env, &home, &serial, "key-compromise").ok();
 }
 
 #[test]
@@ -477,17 +463,7 @@ fn red3_an_intent_made_up_in_the_index_does_not_vouch_for_an_imported_key() {
         &home,
         &format!("INSERT INTO intents VALUES(0, 'ab', '{fingerprint}', NULL, NULL, 0)"),
     );
-    let run = env.hsmca(&[
-        "ca",
-        "create",
-        "etcd-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "etcd-ca",
-        "--subject",
-        "CN=etcd-ca",
-    ]);
+    let run = create_etcd_ca(&env, &home, "root-etcd-ca");
     assert!(
         !home.join("cas/etcd-ca.pem").exists(),
         "a CA was made on an imported key: {}",
@@ -496,26 +472,13 @@ fn red3_an_intent_made_up_in_the_index_does_not_vouch_for_an_imported_key() {
     assert_ne!(run.code(), 0, "{}", run.all());
     // Once the index is rebuilt, the key is refused for what it is.
     env.hsmca(&["log", "reindex", "--home", s(&home)]).ok();
-    let run = env.hsmca(&[
-        "ca",
-        "create",
-        "etcd-ca",
-        "--home",
-        s(&home),
-        "--profile",
-        "etcd-ca",
-        "--subject",
-        "CN=etcd-ca",
-    ]);
+    let run = create_etcd_ca(&env, &home, "root-etcd-ca");
     run.fails_with(2, "the issuance log has never seen");
 }
 
 #[test]
 fn red3_a_line_appended_by_hand_and_hidden_from_the_index_is_not_buried_by_the_next_writer() {
-    let env = Env::new("r3bury");
-    let home = env.init("ca", "r3bury", "ecdsa-p256");
-    let a = env.p256_csr("c/a.csr", "/CN=a");
-    let serial = sign(&env, &home, &[&a]).pop().unwrap();
+    let (env, home, _, serial) = one_signed("r3bury");
     // The insider appends a revocation with the right number and chain hash (anyone can
     // compute them), then tells the index it has seen every byte: the O(1) open read
     // nothing past the index, so the line was in no tree, not an unsigned tail, and the next
@@ -574,15 +537,7 @@ fn red3_a_crl_lists_the_revoked_serial_even_when_the_index_btree_lies() {
     let b = env.p256_csr("c/b.csr", "/CN=b");
     let serials = sign(&env, &home, &[&a, &b]);
     let (sa, sb) = (&serials[0], &serials[1]);
-    env.hsmca(&[
-        "revoke",
-        "--home",
-        s(&home),
-        sa,
-        "--reason",
-        "key-compromise",
-    ])
-    .ok();
+    revoke(&env, &home, sa, "key-compromise").ok();
     // The insider rebuilds the serial index's b-tree over another column, keyed so that a's
     // serial finds b's row, and puts the schema text back exactly as hsmca writes it: the
     // schema check passes, and `WHERE serial = a` returns b's row (with a's serial, read
@@ -626,17 +581,7 @@ fn red3_a_crl_lists_the_revoked_serial_even_when_the_index_btree_lies() {
         run.code_is(4);
     }
     // And the compromised key stays blocked: a new CSR for a's key is not signed.
-    let other = env.path("c/a2.csr");
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        s(&a.with_extension("key")),
-        "-subj",
-        "/CN=a2",
-        "-out",
-        s(&other),
-    ]);
+    let other = csr_for_key_of(&env, &a, "c/a2.csr", "a2");
     let run = env.sign(&home, "test-any-key", &[&other]);
     assert!(!other.with_extension("crt").exists(), "{}", run.all());
 }

@@ -1049,27 +1049,41 @@ impl Log {
     /// Costs the lines after that intent: a ceremony command, seconds at most.
     pub fn intents_naming(&self, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
         let claimed = self.index.intents_naming(csr_sha256)?;
+        let needle = csr_sha256.as_bytes();
+        self.confirm(claimed, &format!("naming {csr_sha256}"), |first| {
+            let mut found = Vec::new();
+            self.scan_proven(first, |seq, leaf| {
+                if leaf.windows(needle.len()).any(|w| w == needle)
+                    && let Ok(Entry {
+                        body: Body::IssueIntent { csr_sha256: c, .. },
+                        ..
+                    }) = serde_json::from_slice::<Entry>(leaf)
+                    && c == csr_sha256
+                {
+                    found.push(seq);
+                }
+            })?;
+            Ok(found)
+        })
+    }
+
+    /// The entry numbers the index `claimed` (in log order), confirmed by `prove`, which
+    /// reads them back from the log from the first one on: refused if the log says otherwise.
+    fn confirm(
+        &self,
+        claimed: Vec<u64>,
+        what: &str,
+        prove: impl FnOnce(u64) -> Result<Vec<u64>, LogError>,
+    ) -> Result<Vec<u64>, LogError> {
         let Some(&first) = claimed.first() else {
             return Ok(claimed);
         };
-        let needle = csr_sha256.as_bytes();
-        let mut found = Vec::new();
-        self.scan_proven(first, |seq, leaf| {
-            if leaf.windows(needle.len()).any(|w| w == needle)
-                && let Ok(Entry {
-                    body: Body::IssueIntent { csr_sha256: c, .. },
-                    ..
-                }) = serde_json::from_slice::<Entry>(leaf)
-                && c == csr_sha256
-            {
-                found.push(seq);
-            }
-        })?;
+        let found = prove(first)?;
         if found != claimed {
             return Err(LogError::Index {
                 path: self.paths.index(),
                 message: format!(
-                    "lists intents {claimed:?} naming {csr_sha256}, but the log has {found:?} from entry {first}; run `hsmca log reindex --home DIR`"
+                    "lists intents {claimed:?} {what}, but the log has {found:?} from entry {first}; run `hsmca log reindex --home DIR`"
                 ),
             });
         }
@@ -1100,20 +1114,9 @@ impl Log {
     /// must be exactly the ones named. Costs what was appended since that intent, and
     /// nothing when there is none.
     pub fn open_intents(&self) -> Result<Vec<u64>, LogError> {
-        let claimed = self.index.open_intents()?;
-        let Some(&first) = claimed.first() else {
-            return Ok(claimed);
-        };
-        let found = self.intents_open_since(first)?;
-        if found != claimed {
-            return Err(LogError::Index {
-                path: self.paths.index(),
-                message: format!(
-                    "lists intents {claimed:?} as open, but the log has {found:?} open from entry {first}; run `hsmca log reindex --home DIR`"
-                ),
-            });
-        }
-        Ok(found)
+        self.confirm(self.index.open_intents()?, "as open", |first| {
+            self.intents_open_since(first)
+        })
     }
 
     /// The intents at or after entry `from` with no result, read back and proven (see
