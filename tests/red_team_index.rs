@@ -618,3 +618,48 @@ fn red3_a_critical_row_of_the_wrong_type_gets_the_index_rebuilt() {
     env.sign(&home, "test-any-key", &[&b]).ok();
     env.hsmca(&["log", "verify", "--home", s(&home)]).ok();
 }
+
+#[test]
+fn red3_a_huge_sparse_tail_is_never_read_into_memory() {
+    require("time");
+    let (env, home, _, _) = one_signed("r3huge");
+    // The insider extends entries.jsonl by 2 GiB of zeros (a sparse file: no disk used). Every
+    // command read it whole into memory looking for a newline (RSS grew with the tail: a
+    // large enough one is an out-of-memory kill of every command).
+    let path = home.join("log/entries.jsonl");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let tail = 2u64 << 30;
+    f.set_len(len + tail).unwrap();
+    drop(f);
+    let peak = |args: &[&str]| {
+        let mut cmd = Command::new("time");
+        cmd.arg("-f")
+            .arg("peak-rss-kb %M")
+            .arg(env!("CARGO_BIN_EXE_hsmca"))
+            .args(args)
+            .arg("--home")
+            .arg(&home);
+        let run = common::run_within(cmd, std::time::Duration::from_secs(60));
+        let kb: u64 = run
+            .stderr()
+            .lines()
+            .find_map(|l| l.strip_prefix("peak-rss-kb "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        assert!(kb < 150 << 10, "{args:?}: peak RSS {kb} KiB\n{}", run.all());
+        run
+    };
+    peak(&["log", "list"]).ok();
+    let run = peak(&["log", "verify"]);
+    run.code_is(4);
+    assert!(
+        run.stdout()
+            .contains(&format!("incomplete last line ({tail} bytes")),
+        "{}",
+        run.all()
+    );
+    let a2 = env.p256_csr("c/a2.csr", "/CN=a2");
+    let run = env.sign(&home, "test-any-key", &[&a2]);
+    run.fails_with(4, "log recover");
+}

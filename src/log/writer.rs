@@ -22,7 +22,7 @@ use super::index::{self, CertRow, Index, Meta, Query};
 use super::translog::{self, NoteKey, Tree, VerifiedCheckpoint};
 use super::{
     B64, Body, Entry, Issued, LogError, MAX_LINE, ModulePin, Paths, PolicyPin, Problem, Record,
-    Revoked, RootInfo, entry, io_at, open_regular, read_regular,
+    Revoked, RootInfo, entry, io_at, open_regular, read_line, read_regular,
 };
 use crate::clock::rfc3339;
 use crate::files;
@@ -297,13 +297,13 @@ fn catch_up(
     let mut in_batch = 0u64;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(io_at(&path))?;
+        let n = read_line(&mut reader, &mut line).map_err(io_at(&path))?;
         if n == 0 {
             break;
         }
         let seq = tree.size();
         if line.last() != Some(&b'\n') {
-            torn = Some((seq, n as u64));
+            torn = Some((seq, len - offset));
             break;
         }
         let leaf = &line[..n - 1];
@@ -1166,7 +1166,7 @@ impl Log {
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(io_at(&path))?;
+            let n = read_line(&mut reader, &mut line).map_err(io_at(&path))?;
             if n == 0 || line.last() != Some(&b'\n') {
                 break;
             }
@@ -1583,7 +1583,7 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
     let mut seq = start_seq;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(io_at(&path))?;
+        let n = read_line(&mut reader, &mut line).map_err(io_at(&path))?;
         if n == 0 || line.last() != Some(&b'\n') {
             break;
         }
