@@ -12,6 +12,15 @@
 //! before using it (see `super::Log::open`). Answers that decide what gets signed or revoked
 //! come from entries read back from `entries.jsonl` and proven against the checkpoint, or from
 //! the critical entries whose chain the checkpoint signs; the index only says where to look.
+//!
+//! Every row the index returns is proven against the entry it points at (serial, profile,
+//! CSR hash); the lists that make hsmca sign something (open intents to abandon, intents that
+//! vouch for a key) are re-read from the log; "no such certificate" is checked against the
+//! log before `revoke` believes it, and against the revoked certificates before a request is
+//! signed anew. What an edited index can still do, because proving an absence would mean
+//! reading the whole log: hide a certificate from `expiring` or `log list` (their filters run
+//! on its columns), and make a rerun sign a second certificate for a request whose row it
+//! dropped (same CSR and profile, not revoked; both certificates are in the log).
 
 use std::path::Path;
 
