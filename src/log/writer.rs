@@ -1431,6 +1431,20 @@ pub fn recover(
     let mut log = Log::open_mode(home, Mode::Tolerant)?;
     let path = log.paths.entries();
     let mut removed = None;
+    // A write cut short leaves at most one partial line. More bytes than any line holds were
+    // put there by someone else (a sparse file of gigabytes, say): they are not read into
+    // memory and copied to quarantine/, but left for a person to look at.
+    if let Some((entry, bytes)) = log.torn
+        && bytes > MAX_LINE as u64 + 1
+    {
+        return Err(LogError::Corrupt(Problem {
+            entry: Some(entry),
+            message: format!(
+                "entries.jsonl ends with {bytes} bytes after its last whole line, more than any entry: not a write cut short; look at them, and cut the file back to {} bytes yourself if they are nothing",
+                log.bytes
+            ),
+        }));
+    }
     if log.torn.is_some() {
         let mut f = open_regular(OpenOptions::new().read(true).write(true), &path)?;
         let mut tail = Vec::new();
