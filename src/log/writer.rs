@@ -1420,6 +1420,51 @@ pub struct Recovered {
     pub signed_tail: u64,
 }
 
+/// Copies the bytes of `f` from `from` on into `quarantine/<time>-<sha256 prefix>.bin`,
+/// durably, and returns their length, SHA-256 and the file's name. Streamed, twice (once to
+/// name the file by its hash, once to copy): a write cut short leaves less than a line, but
+/// a tail someone else put there (a sparse file of gigabytes) must not be read into memory.
+fn quarantine_tail(
+    f: &mut File,
+    paths: &Paths,
+    from: u64,
+    now: OffsetDateTime,
+) -> Result<(u64, String, String), LogError> {
+    use std::io::Read;
+    let path = paths.entries();
+    f.seek(SeekFrom::Start(from)).map_err(io_at(&path))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_at(&path))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        len += n as u64;
+    }
+    let sha = keys::hex(ctx.finish().as_ref());
+    let name = format!("{}-{}.bin", rfc3339(now).replace(':', ""), &sha[..16]);
+    let dir = paths.quarantine();
+    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let q = dir.join(&name);
+    let mut out = open_regular(OpenOptions::new().write(true).create_new(true), &q)?;
+    f.seek(SeekFrom::Start(from)).map_err(io_at(&path))?;
+    let copied = std::io::copy(&mut Read::take(&mut *f, len), &mut out).map_err(io_at(&q))?;
+    if copied != len {
+        return Err(io_at(&q)(std::io::Error::other(format!(
+            "copied {copied} of the {len} bytes to set aside"
+        ))));
+    }
+    out.sync_all().map_err(|source| LogError::Sync {
+        path: q.clone(),
+        source,
+    })?;
+    files::sync_dir(&dir).map_err(|e| LogError::Checkpoint(e.to_string()))?;
+    Ok((len, sha, name))
+}
+
 /// `hsmca log recover`: sets a torn tail aside in `quarantine/`, cuts the file back to its last
 /// whole line, and records both the recovery and every open intent as abandoned, then
 /// checkpoints. Complete lines are never touched: a damaged complete line is tampering.
@@ -1431,36 +1476,16 @@ pub fn recover(
     let mut log = Log::open_mode(home, Mode::Tolerant)?;
     let path = log.paths.entries();
     let mut removed = None;
-    // A write cut short leaves at most one partial line. More bytes than any line holds were
-    // put there by someone else (a sparse file of gigabytes, say): they are not read into
-    // memory and copied to quarantine/, but left for a person to look at.
-    if let Some((entry, bytes)) = log.torn
-        && bytes > MAX_LINE as u64 + 1
-    {
-        return Err(LogError::Corrupt(Problem {
-            entry: Some(entry),
-            message: format!(
-                "entries.jsonl ends with {bytes} bytes after its last whole line, more than any entry: not a write cut short; look at them, and cut the file back to {} bytes yourself if they are nothing",
-                log.bytes
-            ),
-        }));
-    }
     if log.torn.is_some() {
         let mut f = open_regular(OpenOptions::new().read(true).write(true), &path)?;
-        let mut tail = Vec::new();
-        f.seek(SeekFrom::Start(log.bytes)).map_err(io_at(&path))?;
-        std::io::Read::read_to_end(&mut f, &mut tail).map_err(io_at(&path))?;
-        let sha = keys::sha256_hex(&tail);
-        let name = format!("{}-{}.bin", rfc3339(now).replace(':', ""), &sha[..16]);
-        let q = log.paths.quarantine().join(&name);
-        files::write_new(&q, &tail).map_err(|e| LogError::Checkpoint(e.to_string()))?;
+        let (len, sha, name) = quarantine_tail(&mut f, &log.paths, log.bytes, now)?;
         f.set_len(log.bytes).map_err(io_at(&path))?;
         f.sync_all().map_err(|source| LogError::Sync {
             path: path.clone(),
             source,
         })?;
         log.torn = None;
-        removed = Some((tail.len() as u64, sha, format!("quarantine/{name}")));
+        removed = Some((len, sha, format!("quarantine/{name}")));
     }
     let mut bodies = Vec::new();
     let mut result = Recovered {
