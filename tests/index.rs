@@ -258,10 +258,16 @@ fn verify_from_a_checkpoint_checks_what_was_appended_and_catches_tampering_there
     );
     assert!(run.stdout().contains("the log extends it"), "{}", run.all());
 
-    // A same-length edit of a certificate entry after the kept checkpoint.
+    // A same-length edit of a certificate entry after the kept checkpoint (b's, not the
+    // last line: opening the log proves the last line, and refuses an altered one itself).
     let entries = home.join("log/entries.jsonl");
     let text = std::fs::read_to_string(&entries).unwrap();
-    let at = text.rfind("\"profile\":\"test-any-key\"").unwrap() + "\"profile\":\"".len();
+    let needle = "\"type\":\"cert\"";
+    let last = text.rfind(needle).unwrap();
+    let cert_b = text[..last].rfind(needle).unwrap();
+    let at = cert_b
+        + text[cert_b..].find("\"profile\":\"test-any-key\"").unwrap()
+        + "\"profile\":\"".len();
     let mut edited = text.clone();
     edited.replace_range(at..at + 1, "T");
     assert_eq!(edited.len(), text.len());

@@ -12,6 +12,15 @@
 //! before using it (see `super::Log::open`). Answers that decide what gets signed or revoked
 //! come from entries read back from `entries.jsonl` and proven against the checkpoint, or from
 //! the critical entries whose chain the checkpoint signs; the index only says where to look.
+//!
+//! Every row the index returns is proven against the entry it points at (serial, profile,
+//! CSR hash); the lists that make hsmca sign something (open intents to abandon, intents that
+//! vouch for a key) are re-read from the log; "no such certificate" is checked against the
+//! log before `revoke` believes it, and against the revoked certificates before a request is
+//! signed anew. What an edited index can still do, because proving an absence would mean
+//! reading the whole log: hide a certificate from `expiring` or `log list` (their filters run
+//! on its columns), and make a rerun sign a second certificate for a request whose row it
+//! dropped (same CSR and profile, not revoked; both certificates are in the log).
 
 use std::path::Path;
 
@@ -58,7 +67,6 @@ pub(crate) struct CertRow {
     pub serial: String,
     pub profile: String,
     pub csr_sha256: String,
-    pub time: String,
     pub offset: u64,
     pub len: usize,
     pub renews: Option<String>,
@@ -232,7 +240,7 @@ impl Index {
     /// Certificates matching `q`, in log order.
     pub(crate) fn certs(&self, q: &Query) -> Result<Vec<CertRow>, LogError> {
         let mut sql = String::from(
-            "SELECT seq, serial, profile, csr_sha256, time, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE 1",
+            "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE 1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         use rusqlite::types::Value;
@@ -287,22 +295,45 @@ impl Index {
         csr_sha256: &str,
         profile: &str,
     ) -> Result<Option<CertRow>, LogError> {
-        self.conn
+        let row = self
+            .conn
             .prepare_cached(
-                "SELECT seq, serial, profile, csr_sha256, time, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE csr_sha256 = ?1 AND profile = ?2 ORDER BY seq LIMIT 1",
+                "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE csr_sha256 = ?1 AND profile = ?2 ORDER BY seq LIMIT 1",
             )
             .and_then(|mut s| s.query_row(params![csr_sha256, profile], cert_row).optional())
-            .map_err(|e| db_error(&self.path, e))
+            .map_err(|e| db_error(&self.path, e))?;
+        self.answers(row, |r| r.csr_sha256 == csr_sha256 && r.profile == profile)
     }
 
     /// The certificate with this serial, if any.
     pub(crate) fn cert(&self, serial: &str) -> Result<Option<CertRow>, LogError> {
-        self.conn
+        let row = self
+            .conn
             .prepare_cached(
-                "SELECT seq, serial, profile, csr_sha256, time, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE serial = ?1 ORDER BY seq LIMIT 1",
+                "SELECT seq, serial, profile, csr_sha256, offset, len, renews, policy_sha256, renewed_by FROM certs WHERE serial = ?1 ORDER BY seq LIMIT 1",
             )
             .and_then(|mut s| s.query_row(params![serial], cert_row).optional())
-            .map_err(|e| db_error(&self.path, e))
+            .map_err(|e| db_error(&self.path, e))?;
+        self.answers(row, |r| r.serial == serial)
+    }
+
+    /// A row a lookup returned, refused if it does not hold what was looked up: a b-tree
+    /// rebuilt over another column under the same schema text answers with any row.
+    fn answers(
+        &self,
+        row: Option<CertRow>,
+        matches: impl FnOnce(&CertRow) -> bool,
+    ) -> Result<Option<CertRow>, LogError> {
+        match row {
+            Some(r) if !matches(&r) => Err(LogError::Index {
+                path: self.path.clone(),
+                message: format!(
+                    "a lookup returned the row of serial {} (entry {}), which is not what was asked; run `hsmca log reindex --home DIR`",
+                    r.serial, r.seq
+                ),
+            }),
+            other => Ok(other),
+        }
     }
 
     /// Whether any intent used this serial.
@@ -400,12 +431,11 @@ fn cert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
         serial: r.get(1)?,
         profile: r.get(2)?,
         csr_sha256: r.get(3)?,
-        time: r.get(4)?,
-        offset: r.get::<_, i64>(5)? as u64,
-        len: r.get::<_, i64>(6)? as usize,
-        renews: r.get(7)?,
-        policy_sha256: r.get(8)?,
-        renewed_by: r.get(9)?,
+        offset: r.get::<_, i64>(4)? as u64,
+        len: r.get::<_, i64>(5)? as usize,
+        renews: r.get(6)?,
+        policy_sha256: r.get(7)?,
+        renewed_by: r.get(8)?,
     })
 }
 

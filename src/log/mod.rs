@@ -221,6 +221,14 @@ fn read_regular(path: &Path) -> Result<Vec<u8>, LogError> {
     Ok(bytes)
 }
 
+/// Reads one line of the log (with its newline) into `buf`, at most `MAX_LINE + 1` bytes: no
+/// entry is longer, and the file is hostile data (a sparse tail of zeros, gigabytes without
+/// a newline, must not be read into memory whole). Returns the bytes read; a line that does
+/// not end in a newline within the limit is a torn or overlong one, for the caller to judge.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<usize> {
+    io::Read::take(reader, MAX_LINE as u64 + 1).read_until(b'\n', buf)
+}
+
 /// The root entry's facts the rest of the log is checked against.
 #[derive(Debug, Clone)]
 pub struct RootInfo {
@@ -434,6 +442,7 @@ impl Scan {
         let deep = sink.is_some();
         self.sink = sink;
         let file = open_regular(OpenOptions::new().read(true), path)?;
+        let len = file.metadata().map_err(io_at(path))?.len();
         let mut reader = BufReader::with_capacity(1 << 16, file);
         let scan = self;
         let mut line = Vec::new();
@@ -441,13 +450,15 @@ impl Scan {
         let (mut order_reported, mut chain_reported) = (false, false);
         loop {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(io_at(path))?;
+            let n = read_line(&mut reader, &mut line).map_err(io_at(path))?;
             if n == 0 {
                 break;
             }
             let seq = scan.size();
             if line.last() != Some(&b'\n') {
-                scan.torn = Some((seq, n as u64));
+                // What follows the last newline, however long: no line is read past
+                // `MAX_LINE`.
+                scan.torn = Some((seq, len.saturating_sub(offset)));
                 break;
             }
             let leaf = &line[..line.len() - 1];

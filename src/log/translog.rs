@@ -95,13 +95,26 @@ impl HashReader for Tree {
     }
 }
 
+/// The number of stored hashes of a tree of `size` leaves, refused before it is computed when
+/// a file of `len` bytes cannot hold them (each leaf stores at least its own hash): `size`
+/// comes from the index, which is hostile data, and a huge one must not overflow.
+fn stored_count_within(size: u64, len: u64) -> std::io::Result<u64> {
+    if size > len / 32 {
+        return Err(std::io::Error::other(format!(
+            "holds {} hashes, too few for {size} entries",
+            len / 32
+        )));
+    }
+    Ok(tlog::stored_hash_count(size))
+}
+
 impl Tree {
     /// The tree of the first `size` leaves whose stored hashes are in `file`. Hashes past them
     /// (a run that wrote hashes and died before its index caught up) are cut off; a file too
     /// short for `size` is an error, and the caller rebuilds it from the log.
     pub fn on_file(file: std::fs::File, size: u64) -> std::io::Result<Self> {
-        let base = tlog::stored_hash_count(size);
         let len = file.metadata()?.len();
+        let base = stored_count_within(size, len)?;
         if len < base * 32 {
             return Err(std::io::Error::other(format!(
                 "holds {} hashes but {size} entries need {base}",
@@ -122,8 +135,9 @@ impl Tree {
     /// The tree of the first `size` leaves in `file`, to grow in memory only: the file is
     /// never written or cut (for checking what was appended after a checkpoint).
     pub fn overlay(file: std::fs::File, size: u64) -> std::io::Result<Self> {
-        let base = tlog::stored_hash_count(size);
-        if file.metadata()?.len() < base * 32 {
+        let len = file.metadata()?.len();
+        let base = stored_count_within(size, len)?;
+        if len < base * 32 {
             return Err(std::io::Error::other(format!(
                 "holds too few hashes for {size} entries"
             )));

@@ -22,7 +22,7 @@ use super::index::{self, CertRow, Index, Meta, Query};
 use super::translog::{self, NoteKey, Tree, VerifiedCheckpoint};
 use super::{
     B64, Body, Entry, Issued, LogError, MAX_LINE, ModulePin, Paths, PolicyPin, Problem, Record,
-    Revoked, RootInfo, entry, io_at, open_regular, read_regular,
+    Revoked, RootInfo, entry, io_at, open_regular, read_line, read_regular,
 };
 use crate::clock::rfc3339;
 use crate::files;
@@ -88,8 +88,9 @@ struct Critical {
     revoked: HashMap<String, Revoked>,
     /// Highest cRLNumber per issuer.
     crl_numbers: HashMap<String, u64>,
-    /// CA certificate entries: seq.
-    ca: Vec<u64>,
+    /// CA certificate entries: (seq, offset, length), so they are read back from the log
+    /// without asking the index which certificates are CAs.
+    ca: Vec<(u64, u64, usize)>,
 }
 
 impl Critical {
@@ -147,7 +148,7 @@ impl Critical {
                 let n = self.crl_numbers.entry(issuer.clone()).or_default();
                 *n = (*n).max(*crl_number);
             }
-            Body::Cert { .. } => self.ca.push(seq),
+            Body::Cert { .. } => self.ca.push((seq, offset, len)),
             _ => {}
         }
     }
@@ -182,6 +183,8 @@ pub struct Log {
     behind: bool,
     /// Why, when a checkpoint found it (reported by the next append).
     behind_error: Option<LogError>,
+    /// (CSR hash, profile) of every revoked certificate: its serial. Filled on first use.
+    revoked_requests: std::sync::OnceLock<HashMap<(String, String), String>>,
 }
 
 pub(crate) fn take_lock(home: &Path) -> Result<File, LogError> {
@@ -294,13 +297,13 @@ fn catch_up(
     let mut in_batch = 0u64;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(io_at(&path))?;
+        let n = read_line(&mut reader, &mut line).map_err(io_at(&path))?;
         if n == 0 {
             break;
         }
         let seq = tree.size();
         if line.last() != Some(&b'\n') {
-            torn = Some((seq, n as u64));
+            torn = Some((seq, len - offset));
             break;
         }
         let leaf = &line[..n - 1];
@@ -407,13 +410,23 @@ fn rebuild(paths: &Paths) -> Result<Derived, LogError> {
     }
 }
 
-/// Reads one line of `entries.jsonl` by its place, as the index gives it.
-fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, LogError> {
+/// Reads one line of `entries.jsonl` by its place, as the index gives it. `Ok(None)` if no
+/// line can be there (longer than [`MAX_LINE`], or past the end of the file): the index is
+/// hostile data, and its numbers are checked before a buffer is sized by them.
+fn read_at(path: &Path, offset: u64, len: usize) -> Result<Option<Vec<u8>>, LogError> {
     use std::os::unix::fs::FileExt;
     let f = open_regular(OpenOptions::new().read(true), path)?;
+    let size = f.metadata().map_err(io_at(path))?.len();
+    let fits = len <= MAX_LINE
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size);
+    if !fits {
+        return Ok(None);
+    }
     let mut buf = vec![0; len];
     f.read_exact_at(&mut buf, offset).map_err(io_at(path))?;
-    Ok(buf)
+    Ok(Some(buf))
 }
 
 /// Loads the critical entries through the index and checks their chain against the one `cp`
@@ -429,11 +442,21 @@ fn load_critical(
     let mut critical = Critical::default();
     let mut at_checkpoint = None;
     let entries = paths.entries();
-    for (seq, offset, len) in index.critical()? {
+    // A row of the wrong type (a table made loose and back with `writable_schema`) is an
+    // index to rebuild like any other that does not match.
+    let rows = match index.critical() {
+        Ok(rows) => rows,
+        Err(e) => return Ok(Err(Stale(e.to_string()))),
+    };
+    for (seq, offset, len) in rows {
         if seq >= cp.size && at_checkpoint.is_none() {
             at_checkpoint = Some(critical.chain);
         }
-        let line = read_at(&entries, offset, len)?;
+        let Some(line) = read_at(&entries, offset, len)? else {
+            return Ok(Err(Stale(format!(
+                "the index places entry {seq} at bytes {offset}..+{len}, outside entries.jsonl"
+            ))));
+        };
         let leaf = translog::leaf_hash(&line);
         if tree.leaf(seq) != Some(leaf) {
             return Ok(Err(Stale(format!(
@@ -454,6 +477,49 @@ fn load_critical(
         )))),
         _ => Ok(Ok(critical)),
     }
+}
+
+/// Whether the whole line that ends where the derived files say the log ends (`d.bytes`) is
+/// the tree's last entry, proven against the checkpoint when it signs that entry. The index
+/// says how many bytes it has read; one that claims more than it read (a line appended by
+/// hand and never hashed) would leave that line out of every tree while the next writer
+/// appends after it, so the log on disk would no longer be the one checkpoints sign.
+fn last_line_is_last_entry(
+    paths: &Paths,
+    d: &Derived,
+    cp: &VerifiedCheckpoint,
+) -> Result<bool, LogError> {
+    use std::os::unix::fs::FileExt;
+    let size = d.tree.size();
+    let Some(last) = size.checked_sub(1) else {
+        return Ok(d.bytes == 0);
+    };
+    let path = paths.entries();
+    let file = open_regular(OpenOptions::new().read(true), &path)?;
+    let window = d.bytes.min(MAX_LINE as u64 + 1);
+    let mut buf = vec![0; usize::try_from(window).unwrap_or(MAX_LINE + 1)];
+    if file.read_exact_at(&mut buf, d.bytes - window).is_err() {
+        return Ok(false);
+    }
+    let Some(body) = buf.strip_suffix(b"\n") else {
+        return Ok(false);
+    };
+    let line = match body.iter().rposition(|&b| b == b'\n') {
+        Some(nl) => &body[nl + 1..],
+        None if window == d.bytes => body,
+        None => return Ok(false),
+    };
+    let leaf = translog::leaf_hash(line);
+    if d.tree.leaf(last) != Some(leaf) {
+        return Ok(false);
+    }
+    if last >= cp.size {
+        // An unsigned tail: nothing signs it, and writers refuse it anyway.
+        return Ok(true);
+    }
+    Ok(d.tree
+        .prove(last, cp.size)
+        .is_some_and(|p| translog::check_inclusion(&p, cp.size, cp.root, last, leaf)))
 }
 
 /// Entry 0's facts, read from the first line (needed to check the checkpoint's signature
@@ -566,6 +632,7 @@ impl Log {
             poisoned: false,
             behind: false,
             behind_error: None,
+            revoked_requests: std::sync::OnceLock::new(),
         };
         log.append(vec![root], now)?;
         log.checkpoint(key)?;
@@ -625,6 +692,7 @@ impl Log {
             poisoned: false,
             behind: false,
             behind_error: None,
+            revoked_requests: std::sync::OnceLock::new(),
         })
     }
 
@@ -661,6 +729,13 @@ impl Log {
                 ),
             }));
         }
+        if !fresh && !last_line_is_last_entry(paths, d, cp)? {
+            return Ok(Err(Stale(format!(
+                "the line of entries.jsonl ending at byte {} is not entry {}",
+                d.bytes,
+                size.saturating_sub(1)
+            ))));
+        }
         match load_critical(paths, &d.tree, &d.index, cp)? {
             Ok(_) if Chain::of(cp).is_none() && !fresh => Ok(Err(Stale(
                 "the checkpoint signs no chain of critical entries (written by an older hsmca)"
@@ -696,9 +771,37 @@ impl Log {
         self.index.serial_used(serial).unwrap_or(true)
     }
 
-    /// Whether this log issued a certificate with this serial (hex).
+    /// Whether this log issued a certificate with this serial (hex). A serial the index does
+    /// not know is looked for in the whole log (read back and proven, so seconds for a
+    /// million entries): "never issued" makes `revoke` refuse, and an index that lost a row
+    /// must not keep a certificate from being revoked.
     pub fn has_cert(&self, serial: &str) -> Result<bool, LogError> {
-        Ok(self.index.cert(serial)?.is_some())
+        if self.index.cert(serial)?.is_some() {
+            return Ok(true);
+        }
+        let needle = format!("\"serial\":\"{serial}\"");
+        let mut found = None;
+        self.scan_proven(0, |seq, leaf| {
+            if found.is_none()
+                && leaf.windows(needle.len()).any(|w| w == needle.as_bytes())
+                && let Ok(Entry {
+                    body: Body::Cert { serial: s, .. },
+                    ..
+                }) = serde_json::from_slice::<Entry>(leaf)
+                && s == serial
+            {
+                found = Some(seq);
+            }
+        })?;
+        match found {
+            None => Ok(false),
+            Some(seq) => Err(LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "has no row for serial {serial}, which the log issued (entry {seq}); run `hsmca log reindex --home DIR`"
+                ),
+            }),
+        }
     }
 
     /// Whether the serial (hex) has been revoked (from the critical entries the checkpoint
@@ -737,14 +840,18 @@ impl Log {
     /// be that entry: its hash is the tree's leaf, and (for a signed entry) the tree's path
     /// from it leads to the root the checkpoint signs.
     fn read_proven(&self, seq: u64, offset: u64, len: usize) -> Result<Entry, LogError> {
-        let line = read_at(&self.paths.entries(), offset, len)?;
-        let leaf = translog::leaf_hash(&line);
         let bad = |why: &str| LogError::Index {
             path: self.paths.index(),
             message: format!(
                 "entry {seq}: {why}; run `hsmca log reindex --home DIR`, then `hsmca log verify`"
             ),
         };
+        let line = read_at(&self.paths.entries(), offset, len)?.ok_or_else(|| {
+            bad(&format!(
+                "the index places it at bytes {offset}..+{len}, outside entries.jsonl"
+            ))
+        })?;
+        let leaf = translog::leaf_hash(&line);
         if self.tree.leaf(seq) != Some(leaf) {
             return Err(bad("the index points at another line"));
         }
@@ -776,17 +883,27 @@ impl Log {
         Ok(Some(self.read_proven(pin.seq, pin.at.0, pin.at.1)?.body))
     }
 
-    /// The certificate with this serial as logged, proven against the checkpoint.
-    fn cert_der(&self, row: &CertRow) -> Result<Vec<u8>, LogError> {
-        match self.read_proven(row.seq, row.offset, row.len)?.body {
-            Body::Cert { serial, cert, .. } if serial == row.serial => {
-                Ok(B64.decode(cert).unwrap_or_default())
+    /// The certificate of an index row as logged, proven against the checkpoint: the entry
+    /// the row points at must be a `cert` entry with the row's serial, profile and CSR hash,
+    /// so an edited row can neither hand out another certificate nor file one under another
+    /// CSR. Returns the certificate's DER and the time it was logged.
+    fn proven_cert(&self, row: &CertRow) -> Result<(Vec<u8>, String), LogError> {
+        let entry = self.read_proven(row.seq, row.offset, row.len)?;
+        match entry.body {
+            Body::Cert {
+                serial,
+                cert,
+                profile,
+                csr_sha256,
+                ..
+            } if serial == row.serial && profile == row.profile && csr_sha256 == row.csr_sha256 => {
+                Ok((B64.decode(cert).unwrap_or_default(), entry.time))
             }
             _ => Err(LogError::Index {
                 path: self.paths.index(),
                 message: format!(
-                    "entry {} is not the certificate of serial {}; run `hsmca log reindex --home DIR`",
-                    row.seq, row.serial
+                    "entry {} is not the certificate of serial {} (profile {}, CSR sha256 {}) the index says; run `hsmca log reindex --home DIR`",
+                    row.seq, row.serial, row.profile, row.csr_sha256
                 ),
             }),
         }
@@ -804,11 +921,30 @@ impl Log {
             .collect();
         serials.sort();
         for serial in serials {
-            if let Some(row) = self.index.cert(serial)? {
-                out.push((serial.clone(), self.cert_der(&row)?));
-            }
+            // A revoked serial always has its certificate in the log (`revoke` checks); an
+            // index without it was edited, and skipping it would unblock the key.
+            let row = self.index.cert(serial)?.ok_or_else(|| LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "serial {serial} is revoked for key compromise but the index has no certificate for it; run `hsmca log reindex --home DIR`"
+                ),
+            })?;
+            out.push((serial.clone(), self.proven_cert(&row)?.0));
         }
         Ok(out)
+    }
+
+    /// (CSR hash, profile) of every revoked certificate, proven: see [`Log::issued`].
+    fn revoked_requests(&self) -> Result<&HashMap<(String, String), String>, LogError> {
+        if let Some(map) = self.revoked_requests.get() {
+            return Ok(map);
+        }
+        let map = self
+            .revocations()?
+            .into_iter()
+            .map(|r| ((r.csr_sha256, r.profile), r.serial))
+            .collect();
+        Ok(self.revoked_requests.get_or_init(|| map))
     }
 
     /// Every revoked certificate: its record (DER proven against the checkpoint), in the
@@ -834,10 +970,10 @@ impl Log {
     }
 
     fn record(&self, row: CertRow) -> Result<Record, LogError> {
-        let der = self.cert_der(&row)?;
+        let (der, time) = self.proven_cert(&row)?;
         Ok(Record {
             seq: row.seq,
-            time: row.time,
+            time,
             revoked: self.critical.revoked.get(&row.serial).cloned(),
             serial: row.serial,
             profile: row.profile,
@@ -854,28 +990,40 @@ impl Log {
         self.index
             .certs(q)?
             .into_iter()
-            .map(|row| self.record(row))
+            .map(|row| match &q.serial {
+                Some(s) if *s != row.serial => Err(LogError::Index {
+                    path: self.paths.index(),
+                    message: format!(
+                        "asked for serial {s}, it returned serial {} (entry {}); run `hsmca log reindex --home DIR`",
+                        row.serial, row.seq
+                    ),
+                }),
+                _ => self.record(row),
+            })
             .collect()
     }
 
     /// Every CA certificate in the log (what `ca create` made), in log order, with its
     /// revocation: from the critical entries.
     pub fn ca_records(&self) -> Result<Vec<Record>, LogError> {
-        let rows = self.index.certs(&Query {
-            ca: true,
-            ..Query::default()
-        })?;
-        // Only those the critical entries name: the index cannot add or hide a CA.
-        let mut out = Vec::with_capacity(self.critical.ca.len());
-        for seq in &self.critical.ca {
-            let row = rows.iter().find(|r| r.seq == *seq).cloned().ok_or_else(|| {
-                LogError::Index {
+        let mut out = Vec::new();
+        for &(seq, offset, len) in &self.critical.ca {
+            // Read from the log at the place the signed chain vouches for, then matched with
+            // its index row: a row edited to hide a CA (not a CA, another serial) is refused,
+            // never skipped, or `ca create` would give a logged CA's subject to another key.
+            let Body::Cert { serial, .. } = self.read_proven(seq, offset, len)?.body else {
+                continue;
+            };
+            let row = self
+                .index
+                .cert(&serial)?
+                .filter(|r| r.seq == seq)
+                .ok_or_else(|| LogError::Index {
                     path: self.paths.index(),
                     message: format!(
-                        "entry {seq} is a CA certificate the index does not list; run `hsmca log reindex --home DIR`"
+                        "the CA certificate serial {serial} (entry {seq}) is not in the index; run `hsmca log reindex --home DIR`"
                     ),
-                }
-            })?;
+                })?;
             out.push(self.record(row)?);
         }
         Ok(out)
@@ -883,8 +1031,52 @@ impl Log {
 
     /// The entry numbers of every issuance intent naming `csr_sha256` (for `ca create`, the
     /// SHA-256 of the new key's SPKI), whatever became of it.
+    ///
+    /// An intent vouches for a key (`ca create` takes a key the token did not generate only
+    /// if an earlier run of its own logged one), so what the index lists is read back from
+    /// the log from the first one on and proven; a row made up in the index is refused.
+    /// Costs the lines after that intent: a ceremony command, seconds at most.
     pub fn intents_naming(&self, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
-        self.index.intents_naming(csr_sha256)
+        let claimed = self.index.intents_naming(csr_sha256)?;
+        let needle = csr_sha256.as_bytes();
+        self.confirm(claimed, &format!("naming {csr_sha256}"), |first| {
+            let mut found = Vec::new();
+            self.scan_proven(first, |seq, leaf| {
+                if leaf.windows(needle.len()).any(|w| w == needle)
+                    && let Ok(Entry {
+                        body: Body::IssueIntent { csr_sha256: c, .. },
+                        ..
+                    }) = serde_json::from_slice::<Entry>(leaf)
+                    && c == csr_sha256
+                {
+                    found.push(seq);
+                }
+            })?;
+            Ok(found)
+        })
+    }
+
+    /// The entry numbers the index `claimed` (in log order), confirmed by `prove`, which
+    /// reads them back from the log from the first one on: refused if the log says otherwise.
+    fn confirm(
+        &self,
+        claimed: Vec<u64>,
+        what: &str,
+        prove: impl FnOnce(u64) -> Result<Vec<u64>, LogError>,
+    ) -> Result<Vec<u64>, LogError> {
+        let Some(&first) = claimed.first() else {
+            return Ok(claimed);
+        };
+        let found = prove(first)?;
+        if found != claimed {
+            return Err(LogError::Index {
+                path: self.paths.index(),
+                message: format!(
+                    "lists intents {claimed:?} {what}, but the log has {found:?} from entry {first}; run `hsmca log reindex --home DIR`"
+                ),
+            });
+        }
+        Ok(found)
     }
 
     /// The highest cRLNumber used for `issuer` (0 if none).
@@ -903,16 +1095,106 @@ impl Log {
     }
 
     /// Intents with no result: the previous run stopped between intent and result.
+    ///
+    /// The index says which; the caller signs an `abandon` ("nothing was released") for
+    /// each, so its answer is checked against the log before it is believed: the lines from
+    /// the first intent it names to the end are read back and re-hashed into the tree (which
+    /// must give the checkpoint's root and the log's), and the intents still open in them
+    /// must be exactly the ones named. Costs what was appended since that intent, and
+    /// nothing when there is none.
     pub fn open_intents(&self) -> Result<Vec<u64>, LogError> {
-        self.index.open_intents()
+        self.confirm(self.index.open_intents()?, "as open", |first| {
+            self.intents_open_since(first)
+        })
+    }
+
+    /// The intents at or after entry `from` with no result, read back and proven (see
+    /// [`Log::scan_proven`]).
+    fn intents_open_since(&self, from: u64) -> Result<Vec<u64>, LogError> {
+        let mut open = std::collections::BTreeSet::new();
+        self.scan_proven(from, |seq, leaf| {
+            let Ok(entry) = serde_json::from_slice::<Entry>(leaf) else {
+                return;
+            };
+            match entry.body {
+                Body::IssueIntent { .. } | Body::CrlIntent { .. } => {
+                    open.insert(seq);
+                }
+                Body::Cert { intent_seq, .. }
+                | Body::Crl { intent_seq, .. }
+                | Body::Abandon { intent_seq, .. } => {
+                    open.remove(&intent_seq);
+                }
+                _ => {}
+            }
+        })?;
+        Ok(open.into_iter().collect())
+    }
+
+    /// Hands `each` every line of `entries.jsonl` from entry `from` to the last whole line,
+    /// then proves they were the log's: they are hashed onto the tree's left part (from
+    /// `log/hashes`) and must give both the checkpoint's root and the log's, so no line was
+    /// changed or left out. For answers the index gives that decide what is signed; what
+    /// `each` saw counts only once this returns `Ok`.
+    fn scan_proven(&self, from: u64, mut each: impl FnMut(u64, &[u8])) -> Result<(), LogError> {
+        let bad = |why: String| LogError::Index {
+            path: self.paths.index(),
+            message: format!("{why}; run `hsmca log reindex --home DIR`"),
+        };
+        let (start, offset) = self.index.place_at_or_before(from)?;
+        if start > from || offset > self.bytes {
+            return Err(bad(format!("places entry {start} at byte {offset}")));
+        }
+        let hashes = open_regular(OpenOptions::new().read(true), &self.paths.hashes())?;
+        let mut tree = Tree::overlay(hashes, start).map_err(io_at(&self.paths.hashes()))?;
+        let path = self.paths.entries();
+        let mut file = open_regular(OpenOptions::new().read(true), &path)?;
+        file.seek(SeekFrom::Start(offset)).map_err(io_at(&path))?;
+        let mut reader =
+            BufReader::with_capacity(1 << 16, std::io::Read::take(file, self.bytes - offset));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = read_line(&mut reader, &mut line).map_err(io_at(&path))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            let leaf = &line[..n - 1];
+            if tree.size() >= from {
+                each(tree.size(), leaf);
+            }
+            tree.push(leaf);
+        }
+        let cp = &self.checkpoint;
+        if tree.size() != self.size()
+            || tree.root() != self.tree.root()
+            || tree.root_at(cp.size) != Some(cp.root)
+        {
+            return Err(bad(format!(
+                "the lines of entries.jsonl from entry {start} (byte {offset}) do not give the log's tree"
+            )));
+        }
+        Ok(())
     }
 
     /// The certificate already issued for this CSR under this profile, if any.
     pub fn issued(&self, csr_sha256: &str, profile: &str) -> Result<Option<Issued>, LogError> {
         let Some(row) = self.index.issued(csr_sha256, profile)? else {
+            // "Not issued" signs the request (again): an index that lost the row of a revoked
+            // certificate must not get its request signed anew. Revoked certificates are few
+            // and their serials come from the entries the checkpoint signs.
+            let key = (csr_sha256.to_owned(), profile.to_owned());
+            if let Some(serial) = self.revoked_requests()?.get(&key) {
+                return Err(LogError::Index {
+                    path: self.paths.index(),
+                    message: format!(
+                        "has no certificate for CSR sha256 {csr_sha256} under profile {profile}, but the log issued serial {serial} for it and revoked it; run `hsmca log reindex --home DIR`"
+                    ),
+                });
+            }
             return Ok(None);
         };
-        let cert_der = self.cert_der(&row)?;
+        let (cert_der, _) = self.proven_cert(&row)?;
         Ok(Some(Issued {
             seq: row.seq,
             serial: row.serial,
@@ -991,6 +1273,9 @@ impl Log {
         for ((offset, len, leaf, entry), facts) in written.iter().zip(&facts) {
             if index::is_critical(&entry.body, facts.as_ref().is_some_and(|f| f.is_ca)) {
                 self.critical.note(entry.seq, *offset, *len, leaf, entry);
+            }
+            if matches!(entry.body, Body::Revocation { .. }) {
+                self.revoked_requests = std::sync::OnceLock::new();
             }
         }
         crate::engine::danger_crash_point("before-index");
@@ -1124,6 +1409,51 @@ pub struct Recovered {
     pub signed_tail: u64,
 }
 
+/// Copies the bytes of `f` from `from` on into `quarantine/<time>-<sha256 prefix>.bin`,
+/// durably, and returns their length, SHA-256 and the file's name. Streamed, twice (once to
+/// name the file by its hash, once to copy): a write cut short leaves less than a line, but
+/// a tail someone else put there (a sparse file of gigabytes) must not be read into memory.
+fn quarantine_tail(
+    f: &mut File,
+    paths: &Paths,
+    from: u64,
+    now: OffsetDateTime,
+) -> Result<(u64, String, String), LogError> {
+    use std::io::Read;
+    let path = paths.entries();
+    f.seek(SeekFrom::Start(from)).map_err(io_at(&path))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_at(&path))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        len += n as u64;
+    }
+    let sha = keys::hex(ctx.finish().as_ref());
+    let name = format!("{}-{}.bin", rfc3339(now).replace(':', ""), &sha[..16]);
+    let dir = paths.quarantine();
+    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let q = dir.join(&name);
+    let mut out = open_regular(OpenOptions::new().write(true).create_new(true), &q)?;
+    f.seek(SeekFrom::Start(from)).map_err(io_at(&path))?;
+    let copied = std::io::copy(&mut Read::take(&mut *f, len), &mut out).map_err(io_at(&q))?;
+    if copied != len {
+        return Err(io_at(&q)(std::io::Error::other(format!(
+            "copied {copied} of the {len} bytes to set aside"
+        ))));
+    }
+    out.sync_all().map_err(|source| LogError::Sync {
+        path: q.clone(),
+        source,
+    })?;
+    files::sync_dir(&dir).map_err(|e| LogError::Checkpoint(e.to_string()))?;
+    Ok((len, sha, name))
+}
+
 /// `hsmca log recover`: sets a torn tail aside in `quarantine/`, cuts the file back to its last
 /// whole line, and records both the recovery and every open intent as abandoned, then
 /// checkpoints. Complete lines are never touched: a damaged complete line is tampering.
@@ -1137,20 +1467,14 @@ pub fn recover(
     let mut removed = None;
     if log.torn.is_some() {
         let mut f = open_regular(OpenOptions::new().read(true).write(true), &path)?;
-        let mut tail = Vec::new();
-        f.seek(SeekFrom::Start(log.bytes)).map_err(io_at(&path))?;
-        std::io::Read::read_to_end(&mut f, &mut tail).map_err(io_at(&path))?;
-        let sha = keys::sha256_hex(&tail);
-        let name = format!("{}-{}.bin", rfc3339(now).replace(':', ""), &sha[..16]);
-        let q = log.paths.quarantine().join(&name);
-        files::write_new(&q, &tail).map_err(|e| LogError::Checkpoint(e.to_string()))?;
+        let (len, sha, name) = quarantine_tail(&mut f, &log.paths, log.bytes, now)?;
         f.set_len(log.bytes).map_err(io_at(&path))?;
         f.sync_all().map_err(|source| LogError::Sync {
             path: path.clone(),
             source,
         })?;
         log.torn = None;
-        removed = Some((tail.len() as u64, sha, format!("quarantine/{name}")));
+        removed = Some((len, sha, format!("quarantine/{name}")));
     }
     let mut bodies = Vec::new();
     let mut result = Recovered {
@@ -1287,7 +1611,7 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
     let mut seq = start_seq;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(io_at(&path))?;
+        let n = read_line(&mut reader, &mut line).map_err(io_at(&path))?;
         if n == 0 || line.last() != Some(&b'\n') {
             break;
         }
