@@ -206,16 +206,6 @@ impl Tree {
         Ok(())
     }
 
-    /// Flushes and fsyncs the file (before a checkpoint, so the tree a checkpoint signs is on
-    /// disk with it).
-    pub fn sync(&mut self) -> std::io::Result<()> {
-        self.flush()?;
-        match &self.file {
-            Some(f) => f.sync_data(),
-            None => Ok(()),
-        }
-    }
-
     /// Where the tree is now, for [`Tree::rewind`].
     pub fn mark(&self) -> (u64, usize) {
         (self.size, self.stored.len)

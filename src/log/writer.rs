@@ -181,8 +181,6 @@ pub struct Log {
     poisoned: bool,
     /// The derived files failed to follow an append: no more appends.
     behind: bool,
-    /// Why, when a checkpoint found it (reported by the next append).
-    behind_error: Option<LogError>,
     /// (CSR hash, profile) of every revoked certificate: its serial. Filled on first use.
     revoked_requests: std::sync::OnceLock<HashMap<(String, String), String>>,
 }
@@ -631,7 +629,6 @@ impl Log {
             rebuilt: None,
             poisoned: false,
             behind: false,
-            behind_error: None,
             revoked_requests: std::sync::OnceLock::new(),
         };
         log.append(vec![root], now)?;
@@ -691,7 +688,6 @@ impl Log {
             rebuilt,
             poisoned: false,
             behind: false,
-            behind_error: None,
             revoked_requests: std::sync::OnceLock::new(),
         })
     }
@@ -1207,9 +1203,6 @@ impl Log {
     /// hashes file and the index follow only once the lines are durable; if updating them
     /// fails, the writer stops (the next open catches them up from the log).
     pub fn append(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
-        if let Some(e) = self.behind_error.take() {
-            return Err(e);
-        }
         if self.poisoned || self.behind {
             return Err(LogError::Poisoned);
         }
@@ -1317,7 +1310,7 @@ impl Log {
     /// Signs a checkpoint for the current size with the log key and writes it durably
     /// (`checkpoints/<size>` write-once, then `checkpoint` replaced atomically). The
     /// checkpoint also signs the chain of critical entries (see [`Chain`]); the hashes file
-    /// and the index are synced first, so what a checkpoint signs is on disk with it.
+    /// and the index follow the log and are not synced with it (see the body).
     pub fn checkpoint(&mut self, key: &NoteKey<'_>) -> Result<(), LogError> {
         if self.poisoned {
             return Err(LogError::Poisoned);
@@ -1326,22 +1319,10 @@ impl Log {
         if size == self.checkpoint.size && size > 0 && self.paths.checkpoint().exists() {
             return Ok(());
         }
-        if !self.behind {
-            // Best effort: the checkpoint is over the log, which is durable; derived files
-            // that lag are caught up (or rebuilt) and checked by the next open.
-            let synced = self
-                .tree
-                .sync()
-                .map_err(io_at(&self.paths.hashes()))
-                .and_then(|()| self.index.sync());
-            if let Err(e) = synced {
-                // Like a failed append: this checkpoint still signs the log, and the next
-                // append reports why the writer stopped.
-                self.behind = true;
-                self.behind_error = Some(e);
-                self.release_reserve();
-            }
-        }
+        // The derived files are not synced here: the checkpoint is over the log, which is
+        // durable; the hashes file and the index may lag it after a power loss, and the next
+        // open catches them up (or rebuilds them) and checks them. Syncing them at every
+        // checkpoint cost a batch a third of its rate.
         let root = self.tree.root();
         let extension = self.critical.chain.line();
         let note = translog::sign_checkpoint(&self.root.origin, size, root, &extension, key)
