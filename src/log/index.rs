@@ -229,10 +229,12 @@ impl Index {
     }
 
     /// Starts a batch of rows; [`Batch::commit`] records `meta` with them atomically.
-    pub(crate) fn batch(&mut self) -> Result<Batch<'_>, LogError> {
+    pub(crate) fn batch(&self) -> Result<Batch<'_>, LogError> {
+        // One connection, one thread, no transaction open elsewhere: the unchecked form only
+        // lets a `&self` caller (a lookup that first applies what is pending) start it.
         let tx = self
             .conn
-            .transaction()
+            .unchecked_transaction()
             .map_err(|e| db_error(&self.path, e))?;
         Ok(Batch {
             tx,

@@ -180,9 +180,13 @@ pub struct Log {
     rebuilt: Option<String>,
     poisoned: bool,
     /// The derived files failed to follow an append: no more appends.
-    behind: bool,
+    behind: std::cell::Cell<bool>,
     /// (CSR hash, profile) of every revoked certificate: its serial. Filled on first use.
     revoked_requests: std::sync::OnceLock<HashMap<(String, String), String>>,
+    /// Entries durable in the log but not yet in the index, with the meta the index reaches
+    /// once they are: applied by the next lookup (see [`Log::index`]) or when the writer
+    /// closes, so a batch's next chunk is signed while its index rows are written.
+    pending: std::cell::RefCell<(Vec<PendingRow>, Option<Meta>)>,
 }
 
 pub(crate) fn take_lock(home: &Path) -> Result<File, LogError> {
@@ -345,6 +349,10 @@ fn catch_up(
         torn,
     }))
 }
+
+/// An entry durable in the log and not yet in the index: its place, and its certificate's
+/// facts for a `cert` entry.
+type PendingRow = (u64, usize, Entry, Option<index::CertFacts>);
 
 /// Where catching up ended: bytes of whole lines, and a torn last line if one was found.
 struct CaughtUp {
@@ -628,8 +636,9 @@ impl Log {
             critical: Critical::default(),
             rebuilt: None,
             poisoned: false,
-            behind: false,
+            behind: std::cell::Cell::new(false),
             revoked_requests: std::sync::OnceLock::new(),
+            pending: std::cell::RefCell::default(),
         };
         log.append(vec![root], now)?;
         log.checkpoint(key)?;
@@ -687,8 +696,9 @@ impl Log {
             critical,
             rebuilt,
             poisoned: false,
-            behind: false,
+            behind: std::cell::Cell::new(false),
             revoked_requests: std::sync::OnceLock::new(),
+            pending: std::cell::RefCell::default(),
         })
     }
 
@@ -764,7 +774,9 @@ impl Log {
     /// Whether a serial (hex) was ever used. An index that cannot answer counts as "used", so
     /// the caller draws another serial.
     pub fn serial_used(&self, serial: &str) -> bool {
-        self.index.serial_used(serial).unwrap_or(true)
+        self.index()
+            .and_then(|i| i.serial_used(serial))
+            .unwrap_or(true)
     }
 
     /// Whether this log issued a certificate with this serial (hex). A serial the index does
@@ -772,7 +784,7 @@ impl Log {
     /// million entries): "never issued" makes `revoke` refuse, and an index that lost a row
     /// must not keep a certificate from being revoked.
     pub fn has_cert(&self, serial: &str) -> Result<bool, LogError> {
-        if self.index.cert(serial)?.is_some() {
+        if self.index()?.cert(serial)?.is_some() {
             return Ok(true);
         }
         let needle = format!("\"serial\":\"{serial}\"");
@@ -919,7 +931,7 @@ impl Log {
         for serial in serials {
             // A revoked serial always has its certificate in the log (`revoke` checks); an
             // index without it was edited, and skipping it would unblock the key.
-            let row = self.index.cert(serial)?.ok_or_else(|| LogError::Index {
+            let row = self.index()?.cert(serial)?.ok_or_else(|| LogError::Index {
                 path: self.paths.index(),
                 message: format!(
                     "serial {serial} is revoked for key compromise but the index has no certificate for it; run `hsmca log reindex --home DIR`"
@@ -951,7 +963,7 @@ impl Log {
         revoked.sort_by_key(|(_, r)| r.seq);
         let mut out = Vec::with_capacity(revoked.len());
         for (serial, rev) in revoked {
-            let row = self.index.cert(serial)?.ok_or_else(|| LogError::Index {
+            let row = self.index()?.cert(serial)?.ok_or_else(|| LogError::Index {
                 path: self.paths.index(),
                 message: format!(
                     "serial {serial} is revoked (entry {}) but the index has no certificate for it; run `hsmca log reindex --home DIR`",
@@ -983,7 +995,7 @@ impl Log {
 
     /// The certificates the query selects, in log order, each read back and proven.
     pub fn records(&self, q: &Query) -> Result<Vec<Record>, LogError> {
-        self.index
+        self.index()?
             .certs(q)?
             .into_iter()
             .map(|row| match &q.serial {
@@ -1011,7 +1023,7 @@ impl Log {
                 continue;
             };
             let row = self
-                .index
+                .index()?
                 .cert(&serial)?
                 .filter(|r| r.seq == seq)
                 .ok_or_else(|| LogError::Index {
@@ -1033,7 +1045,7 @@ impl Log {
     /// the log from the first one on and proven; a row made up in the index is refused.
     /// Costs the lines after that intent: a ceremony command, seconds at most.
     pub fn intents_naming(&self, csr_sha256: &str) -> Result<Vec<u64>, LogError> {
-        let claimed = self.index.intents_naming(csr_sha256)?;
+        let claimed = self.index()?.intents_naming(csr_sha256)?;
         let needle = csr_sha256.as_bytes();
         self.confirm(claimed, &format!("naming {csr_sha256}"), |first| {
             let mut found = Vec::new();
@@ -1099,7 +1111,7 @@ impl Log {
     /// must be exactly the ones named. Costs what was appended since that intent, and
     /// nothing when there is none.
     pub fn open_intents(&self) -> Result<Vec<u64>, LogError> {
-        self.confirm(self.index.open_intents()?, "as open", |first| {
+        self.confirm(self.index()?.open_intents()?, "as open", |first| {
             self.intents_open_since(first)
         })
     }
@@ -1137,7 +1149,7 @@ impl Log {
             path: self.paths.index(),
             message: format!("{why}; run `hsmca log reindex --home DIR`"),
         };
-        let (start, offset) = self.index.place_at_or_before(from)?;
+        let (start, offset) = self.index()?.place_at_or_before(from)?;
         if start > from || offset > self.bytes {
             return Err(bad(format!("places entry {start} at byte {offset}")));
         }
@@ -1175,7 +1187,7 @@ impl Log {
 
     /// The certificate already issued for this CSR under this profile, if any.
     pub fn issued(&self, csr_sha256: &str, profile: &str) -> Result<Option<Issued>, LogError> {
-        let Some(row) = self.index.issued(csr_sha256, profile)? else {
+        let Some(row) = self.index()?.issued(csr_sha256, profile)? else {
             // "Not issued" signs the request (again): an index that lost the row of a revoked
             // certificate must not get its request signed anew. Revoked certificates are few
             // and their serials come from the entries the checkpoint signs.
@@ -1203,7 +1215,7 @@ impl Log {
     /// hashes file and the index follow only once the lines are durable; if updating them
     /// fails, the writer stops (the next open catches them up from the log).
     pub fn append(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
-        if self.poisoned || self.behind {
+        if self.poisoned || self.behind.get() {
             return Err(LogError::Poisoned);
         }
         let mark = self.tree.mark();
@@ -1273,32 +1285,50 @@ impl Log {
         }
         crate::engine::danger_crash_point("before-index");
         let seqs = written.iter().map(|(_, _, _, e)| e.seq).collect();
-        if let Err(e) = self.index_written(&written, &facts) {
-            // The derived files are behind the log (a full disk, say). Nothing more is
-            // appended by this writer, whose lookups would miss these entries; it may still
-            // sign a checkpoint over them, and the next open catches the files up.
-            self.behind = true;
-            self.release_reserve();
-            return Err(e);
+        if let Err(e) = self.tree.flush() {
+            self.fall_behind();
+            return Err(io_at(&self.paths.hashes())(e));
         }
-        Ok(seqs)
-    }
-
-    fn index_written(
-        &mut self,
-        written: &[(u64, usize, [u8; 32], Entry)],
-        facts: &[Option<index::CertFacts>],
-    ) -> Result<(), LogError> {
-        self.tree.flush().map_err(io_at(&self.paths.hashes()))?;
-        let mut batch = self.index.batch()?;
-        for ((offset, len, _, entry), facts) in written.iter().zip(facts) {
-            batch.add(*offset, *len, entry, facts.as_ref())?;
-        }
-        batch.commit(Meta {
+        let meta = Meta {
             size: self.tree.size(),
             bytes: self.bytes,
             root: self.tree.root(),
-        })
+        };
+        let mut pending = self.pending.borrow_mut();
+        pending.0.extend(
+            written
+                .into_iter()
+                .zip(facts)
+                .map(|((o, l, _, e), f)| (o, l, e, f)),
+        );
+        pending.1 = Some(meta);
+        Ok(seqs)
+    }
+
+    /// The index, with every pending entry applied first. If applying fails (a full disk,
+    /// say), the derived files are behind the log: this writer appends nothing more, whose
+    /// lookups would miss those entries; it may still sign a checkpoint over them, and the
+    /// next open catches the files up.
+    fn index(&self) -> Result<&Index, LogError> {
+        let (rows, meta) = std::mem::take(&mut *self.pending.borrow_mut());
+        if let Some(meta) = meta {
+            let applied = self.index.batch().and_then(|mut batch| {
+                for (offset, len, entry, facts) in &rows {
+                    batch.add(*offset, *len, entry, facts.as_ref())?;
+                }
+                batch.commit(meta)
+            });
+            if let Err(e) = applied {
+                self.fall_behind();
+                return Err(e);
+            }
+        }
+        Ok(&self.index)
+    }
+
+    fn fall_behind(&self) {
+        self.behind.set(true);
+        self.release_reserve();
     }
 
     /// Frees the space kept for a last checkpoint (see [`ensure_reserve`]): a write just
@@ -1345,6 +1375,14 @@ impl Log {
             .map_err(|e| LogError::Checkpoint(e.to_string()))?;
         self.checkpoint = cp;
         Ok(())
+    }
+}
+
+/// A writer that closes applies what is pending to the index (best effort: if it cannot,
+/// the next open catches the index up from the log).
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = self.index();
     }
 }
 
@@ -1569,7 +1607,7 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
                 .into(),
         });
     }
-    let (start_seq, start_offset) = log.index.place_at_or_before(given.size)?;
+    let (start_seq, start_offset) = log.index()?.place_at_or_before(given.size)?;
     let path = log.paths.entries();
     let file = open_regular(OpenOptions::new().read(true), &path)?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
@@ -1624,7 +1662,7 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
                 profile,
                 ..
             } => {
-                if log.index.serial_uses(serial)? != 1 {
+                if log.index()?.serial_uses(serial)? != 1 {
                     problem(Some(seq), format!("serial {serial} is used twice"));
                 }
                 intents.insert(
