@@ -8,25 +8,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{Env, require, s};
+use common::{Env, s, sqlite};
 
-/// Runs `sqlite3 DB SQL` and returns its output.
-fn sqlite(home: &Path, sql: &str) -> String {
-    require("sqlite3");
-    let out = Command::new("sqlite3")
-        .arg(home.join("log/index.sqlite"))
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 fn lines(home: &Path) -> usize {
     std::fs::read_to_string(home.join("log/entries.jsonl"))

@@ -10,23 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Env, openssl, require, s};
+use common::{Env, openssl, require, s, sqlite};
 
-/// Runs `sqlite3 DB SQL` on the CA home's index and returns its output.
-fn sqlite(home: &Path, sql: &str) -> String {
-    require("sqlite3");
-    let out = Command::new("sqlite3")
-        .arg(home.join("log/index.sqlite"))
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Signs these CSRs in one run; returns their serials in order.
 fn sign(env: &Env, home: &Path, csrs: &[&Path]) -> Vec<String> {

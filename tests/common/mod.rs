@@ -806,3 +806,20 @@ CK_RV C_GetFunctionList(void **list) {{
     assert!(st.success(), "cc failed");
     (so, marker)
 }
+
+/// Runs `sqlite3` (the tool an auditor would use) on the CA home's index with `sql` and
+/// returns its output.
+pub fn sqlite(home: &Path, sql: &str) -> String {
+    require("sqlite3");
+    let out = Command::new("sqlite3")
+        .arg(home.join("log/index.sqlite"))
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
