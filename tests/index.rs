@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use common::{Env, s, sqlite};
 
-
 fn lines(home: &Path) -> usize {
     std::fs::read_to_string(home.join("log/entries.jsonl"))
         .unwrap()

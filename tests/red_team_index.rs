@@ -12,7 +12,6 @@ use std::process::Command;
 
 use common::{Env, openssl, require, s, sqlite};
 
-
 /// Signs these CSRs in one run; returns their serials in order.
 fn sign(env: &Env, home: &Path, csrs: &[&Path]) -> Vec<String> {
     let mut args = vec![
