@@ -684,3 +684,37 @@ fn index_key(text: &str) -> i64 {
     let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     i64::from_be_bytes(d.as_ref()[..8].try_into().unwrap())
 }
+
+#[test]
+fn red4_verify_from_a_checkpoint_fails_a_log_rolled_back_behind_a_stored_checkpoint() {
+    let (env, home, _, _) = one_signed("r4roll");
+    // The minutes keep the checkpoint after the first certificate.
+    let minutes = env.path("minutes-checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &minutes).unwrap();
+    let entries = home.join("log/entries.jsonl");
+    let before = std::fs::read(&entries).unwrap();
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    sign(&env, &home, &[&b]);
+    // The insider rolls the log back to the minutes (the second certificate is gone from
+    // it) and puts the old checkpoint back as the latest; `checkpoints/<size>` of the
+    // removed history, signed by the log key, stays where it is.
+    std::fs::write(&entries, &before).unwrap();
+    std::fs::copy(&minutes, home.join("log/checkpoint")).unwrap();
+    let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    assert_eq!(full.code(), 4, "{}", full.all());
+    let since = env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&home),
+        "--from-checkpoint",
+        s(&minutes),
+    ]);
+    assert_eq!(
+        since.code(),
+        4,
+        "a signed checkpoint past the log's end is history removed: {}",
+        since.all()
+    );
+    assert!(since.stdout().contains("removed"), "{}", since.all());
+}

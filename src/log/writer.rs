@@ -1747,6 +1747,20 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
             );
         }
     }
+    // A stored checkpoint past the log's end is history cut off behind it (a rollback that
+    // put an older `checkpoint` back): the walk above never reaches its size, so it is
+    // looked for here, as a full `log verify` does.
+    if let Some(&past) = checkpoints.range(log.size() + 1..).next().map(|(s, _)| s) {
+        problem(
+            Some(log.size()),
+            format!(
+                "the log has {} but the stored checkpoint checkpoints/{past} covers {past}: entries {}..{} were removed",
+                crate::names::count(log.size(), "entry", "entries"),
+                log.size(),
+                past - 1
+            ),
+        );
+    }
     if tree.size() != log.size() || tree.root() != log.tree.root() {
         problem(
             None,
