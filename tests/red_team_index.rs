@@ -718,3 +718,59 @@ fn red4_verify_from_a_checkpoint_fails_a_log_rolled_back_behind_a_stored_checkpo
     );
     assert!(since.stdout().contains("removed"), "{}", since.all());
 }
+
+#[test]
+fn red4_verify_from_a_checkpoint_fails_entries_no_checkpoint_signs() {
+    let (env, home, _, serial) = one_signed("r4tail");
+    let minutes = env.path("minutes-checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &minutes).unwrap();
+    // The insider appends a revocation with the right number and chain hash (anyone can
+    // compute them); no checkpoint signs it. A full `log verify` fails the log; the quick
+    // one from the minutes said "log OK" (a warning only), and `log recover` would then
+    // sign the forged line into the log.
+    let path = home.join("log/entries.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut tree = hsmca::log::translog::Tree::default();
+    for l in text.lines() {
+        tree.push(l.as_bytes());
+    }
+    let forged = serde_json::json!({
+        "v": 1,
+        "seq": tree.size(),
+        "time": "2026-01-01T00:00:00Z",
+        "prev": hsmca::log::translog::b64(&tree.root()),
+        "type": "revocation",
+        "serial": serial,
+        "reason": "superseded",
+        "revocation_time": "2026-01-01T00:00:00Z",
+    });
+    std::fs::write(&path, format!("{text}{forged}\n")).unwrap();
+    let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    assert_eq!(full.code(), 4, "{}", full.all());
+    let since = env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&home),
+        "--from-checkpoint",
+        s(&minutes),
+    ]);
+    assert_eq!(since.code(), 4, "{}", since.all());
+    assert!(since.stdout().contains("unsigned tail"), "{}", since.all());
+    // A torn last line fails it too, as it fails the full verification.
+    std::fs::write(&path, format!("{text}{{\"v\":1,\"seq\"")).unwrap();
+    let since = env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(&home),
+        "--from-checkpoint",
+        s(&minutes),
+    ]);
+    assert_eq!(since.code(), 4, "{}", since.all());
+    assert!(
+        since.stdout().contains("incomplete last line"),
+        "{}",
+        since.all()
+    );
+}
