@@ -471,22 +471,8 @@ fn red3_a_line_appended_by_hand_and_hidden_from_the_index_is_not_buried_by_the_n
     // nothing past the index, so the line was in no tree, not an unsigned tail, and the next
     // writer appended after it and signed a tree without it (log verify then failed).
     let path = home.join("log/entries.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut tree = hsmca::log::translog::Tree::default();
-    for l in text.lines() {
-        tree.push(l.as_bytes());
-    }
-    let forged = serde_json::json!({
-        "v": 1,
-        "seq": tree.size(),
-        "time": "2026-01-01T00:00:00Z",
-        "prev": hsmca::log::translog::b64(&tree.root()),
-        "type": "revocation",
-        "serial": serial,
-        "reason": "superseded",
-        "revocation_time": "2026-01-01T00:00:00Z",
-    });
-    let with_forged = format!("{text}{forged}\n");
+    let (text, forged) = forged_revocation(&path, &serial);
+    let with_forged = format!("{text}{forged}");
     std::fs::write(&path, &with_forged).unwrap();
     sqlite(
         &home,
@@ -702,14 +688,7 @@ fn red4_verify_from_a_checkpoint_fails_a_log_rolled_back_behind_a_stored_checkpo
     std::fs::copy(&minutes, home.join("log/checkpoint")).unwrap();
     let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
     assert_eq!(full.code(), 4, "{}", full.all());
-    let since = env.hsmca(&[
-        "log",
-        "verify",
-        "--home",
-        s(&home),
-        "--from-checkpoint",
-        s(&minutes),
-    ]);
+    let since = verify_from(&env, &home, &minutes);
     assert_eq!(
         since.code(),
         4,
@@ -729,7 +708,28 @@ fn red4_verify_from_a_checkpoint_fails_entries_no_checkpoint_signs() {
     // one from the minutes said "log OK" (a warning only), and `log recover` would then
     // sign the forged line into the log.
     let path = home.join("log/entries.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap();
+    let (text, forged) = forged_revocation(&path, &serial);
+    std::fs::write(&path, format!("{text}{forged}")).unwrap();
+    let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    assert_eq!(full.code(), 4, "{}", full.all());
+    let since = verify_from(&env, &home, &minutes);
+    assert_eq!(since.code(), 4, "{}", since.all());
+    assert!(since.stdout().contains("unsigned tail"), "{}", since.all());
+    // A torn last line fails it too, as it fails the full verification.
+    std::fs::write(&path, format!("{text}{{\"v\":1,\"seq\"")).unwrap();
+    let since = verify_from(&env, &home, &minutes);
+    assert_eq!(since.code(), 4, "{}", since.all());
+    assert!(
+        since.stdout().contains("incomplete last line"),
+        "{}",
+        since.all()
+    );
+}
+
+/// The text of `entries.jsonl` and a `revocation` line (newline included) for `serial` that
+/// continues it: the right number and chain hash, which anyone can compute.
+fn forged_revocation(entries: &Path, serial: &str) -> (String, String) {
+    let text = std::fs::read_to_string(entries).unwrap();
     let mut tree = hsmca::log::translog::Tree::default();
     for l in text.lines() {
         tree.push(l.as_bytes());
@@ -744,33 +744,17 @@ fn red4_verify_from_a_checkpoint_fails_entries_no_checkpoint_signs() {
         "reason": "superseded",
         "revocation_time": "2026-01-01T00:00:00Z",
     });
-    std::fs::write(&path, format!("{text}{forged}\n")).unwrap();
-    let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
-    assert_eq!(full.code(), 4, "{}", full.all());
-    let since = env.hsmca(&[
+    (text, format!("{forged}\n"))
+}
+
+/// `hsmca log verify --home HOME --from-checkpoint FILE`.
+fn verify_from(env: &Env, home: &Path, checkpoint: &Path) -> common::Run {
+    env.hsmca(&[
         "log",
         "verify",
         "--home",
-        s(&home),
+        s(home),
         "--from-checkpoint",
-        s(&minutes),
-    ]);
-    assert_eq!(since.code(), 4, "{}", since.all());
-    assert!(since.stdout().contains("unsigned tail"), "{}", since.all());
-    // A torn last line fails it too, as it fails the full verification.
-    std::fs::write(&path, format!("{text}{{\"v\":1,\"seq\"")).unwrap();
-    let since = env.hsmca(&[
-        "log",
-        "verify",
-        "--home",
-        s(&home),
-        "--from-checkpoint",
-        s(&minutes),
-    ]);
-    assert_eq!(since.code(), 4, "{}", since.all());
-    assert!(
-        since.stdout().contains("incomplete last line"),
-        "{}",
-        since.all()
-    );
+        s(checkpoint),
+    ])
 }
