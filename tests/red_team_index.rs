@@ -471,22 +471,8 @@ fn red3_a_line_appended_by_hand_and_hidden_from_the_index_is_not_buried_by_the_n
     // nothing past the index, so the line was in no tree, not an unsigned tail, and the next
     // writer appended after it and signed a tree without it (log verify then failed).
     let path = home.join("log/entries.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut tree = hsmca::log::translog::Tree::default();
-    for l in text.lines() {
-        tree.push(l.as_bytes());
-    }
-    let forged = serde_json::json!({
-        "v": 1,
-        "seq": tree.size(),
-        "time": "2026-01-01T00:00:00Z",
-        "prev": hsmca::log::translog::b64(&tree.root()),
-        "type": "revocation",
-        "serial": serial,
-        "reason": "superseded",
-        "revocation_time": "2026-01-01T00:00:00Z",
-    });
-    let with_forged = format!("{text}{forged}\n");
+    let (text, forged) = forged_revocation(&path, &serial);
+    let with_forged = format!("{text}{forged}");
     std::fs::write(&path, &with_forged).unwrap();
     sqlite(
         &home,
@@ -683,4 +669,92 @@ fn red3_a_huge_sparse_tail_is_never_read_into_memory() {
 fn index_key(text: &str) -> i64 {
     let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     i64::from_be_bytes(d.as_ref()[..8].try_into().unwrap())
+}
+
+#[test]
+fn red4_verify_from_a_checkpoint_fails_a_log_rolled_back_behind_a_stored_checkpoint() {
+    let (env, home, _, _) = one_signed("r4roll");
+    // The minutes keep the checkpoint after the first certificate.
+    let minutes = env.path("minutes-checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &minutes).unwrap();
+    let entries = home.join("log/entries.jsonl");
+    let before = std::fs::read(&entries).unwrap();
+    let b = env.p256_csr("c/b.csr", "/CN=b");
+    sign(&env, &home, &[&b]);
+    // The insider rolls the log back to the minutes (the second certificate is gone from
+    // it) and puts the old checkpoint back as the latest; `checkpoints/<size>` of the
+    // removed history, signed by the log key, stays where it is.
+    std::fs::write(&entries, &before).unwrap();
+    std::fs::copy(&minutes, home.join("log/checkpoint")).unwrap();
+    let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    assert_eq!(full.code(), 4, "{}", full.all());
+    let since = verify_from(&env, &home, &minutes);
+    assert_eq!(
+        since.code(),
+        4,
+        "a signed checkpoint past the log's end is history removed: {}",
+        since.all()
+    );
+    assert!(since.stdout().contains("removed"), "{}", since.all());
+}
+
+#[test]
+fn red4_verify_from_a_checkpoint_fails_entries_no_checkpoint_signs() {
+    let (env, home, _, serial) = one_signed("r4tail");
+    let minutes = env.path("minutes-checkpoint");
+    std::fs::copy(home.join("log/checkpoint"), &minutes).unwrap();
+    // The insider appends a revocation with the right number and chain hash (anyone can
+    // compute them); no checkpoint signs it. A full `log verify` fails the log; the quick
+    // one from the minutes said "log OK" (a warning only), and `log recover` would then
+    // sign the forged line into the log.
+    let path = home.join("log/entries.jsonl");
+    let (text, forged) = forged_revocation(&path, &serial);
+    std::fs::write(&path, format!("{text}{forged}")).unwrap();
+    let full = env.hsmca(&["log", "verify", "--home", s(&home)]);
+    assert_eq!(full.code(), 4, "{}", full.all());
+    let since = verify_from(&env, &home, &minutes);
+    assert_eq!(since.code(), 4, "{}", since.all());
+    assert!(since.stdout().contains("unsigned tail"), "{}", since.all());
+    // A torn last line fails it too, as it fails the full verification.
+    std::fs::write(&path, format!("{text}{{\"v\":1,\"seq\"")).unwrap();
+    let since = verify_from(&env, &home, &minutes);
+    assert_eq!(since.code(), 4, "{}", since.all());
+    assert!(
+        since.stdout().contains("incomplete last line"),
+        "{}",
+        since.all()
+    );
+}
+
+/// The text of `entries.jsonl` and a `revocation` line (newline included) for `serial` that
+/// continues it: the right number and chain hash, which anyone can compute.
+fn forged_revocation(entries: &Path, serial: &str) -> (String, String) {
+    let text = std::fs::read_to_string(entries).unwrap();
+    let mut tree = hsmca::log::translog::Tree::default();
+    for l in text.lines() {
+        tree.push(l.as_bytes());
+    }
+    let forged = serde_json::json!({
+        "v": 1,
+        "seq": tree.size(),
+        "time": "2026-01-01T00:00:00Z",
+        "prev": hsmca::log::translog::b64(&tree.root()),
+        "type": "revocation",
+        "serial": serial,
+        "reason": "superseded",
+        "revocation_time": "2026-01-01T00:00:00Z",
+    });
+    (text, format!("{forged}\n"))
+}
+
+/// `hsmca log verify --home HOME --from-checkpoint FILE`.
+fn verify_from(env: &Env, home: &Path, checkpoint: &Path) -> common::Run {
+    env.hsmca(&[
+        "log",
+        "verify",
+        "--home",
+        s(home),
+        "--from-checkpoint",
+        s(checkpoint),
+    ])
 }

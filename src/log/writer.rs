@@ -1534,7 +1534,9 @@ pub fn recover(
 ///   numbers, `prev` chain, every stored checkpoint past it and the latest root;
 /// - every new certificate and CRL matches its recorded hash and verifies under a CA the log
 ///   holds; a new intent's serial is used once in the whole log (through the index); a new
-///   certificate matches its intent.
+///   certificate matches its intent;
+/// - as in a full verification, an unsigned tail (no `recovery` in it), a torn last line, or
+///   a stored checkpoint past the log's end is a problem.
 ///
 /// Entries before the checkpoint are taken as that checkpoint signed them: a full `log
 /// verify` checks them.
@@ -1626,6 +1628,9 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
     let mut counts = std::collections::BTreeMap::<String, u64>::new();
     let mut intents: HashMap<u64, (String, String, String, String)> = HashMap::new();
     let checkpoints = stored_checkpoint_sizes(&log.paths, given.size)?;
+    // A `recovery` entry past the latest checkpoint vouches for the tail (as in a full
+    // verification); anything else there was never signed.
+    let mut recovered = false;
     let mut line = Vec::new();
     let mut seq = start_seq;
     loop {
@@ -1654,6 +1659,7 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
             break;
         }
         *counts.entry(entry.body.kind().to_owned()).or_default() += 1;
+        recovered |= seq >= latest.size && matches!(entry.body, Body::Recovery { .. });
         match &entry.body {
             Body::IssueIntent {
                 serial,
@@ -1746,6 +1752,41 @@ pub fn verify_since(home: &Path, name: &str, note: &[u8]) -> Result<super::Repor
                 ),
             );
         }
+    }
+    // What no checkpoint signs fails this check as it fails a full `log verify`: a crash
+    // leaves such a tail, but so does a line appended by hand (it chains like any other),
+    // and "log OK" here would have `log recover` sign it.
+    if let Some((entry, bytes)) = log.torn {
+        problem(
+            Some(entry),
+            format!(
+                "incomplete last line ({} after the last newline): interrupted write or truncation; run `hsmca log recover`",
+                crate::names::count(bytes, "byte", "bytes")
+            ),
+        );
+    } else if log.size() > latest.size && !recovered {
+        problem(
+            Some(latest.size),
+            format!(
+                "entries {}..{} are past the latest checkpoint and no checkpoint signs them (an unsigned tail); run `hsmca log recover` to sign them after checking them",
+                latest.size,
+                log.size() - 1
+            ),
+        );
+    }
+    // A stored checkpoint past the log's end is history cut off behind it (a rollback that
+    // put an older `checkpoint` back): the walk above never reaches its size, so it is
+    // looked for here, as a full `log verify` does.
+    if let Some(&past) = checkpoints.range(log.size() + 1..).next().map(|(s, _)| s) {
+        problem(
+            Some(log.size()),
+            format!(
+                "the log has {} but the stored checkpoint checkpoints/{past} covers {past}: entries {}..{} were removed",
+                crate::names::count(log.size(), "entry", "entries"),
+                log.size(),
+                past - 1
+            ),
+        );
     }
     if tree.size() != log.size() || tree.root() != log.tree.root() {
         problem(
