@@ -29,7 +29,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::{Body, Entry, LogError};
 
 /// Bump when the schema changes: an index of another version is rebuilt.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE meta(k TEXT PRIMARY KEY, v ANY) STRICT, WITHOUT ROWID;

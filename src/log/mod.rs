@@ -126,6 +126,18 @@ pub enum LogError {
     /// problem (its [`SignError::kind`] decides the exit code).
     #[error("checkpoint: {0}")]
     CheckpointSign(SignError),
+    /// The index or the hashes file failed to follow an earlier append (its cause inside):
+    /// the entries are durable; this command appends nothing more.
+    #[error(
+        "the log's index could not follow the entries just logged ({why}); nothing more is appended by this command"
+    )]
+    Behind {
+        /// The cause, as text.
+        why: String,
+        /// Its kind, when it was an I/O error (a full disk keeps its hint).
+        #[source]
+        kind: Option<io::Error>,
+    },
     /// The writer hit an fsync failure earlier.
     #[error("the log writer stopped after an earlier fsync failure")]
     Poisoned,
@@ -156,7 +168,7 @@ impl LogError {
             Self::Corrupt(_) => {
                 "run `hsmca log verify --home DIR` for the full report and restore the log from a ceremony backup"
             }
-            Self::Sync { .. } | Self::Poisoned => {
+            Self::Sync { .. } | Self::Poisoned | Self::Behind { .. } => {
                 "check the disk (space, errors); rerun the command: it finishes the work without issuing twice"
             }
             _ => return None,

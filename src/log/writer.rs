@@ -179,8 +179,9 @@ pub struct Log {
     critical: Critical,
     rebuilt: Option<String>,
     poisoned: bool,
-    /// The derived files failed to follow an append: no more appends.
-    behind: std::cell::Cell<bool>,
+    /// Why the derived files failed to follow an append, once they did: no more appends,
+    /// and no more answers from an index that lacks those entries.
+    behind: std::cell::RefCell<Option<(String, Option<std::io::ErrorKind>)>>,
     /// (CSR hash, profile) of every revoked certificate: its serial. Filled on first use.
     revoked_requests: std::sync::OnceLock<HashMap<(String, String), String>>,
     /// Entries durable in the log but not yet in the index, with the meta the index reaches
@@ -636,7 +637,7 @@ impl Log {
             critical: Critical::default(),
             rebuilt: None,
             poisoned: false,
-            behind: std::cell::Cell::new(false),
+            behind: std::cell::RefCell::new(None),
             revoked_requests: std::sync::OnceLock::new(),
             pending: std::cell::RefCell::default(),
         };
@@ -696,7 +697,7 @@ impl Log {
             critical,
             rebuilt,
             poisoned: false,
-            behind: std::cell::Cell::new(false),
+            behind: std::cell::RefCell::new(None),
             revoked_requests: std::sync::OnceLock::new(),
             pending: std::cell::RefCell::default(),
         })
@@ -1215,8 +1216,11 @@ impl Log {
     /// hashes file and the index follow only once the lines are durable; if updating them
     /// fails, the writer stops (the next open catches them up from the log).
     pub fn append(&mut self, bodies: Vec<Body>, now: OffsetDateTime) -> Result<Vec<u64>, LogError> {
-        if self.poisoned || self.behind.get() {
+        if self.poisoned {
             return Err(LogError::Poisoned);
+        }
+        if let Some(e) = self.behind_error() {
+            return Err(e);
         }
         let mark = self.tree.mark();
         let result = self.append_at(bodies, now);
@@ -1286,8 +1290,9 @@ impl Log {
         crate::engine::danger_crash_point("before-index");
         let seqs = written.iter().map(|(_, _, _, e)| e.seq).collect();
         if let Err(e) = self.tree.flush() {
-            self.fall_behind();
-            return Err(io_at(&self.paths.hashes())(e));
+            let e = io_at(&self.paths.hashes())(e);
+            self.fall_behind(&e);
+            return Err(e);
         }
         let meta = Meta {
             size: self.tree.size(),
@@ -1310,6 +1315,9 @@ impl Log {
     /// lookups would miss those entries; it may still sign a checkpoint over them, and the
     /// next open catches the files up.
     fn index(&self) -> Result<&Index, LogError> {
+        if let Some(e) = self.behind_error() {
+            return Err(e);
+        }
         let (rows, meta) = std::mem::take(&mut *self.pending.borrow_mut());
         if let Some(meta) = meta {
             let applied = self.index.batch().and_then(|mut batch| {
@@ -1319,16 +1327,33 @@ impl Log {
                 batch.commit(meta)
             });
             if let Err(e) = applied {
-                self.fall_behind();
+                self.fall_behind(&e);
                 return Err(e);
             }
         }
         Ok(&self.index)
     }
 
-    fn fall_behind(&self) {
-        self.behind.set(true);
+    fn fall_behind(&self, cause: &LogError) {
+        let mut kind = None;
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(cause);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+            }
+            next = e.source();
+        }
+        *self.behind.borrow_mut() = Some((crate::error::chain(cause), kind));
         self.release_reserve();
+    }
+
+    /// The error every later append and lookup gets once the derived files fell behind.
+    fn behind_error(&self) -> Option<LogError> {
+        let (why, kind) = self.behind.borrow().clone()?;
+        Some(LogError::Behind {
+            why,
+            kind: kind.map(std::io::Error::from),
+        })
     }
 
     /// Frees the space kept for a last checkpoint (see [`ensure_reserve`]): a write just
