@@ -159,7 +159,7 @@ impl Index {
         )
         .map_err(|e| db_error(&self.path, e))?;
         c.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cell_size_check=ON; PRAGMA cache_size=-32768;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cell_size_check=ON; PRAGMA cache_size=-8192;",
         )
         .map_err(|e| db_error(&self.path, e))
     }
