@@ -91,14 +91,9 @@ pub fn parts(der: &[u8]) -> Result<Parts, VerifyError> {
     })
 }
 
-/// What the log's index keeps of a certificate, from one parse: its subject (RFC 4514),
-/// notAfter (Unix seconds) and whether it is a CA. Cheaper than [`describe`], which the index
-/// would otherwise run once per certificate logged.
-pub fn index_facts(der: &[u8]) -> Result<(String, i64, bool), VerifyError> {
-    let cert = parse(der)?;
-    let tbs = cert.tbs_certificate();
-    let subject: Vec<(crate::csr::AttrType, String)> = tbs
-        .subject()
+/// The subject's attributes in certificate order (values that are not UTF-8 shown as such).
+fn subject_attrs(tbs: &x509_cert::TbsCertificate) -> Vec<(crate::csr::AttrType, String)> {
+    tbs.subject()
         .iter()
         .map(|atv| {
             let value = std::str::from_utf8(atv.value.value())
@@ -106,7 +101,16 @@ pub fn index_facts(der: &[u8]) -> Result<(String, i64, bool), VerifyError> {
                 .to_owned();
             (crate::csr::AttrType::from_oid(&atv.oid), value)
         })
-        .collect();
+        .collect()
+}
+
+/// What the log's index keeps of a certificate, from one parse: its subject (RFC 4514),
+/// notAfter (Unix seconds) and whether it is a CA. Cheaper than [`describe`], which the index
+/// would otherwise run once per certificate logged.
+pub fn index_facts(der: &[u8]) -> Result<(String, i64, bool), VerifyError> {
+    let cert = parse(der)?;
+    let tbs = cert.tbs_certificate();
+    let subject = subject_attrs(tbs);
     let not_after =
         i64::try_from(tbs.validity().not_after.to_unix_duration().as_secs()).unwrap_or(i64::MAX);
     let is_ca = matches!(tbs.get_extension::<x509_cert::ext::pkix::BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
@@ -218,16 +222,7 @@ pub fn describe(der: &[u8]) -> Result<CertFacts, VerifyError> {
         )
         .map_err(|e| VerifyError::Parse(e.to_string()))
     };
-    let subject: Vec<(crate::csr::AttrType, String)> = tbs
-        .subject()
-        .iter()
-        .map(|atv| {
-            let value = std::str::from_utf8(atv.value.value())
-                .unwrap_or("<non-UTF-8>")
-                .to_owned();
-            (crate::csr::AttrType::from_oid(&atv.oid), value)
-        })
-        .collect();
+    let subject = subject_attrs(tbs);
     Ok(CertFacts {
         serial: crate::keys::hex(tbs.serial_number().as_bytes()),
         subject_string: crate::names::rfc4514(&subject),

@@ -24,22 +24,8 @@ fn sign(env: &Env, home: &Path, cns: &[&str]) -> Vec<String> {
         .iter()
         .map(|cn| env.p256_csr(&format!("c/{cn}.csr"), &format!("/CN={cn}")))
         .collect();
-    let mut args = vec![
-        "sign",
-        "--home",
-        s(home),
-        "--profile",
-        "test-any-key",
-        "--json",
-    ];
-    args.extend(csrs.iter().map(|p| s(p)));
-    let run = env.hsmca(&args);
-    run.ok();
-    run.stdout()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["cert"]["serial"].as_str().map(str::to_owned))
-        .collect()
+    let refs: Vec<&Path> = csrs.iter().map(PathBuf::as_path).collect();
+    common::sign_serials(env, home, &refs)
 }
 
 /// The serials `log list` shows.

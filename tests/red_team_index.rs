@@ -14,22 +14,7 @@ use common::{Env, openssl, require, s, sqlite};
 
 /// Signs these CSRs in one run; returns their serials in order.
 fn sign(env: &Env, home: &Path, csrs: &[&Path]) -> Vec<String> {
-    let mut args = vec![
-        "sign",
-        "--home",
-        s(home),
-        "--profile",
-        "test-any-key",
-        "--json",
-    ];
-    args.extend(csrs.iter().map(|p| s(p)));
-    let run = env.hsmca(&args);
-    run.ok();
-    run.stdout()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["cert"]["serial"].as_str().map(str::to_owned))
-        .collect()
+    common::sign_serials(env, home, csrs)
 }
 
 /// Certificate entries in `entries.jsonl` (the log, not the index).

@@ -906,7 +906,15 @@ impl Log {
                 csr_sha256,
                 ..
             } if serial == row.serial && profile == row.profile && csr_sha256 == row.csr_sha256 => {
-                Ok((B64.decode(cert).unwrap_or_default(), entry.time))
+                // The line is proven, so undecodable base64 is a log the checkpoint signed that
+                // way: refused, never released as an empty certificate.
+                let der = B64.decode(cert).map_err(|e| {
+                    LogError::Corrupt(Problem {
+                        entry: Some(row.seq),
+                        message: format!("the certificate is not valid base64 ({e})"),
+                    })
+                })?;
+                Ok((der, entry.time))
             }
             _ => Err(LogError::Index {
                 path: self.paths.index(),

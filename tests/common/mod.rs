@@ -823,3 +823,24 @@ pub fn sqlite(home: &Path, sql: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// `hsmca sign --profile test-any-key --json CSR...` in one run; returns the serials it
+/// issued, in order.
+pub fn sign_serials(env: &Env, home: &Path, csrs: &[&Path]) -> Vec<String> {
+    let mut args = vec![
+        "sign",
+        "--home",
+        s(home),
+        "--profile",
+        "test-any-key",
+        "--json",
+    ];
+    args.extend(csrs.iter().map(|p| s(p)));
+    let run = env.hsmca(&args);
+    run.ok();
+    run.stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["cert"]["serial"].as_str().map(str::to_owned))
+        .collect()
+}
